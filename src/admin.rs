@@ -1,0 +1,63 @@
+//! The admin listener (SPEC "Admin listener"): operators only, never on the data listener.
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | GET | `/healthz` | 200 while the process runs |
+//! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining |
+//! | POST | `/cache/purge` | drop every cached page; `?checkpoint=ID` drops one checkpoint's pages |
+//!
+//! `/metrics` is not served yet (see the README's roadmap).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::error::{self, Body, Error};
+use crate::proxy::AppState;
+use crate::route::Checkpoint;
+
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let result = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, json!({"status": "ok"}))),
+        (&Method::GET, "/readyz") => Ok(if state.is_draining() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "not ready", "reason": "draining: shutdown in progress"}),
+            )
+        } else {
+            json_response(StatusCode::OK, json!({"status": "ready"}))
+        }),
+        (&Method::POST, "/cache/purge") => purge(&state, req.uri().query()),
+        (_, "/healthz" | "/readyz") => Err(Error::MethodNotAllowed { allow: "GET" }),
+        (_, "/cache/purge") => Err(Error::MethodNotAllowed { allow: "POST" }),
+        _ => Err(Error::NotFound),
+    };
+    result.unwrap_or_else(Error::into_response)
+}
+
+fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Error> {
+    let query = query.unwrap_or("");
+    if query.is_empty() {
+        state.cache.purge_all();
+        tracing::info!(target: "permgate::admin", "purged every cached page");
+        return Ok(json_response(StatusCode::OK, json!({"purged": "all"})));
+    }
+    let raw = query
+        .strip_prefix("checkpoint=")
+        .filter(|v| !v.contains('&'))
+        .ok_or_else(|| Error::invalid("checkpoint", "The only parameter is checkpoint=ID."))?;
+    let checkpoint = Checkpoint::parse(raw)?;
+    state.cache.invalidate_checkpoint(&checkpoint);
+    tracing::info!(target: "permgate::admin", checkpoint = checkpoint.as_str(), "purged one checkpoint");
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"purged": "checkpoint", "checkpoint": checkpoint.as_str()}),
+    ))
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    error::json_response(status, Bytes::from(body.to_string()))
+}

@@ -1,0 +1,192 @@
+//! Caller authentication and authorization (SPEC "Routes": client tokens, checkpoint globs,
+//! `can_write`).
+//!
+//! Tokens are never stored: the config holds their SHA-256 and a caller's bearer token is
+//! hashed and looked up. Pure: no I/O. Client names are safe to log; tokens never are.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use glob::{MatchOptions, Pattern};
+use hyper::header::HeaderValue;
+use sha2::{Digest, Sha256};
+
+use crate::config::ClientConfig;
+use crate::error::Error;
+use crate::route::Checkpoint;
+
+/// A configured caller.
+#[derive(Debug)]
+pub struct Client {
+    pub name: Box<str>,
+    patterns: Vec<Pattern>,
+    pub can_write: bool,
+}
+
+const MATCH: MatchOptions = MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: false,
+    require_literal_leading_dot: false,
+};
+
+impl Client {
+    /// 403 unless the checkpoint matches one of the client's globs and, for a write, the client
+    /// may write.
+    pub fn authorize(&self, checkpoint: &Checkpoint, write: bool) -> Result<(), Error> {
+        let granted = self
+            .patterns
+            .iter()
+            .any(|p| p.matches_with(checkpoint.as_str(), MATCH));
+        if granted && (self.can_write || !write) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied)
+        }
+    }
+}
+
+/// All configured clients, by token digest.
+#[derive(Debug, Default)]
+pub struct Clients {
+    by_digest: HashMap<[u8; 32], Arc<Client>>,
+}
+
+impl Clients {
+    /// Builds the table from validated config (globs were checked by `config`).
+    pub fn new(configs: &[ClientConfig]) -> Clients {
+        let by_digest = configs
+            .iter()
+            .map(|c| {
+                let patterns = c
+                    .checkpoints
+                    .iter()
+                    .filter_map(|p| Pattern::new(p).ok())
+                    .collect();
+                let client = Client {
+                    name: c.name.as_str().into(),
+                    patterns,
+                    can_write: c.can_write,
+                };
+                (c.token_sha256, Arc::new(client))
+            })
+            .collect();
+        Clients { by_digest }
+    }
+
+    /// 401 unless the header is `Bearer <token>` for a configured token.
+    pub fn authenticate(&self, authorization: Option<&HeaderValue>) -> Result<&Arc<Client>, Error> {
+        let token = authorization
+            .and_then(|v| bearer_token(v.as_bytes()))
+            .ok_or(Error::InvalidApiKey)?;
+        self.by_digest
+            .get(&digest(token))
+            .ok_or(Error::InvalidApiKey)
+    }
+}
+
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = token.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// The SHA-256 of a token: what `token_sha256` holds and what `hash-token` prints.
+pub fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clients() -> Clients {
+        let config = |name: &str, token: &str, checkpoints: &[&str], can_write| ClientConfig {
+            name: name.into(),
+            token_sha256: digest(token.as_bytes()),
+            checkpoints: checkpoints.iter().map(|s| s.to_string()).collect(),
+            can_write,
+        };
+        Clients::new(&[
+            config(
+                "reader",
+                "tok-r",
+                &["ft:gpt-4o-mini-2024-07-18:acme:*"],
+                false,
+            ),
+            config("writer", "tok-w", &["*"], true),
+            config("nothing", "tok-n", &[], true),
+        ])
+    }
+
+    fn header(v: &str) -> HeaderValue {
+        HeaderValue::from_str(v).unwrap()
+    }
+
+    #[test]
+    fn bearer_tokens_authenticate() {
+        let c = clients();
+        assert_eq!(
+            &*c.authenticate(Some(&header("Bearer tok-r"))).unwrap().name,
+            "reader"
+        );
+        assert_eq!(
+            &*c.authenticate(Some(&header("bearer  tok-w ")))
+                .unwrap()
+                .name,
+            "writer"
+        );
+        for bad in [
+            "",
+            "Bearer",
+            "Bearer ",
+            "Basic tok-r",
+            "tok-r",
+            "Bearer tok-x",
+            "Bearer tok-r2",
+        ] {
+            assert_eq!(
+                c.authenticate(Some(&header(bad))).unwrap_err(),
+                Error::InvalidApiKey,
+                "{bad}"
+            );
+        }
+        assert_eq!(c.authenticate(None).unwrap_err(), Error::InvalidApiKey);
+    }
+
+    #[test]
+    fn globs_and_can_write_authorize() {
+        let c = clients();
+        let acme = Checkpoint::parse("ft:gpt-4o-mini-2024-07-18:acme:weather:B7R9VjQd").unwrap();
+        let other = Checkpoint::parse("ft:gpt-4o-mini-2024-07-18:other:x:1").unwrap();
+        let get = |t: &str| {
+            c.authenticate(Some(&header(&format!("Bearer {t}"))))
+                .unwrap()
+                .clone()
+        };
+        assert!(get("tok-r").authorize(&acme, false).is_ok());
+        assert_eq!(
+            get("tok-r").authorize(&acme, true),
+            Err(Error::PermissionDenied)
+        );
+        assert_eq!(
+            get("tok-r").authorize(&other, false),
+            Err(Error::PermissionDenied)
+        );
+        assert!(get("tok-w").authorize(&other, true).is_ok());
+        assert_eq!(
+            get("tok-n").authorize(&acme, false),
+            Err(Error::PermissionDenied)
+        );
+    }
+
+    #[test]
+    fn digest_matches_the_spec_example() {
+        assert_eq!(
+            hex::encode(digest(b"password")),
+            "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! The page cache (SPEC "Caching"): moka, keyed by checkpoint + normalized query, bounded by
+//! bytes, with coalesced fills and invalidation that an in-flight fill cannot undo.
+//!
+//! Three rules, each visible below:
+//! - **Generations beat racing fills.** Every key carries the generation of its checkpoint,
+//!   read *before* the upstream call. A write bumps the generation, so a fill that started
+//!   before the write lands under a key no reader will ever look up again. Generations live in
+//!   a fixed array of shards indexed by a hash of the checkpoint: bounded memory, no locks, and
+//!   no eviction that could hand an old generation back. Two checkpoints sharing a shard only
+//!   cost each other a spurious miss.
+//! - **permgate decides freshness** from `stored_at` and an injectable [`Clock`]; moka's
+//!   per-entry expiry (fresh + stale windows) only bounds memory.
+//! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
+//!   moka hands the same `Err` to every coalesced waiter.
+//!
+//! No hyper types beyond `StatusCode` and `Bytes`; no I/O.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::Expiry;
+
+use crate::config::CacheConfig;
+use crate::route::{Checkpoint, ListQuery};
+
+const GENERATION_SHARDS: usize = 4096;
+/// Rough per-entry bookkeeping (key, page header, moka node) added to the weighed bytes.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// Monotonic time with a manual offset, so tests can age pages without sleeping.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_nanos: Arc<AtomicU64>,
+}
+
+impl Clock {
+    pub fn now(&self) -> Instant {
+        Instant::now() + Duration::from_nanos(self.offset_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Moves this clock (and every clone of it) forward.
+    pub fn advance(&self, by: Duration) {
+        self.offset_nanos
+            .fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub checkpoint: Checkpoint,
+    pub query: ListQuery,
+    generation: u64,
+}
+
+/// A stored upstream answer: a 200 list page, or a 404 when negative caching is on.
+#[derive(Debug)]
+pub struct Page {
+    pub status: StatusCode,
+    /// A compact copy: never a slice of hyper's receive buffer, so the weighed bytes are the
+    /// bytes held.
+    pub body: Bytes,
+    pub stored_at: Instant,
+    fresh_for: Duration,
+    keep_for: Duration,
+    refreshing: AtomicBool,
+}
+
+impl Page {
+    /// Claims the single background refresh of this (stale) page. True for exactly one caller
+    /// until [`Page::release_refresh`].
+    pub fn claim_refresh(&self) -> bool {
+        self.refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Lets a later request try again after a refresh that failed.
+    pub fn release_refresh(&self) {
+        self.refreshing.store(false, Ordering::Release);
+    }
+}
+
+/// How usable a stored page is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Past its TTL but inside `stale_while_revalidate`: serve it and refresh in the background.
+    StaleWhileRevalidate,
+    /// Past both; usable only if upstream fails, while inside `stale_if_error`.
+    StaleIfError,
+    Expired,
+}
+
+/// What the cache did for a GET: one RFC 9211 `Cache-Status` value each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Fresh page from the cache.
+    Hit,
+    /// Stale page served at once while one background refresh runs.
+    StaleHit,
+    /// Upstream failed; a stale page inside `stale_if_error` was served instead.
+    StaleIfError,
+    /// This request's fill fetched and stored the page.
+    MissStored,
+    /// Fetched, not storable (passed through) or failed.
+    Miss,
+    /// Waited on another request's fill (or found what it had just stored).
+    Collapsed,
+    /// `Cache-Control: no-cache`: fetched and stored.
+    RefreshStored,
+    /// `Cache-Control: no-cache`: fetched, not storable.
+    Refresh,
+    /// Rejected before the cache was consulted (bad route, token, input).
+    Bypass,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "permgate; hit",
+            CacheStatus::StaleHit => "permgate; hit; detail=stale-while-revalidate",
+            CacheStatus::StaleIfError => "permgate; fwd=stale; detail=stale-if-error",
+            CacheStatus::MissStored => "permgate; fwd=miss; stored",
+            CacheStatus::Miss => "permgate; fwd=miss",
+            CacheStatus::Collapsed => "permgate; fwd=miss; collapsed",
+            CacheStatus::RefreshStored => "permgate; fwd=request; stored",
+            CacheStatus::Refresh => "permgate; fwd=request",
+            CacheStatus::Bypass => "permgate; fwd=bypass",
+        }
+    }
+
+    /// The short name used in logs and span fields.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::StaleHit => "stale_hit",
+            CacheStatus::StaleIfError => "stale_if_error",
+            CacheStatus::MissStored => "miss_stored",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Collapsed => "collapsed",
+            CacheStatus::RefreshStored => "refresh_stored",
+            CacheStatus::Refresh => "refresh",
+            CacheStatus::Bypass => "bypass",
+        }
+    }
+}
+
+/// Why a fill stored nothing. Shared (via `Arc`) by every coalesced waiter.
+#[derive(Debug)]
+pub enum FillError<P, E> {
+    /// An upstream answer to pass through but not to store (non-200, or 404 without negative
+    /// caching).
+    Uncacheable(P),
+    Failed(E),
+}
+
+struct PageExpiry;
+
+impl Expiry<PageKey, Arc<Page>> for PageExpiry {
+    fn expire_after_create(&self, _: &PageKey, page: &Arc<Page>, _: Instant) -> Option<Duration> {
+        Some(page.keep_for)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &PageKey,
+        page: &Arc<Page>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(page.keep_for)
+    }
+}
+
+pub struct PageCache {
+    pages: Cache<PageKey, Arc<Page>>,
+    generations: Box<[AtomicU64]>,
+    shard_hasher: RandomState,
+    clock: Clock,
+    config: CacheConfig,
+}
+
+impl PageCache {
+    pub fn new(config: &CacheConfig, clock: Clock) -> PageCache {
+        let pages = Cache::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|key: &PageKey, page: &Arc<Page>| {
+                let bytes = ENTRY_OVERHEAD
+                    + key.checkpoint.as_str().len()
+                    + key.query.heap_bytes()
+                    + page.body.len();
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .expire_after(PageExpiry)
+            .build();
+        PageCache {
+            pages,
+            generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            shard_hasher: RandomState::new(),
+            clock,
+            config: config.clone(),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn shard(&self, checkpoint: &Checkpoint) -> &AtomicU64 {
+        let hash = self.shard_hasher.hash_one(checkpoint.as_str());
+        &self.generations[(hash as usize) % GENERATION_SHARDS]
+    }
+
+    /// The key for a read, stamped with the checkpoint's current generation. Take it *before*
+    /// asking upstream.
+    pub fn key(&self, checkpoint: Checkpoint, query: ListQuery) -> PageKey {
+        let generation = self.shard(&checkpoint).load(Ordering::Acquire);
+        PageKey {
+            checkpoint,
+            query,
+            generation,
+        }
+    }
+
+    /// Makes every page of `checkpoint` unreachable, including any a fill in flight is about to
+    /// store. Call after a successful write, before answering it.
+    pub fn invalidate_checkpoint(&self, checkpoint: &Checkpoint) {
+        self.shard(checkpoint).fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops every page (operator purge). In-flight fills land under dead generations.
+    pub fn purge_all(&self) {
+        for generation in self.generations.iter() {
+            generation.fetch_add(1, Ordering::AcqRel);
+        }
+        self.pages.invalidate_all();
+    }
+
+    pub async fn get(&self, key: &PageKey) -> Option<Arc<Page>> {
+        self.pages.get(key).await
+    }
+
+    pub fn freshness(&self, page: &Page) -> Freshness {
+        let age = self.clock.now().saturating_duration_since(page.stored_at);
+        if age < page.fresh_for {
+            Freshness::Fresh
+        } else if page.status != StatusCode::OK {
+            Freshness::Expired
+        } else if age < page.fresh_for + self.config.stale_while_revalidate {
+            Freshness::StaleWhileRevalidate
+        } else if age < page.fresh_for + self.config.stale_if_error {
+            Freshness::StaleIfError
+        } else {
+            Freshness::Expired
+        }
+    }
+
+    /// Whole seconds since the page was stored (the `Age` header).
+    pub fn age_seconds(&self, page: &Page) -> u64 {
+        self.clock
+            .now()
+            .saturating_duration_since(page.stored_at)
+            .as_secs()
+    }
+
+    /// Wraps an upstream body as a storable page, or `None` if this status is not cached
+    /// (only 200, and 404 while `negative_ttl_seconds` > 0).
+    pub fn page(&self, status: StatusCode, body: &[u8]) -> Option<Arc<Page>> {
+        let (fresh_for, keep_for) = match status {
+            StatusCode::OK => {
+                let stale = self
+                    .config
+                    .stale_while_revalidate
+                    .max(self.config.stale_if_error);
+                (self.config.ttl, self.config.ttl + stale)
+            }
+            StatusCode::NOT_FOUND if !self.config.negative_ttl.is_zero() => {
+                (self.config.negative_ttl, self.config.negative_ttl)
+            }
+            _ => return None,
+        };
+        Some(Arc::new(Page {
+            status,
+            body: Bytes::copy_from_slice(body),
+            stored_at: self.clock.now(),
+            fresh_for,
+            keep_for,
+            refreshing: AtomicBool::new(false),
+        }))
+    }
+
+    /// Returns the page for `key`, running `fetch` at most once for all concurrent callers of
+    /// the same key. The bool is true for the caller whose `fetch` ran (false: collapsed into
+    /// another caller's fill, or found the entry another caller just stored).
+    pub async fn fill<P, E, F>(
+        &self,
+        key: PageKey,
+        fetch: F,
+    ) -> (Result<Arc<Page>, Arc<FillError<P, E>>>, bool)
+    where
+        F: std::future::Future<Output = Result<Arc<Page>, FillError<P, E>>>,
+        P: Send + Sync + 'static,
+        E: Send + Sync + 'static,
+    {
+        let ran = AtomicBool::new(false);
+        let result = self
+            .pages
+            .try_get_with(key, async {
+                ran.store(true, Ordering::Relaxed);
+                fetch.await
+            })
+            .await;
+        (result, ran.load(Ordering::Relaxed))
+    }
+
+    /// Stores a page fetched outside `fill` (a `no-cache` or background refresh). The key's
+    /// generation was taken before the fetch, so a write in between makes this a dead entry.
+    pub async fn insert(&self, key: PageKey, page: Arc<Page>) {
+        self.pages.insert(key, page).await;
+    }
+
+    /// Removes `page` from `key` unless another request already replaced it, so that an expired
+    /// entry does not answer the fill that follows.
+    pub async fn remove_if_same(&self, key: &PageKey, page: &Arc<Page>) {
+        self.pages
+            .entry_by_ref(key)
+            .and_compute_with(|entry| {
+                let same = entry.is_some_and(|e| Arc::ptr_eq(e.value(), page));
+                std::future::ready(if same { Op::Remove } else { Op::Nop })
+            })
+            .await;
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.pages.entry_count()
+    }
+
+    pub fn weighted_bytes(&self) -> u64 {
+        self.pages.weighted_size()
+    }
+
+    /// Applies moka's deferred bookkeeping now (tests and stats).
+    pub async fn run_pending_tasks(&self) {
+        self.pages.run_pending_tasks().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> CacheConfig {
+        CacheConfig {
+            ttl: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+            stale_while_revalidate: Duration::from_secs(10),
+            stale_if_error: Duration::from_secs(300),
+            negative_ttl: Duration::from_secs(5),
+        }
+    }
+
+    fn cp(s: &str) -> Checkpoint {
+        Checkpoint::parse(s).unwrap()
+    }
+
+    type Fill = Result<Arc<Page>, FillError<(), ()>>;
+
+    #[tokio::test]
+    async fn a_write_makes_in_flight_fills_unreachable() {
+        let cache = PageCache::new(&config(), Clock::default());
+        let before = cache.key(cp("ft:a"), ListQuery::default());
+        cache.invalidate_checkpoint(&cp("ft:a"));
+        let page = cache.page(StatusCode::OK, b"old").unwrap();
+        let (stored, _) = cache.fill(before.clone(), async { Fill::Ok(page) }).await;
+        assert!(stored.is_ok());
+        let after = cache.key(cp("ft:a"), ListQuery::default());
+        assert_ne!(before, after);
+        assert!(cache.get(&after).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn purge_all_kills_every_generation() {
+        let cache = PageCache::new(&config(), Clock::default());
+        let key = cache.key(cp("ft:b"), ListQuery::default());
+        cache
+            .insert(key.clone(), cache.page(StatusCode::OK, b"x").unwrap())
+            .await;
+        cache.purge_all();
+        assert_ne!(cache.key(cp("ft:b"), ListQuery::default()), key);
+    }
+
+    #[tokio::test]
+    async fn freshness_follows_the_clock_and_status() {
+        let clock = Clock::default();
+        let cache = PageCache::new(&config(), clock.clone());
+        let ok = cache.page(StatusCode::OK, b"{}").unwrap();
+        let missing = cache.page(StatusCode::NOT_FOUND, b"{}").unwrap();
+        assert!(cache.page(StatusCode::BAD_REQUEST, b"{}").is_none());
+        assert_eq!(cache.freshness(&ok), Freshness::Fresh);
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(cache.freshness(&missing), Freshness::Expired);
+        clock.advance(Duration::from_secs(55));
+        assert_eq!(cache.freshness(&ok), Freshness::StaleWhileRevalidate);
+        assert_eq!(cache.age_seconds(&ok), 61);
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(cache.freshness(&ok), Freshness::StaleIfError);
+        clock.advance(Duration::from_secs(300));
+        assert_eq!(cache.freshness(&ok), Freshness::Expired);
+    }
+
+    #[tokio::test]
+    async fn only_one_caller_claims_a_refresh() {
+        let cache = PageCache::new(&config(), Clock::default());
+        let page = cache.page(StatusCode::OK, b"{}").unwrap();
+        assert!(page.claim_refresh());
+        assert!(!page.claim_refresh());
+        page.release_refresh();
+        assert!(page.claim_refresh());
+    }
+
+    #[tokio::test]
+    async fn stored_bodies_are_compact_copies_and_weighed() {
+        let cache = PageCache::new(&config(), Clock::default());
+        let big = vec![b'x'; 10_000];
+        let page = cache.page(StatusCode::OK, &big[..100]).unwrap();
+        assert_eq!(page.body.len(), 100);
+        let key = cache.key(cp("ft:c"), ListQuery::default());
+        cache.insert(key, page).await;
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), 1);
+        let w = cache.weighted_bytes();
+        assert!((100..100 + ENTRY_OVERHEAD as u64 + 64).contains(&w), "{w}");
+    }
+
+    #[tokio::test]
+    async fn remove_if_same_leaves_a_replacement_alone() {
+        let cache = PageCache::new(&config(), Clock::default());
+        let key = cache.key(cp("ft:d"), ListQuery::default());
+        let old = cache.page(StatusCode::OK, b"old").unwrap();
+        let new = cache.page(StatusCode::OK, b"new").unwrap();
+        cache.insert(key.clone(), new.clone()).await;
+        cache.remove_if_same(&key, &old).await;
+        assert!(cache.get(&key).await.is_some_and(|p| Arc::ptr_eq(&p, &new)));
+        cache.remove_if_same(&key, &new).await;
+        assert!(cache.get(&key).await.is_none());
+    }
+}

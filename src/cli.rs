@@ -1,0 +1,232 @@
+//! The command line (SPEC "Command line"): `serve`, `demo`, `mock-upstream`, `check-config`,
+//! `hash-token`. Each command reads the real environment here and nowhere else; everything
+//! below takes it injected.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cache::Clock;
+use crate::config::Config;
+use crate::mock_upstream::{MockUpstream, SEEDED};
+use crate::observability;
+use crate::proxy::AppState;
+use crate::secret::AdminKey;
+use crate::server;
+use crate::upstream::Upstream;
+
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_READER_TOKEN: &str = "demo-reader-token";
+pub const DEMO_WRITER_TOKEN: &str = "demo-writer-token";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "permgate",
+    version,
+    about = "Caching gateway for OpenAI fine-tuning checkpoint permissions"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the gateway in front of the built-in mock upstream, on an embedded config.
+    Demo,
+    /// Run a local stand-in for OpenAI's checkpoint permission endpoints.
+    MockUpstream {
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        #[arg(long, value_name = "KEY")]
+        admin_key: String,
+    },
+    /// Validate a config file and print it resolved, secrets redacted.
+    CheckConfig {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Read a client token on stdin and print the token_sha256 for the config.
+    HashToken,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+pub fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Demo => demo(),
+        Command::MockUpstream { listen, admin_key } => mock_upstream(listen, &admin_key),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::HashToken => hash_token(),
+    }
+}
+
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+fn serve(path: &Path) -> Result<(), String> {
+    observability::init(&env)?;
+    let config = Config::load(path, &env).map_err(|e| e.to_string())?;
+    let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    runtime(config.server.worker_threads)?.block_on(async {
+        let state = AppState::new(&config, key, Clock::default())?;
+        let data = bind(config.server.listen, "server.listen").await?;
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(bind(addr, "server.admin_listen").await?),
+            None => None,
+        };
+        tracing::info!(
+            listen = %config.server.listen,
+            admin_listen = ?config.server.admin_listen,
+            upstream = %config.upstream.base_url,
+            clients = config.clients.len(),
+            "permgate serving"
+        );
+        server::serve(
+            data,
+            admin,
+            state,
+            server::shutdown_signal(),
+            config.server.drain_timeout,
+        )
+        .await;
+        Ok(())
+    })
+}
+
+fn demo() -> Result<(), String> {
+    observability::init(&env)?;
+    let mut config = Config::parse(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
+    // A fresh random key shared by the mock and the gateway; never printed.
+    let secret = format!("sk-admin-demo-{:016x}{:016x}", rand_u64(), rand_u64());
+    let key = AdminKey::new(&secret).map_err(|e| e.to_string())?;
+    runtime(config.server.worker_threads)?.block_on(async {
+        let mock = MockUpstream::new(&secret);
+        let mock_listener = bind("127.0.0.1:0".parse().expect("literal address"), "mock upstream").await?;
+        let mock_addr = mock_listener.local_addr().map_err(|e| e.to_string())?;
+        config.upstream.base_url = format!("http://{mock_addr}/v1")
+            .parse()
+            .map_err(|_| "mock address is not a URL".to_string())?;
+        let (stop_mock, mock_stopped) = watch::channel(false);
+        let mock_task = tokio::spawn(server::serve_http(
+            mock_listener,
+            move |req| {
+                let mock = mock.clone();
+                async move { mock.handle(req).await }
+            },
+            mock_stopped,
+            Duration::from_secs(1),
+        ));
+
+        let state = AppState::new(&config, key, Clock::default())?;
+        let data = bind(config.server.listen, "server.listen").await?;
+        let listen = data.local_addr().map_err(|e| e.to_string())?;
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(bind(addr, "server.admin_listen").await?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let checkpoint = SEEDED[0].0;
+        println!("permgate demo: the gateway in front of a built-in mock of OpenAI");
+        println!("  gateway        http://{listen}");
+        if let Some(a) = admin_addr {
+            println!("  admin          http://{a}  (/healthz /readyz, POST /cache/purge)");
+        }
+        println!("  mock upstream  http://{mock_addr}/v1  (holds a random admin key that nobody sees)");
+        println!();
+        println!("client tokens:");
+        println!("  {DEMO_READER_TOKEN}   read-only, checkpoints ft:gpt-4o-mini-2024-07-18:acme:*");
+        println!("  {DEMO_WRITER_TOKEN}   read and write, every checkpoint");
+        println!();
+        println!("try it (run it twice: the second answer has 'Cache-Status: permgate; hit'):");
+        println!(
+            "  curl -i -H 'Authorization: Bearer {DEMO_READER_TOKEN}' 'http://{listen}/v1/fine_tuning/checkpoints/{checkpoint}/permissions?limit=3'"
+        );
+        println!();
+        println!("Ctrl-C stops the gateway and the mock.");
+        server::serve(data, admin, state, server::shutdown_signal(), config.server.drain_timeout).await;
+        let _ = stop_mock.send(true);
+        let _ = mock_task.await;
+        Ok(())
+    })
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+fn mock_upstream(listen: SocketAddr, admin_key: &str) -> Result<(), String> {
+    observability::init(&env)?;
+    let mock = MockUpstream::new(admin_key);
+    runtime(None)?.block_on(async {
+        let listener = bind(listen, "--listen").await?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(%addr, "mock upstream serving /v1/fine_tuning/checkpoints/...");
+        let (stop, stopped) = watch::channel(false);
+        let serving = tokio::spawn(server::serve_http(
+            listener,
+            move |req| {
+                let mock = mock.clone();
+                async move { mock.handle(req).await }
+            },
+            stopped,
+            Duration::from_secs(1),
+        ));
+        server::shutdown_signal().await;
+        let _ = stop.send(true);
+        let _ = serving.await;
+        Ok(())
+    })
+}
+
+fn check_config(path: &Path) -> Result<(), String> {
+    let config = Config::load(path, &env).map_err(|e| e.to_string())?;
+    let resolved = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+    println!("{resolved}");
+    let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    Upstream::new(&config.upstream, key)?;
+    println!("# admin key: present (redacted)");
+    println!("# config OK");
+    Ok(())
+}
+
+fn hash_token() -> Result<(), String> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("reading stdin: {e}"))?;
+    let token = input.trim_end_matches(['\n', '\r']);
+    if token.is_empty() {
+        return Err("no token on stdin".into());
+    }
+    println!("{}", hex::encode(crate::auth::digest(token.as_bytes())));
+    Ok(())
+}

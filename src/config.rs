@@ -1,0 +1,487 @@
+//! Config file (TOML) → environment overrides → validation → [`Config`] (SPEC "Config file").
+//!
+//! Every table uses `deny_unknown_fields`: a misspelt or not-yet-supported key is an error,
+//! never silently ignored. Validation collects every problem it finds and names each by its
+//! key path. The environment is injected as a lookup function, so tests never touch the
+//! process environment. The admin key itself is not read here (see `secret`); this module
+//! only records where it comes from.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::Uri;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::KeySource;
+
+/// A config that cannot be used, with one line per problem, each naming its key.
+#[derive(Debug)]
+pub struct ConfigError(pub Vec<String>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration:")?;
+        for problem in &self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: FileServer,
+    upstream: FileUpstream,
+    #[serde(default)]
+    cache: FileCache,
+    audit: Option<FileAudit>,
+    #[serde(default)]
+    clients: Vec<FileClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: String,
+    admin_listen: Option<String>,
+    worker_threads: Option<usize>,
+    drain_timeout_ms: Option<u64>,
+    max_body_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    base_url: String,
+    admin_key_env: Option<String>,
+    admin_key_file: Option<PathBuf>,
+    request_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCache {
+    ttl_seconds: Option<u64>,
+    max_bytes: Option<u64>,
+    stale_while_revalidate_seconds: Option<u64>,
+    stale_if_error_seconds: Option<u64>,
+    negative_ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClient {
+    name: String,
+    token_sha256: String,
+    #[serde(default)]
+    checkpoints: Vec<String>,
+    #[serde(default)]
+    can_write: bool,
+}
+
+/// The validated runtime configuration. Serializes to the redacted view `check-config` prints
+/// (it holds no secret: the admin key is only named by its source).
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub audit: Option<AuditConfig>,
+    pub clients: Vec<ClientConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub worker_threads: Option<usize>,
+    #[serde(serialize_with = "millis")]
+    pub drain_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamConfig {
+    #[serde(serialize_with = "display")]
+    pub base_url: Uri,
+    #[serde(serialize_with = "key_source")]
+    pub admin_key: KeySource,
+    #[serde(serialize_with = "millis")]
+    pub request_timeout: Duration,
+    #[serde(serialize_with = "millis")]
+    pub connect_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheConfig {
+    #[serde(serialize_with = "seconds")]
+    pub ttl: Duration,
+    pub max_bytes: u64,
+    #[serde(serialize_with = "seconds")]
+    pub stale_while_revalidate: Duration,
+    #[serde(serialize_with = "seconds")]
+    pub stale_if_error: Duration,
+    #[serde(serialize_with = "seconds")]
+    pub negative_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientConfig {
+    pub name: String,
+    #[serde(serialize_with = "hex_digest")]
+    pub token_sha256: [u8; 32],
+    pub checkpoints: Vec<String>,
+    pub can_write: bool,
+}
+
+pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
+
+impl Config {
+    /// Parses and validates a config file's text. `env` looks up `PERMGATE_LISTEN` and
+    /// `PERMGATE_UPSTREAM_URL`, which override the file.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut file: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
+        if let Some(listen) = env("PERMGATE_LISTEN") {
+            file.server.listen = listen;
+        }
+        if let Some(url) = env("PERMGATE_UPSTREAM_URL") {
+            file.upstream.base_url = url;
+        }
+        file.validate()
+    }
+
+    /// Reads and parses a config file.
+    pub fn load(
+        path: &std::path::Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Self::parse(&text, env)
+    }
+}
+
+impl FileConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut addr = |key: &str, value: &str| match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!(
+                    "{key}: '{value}' is not an address like 127.0.0.1:8080"
+                ));
+                None
+            }
+        };
+        let listen = addr("server.listen", &self.server.listen);
+        let admin_listen = self
+            .server
+            .admin_listen
+            .as_deref()
+            .and_then(|a| addr("server.admin_listen", a));
+        if let (Some(l), Some(a)) = (listen, admin_listen) {
+            if l == a && l.port() != 0 {
+                problems.push("server.admin_listen must differ from server.listen".into());
+            }
+        }
+        if self.server.worker_threads == Some(0) {
+            problems.push("server.worker_threads must be at least 1".into());
+        }
+        let max_body_bytes = self.server.max_body_bytes.unwrap_or(64 * 1024);
+        if max_body_bytes == 0 {
+            problems.push("server.max_body_bytes must be at least 1".into());
+        }
+
+        let base_url = match validate_base_url(&self.upstream.base_url) {
+            Ok(uri) => Some(uri),
+            Err(why) => {
+                problems.push(format!("upstream.base_url: {why}"));
+                None
+            }
+        };
+        let admin_key = match (self.upstream.admin_key_env, self.upstream.admin_key_file) {
+            (Some(_), Some(_)) => {
+                problems.push("upstream: set admin_key_env or admin_key_file, not both".into());
+                None
+            }
+            (None, Some(file)) => Some(KeySource::File(file)),
+            (Some(env), None) if env.is_empty() => {
+                problems.push("upstream.admin_key_env is empty".into());
+                None
+            }
+            (env, None) => Some(KeySource::Env(
+                env.unwrap_or_else(|| DEFAULT_ADMIN_KEY_ENV.into()),
+            )),
+        };
+        let request_timeout =
+            Duration::from_millis(self.upstream.request_timeout_ms.unwrap_or(10_000));
+        let connect_timeout =
+            Duration::from_millis(self.upstream.connect_timeout_ms.unwrap_or(2_000));
+        if request_timeout.is_zero() {
+            problems.push("upstream.request_timeout_ms must be at least 1".into());
+        }
+        if connect_timeout.is_zero() {
+            problems.push("upstream.connect_timeout_ms must be at least 1".into());
+        }
+
+        let cache = CacheConfig {
+            ttl: Duration::from_secs(self.cache.ttl_seconds.unwrap_or(60)),
+            max_bytes: self.cache.max_bytes.unwrap_or(64 * 1024 * 1024),
+            stale_while_revalidate: Duration::from_secs(
+                self.cache.stale_while_revalidate_seconds.unwrap_or(10),
+            ),
+            stale_if_error: Duration::from_secs(self.cache.stale_if_error_seconds.unwrap_or(300)),
+            negative_ttl: Duration::from_secs(self.cache.negative_ttl_seconds.unwrap_or(5)),
+        };
+        if cache.ttl.is_zero() {
+            problems.push("cache.ttl_seconds must be at least 1".into());
+        }
+        if cache.max_bytes < 1024 {
+            problems.push("cache.max_bytes must be at least 1024".into());
+        }
+
+        if self.clients.is_empty() {
+            problems.push(
+                "no [[clients]]: permgate has no anonymous mode, configure at least one client"
+                    .into(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut digests = HashSet::new();
+        let mut clients = Vec::with_capacity(self.clients.len());
+        for (i, c) in self.clients.into_iter().enumerate() {
+            let at = format!("clients[{i}]");
+            if c.name.trim().is_empty() {
+                problems.push(format!("{at}.name is empty"));
+            } else if !names.insert(c.name.clone()) {
+                problems.push(format!("{at}.name '{}' is used twice", c.name));
+            }
+            let digest = parse_digest(&c.token_sha256);
+            match digest {
+                None => problems.push(format!(
+                    "{at}.token_sha256 must be 64 hex characters (see `permgate hash-token`)"
+                )),
+                Some(d) if !digests.insert(d) => {
+                    problems.push(format!("{at}.token_sha256 is shared with another client"))
+                }
+                Some(_) => {}
+            }
+            for (j, pattern) in c.checkpoints.iter().enumerate() {
+                if let Err(e) = glob::Pattern::new(pattern) {
+                    problems.push(format!(
+                        "{at}.checkpoints[{j}]: bad glob '{pattern}': {}",
+                        e.msg
+                    ));
+                }
+            }
+            clients.push(ClientConfig {
+                name: c.name,
+                token_sha256: digest.unwrap_or_default(),
+                checkpoints: c.checkpoints,
+                can_write: c.can_write,
+            });
+        }
+
+        match (problems.is_empty(), listen, base_url, admin_key) {
+            (true, Some(listen), Some(base_url), Some(admin_key)) => Ok(Config {
+                server: ServerConfig {
+                    listen,
+                    admin_listen,
+                    worker_threads: self.server.worker_threads,
+                    drain_timeout: Duration::from_millis(
+                        self.server.drain_timeout_ms.unwrap_or(10_000),
+                    ),
+                    max_body_bytes,
+                },
+                upstream: UpstreamConfig {
+                    base_url,
+                    admin_key,
+                    request_timeout,
+                    connect_timeout,
+                    ca_file: self.upstream.ca_file,
+                },
+                cache,
+                audit: self.audit.map(|a| AuditConfig { path: a.path }),
+                clients,
+            }),
+            _ => Err(ConfigError(problems)),
+        }
+    }
+}
+
+fn validate_base_url(raw: &str) -> Result<Uri, String> {
+    let uri: Uri = raw.parse().map_err(|_| format!("'{raw}' is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("'{raw}' must start with http:// or https://")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("'{raw}' has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("'{raw}' may not have a query"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("credentials in the URL are not allowed".into());
+    }
+    Ok(uri)
+}
+
+fn parse_digest(hex_text: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_text.trim(), &mut out).ok()?;
+    Some(out)
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn hex_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(d))
+}
+
+fn key_source<S: serde::Serializer>(k: &KeySource, s: S) -> Result<S::Ok, S::Error> {
+    match k {
+        KeySource::Env(name) => s.collect_str(&format_args!("env:{name} (value redacted)")),
+        KeySource::File(path) => {
+            s.collect_str(&format_args!("file:{} (value redacted)", path.display()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+[upstream]
+base_url = "https://api.openai.com/v1"
+[[clients]]
+name = "a"
+token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn problems(text: &str) -> String {
+        Config::parse(text, &no_env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert_eq!(
+            c.upstream.admin_key,
+            KeySource::Env("OPENAI_ADMIN_KEY".into())
+        );
+        assert_eq!(c.upstream.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.cache.ttl, Duration::from_secs(60));
+        assert_eq!(c.cache.max_bytes, 64 * 1024 * 1024);
+        assert!(c.clients[0].checkpoints.is_empty());
+        assert!(!c.clients[0].can_write);
+    }
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env = |k: &str| match k {
+            "PERMGATE_LISTEN" => Some("0.0.0.0:9999".to_string()),
+            "PERMGATE_UPSTREAM_URL" => Some("http://127.0.0.1:1234/v1".to_string()),
+            _ => None,
+        };
+        let c = Config::parse(MINIMAL, &env).unwrap();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:9999");
+        assert_eq!(c.upstream.base_url.to_string(), "http://127.0.0.1:1234/v1");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nretries = 3");
+        assert!(problems(&text).contains("retries"));
+        let text = format!("{MINIMAL}\n[bogus]\nx = 1\n");
+        assert!(problems(&text).contains("bogus"));
+    }
+
+    #[test]
+    fn no_clients_refuses_to_start() {
+        let text = MINIMAL.split("[[clients]]").next().unwrap();
+        assert!(problems(text).contains("no [[clients]]"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+[server]
+listen = "nope"
+[upstream]
+base_url = "ftp://x"
+admin_key_env = "A"
+admin_key_file = "/k"
+[cache]
+ttl_seconds = 0
+[[clients]]
+name = "a"
+token_sha256 = "xyz"
+checkpoints = ["[unclosed"]
+[[clients]]
+name = "a"
+token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+"#;
+        let all = problems(text);
+        for key in [
+            "server.listen",
+            "upstream.base_url",
+            "admin_key_env or admin_key_file",
+            "cache.ttl_seconds",
+            "clients[0].token_sha256",
+            "clients[0].checkpoints[0]",
+            "clients[1].name",
+        ] {
+            assert!(all.contains(key), "{key} missing from:\n{all}");
+        }
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let env = |k: &str| (k == "OPENAI_ADMIN_KEY").then(|| "x".to_string());
+        for text in [
+            include_str!("../config/permgate.toml"),
+            include_str!("../config/demo.toml"),
+        ] {
+            Config::parse(text, &env).unwrap();
+        }
+    }
+}

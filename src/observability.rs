@@ -1,0 +1,87 @@
+//! Tracing setup (`PERMGATE_LOG`, `PERMGATE_LOG_FORMAT`) and request ids (SPEC "Responses":
+//! `x-request-id`).
+//!
+//! Spans: `request` (request_id, client, method, route, checkpoint, cache_status, status,
+//! duration_ms) with a child `upstream` span per upstream call. One event per request on
+//! target `permgate::access` is the access log; `permgate::audit` carries write attempts.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use hyper::header::HeaderValue;
+use tracing_subscriber::EnvFilter;
+
+const MAX_REQUEST_ID: usize = 128;
+
+/// Installs the global subscriber, writing to stderr (stdout is for command output).
+pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+    let filter = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
+    let filter = EnvFilter::try_new(&filter).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match env("PERMGATE_LOG_FORMAT").as_deref() {
+        None | Some("pretty") => builder.try_init(),
+        Some("json") => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        Some(other) => {
+            return Err(format!(
+                "PERMGATE_LOG_FORMAT: '{other}' is not json or pretty"
+            ))
+        }
+    };
+    installed.map_err(|e| format!("logging: {e}"))
+}
+
+/// The caller's `x-request-id` if it is sane (1 to 128 of `A-Z a-z 0-9 - _ . :`), else a
+/// new process-unique one.
+pub fn request_id(from_caller: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = from_caller {
+        let b = v.as_bytes();
+        let sane = !b.is_empty()
+            && b.len() <= MAX_REQUEST_ID
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'));
+        if sane {
+            return v.clone();
+        }
+    }
+    new_request_id()
+}
+
+fn new_request_id() -> HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut buf = [0u8; 4 + 32];
+    buf[..4].copy_from_slice(b"req_");
+    hex::encode_to_slice(prefix.to_be_bytes(), &mut buf[4..20]).expect("16 hex digits fit");
+    hex::encode_to_slice(n.to_be_bytes(), &mut buf[20..]).expect("16 hex digits fit");
+    HeaderValue::from_bytes(&buf).expect("ascii hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sane_caller_ids_are_kept_and_others_replaced() {
+        let keep = HeaderValue::from_static("abc-123_x.y:z");
+        assert_eq!(request_id(Some(&keep)), keep);
+        for bad in ["", "has space", "semi;colon", &"x".repeat(129)] {
+            let v = HeaderValue::from_str(bad).unwrap();
+            let id = request_id(Some(&v));
+            assert_ne!(id, v);
+            assert!(id.to_str().unwrap().starts_with("req_"));
+        }
+        let a = request_id(None);
+        let b = request_id(None);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+    }
+}

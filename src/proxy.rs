@@ -1,0 +1,530 @@
+//! The request pipeline for the data listener (SPEC "Routes", "Responses", "Caching").
+//!
+//! [`handle`] never fails: it takes or makes the request id, opens the `request` span, runs
+//! [`handle_inner`] (one `?` sequence, the order of checks is the order of its lines), renders
+//! any error in the one place that can (`Error::into_response`), stamps `x-request-id` and
+//! `Cache-Status`, writes the audit record of a write attempt, and logs one access event.
+//! This is the only module that uses all the others.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH};
+use hyper::{Method, Request, Response, StatusCode};
+use tracing::{field, info, info_span, Instrument};
+
+use crate::audit::{self, AuditLog};
+use crate::auth::{Client, Clients};
+use crate::cache::{CacheStatus, Clock, FillError, Freshness, Page, PageCache, PageKey};
+use crate::config::Config;
+use crate::error::{json_response, Body, Error};
+use crate::observability;
+use crate::route::{self, Checkpoint, ListQuery, Operation};
+use crate::secret::AdminKey;
+use crate::upstream::{Passthrough, Target, Upstream};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const MAX_PROJECT_ID_BYTES: usize = 256;
+
+/// Everything a request needs, built once from `Config`. No globals: tests run several.
+pub struct AppState {
+    pub clients: Clients,
+    pub cache: PageCache,
+    pub upstream: Upstream,
+    pub audit: Option<AuditLog>,
+    draining: AtomicBool,
+    max_body_bytes: usize,
+    body_timeout: Duration,
+}
+
+impl AppState {
+    pub fn new(config: &Config, key: AdminKey, clock: Clock) -> Result<Arc<AppState>, String> {
+        let audit = config
+            .audit
+            .as_ref()
+            .map(|a| AuditLog::open(&a.path))
+            .transpose()?;
+        Ok(Arc::new(AppState {
+            clients: Clients::new(&config.clients),
+            cache: PageCache::new(&config.cache, clock),
+            upstream: Upstream::new(&config.upstream, key)?,
+            audit,
+            draining: AtomicBool::new(false),
+            max_body_bytes: config.server.max_body_bytes,
+            body_timeout: config.upstream.request_timeout,
+        }))
+    }
+
+    /// Readiness: false once shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
+/// What the pipeline learned about a request, for the span, the access log and the audit.
+#[derive(Default)]
+struct Ctx {
+    operation: Option<Operation>,
+    client: Option<Arc<Client>>,
+    checkpoint: Option<Checkpoint>,
+    project_ids: Option<Vec<String>>,
+    permission_id: Option<Box<str>>,
+    upstream_status: Option<StatusCode>,
+    cache_status: Option<CacheStatus>,
+}
+
+/// Serves one request on the data listener. Never fails.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = observability::request_id(req.headers().get(&X_REQUEST_ID));
+    let method = req.method().clone();
+    let span = info_span!(
+        "request",
+        request_id = request_id.to_str().unwrap_or_default(),
+        method = method.as_str(),
+        client = field::Empty,
+        route = field::Empty,
+        checkpoint = field::Empty,
+        cache_status = field::Empty,
+        status = field::Empty,
+        duration_ms = field::Empty,
+    );
+    let mut ctx = Ctx::default();
+    let result = handle_inner(&state, req, &request_id, &mut ctx)
+        .instrument(span.clone())
+        .await;
+    let (mut response, error_code) = match result {
+        Ok(response) => (response, None),
+        Err(e) => {
+            let code = e.code();
+            (e.into_response(), Some(code))
+        }
+    };
+    let status = response.status();
+    let headers = response.headers_mut();
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    let cache_status =
+        (method == Method::GET).then(|| ctx.cache_status.unwrap_or(CacheStatus::Bypass));
+    if let Some(cs) = cache_status {
+        headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(cs.as_str()));
+    }
+
+    let client = ctx.client.as_deref().map(|c| &*c.name);
+    let checkpoint = ctx.checkpoint.as_ref().map(Checkpoint::as_str);
+    if let Some(op @ (Operation::Create | Operation::Delete)) = ctx.operation {
+        let record = audit::Record {
+            time: audit::now_rfc3339(),
+            request_id: request_id.to_str().unwrap_or_default(),
+            client,
+            method: method.as_str(),
+            route: op.as_str(),
+            checkpoint,
+            project_ids: ctx.project_ids.as_deref(),
+            permission_id: ctx.permission_id.as_deref(),
+            outcome: outcome(status),
+            status: status.as_u16(),
+            upstream_status: ctx.upstream_status.map(|s| s.as_u16()),
+            error_code,
+        };
+        audit::record(state.audit.as_ref(), record)
+            .instrument(span.clone())
+            .await;
+    }
+
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.record("status", status.as_u16());
+    span.record("duration_ms", duration_ms);
+    if let Some(name) = client {
+        span.record("client", name);
+    }
+    if let Some(op) = ctx.operation {
+        span.record("route", op.as_str());
+    }
+    if let Some(cp) = checkpoint {
+        span.record("checkpoint", cp);
+    }
+    if let Some(cs) = cache_status {
+        span.record("cache_status", cs.name());
+    }
+    info!(
+        target: "permgate::access",
+        parent: &span,
+        status = status.as_u16(),
+        duration_ms,
+        upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
+        "request"
+    );
+    response
+}
+
+fn outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "succeeded",
+        401 | 403 => "denied",
+        400 | 404 | 405 | 413 | 429 => "rejected",
+        _ => "failed",
+    }
+}
+
+async fn handle_inner(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, Error> {
+    let (parts, body) = req.into_parts();
+    let matched = route::match_route(&parts.method, parts.uri.path())?;
+    ctx.operation = Some(matched.operation);
+    let client = state
+        .clients
+        .authenticate(parts.headers.get(AUTHORIZATION))?;
+    ctx.client = Some(client.clone());
+    let checkpoint = matched.checkpoint()?;
+    ctx.checkpoint = Some(checkpoint.clone());
+    match matched.operation {
+        Operation::List => {
+            let query = ListQuery::parse(parts.uri.query())?;
+            client.authorize(&checkpoint, false)?;
+            let key = state.cache.key(checkpoint, query);
+            if wants_no_cache(&parts.headers) {
+                refresh(state, key, request_id, ctx).await
+            } else {
+                list(state, key, request_id, ctx).await
+            }
+        }
+        Operation::Create => {
+            route::reject_query(parts.uri.query())?;
+            client.authorize(&checkpoint, true)?;
+            let body = read_body(state, &parts.headers, body).await?;
+            let project_ids = parse_create(&body)?;
+            let forwarded = serde_json::json!({ "project_ids": project_ids }).to_string();
+            ctx.project_ids = Some(project_ids);
+            write(
+                state,
+                &checkpoint,
+                Target::Create,
+                Some(forwarded.into()),
+                request_id,
+                ctx,
+            )
+            .await
+        }
+        Operation::Delete => {
+            route::reject_query(parts.uri.query())?;
+            let id = matched.permission_id()?.ok_or(Error::NotFound)?;
+            client.authorize(&checkpoint, true)?;
+            ctx.permission_id = Some(id.clone());
+            write(
+                state,
+                &checkpoint,
+                Target::Delete(&id),
+                None,
+                request_id,
+                ctx,
+            )
+            .await
+        }
+    }
+}
+
+/// A cached GET: fresh hit, stale-while-revalidate, or one coalesced fill (with the stale page
+/// as the answer of last resort when upstream fails).
+async fn list(
+    state: &Arc<AppState>,
+    key: PageKey,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, Error> {
+    let cache = &state.cache;
+    let mut stale = None;
+    if let Some(page) = cache.get(&key).await {
+        match cache.freshness(&page) {
+            Freshness::Fresh => {
+                ctx.cache_status = Some(CacheStatus::Hit);
+                return Ok(page_response(&page, Some(cache.age_seconds(&page))));
+            }
+            Freshness::StaleWhileRevalidate => {
+                if page.claim_refresh() {
+                    spawn_refresh(state, key, page.clone(), request_id.clone());
+                }
+                ctx.cache_status = Some(CacheStatus::StaleHit);
+                return Ok(page_response(&page, Some(cache.age_seconds(&page))));
+            }
+            Freshness::StaleIfError => {
+                cache.remove_if_same(&key, &page).await;
+                stale = Some(page);
+            }
+            Freshness::Expired => cache.remove_if_same(&key, &page).await,
+        }
+    }
+
+    let upstream_status = &mut ctx.upstream_status;
+    let (result, ran) = cache
+        .fill(key.clone(), fetch(state, &key, request_id, upstream_status))
+        .await;
+    match result {
+        Ok(page) => {
+            ctx.cache_status = Some(if ran {
+                CacheStatus::MissStored
+            } else {
+                CacheStatus::Collapsed
+            });
+            Ok(page_response(&page, None))
+        }
+        Err(failure) => {
+            ctx.cache_status = Some(if ran {
+                CacheStatus::Miss
+            } else {
+                CacheStatus::Collapsed
+            });
+            match (&*failure, stale) {
+                (FillError::Uncacheable(reply), _) => Ok(passthrough_response(reply.clone())),
+                (FillError::Failed(_), Some(page)) => {
+                    ctx.cache_status = Some(CacheStatus::StaleIfError);
+                    tracing::warn!(
+                        age_s = cache.age_seconds(&page),
+                        "upstream failed; serving a stale page"
+                    );
+                    Ok(page_response(&page, Some(cache.age_seconds(&page))))
+                }
+                (FillError::Failed(e), None) => Err(e.clone()),
+            }
+        }
+    }
+}
+
+/// `Cache-Control: no-cache`: always ask upstream, store a cacheable answer.
+async fn refresh(
+    state: &Arc<AppState>,
+    key: PageKey,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, Error> {
+    let result = fetch(state, &key, request_id, &mut ctx.upstream_status).await;
+    ctx.cache_status = Some(CacheStatus::Refresh);
+    match result {
+        Ok(page) => {
+            state.cache.insert(key, page.clone()).await;
+            ctx.cache_status = Some(CacheStatus::RefreshStored);
+            Ok(page_response(&page, None))
+        }
+        Err(FillError::Uncacheable(reply)) => Ok(passthrough_response(reply)),
+        Err(FillError::Failed(e)) => Err(e),
+    }
+}
+
+/// The one background refresh of a page served stale-while-revalidate.
+fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_id: HeaderValue) {
+    let state = state.clone();
+    let span = info_span!(
+        "refresh",
+        request_id = request_id.to_str().unwrap_or_default()
+    );
+    tokio::spawn(
+        async move {
+            let mut status = None;
+            match fetch(&state, &key, &request_id, &mut status).await {
+                Ok(fresh) => state.cache.insert(key, fresh).await,
+                Err(FillError::Uncacheable(_)) => state.cache.remove_if_same(&key, &stale).await,
+                Err(FillError::Failed(e)) => {
+                    tracing::warn!(code = e.code(), "background refresh failed");
+                    stale.release_refresh();
+                }
+            }
+        }
+        .instrument(span),
+    );
+}
+
+type Fetched = Result<Arc<Page>, FillError<Passthrough, Error>>;
+
+async fn fetch(
+    state: &AppState,
+    key: &PageKey,
+    request_id: &HeaderValue,
+    upstream_status: &mut Option<StatusCode>,
+) -> Fetched {
+    let (status, result) = state
+        .upstream
+        .send(&key.checkpoint, Target::List(&key.query), None, request_id)
+        .await;
+    *upstream_status = status;
+    let reply = result.map_err(FillError::Failed)?;
+    state
+        .cache
+        .page(reply.status, &reply.body)
+        .ok_or(FillError::Uncacheable(reply))
+}
+
+/// Create or delete. On success (or an unknown outcome) the checkpoint's pages are dropped
+/// before the response is returned.
+async fn write(
+    state: &AppState,
+    checkpoint: &Checkpoint,
+    target: Target<'_>,
+    body: Option<Bytes>,
+    request_id: &HeaderValue,
+    ctx: &mut Ctx,
+) -> Result<Response<Body>, Error> {
+    let (status, result) = state
+        .upstream
+        .send(checkpoint, target, body, request_id)
+        .await;
+    ctx.upstream_status = status;
+    // A timeout or an unreachable upstream may still have applied the write: invalidate.
+    let may_have_changed = match &result {
+        Ok(reply) => reply.status.is_success(),
+        Err(e) => matches!(e, Error::UpstreamTimeout | Error::UpstreamError),
+    };
+    if may_have_changed {
+        state.cache.invalidate_checkpoint(checkpoint);
+    }
+    result.map(passthrough_response)
+}
+
+fn wants_no_cache(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all(CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+        })
+    })
+}
+
+async fn read_body(
+    state: &AppState,
+    headers: &hyper::HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, Error> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(Error::RequestTooLarge);
+    }
+    let collected = tokio::time::timeout(
+        state.body_timeout,
+        Limited::new(body, state.max_body_bytes).collect(),
+    )
+    .await
+    .map_err(|_| Error::invalid("body", "The request body did not arrive in time."))?;
+    match collected {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::RequestTooLarge),
+        Err(_) => Err(Error::invalid(
+            "body",
+            "The request body could not be read.",
+        )),
+    }
+}
+
+/// Validates `{"project_ids": ["proj_...", ...]}` (upstream's schema: no other fields).
+fn parse_create(body: &[u8]) -> Result<Vec<String>, Error> {
+    let shape = "The body must be JSON like {\"project_ids\": [\"proj_abc\"]}.";
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| Error::invalid("body", shape))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| Error::invalid("body", shape))?;
+    if object.keys().any(|k| k != "project_ids") {
+        return Err(Error::invalid(
+            "body",
+            "Unknown field in the body; only project_ids is accepted.",
+        ));
+    }
+    let ids = object
+        .get("project_ids")
+        .ok_or_else(|| Error::invalid("project_ids", "project_ids is required."))?
+        .as_array()
+        .filter(|ids| !ids.is_empty())
+        .ok_or_else(|| {
+            Error::invalid(
+                "project_ids",
+                "project_ids must be a non-empty array of strings.",
+            )
+        })?;
+    ids.iter()
+        .map(|id| match id.as_str() {
+            Some(s)
+                if !s.is_empty()
+                    && s.len() <= MAX_PROJECT_ID_BYTES
+                    && !s.chars().any(char::is_control) =>
+            {
+                Ok(s.to_owned())
+            }
+            _ => Err(Error::invalid(
+                "project_ids",
+                "Each project id must be a non-empty string of at most 256 bytes.",
+            )),
+        })
+        .collect()
+}
+
+fn page_response(page: &Page, age: Option<u64>) -> Response<Body> {
+    let mut response = json_response(page.status, page.body.clone());
+    if let Some(age) = age {
+        response.headers_mut().insert(AGE, HeaderValue::from(age));
+    }
+    response
+}
+
+fn passthrough_response(reply: Passthrough) -> Response<Body> {
+    json_response(reply.status, reply.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(body: &str) -> String {
+        match parse_create(body.as_bytes()).unwrap_err() {
+            Error::InvalidParameter { param, .. } => param.into_owned(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_bodies_are_validated() {
+        assert_eq!(
+            parse_create(br#"{"project_ids":["a","b"]}"#).unwrap(),
+            ["a", "b"]
+        );
+        for (body, p) in [
+            ("", "body"),
+            ("not json", "body"),
+            ("[]", "body"),
+            (r#"{"project_ids":["a"],"x":1}"#, "body"),
+            ("{}", "project_ids"),
+            (r#"{"project_ids":[]}"#, "project_ids"),
+            (r#"{"project_ids":"a"}"#, "project_ids"),
+            (r#"{"project_ids":[1]}"#, "project_ids"),
+            (r#"{"project_ids":[""]}"#, "project_ids"),
+            (r#"{"project_ids":[null]}"#, "project_ids"),
+        ] {
+            assert_eq!(param(body), p, "{body}");
+        }
+    }
+
+    #[test]
+    fn no_cache_is_found_among_directives() {
+        let mut h = hyper::HeaderMap::new();
+        assert!(!wants_no_cache(&h));
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("max-age=0, No-Cache"),
+        );
+        assert!(wants_no_cache(&h));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        assert!(!wants_no_cache(&h));
+    }
+}
