@@ -157,13 +157,16 @@ pub struct ClientConfig {
 pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
 
 impl Config {
-    /// Parses and validates a config file's text. `env` looks up `PERMGATE_LISTEN` and
-    /// `PERMGATE_UPSTREAM_URL`, which override the file.
+    /// Parses and validates a config file's text. `env` looks up `PERMGATE_LISTEN`,
+    /// `PERMGATE_ADMIN_LISTEN` and `PERMGATE_UPSTREAM_URL`, which override the file.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut file: FileConfig =
             toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
         if let Some(listen) = env("PERMGATE_LISTEN") {
             file.server.listen = listen;
+        }
+        if let Some(admin) = env("PERMGATE_ADMIN_LISTEN") {
+            file.server.admin_listen = Some(admin);
         }
         if let Some(url) = env("PERMGATE_UPSTREAM_URL") {
             file.upstream.base_url = url;

@@ -35,6 +35,7 @@ pub const SEEDED: &[(&str, usize)] = &[
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: Method,
+    pub version: hyper::Version,
     /// Path and query exactly as received (still percent-encoded).
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -216,6 +217,7 @@ impl MockUpstream {
             .unwrap_or_default();
         lock(&self.inner.requests).push(Recorded {
             method: parts.method.clone(),
+            version: parts.version,
             path_and_query,
             headers: parts.headers.clone(),
             body: body.clone(),

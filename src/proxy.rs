@@ -6,7 +6,7 @@
 //! `Cache-Status`, writes the audit record of a write attempt, and logs one access event.
 //! This is the only module that uses all the others.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ pub struct AppState {
     pub upstream: Upstream,
     pub audit: Option<AuditLog>,
     draining: AtomicBool,
+    in_flight: AtomicUsize,
     max_body_bytes: usize,
     body_timeout: Duration,
 }
@@ -55,6 +56,7 @@ impl AppState {
             upstream: Upstream::new(&config.upstream, key)?,
             audit,
             draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.upstream.request_timeout,
         }))
@@ -67,6 +69,27 @@ impl AppState {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Requests on the data listener that have started and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request in flight for as long as it lives (cancellation included).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -85,6 +108,7 @@ struct Ctx {
 /// Serves one request on the data listener. Never fails.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    let _in_flight = InFlight::enter(&state.in_flight);
     let request_id = observability::request_id(req.headers().get(&X_REQUEST_ID));
     let method = req.method().clone();
     let span = info_span!(

@@ -1,0 +1,11 @@
+//! Integration tests: a real gateway in front of the real mock upstream on loopback sockets.
+//! One module per SPEC section; `support` starts everything.
+
+mod admin;
+mod caching;
+mod cli;
+mod responses;
+mod routes;
+mod support;
+mod tls;
+mod writes;

@@ -1,0 +1,379 @@
+//! Test harness: a real mock upstream and a real gateway on ephemeral loopback ports, in this
+//! process, plus an HTTP client and a log capture that every test shares.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use permgate::cache::Clock;
+use permgate::config::Config;
+use permgate::mock_upstream::MockUpstream;
+use permgate::proxy::AppState;
+use permgate::secret::AdminKey;
+use permgate::server;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+
+/// A recognizable admin key: no 6-character piece of it may ever reach a caller or a log.
+pub const ADMIN_KEY: &str = "sk-admin-Zq9XvLk2PmW7tR4yB8nC3dF6hJ1";
+pub const READER: &str = "reader-token-1";
+pub const WRITER: &str = "writer-token-1";
+pub const NOBODY: &str = "nobody-token-1";
+pub const CP: &str = "ft:gpt-4o-mini-2024-07-18:acme:weather:B7R9VjQd";
+pub const CP2: &str = "ft:gpt-4o-mini-2024-07-18:acme:support:Q1w2E3r4";
+pub const GLOBEX: &str = "ft:gpt-4o-2024-08-06:globex:legal:Z9y8X7w6";
+
+pub fn list_path(checkpoint: &str) -> String {
+    format!("/v1/fine_tuning/checkpoints/{checkpoint}/permissions")
+}
+
+fn digest(token: &str) -> String {
+    hex::encode(permgate::auth::digest(token.as_bytes()))
+}
+
+/// The config every test starts from; `base_url` points at the test's mock.
+pub fn base_config(mock: SocketAddr) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+drain_timeout_ms = 5000
+
+[upstream]
+base_url = "http://{mock}/v1"
+request_timeout_ms = 3000
+
+[cache]
+ttl_seconds = 60
+stale_while_revalidate_seconds = 10
+stale_if_error_seconds = 300
+negative_ttl_seconds = 5
+
+[[clients]]
+name = "reader"
+token_sha256 = "{reader}"
+checkpoints = ["ft:gpt-4o-mini-2024-07-18:acme:*"]
+
+[[clients]]
+name = "writer"
+token_sha256 = "{writer}"
+checkpoints = ["*"]
+can_write = true
+
+[[clients]]
+name = "nobody"
+token_sha256 = "{nobody}"
+"#,
+        reader = digest(READER),
+        writer = digest(WRITER),
+        nobody = digest(NOBODY),
+    )
+}
+
+/// A running gateway and its mock upstream.
+pub struct Gateway {
+    pub admin_addr: SocketAddr,
+    pub mock: MockUpstream,
+    pub state: Arc<AppState>,
+    pub client: TestClient,
+    shutdown: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+    _mock_stop: watch::Sender<bool>,
+}
+
+pub async fn start() -> Gateway {
+    start_with(|_| {}).await
+}
+
+/// Starts a mock and a gateway; `edit` may change the config text before it is parsed.
+pub async fn start_with(edit: impl FnOnce(&mut String)) -> Gateway {
+    init_logs();
+    let mock = MockUpstream::new(ADMIN_KEY);
+    let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_addr = mock_listener.local_addr().unwrap();
+    let (mock_stop, mock_stopped) = watch::channel(false);
+    let serving = mock.clone();
+    tokio::spawn(server::serve_http(
+        mock_listener,
+        move |req| {
+            let mock = serving.clone();
+            async move { mock.handle(req).await }
+        },
+        mock_stopped,
+        Duration::from_millis(100),
+    ));
+    let mut text = base_config(mock_addr);
+    edit(&mut text);
+    let (state, addr, admin_addr, shutdown, served) = start_gateway(&text).await;
+    Gateway {
+        admin_addr,
+        mock,
+        state,
+        client: TestClient::new(addr),
+        shutdown: Some(shutdown),
+        served: Some(served),
+        _mock_stop: mock_stop,
+    }
+}
+
+type Started = (
+    Arc<AppState>,
+    SocketAddr,
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+);
+
+pub async fn start_gateway(text: &str) -> Started {
+    let config = Config::parse(text, &|_| None).expect("test config is valid");
+    let key = AdminKey::new(ADMIN_KEY).unwrap();
+    let state = AppState::new(&config, key, Clock::default()).expect("state builds");
+    let data = TcpListener::bind(config.server.listen).await.unwrap();
+    let admin = TcpListener::bind(config.server.admin_listen.unwrap())
+        .await
+        .unwrap();
+    let addr = data.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let served = tokio::spawn(server::serve(
+        data,
+        Some(admin),
+        state.clone(),
+        async {
+            let _ = stop.await;
+        },
+        config.server.drain_timeout,
+    ));
+    (state, addr, admin_addr, shutdown, served)
+}
+
+impl Gateway {
+    pub fn clock(&self) -> &Clock {
+        self.state.cache.clock()
+    }
+
+    pub fn admin(&self) -> TestClient {
+        TestClient::new(self.admin_addr)
+    }
+
+    pub fn upstream_gets(&self) -> usize {
+        self.mock.count(&Method::GET)
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(served) = self.served.take() {
+            tokio::time::timeout(Duration::from_secs(10), served)
+                .await
+                .expect("drain finished in time")
+                .unwrap();
+        }
+    }
+}
+
+/// Waits (bounded) for a condition driven by another task; not a timing assumption.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[derive(Clone)]
+pub struct TestClient {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status")
+    }
+
+    /// `error.code` and `error.param` of an OpenAI-shaped error.
+    pub fn error(&self) -> (String, Option<String>) {
+        let v = self.json();
+        let e = &v["error"];
+        assert!(
+            e["message"].is_string() && e["type"].is_string(),
+            "not OpenAI-shaped: {v}"
+        );
+        (
+            e["code"].as_str().unwrap_or_default().to_string(),
+            e["param"].as_str().map(str::to_string),
+        )
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.json()["data"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl TestClient {
+    pub fn new(addr: SocketAddr) -> TestClient {
+        TestClient {
+            base: format!("http://{addr}"),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> TestResponse {
+        let mut req = Request::new(Full::new(Bytes::from(body.unwrap_or("").to_owned())));
+        *req.method_mut() = method;
+        *req.uri_mut() = format!("{}{path}", self.base).parse().expect("test uri");
+        if let Some(token) = token {
+            req.headers_mut().insert(
+                hyper::header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+            );
+        }
+        for (k, v) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let response = tokio::time::timeout(Duration::from_secs(15), self.client.request(req))
+            .await
+            .expect("gateway answered in time")
+            .expect("request sent");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let response = TestResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        };
+        record_response(&response);
+        response
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> TestResponse {
+        self.send(Method::GET, path, Some(token), &[], None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: &str) -> TestResponse {
+        self.send(
+            Method::POST,
+            path,
+            Some(token),
+            &[("content-type", "application/json")],
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> TestResponse {
+        self.send(Method::DELETE, path, Some(token), &[], None)
+            .await
+    }
+}
+
+/// Every response any test received, as text (headers and body), for the leak check.
+pub fn responses_seen() -> &'static Mutex<Vec<String>> {
+    static SEEN: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    SEEN.get_or_init(Default::default)
+}
+
+fn record_response(r: &TestResponse) {
+    let mut text = format!("{}\n", r.status);
+    for (k, v) in &r.headers {
+        text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
+    }
+    text.push_str(&String::from_utf8_lossy(&r.body));
+    responses_seen().lock().unwrap().push(text);
+}
+
+/// Every log line written by any gateway in this test process, at TRACE.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&log_buffer().lock().unwrap()).into_owned()
+}
+
+fn log_buffer() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUF: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUF.get_or_init(Default::default)
+}
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let buf = log_buffer().clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("trace")
+            .with_ansi(false)
+            .with_writer(move || Capture(buf.clone()))
+            .init();
+    });
+}
+
+/// Every 6-character window of the admin key.
+pub fn key_pieces() -> Vec<&'static str> {
+    (0..=ADMIN_KEY.len() - 6)
+        .map(|i| &ADMIN_KEY[i..i + 6])
+        .collect()
+}

@@ -1,0 +1,185 @@
+//! SPEC "Routes" (create, delete): write permissions, body validation, pass-through of
+//! upstream's answer, and the attributed audit trail.
+
+use hyper::Method;
+use permgate::mock_upstream::Fault;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn only_clients_with_can_write_may_write() {
+    let gw = start().await;
+    let r = gw
+        .client
+        .post(&list_path(CP), READER, r#"{"project_ids":["p"]}"#)
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.error().0, "permission_denied");
+    let r = gw
+        .client
+        .delete(&format!("{}/cp_abc", list_path(CP)), READER)
+        .await;
+    assert_eq!(r.status, 403);
+    // can_write but no grant for the checkpoint.
+    let r = gw
+        .client
+        .post(&list_path(CP), NOBODY, r#"{"project_ids":["p"]}"#)
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(gw.mock.requests().is_empty());
+    let r = gw
+        .client
+        .post(&list_path(CP), WRITER, r#"{"project_ids":["p1","p2"]}"#)
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
+    let sent = &gw.mock.requests()[0];
+    assert_eq!(sent.method, Method::POST);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&sent.body).unwrap(),
+        serde_json::json!({"project_ids":["p1","p2"]})
+    );
+    assert_eq!(sent.headers["content-type"], "application/json");
+    assert_eq!(
+        sent.headers["authorization"],
+        format!("Bearer {ADMIN_KEY}").as_str()
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_are_400_or_413_without_upstream() {
+    let gw = start_with(|c| {
+        *c = c.replace(
+            "drain_timeout_ms = 5000",
+            "drain_timeout_ms = 5000\nmax_body_bytes = 1024",
+        )
+    })
+    .await;
+    for (body, param) in [
+        ("not json", "body"),
+        ("", "body"),
+        ("[1,2]", "body"),
+        (r#"{"project_ids":["a"],"extra":true}"#, "body"),
+        ("{}", "project_ids"),
+        (r#"{"project_ids":[]}"#, "project_ids"),
+        (r#"{"project_ids":"proj_1"}"#, "project_ids"),
+        (r#"{"project_ids":[42]}"#, "project_ids"),
+        (r#"{"project_ids":[""]}"#, "project_ids"),
+    ] {
+        let r = gw.client.post(&list_path(CP), WRITER, body).await;
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(
+            r.error(),
+            ("invalid_parameter".to_string(), Some(param.to_string())),
+            "{body}"
+        );
+    }
+    let huge = format!(r#"{{"project_ids":["{}"]}}"#, "p".repeat(2000));
+    let r = gw.client.post(&list_path(CP), WRITER, &huge).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.error().0, "request_too_large");
+    let r = gw
+        .client
+        .post(
+            &format!("{}?limit=1", list_path(CP)),
+            WRITER,
+            r#"{"project_ids":["a"]}"#,
+        )
+        .await;
+    assert_eq!(r.error().1.as_deref(), Some("limit"));
+    assert!(gw.mock.requests().is_empty(), "{:?}", gw.mock.requests());
+}
+
+#[tokio::test]
+async fn upstream_answers_to_writes_pass_through_and_posts_are_not_retried() {
+    let gw = start().await;
+    let r = gw
+        .client
+        .delete(&format!("{}/cp_doesnotexist", list_path(CP)), WRITER)
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["message"], "No such permission");
+    gw.mock.push_fault(Fault::Status {
+        status: 500,
+        body: "{}".into(),
+        retry_after: None,
+    });
+    let r = gw
+        .client
+        .post(&list_path(CP), WRITER, r#"{"project_ids":["p"]}"#)
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(gw.mock.count(&Method::POST), 1);
+}
+
+#[tokio::test]
+async fn every_write_attempt_is_audited_with_its_client_and_outcome() {
+    let dir = std::env::temp_dir().join(format!("permgate-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    std::fs::write(&path, "{\"pre-existing\":true}\n").unwrap();
+    let audit = format!("\n[audit]\npath = \"{}\"\n", path.display());
+    let gw = start_with(|c| c.push_str(&audit)).await;
+
+    let created = gw
+        .client
+        .post(
+            &list_path(CP),
+            WRITER,
+            r#"{"project_ids":["proj_a","proj_b"]}"#,
+        )
+        .await;
+    let id = created.ids()[0].clone();
+    let denied = gw
+        .client
+        .post(&list_path(CP), READER, r#"{"project_ids":["proj_c"]}"#)
+        .await;
+    let anonymous = gw
+        .client
+        .send(Method::POST, &list_path(CP), None, &[], Some("{}"))
+        .await;
+    let deleted = gw
+        .client
+        .delete(&format!("{}/{id}", list_path(CP)), WRITER)
+        .await;
+    gw.client.get(&list_path(CP), READER).await; // reads are not audited
+
+    // Each response has left, so each line is already in the file.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(
+        lines[0]["pre-existing"], true,
+        "the file is appended to, never truncated"
+    );
+    let (c, d, a, x) = (&lines[1], &lines[2], &lines[3], &lines[4]);
+    assert_eq!(c["client"], "writer");
+    assert_eq!(c["method"], "POST");
+    assert_eq!(c["checkpoint"], CP);
+    assert_eq!(c["project_ids"], serde_json::json!(["proj_a", "proj_b"]));
+    assert_eq!(c["outcome"], "succeeded");
+    assert_eq!(c["upstream_status"], 200);
+    assert_eq!(c["request_id"], created.header("x-request-id"));
+    assert!(c["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(d["client"], "reader");
+    assert_eq!(d["outcome"], "denied");
+    assert_eq!(d["status"], 403);
+    assert!(d["upstream_status"].is_null());
+    assert_eq!(d["request_id"], denied.header("x-request-id"));
+    assert!(a["client"].is_null());
+    assert_eq!(a["outcome"], "denied");
+    assert_eq!(a["status"], 401);
+    assert_eq!(a["request_id"], anonymous.header("x-request-id"));
+    assert_eq!(x["method"], "DELETE");
+    assert_eq!(x["permission_id"], id.as_str());
+    assert_eq!(x["outcome"], "succeeded");
+    assert_eq!(x["request_id"], deleted.header("x-request-id"));
+    for secret in [ADMIN_KEY, READER, WRITER] {
+        assert!(!text.contains(secret));
+    }
+    assert!(logs().contains("permgate::audit"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
