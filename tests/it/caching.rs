@@ -25,8 +25,8 @@ async fn second_read_is_a_hit_with_age_and_no_upstream_call() {
     assert_eq!(hit.body, miss.body);
     assert_eq!(hit.header("content-type"), "application/json");
     assert_eq!(gw.upstream_gets(), 1);
-    // Another client granted the same checkpoint shares the entry.
-    let other = gw.client.get(&path, WRITER).await;
+    // Another client (on another connection) granted the same checkpoint shares the entry.
+    let other = TestClient::new(gw.addr).get(&path, WRITER).await;
     assert_eq!(other.cache_status(), "permgate; hit");
     assert_eq!(gw.upstream_gets(), 1);
 }

@@ -81,6 +81,7 @@ token_sha256 = "{nobody}"
 
 /// A running gateway and its mock upstream.
 pub struct Gateway {
+    pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub mock: MockUpstream,
     pub state: Arc<AppState>,
@@ -115,6 +116,7 @@ pub async fn start_with(edit: impl FnOnce(&mut String)) -> Gateway {
     edit(&mut text);
     let (state, addr, admin_addr, shutdown, served) = start_gateway(&text).await;
     Gateway {
+        addr,
         admin_addr,
         mock,
         state,
