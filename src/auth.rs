@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
+use crate::ratelimit::RateLimit;
 use crate::route::Checkpoint;
 
 /// A configured caller.
@@ -21,6 +22,8 @@ pub struct Client {
     pub name: Box<str>,
     patterns: Vec<Pattern>,
     pub can_write: bool,
+    /// This client's token bucket, if it has a rate limit.
+    pub rate: Option<RateLimit>,
 }
 
 const MATCH: MatchOptions = MatchOptions {
@@ -30,6 +33,11 @@ const MATCH: MatchOptions = MatchOptions {
 };
 
 impl Client {
+    /// 429 (with the seconds to wait) once this client's token bucket is empty.
+    pub fn check_rate(&self) -> Result<(), Error> {
+        self.rate.as_ref().map_or(Ok(()), RateLimit::check)
+    }
+
     /// 403 unless the checkpoint matches one of the client's globs and, for a write, the client
     /// may write.
     pub fn authorize(&self, checkpoint: &Checkpoint, write: bool) -> Result<(), Error> {
@@ -66,6 +74,9 @@ impl Clients {
                     name: c.name.as_str().into(),
                     patterns,
                     can_write: c.can_write,
+                    rate: c
+                        .rate
+                        .map(|(per_second, burst)| RateLimit::new(per_second, burst)),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -108,6 +119,7 @@ mod tests {
             token_sha256: digest(token.as_bytes()),
             checkpoints: checkpoints.iter().map(|s| s.to_string()).collect(),
             can_write,
+            rate: None,
         };
         Clients::new(&[
             config(

@@ -12,6 +12,9 @@
 //!   per-entry expiry (fresh + stale windows) only bounds memory.
 //! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
 //!   moka hands the same `Err` to every coalesced waiter.
+//! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
+//!   separate short-lived map (`fills`), not by removing the page, so when upstream fails every
+//!   waiter can still answer with the stale page inside `stale_if_error`.
 //!
 //! No hyper types beyond `StatusCode` and `Bytes`; no I/O.
 
@@ -26,36 +29,23 @@ use moka::future::Cache;
 use moka::ops::compute::Op;
 use moka::Expiry;
 
+use crate::clock::Clock;
 use crate::config::CacheConfig;
 use crate::route::{Checkpoint, ListQuery};
 
 const GENERATION_SHARDS: usize = 4096;
+/// Distinct keys being filled at once; more is shed by moka's eviction (harmless: a duplicate
+/// upstream call, never a wrong answer).
+const FILLS_CAPACITY: u64 = 65_536;
 /// Rough per-entry bookkeeping (key, page header, moka node) added to the weighed bytes.
 const ENTRY_OVERHEAD: usize = 256;
-
-/// Monotonic time with a manual offset, so tests can age pages without sleeping.
-#[derive(Debug, Clone, Default)]
-pub struct Clock {
-    offset_nanos: Arc<AtomicU64>,
-}
-
-impl Clock {
-    pub fn now(&self) -> Instant {
-        Instant::now() + Duration::from_nanos(self.offset_nanos.load(Ordering::Relaxed))
-    }
-
-    /// Moves this clock (and every clone of it) forward.
-    pub fn advance(&self, by: Duration) {
-        self.offset_nanos
-            .fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
-    }
-}
 
 /// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PageKey {
     pub checkpoint: Checkpoint,
     pub query: ListQuery,
+    shard: u16,
     generation: u64,
 }
 
@@ -181,6 +171,9 @@ impl Expiry<PageKey, Arc<Page>> for PageExpiry {
 
 pub struct PageCache {
     pages: Cache<PageKey, Arc<Page>>,
+    /// Fills in progress (and, for a moment, just finished): coalescing only, never read as a
+    /// cache.
+    fills: Cache<PageKey, Arc<Page>>,
     generations: Box<[AtomicU64]>,
     shard_hasher: RandomState,
     clock: Clock,
@@ -199,9 +192,15 @@ impl PageCache {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(PageExpiry)
+            .support_invalidation_closures()
+            .build();
+        let fills = Cache::builder()
+            .max_capacity(FILLS_CAPACITY)
+            .time_to_live(Duration::from_secs(1))
             .build();
         PageCache {
             pages,
+            fills,
             generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             shard_hasher: RandomState::new(),
             clock,
@@ -213,26 +212,35 @@ impl PageCache {
         &self.clock
     }
 
-    fn shard(&self, checkpoint: &Checkpoint) -> &AtomicU64 {
-        let hash = self.shard_hasher.hash_one(checkpoint.as_str());
-        &self.generations[(hash as usize) % GENERATION_SHARDS]
+    fn shard(&self, checkpoint: &Checkpoint) -> u16 {
+        (self.shard_hasher.hash_one(checkpoint.as_str()) % GENERATION_SHARDS as u64) as u16
     }
 
     /// The key for a read, stamped with the checkpoint's current generation. Take it *before*
     /// asking upstream.
     pub fn key(&self, checkpoint: Checkpoint, query: ListQuery) -> PageKey {
-        let generation = self.shard(&checkpoint).load(Ordering::Acquire);
+        let shard = self.shard(&checkpoint);
+        let generation = self.generations[shard as usize].load(Ordering::Acquire);
         PageKey {
             checkpoint,
             query,
+            shard,
             generation,
         }
     }
 
-    /// Makes every page of `checkpoint` unreachable, including any a fill in flight is about to
-    /// store. Call after a successful write, before answering it.
+    /// Makes every page of `checkpoint` unreachable at once, including any a fill in flight is
+    /// about to store. Call after a write, before answering it. The dead pages (of this shard's
+    /// older generations) are then dropped from memory in the background.
     pub fn invalidate_checkpoint(&self, checkpoint: &Checkpoint) {
-        self.shard(checkpoint).fetch_add(1, Ordering::AcqRel);
+        let shard = self.shard(checkpoint);
+        let current = self.generations[shard as usize].fetch_add(1, Ordering::AcqRel) + 1;
+        let dropped = self
+            .pages
+            .invalidate_entries_if(move |k, _| k.shard == shard && k.generation < current);
+        if let Err(e) = dropped {
+            tracing::debug!(error = %e, "could not schedule dropping dead pages; they age out instead");
+        }
     }
 
     /// Drops every page (operator purge). In-flight fills land under dead generations.
@@ -296,12 +304,14 @@ impl PageCache {
         }))
     }
 
-    /// Returns the page for `key`, running `fetch` at most once for all concurrent callers of
-    /// the same key. The bool is true for the caller whose `fetch` ran (false: collapsed into
-    /// another caller's fill, or found the entry another caller just stored).
+    /// Fetches and stores the page for `key`, running `fetch` at most once for all concurrent
+    /// callers of the same key, and not at all if a fresh page arrived meanwhile. A stale page
+    /// already at `key` stays there until the new one replaces it. The bool is true for the
+    /// caller whose `fetch` ran (false: collapsed into another caller's fill, or found what it
+    /// had just stored).
     pub async fn fill<P, E, F>(
         &self,
-        key: PageKey,
+        key: &PageKey,
         fetch: F,
     ) -> (Result<Arc<Page>, Arc<FillError<P, E>>>, bool)
     where
@@ -309,15 +319,26 @@ impl PageCache {
         P: Send + Sync + 'static,
         E: Send + Sync + 'static,
     {
-        let ran = AtomicBool::new(false);
+        let fetched = AtomicBool::new(false);
         let result = self
-            .pages
-            .try_get_with(key, async {
-                ran.store(true, Ordering::Relaxed);
-                fetch.await
+            .fills
+            .try_get_with_by_ref(key, async {
+                if let Some(page) = self.pages.get(key).await {
+                    if self.freshness(&page) == Freshness::Fresh {
+                        return Ok(page);
+                    }
+                }
+                fetched.store(true, Ordering::Relaxed);
+                let page = fetch.await?;
+                self.pages.insert(key.clone(), page.clone()).await;
+                Ok(page)
             })
             .await;
-        (result, ran.load(Ordering::Relaxed))
+        let fetched = fetched.load(Ordering::Relaxed);
+        if fetched {
+            self.fills.invalidate(key).await;
+        }
+        (result, fetched)
     }
 
     /// Stores a page fetched outside `fill` (a `no-cache` or background refresh). The key's
@@ -326,8 +347,7 @@ impl PageCache {
         self.pages.insert(key, page).await;
     }
 
-    /// Removes `page` from `key` unless another request already replaced it, so that an expired
-    /// entry does not answer the fill that follows.
+    /// Removes `page` from `key` unless another request already replaced it.
     pub async fn remove_if_same(&self, key: &PageKey, page: &Arc<Page>) {
         self.pages
             .entry_by_ref(key)
@@ -378,7 +398,7 @@ mod tests {
         let before = cache.key(cp("ft:a"), ListQuery::default());
         cache.invalidate_checkpoint(&cp("ft:a"));
         let page = cache.page(StatusCode::OK, b"old").unwrap();
-        let (stored, _) = cache.fill(before.clone(), async { Fill::Ok(page) }).await;
+        let (stored, _) = cache.fill(&before, async { Fill::Ok(page) }).await;
         assert!(stored.is_ok());
         let after = cache.key(cp("ft:a"), ListQuery::default());
         assert_ne!(before, after);
@@ -393,7 +413,45 @@ mod tests {
             .insert(key.clone(), cache.page(StatusCode::OK, b"x").unwrap())
             .await;
         cache.purge_all();
+        assert!(cache.get(&key).await.is_none());
         assert_ne!(cache.key(cp("ft:b"), ListQuery::default()), key);
+    }
+
+    #[tokio::test]
+    async fn invalidation_frees_dead_pages_and_keeps_others() {
+        let cache = PageCache::new(&config(), Clock::default());
+        let a = cache.key(cp("ft:a"), ListQuery::default());
+        let b = cache.key(cp("ft:b"), ListQuery::default());
+        cache
+            .insert(a.clone(), cache.page(StatusCode::OK, b"a").unwrap())
+            .await;
+        cache
+            .insert(b.clone(), cache.page(StatusCode::OK, b"b").unwrap())
+            .await;
+        cache.invalidate_checkpoint(&cp("ft:a"));
+        cache.run_pending_tasks().await;
+        assert!(cache.get(&a).await.is_none());
+        if a.shard != b.shard {
+            assert!(cache.get(&b).await.is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_refetch_leaves_the_stale_page_in_place() {
+        let clock = Clock::default();
+        let cache = PageCache::new(&config(), clock.clone());
+        let key = cache.key(cp("ft:e"), ListQuery::default());
+        let stale = cache.page(StatusCode::OK, b"stale").unwrap();
+        cache.insert(key.clone(), stale.clone()).await;
+        clock.advance(Duration::from_secs(100));
+        let (result, fetched) = cache
+            .fill(&key, async { Fill::Err(FillError::Failed(())) })
+            .await;
+        assert!(fetched && result.is_err());
+        assert!(cache
+            .get(&key)
+            .await
+            .is_some_and(|p| Arc::ptr_eq(&p, &stale)));
     }
 
     #[tokio::test]
@@ -426,7 +484,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stored_bodies_are_compact_copies_and_weighed() {
+    async fn stored_bodies_are_weighed_by_their_length() {
         let cache = PageCache::new(&config(), Clock::default());
         let big = vec![b'x'; 10_000];
         let page = cache.page(StatusCode::OK, &big[..100]).unwrap();

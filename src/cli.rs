@@ -5,13 +5,12 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cache::Clock;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::mock_upstream::{MockUpstream, SEEDED};
 use crate::observability;
@@ -114,7 +113,7 @@ fn serve(path: &Path) -> Result<(), String> {
             admin,
             state,
             server::shutdown_signal(),
-            config.server.drain_timeout,
+            (&config.server).into(),
         )
         .await;
         Ok(())
@@ -135,15 +134,7 @@ fn demo() -> Result<(), String> {
             .parse()
             .map_err(|_| "mock address is not a URL".to_string())?;
         let (stop_mock, mock_stopped) = watch::channel(false);
-        let mock_task = tokio::spawn(server::serve_http(
-            mock_listener,
-            move |req| {
-                let mock = mock.clone();
-                async move { mock.handle(req).await }
-            },
-            mock_stopped,
-            Duration::from_secs(1),
-        ));
+let mock_task = tokio::spawn(mock.serve(mock_listener, mock_stopped));
 
         let state = AppState::new(&config, key, Clock::default())?;
         let data = bind(config.server.listen, "server.listen").await?;
@@ -171,7 +162,7 @@ fn demo() -> Result<(), String> {
         );
         println!();
         println!("Ctrl-C stops the gateway and the mock.");
-        server::serve(data, admin, state, server::shutdown_signal(), config.server.drain_timeout).await;
+        server::serve(data, admin, state, server::shutdown_signal(), (&config.server).into()).await;
         let _ = stop_mock.send(true);
         let _ = mock_task.await;
         Ok(())
@@ -191,15 +182,7 @@ fn mock_upstream(listen: SocketAddr, admin_key: &str) -> Result<(), String> {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         tracing::info!(%addr, "mock upstream serving /v1/fine_tuning/checkpoints/...");
         let (stop, stopped) = watch::channel(false);
-        let serving = tokio::spawn(server::serve_http(
-            listener,
-            move |req| {
-                let mock = mock.clone();
-                async move { mock.handle(req).await }
-            },
-            stopped,
-            Duration::from_secs(1),
-        ));
+        let serving = tokio::spawn(mock.serve(listener, stopped));
         server::shutdown_signal().await;
         let _ = stop.send(true);
         let _ = serving.await;
@@ -212,7 +195,7 @@ fn check_config(path: &Path) -> Result<(), String> {
     let resolved = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     println!("{resolved}");
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
-    Upstream::new(&config.upstream, key)?;
+    Upstream::new(&config.upstream, key, Clock::default())?;
     println!("# admin key: present (redacted)");
     println!("# config OK");
     Ok(())

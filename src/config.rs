@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ struct FileServer {
     worker_threads: Option<usize>,
     drain_timeout_ms: Option<u64>,
     max_body_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_uri_bytes: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +69,13 @@ struct FileUpstream {
     request_timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     ca_file: Option<PathBuf>,
+    max_retries: Option<u32>,
+    retry_base_delay_ms: Option<u64>,
+    retry_max_delay_ms: Option<u64>,
+    max_concurrency: Option<usize>,
+    queue_timeout_ms: Option<u64>,
+    breaker_threshold: Option<u32>,
+    breaker_open_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +103,8 @@ struct FileClient {
     checkpoints: Vec<String>,
     #[serde(default)]
     can_write: bool,
+    rate_per_second: Option<u32>,
+    burst: Option<u32>,
 }
 
 /// The validated runtime configuration. Serializes to the redacted view `check-config` prints
@@ -112,6 +126,11 @@ pub struct ServerConfig {
     #[serde(serialize_with = "millis")]
     pub drain_timeout: Duration,
     pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    #[serde(serialize_with = "millis")]
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +144,17 @@ pub struct UpstreamConfig {
     #[serde(serialize_with = "millis")]
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    pub max_retries: u32,
+    #[serde(serialize_with = "millis")]
+    pub retry_base_delay: Duration,
+    #[serde(serialize_with = "millis")]
+    pub retry_max_delay: Duration,
+    pub max_concurrency: usize,
+    #[serde(serialize_with = "millis")]
+    pub queue_timeout: Duration,
+    pub breaker_threshold: u32,
+    #[serde(serialize_with = "millis")]
+    pub breaker_open: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,6 +182,9 @@ pub struct ClientConfig {
     pub token_sha256: [u8; 32],
     pub checkpoints: Vec<String>,
     pub can_write: bool,
+    /// Token bucket: (rate per second, burst); `None` is unlimited.
+    #[serde(serialize_with = "rate")]
+    pub rate: Option<(NonZeroU32, NonZeroU32)>,
 }
 
 pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
@@ -161,7 +194,7 @@ impl Config {
     /// `PERMGATE_ADMIN_LISTEN` and `PERMGATE_UPSTREAM_URL`, which override the file.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut file: FileConfig =
-            toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
+            toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e, text)]))?;
         if let Some(listen) = env("PERMGATE_LISTEN") {
             file.server.listen = listen;
         }
@@ -188,6 +221,58 @@ impl Config {
 impl FileConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        let windows = [
+            ("cache.ttl_seconds", self.cache.ttl_seconds),
+            (
+                "cache.stale_while_revalidate_seconds",
+                self.cache.stale_while_revalidate_seconds,
+            ),
+            (
+                "cache.stale_if_error_seconds",
+                self.cache.stale_if_error_seconds,
+            ),
+            (
+                "cache.negative_ttl_seconds",
+                self.cache.negative_ttl_seconds,
+            ),
+        ];
+        for (key, value) in windows {
+            if value.is_some_and(|v| v > MAX_WINDOW_SECONDS) {
+                problems.push(format!(
+                    "{key} may be at most {MAX_WINDOW_SECONDS} (7 days)"
+                ));
+            }
+        }
+        let timeouts = [
+            ("server.drain_timeout_ms", self.server.drain_timeout_ms),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.retry_base_delay_ms",
+                self.upstream.retry_base_delay_ms,
+            ),
+            (
+                "upstream.retry_max_delay_ms",
+                self.upstream.retry_max_delay_ms,
+            ),
+            ("upstream.queue_timeout_ms", self.upstream.queue_timeout_ms),
+            ("upstream.breaker_open_ms", self.upstream.breaker_open_ms),
+        ];
+        for (key, value) in timeouts {
+            if value.is_some_and(|v| v > MAX_TIMEOUT_MS) {
+                problems.push(format!("{key} may be at most {MAX_TIMEOUT_MS} (1 hour)"));
+            }
+        }
         let mut addr = |key: &str, value: &str| match value.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -214,6 +299,23 @@ impl FileConfig {
         let max_body_bytes = self.server.max_body_bytes.unwrap_or(64 * 1024);
         if max_body_bytes == 0 {
             problems.push("server.max_body_bytes must be at least 1".into());
+        }
+        let max_connections = self.server.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            problems.push("server.max_connections must be at least 1".into());
+        }
+        let max_header_bytes = self.server.max_header_bytes.unwrap_or(32 * 1024);
+        if max_header_bytes < 8192 {
+            problems.push("server.max_header_bytes must be at least 8192".into());
+        }
+        let max_uri_bytes = self.server.max_uri_bytes.unwrap_or(8 * 1024);
+        if max_uri_bytes < 256 {
+            problems.push("server.max_uri_bytes must be at least 256".into());
+        }
+        let header_read_timeout =
+            Duration::from_millis(self.server.header_read_timeout_ms.unwrap_or(10_000));
+        if header_read_timeout.is_zero() {
+            problems.push("server.header_read_timeout_ms must be at least 1".into());
         }
 
         let base_url = match validate_base_url(&self.upstream.base_url) {
@@ -246,6 +348,18 @@ impl FileConfig {
         }
         if connect_timeout.is_zero() {
             problems.push("upstream.connect_timeout_ms must be at least 1".into());
+        }
+        let max_concurrency = self.upstream.max_concurrency.unwrap_or(64);
+        if max_concurrency == 0 {
+            problems.push("upstream.max_concurrency must be at least 1".into());
+        }
+        let retry_base_delay =
+            Duration::from_millis(self.upstream.retry_base_delay_ms.unwrap_or(100));
+        let retry_max_delay =
+            Duration::from_millis(self.upstream.retry_max_delay_ms.unwrap_or(2_000));
+        if retry_max_delay < retry_base_delay {
+            problems
+                .push("upstream.retry_max_delay_ms must be at least retry_base_delay_ms".into());
         }
 
         let cache = CacheConfig {
@@ -298,11 +412,31 @@ impl FileConfig {
                     ));
                 }
             }
+            let rate = match (c.rate_per_second, c.burst) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    problems.push(format!("{at}.burst needs {at}.rate_per_second"));
+                    None
+                }
+                (Some(per_second), burst) => {
+                    let per_second = NonZeroU32::new(per_second);
+                    let burst = burst.map_or(per_second, NonZeroU32::new);
+                    match (per_second, burst) {
+                        (Some(r), Some(b)) => Some((r, b)),
+                        _ => {
+                            problems
+                                .push(format!("{at}.rate_per_second and burst must be at least 1"));
+                            None
+                        }
+                    }
+                }
+            };
             clients.push(ClientConfig {
                 name: c.name,
                 token_sha256: digest.unwrap_or_default(),
                 checkpoints: c.checkpoints,
                 can_write: c.can_write,
+                rate,
             });
         }
 
@@ -316,6 +450,10 @@ impl FileConfig {
                         self.server.drain_timeout_ms.unwrap_or(10_000),
                     ),
                     max_body_bytes,
+                    max_connections,
+                    max_header_bytes,
+                    max_uri_bytes,
+                    header_read_timeout,
                 },
                 upstream: UpstreamConfig {
                     base_url,
@@ -323,6 +461,17 @@ impl FileConfig {
                     request_timeout,
                     connect_timeout,
                     ca_file: self.upstream.ca_file,
+                    max_retries: self.upstream.max_retries.unwrap_or(2),
+                    retry_base_delay,
+                    retry_max_delay,
+                    max_concurrency,
+                    queue_timeout: Duration::from_millis(
+                        self.upstream.queue_timeout_ms.unwrap_or(1_000),
+                    ),
+                    breaker_threshold: self.upstream.breaker_threshold.unwrap_or(5),
+                    breaker_open: Duration::from_millis(
+                        self.upstream.breaker_open_ms.unwrap_or(5_000),
+                    ),
                 },
                 cache,
                 audit: self.audit.map(|a| AuditConfig { path: a.path }),
@@ -334,22 +483,41 @@ impl FileConfig {
 }
 
 fn validate_base_url(raw: &str) -> Result<Uri, String> {
-    let uri: Uri = raw.parse().map_err(|_| format!("'{raw}' is not a URL"))?;
+    // Values are never echoed: a URL may carry credentials pasted by mistake.
+    let uri: Uri = raw.parse().map_err(|_| "is not a URL".to_string())?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return Err(format!("'{raw}' must start with http:// or https://")),
+        _ => return Err("must start with http:// or https://".into()),
     }
     if uri.authority().is_none() {
-        return Err(format!("'{raw}' has no host"));
+        return Err("has no host".into());
     }
     if uri.query().is_some() {
-        return Err(format!("'{raw}' may not have a query"));
+        return Err("may not have a query".into());
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
         return Err("credentials in the URL are not allowed".into());
     }
     Ok(uri)
 }
+
+/// A TOML error as "line L, column C: message", without the source line toml's `Display`
+/// quotes: that line could be an admin key an operator pasted into the file.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
+/// Durations beyond these are surely typos, and would overflow `Instant` arithmetic.
+const MAX_WINDOW_SECONDS: u64 = 7 * 24 * 3600;
+const MAX_TIMEOUT_MS: u64 = 3600 * 1000;
 
 fn parse_digest(hex_text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
@@ -371,6 +539,16 @@ fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, 
 
 fn hex_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&hex::encode(d))
+}
+
+fn rate<S: serde::Serializer>(
+    r: &Option<(NonZeroU32, NonZeroU32)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match r {
+        Some((per_second, burst)) => s.collect_str(&format_args!("{per_second}/s, burst {burst}")),
+        None => s.serialize_str("unlimited"),
+    }
 }
 
 fn key_source<S: serde::Serializer>(k: &KeySource, s: S) -> Result<S::Ok, S::Error> {
@@ -432,10 +610,41 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
 
     #[test]
     fn unknown_keys_are_errors() {
-        let text = MINIMAL.replace("[upstream]", "[upstream]\nretries = 3");
-        assert!(problems(&text).contains("retries"));
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nretry = 3");
+        assert!(problems(&text).contains("retry"));
         let text = format!("{MINIMAL}\n[bogus]\nx = 1\n");
         assert!(problems(&text).contains("bogus"));
+    }
+
+    #[test]
+    fn errors_never_echo_values_from_the_file() {
+        let secret = "sk-admin-PASTEDBYMISTAKE0123456789";
+        let text = MINIMAL.replace(
+            "[upstream]",
+            &format!("[upstream]\nadmin_key = \"{secret}\""),
+        );
+        let err = problems(&text);
+        assert!(err.contains("admin_key") && err.contains("line 5"), "{err}");
+        let text = MINIMAL.replace(
+            "https://api.openai.com/v1",
+            &format!("ftp://user:{secret}@example.com/v1"),
+        );
+        let err = problems(&text);
+        assert!(err.contains("upstream.base_url"), "{err}");
+        for text in [problems(&format!("x = \"{secret}")), err] {
+            assert!(!text.contains("PASTEDBYMISTAKE"), "{text}");
+        }
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[cache]\nttl_seconds = 9223372036854775807\n[upstream]",
+        );
+        assert!(problems(&text).contains("cache.ttl_seconds may be at most"));
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nrequest_timeout_ms = 99999999999");
+        assert!(problems(&text).contains("upstream.request_timeout_ms may be at most"));
     }
 
     #[test]
@@ -459,6 +668,7 @@ ttl_seconds = 0
 name = "a"
 token_sha256 = "xyz"
 checkpoints = ["[unclosed"]
+burst = 5
 [[clients]]
 name = "a"
 token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
@@ -471,6 +681,7 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
             "cache.ttl_seconds",
             "clients[0].token_sha256",
             "clients[0].checkpoints[0]",
+            "clients[0].burst needs",
             "clients[1].name",
         ] {
             assert!(all.contains(key), "{key} missing from:\n{all}");

@@ -32,6 +32,8 @@ pub enum Error {
     MethodNotAllowed { allow: &'static str },
     /// 413: request body over `server.max_body_bytes`.
     RequestTooLarge,
+    /// 414: request URI over `server.max_uri_bytes`.
+    UriTooLong,
     /// 429: this client's rate limit; `retry_after` in whole seconds.
     RateLimitExceeded { retry_after: u64 },
     /// 502: upstream unreachable or its answer unusable.
@@ -66,6 +68,7 @@ impl Error {
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UriTooLong => StatusCode::URI_TOO_LONG,
             Error::RateLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamError | Error::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -81,7 +84,7 @@ impl Error {
             Error::PermissionDenied => "permission_denied",
             Error::NotFound => "not_found",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
-            Error::RequestTooLarge => "request_too_large",
+            Error::RequestTooLarge | Error::UriTooLong => "request_too_large",
             Error::RateLimitExceeded { .. } => "rate_limit_exceeded",
             Error::UpstreamError => "upstream_error",
             Error::UpstreamAuthFailed => "upstream_auth_failed",
@@ -97,7 +100,8 @@ impl Error {
             | Error::PermissionDenied
             | Error::NotFound
             | Error::MethodNotAllowed { .. }
-            | Error::RequestTooLarge => "invalid_request_error",
+            | Error::RequestTooLarge
+            | Error::UriTooLong => "invalid_request_error",
             Error::RateLimitExceeded { .. } => "rate_limit_error",
             Error::UpstreamError
             | Error::UpstreamAuthFailed
@@ -118,6 +122,7 @@ impl Error {
             Error::NotFound => "Unknown route. permgate serves only the fine-tuning checkpoint permission endpoints.",
             Error::MethodNotAllowed { .. } => "Method not allowed on this route.",
             Error::RequestTooLarge => "Request body is larger than this gateway accepts.",
+            Error::UriTooLong => "Request URI is longer than this gateway accepts.",
             Error::RateLimitExceeded { .. } => "Rate limit exceeded for this client token. Retry after the time in the Retry-After header.",
             Error::UpstreamError => "The upstream API could not be reached or returned an unusable response.",
             Error::UpstreamAuthFailed => "The upstream API rejected the gateway's credentials. Operators have been told in the gateway logs.",
@@ -199,6 +204,7 @@ mod tests {
                 "method_not_allowed",
             ),
             (Error::RequestTooLarge, 413, "request_too_large"),
+            (Error::UriTooLong, 414, "request_too_large"),
             (
                 Error::RateLimitExceeded { retry_after: 2 },
                 429,

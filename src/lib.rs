@@ -16,13 +16,16 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod breaker;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod mock_upstream;
 pub mod observability;
 pub mod proxy;
+pub mod ratelimit;
 pub mod route;
 pub mod secret;
 pub mod server;

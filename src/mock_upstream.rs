@@ -20,7 +20,13 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::error::{json_response, Body};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http_body_util::Full;
+use hyper::body::Frame;
+
+use crate::error::json_response;
 
 const PREFIX: &str = "/v1/fine_tuning/checkpoints/";
 
@@ -53,6 +59,10 @@ pub enum Fault {
     },
     /// Answer 200 with a body that is not JSON.
     MalformedJson,
+    /// Answer 200 declaring a Content-Length, send part of the body, then drop the connection.
+    TruncatedBody,
+    /// Answer 200 (chunked), send part of the body, then reset the connection.
+    ResetMidResponse,
     /// Wait this long before answering.
     Delay(Duration),
     /// Compute the real answer now, tell `arrived`, then wait for `release` before sending it.
@@ -199,8 +209,22 @@ impl MockUpstream {
         id
     }
 
+    /// Serves the mock on a bound listener until `stop` turns true.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let limits = crate::server::Limits::local(Duration::from_secs(1));
+        let handler = move |req| {
+            let mock = self.clone();
+            async move { mock.handle(req).await }
+        };
+        crate::server::serve_http(listener, handler, stop, limits).await;
+    }
+
     /// Serves one request (any body type, so tests can run it over TLS too).
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<MockBody>
     where
         B: hyper::body::Body,
     {
@@ -237,13 +261,23 @@ impl MockUpstream {
                         .headers_mut()
                         .insert(RETRY_AFTER, HeaderValue::from(secs));
                 }
-                return response;
+                return response.map(MockBody::Full);
             }
             Some(Fault::MalformedJson) => {
-                return json_response(
-                    StatusCode::OK,
-                    Bytes::from_static(b"{\"object\": \"list\", \"data\": [tru"),
-                );
+                let body = Bytes::from_static(b"{\"object\": \"list\", \"data\": [tru");
+                return json_response(StatusCode::OK, body).map(MockBody::Full);
+            }
+            Some(Fault::TruncatedBody) => {
+                let piece = Bytes::from_static(b"{\"object\": \"li");
+                let mut response = Response::new(MockBody::Broken(Some(piece)));
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(400));
+                return response;
+            }
+            Some(Fault::ResetMidResponse) => {
+                let piece = Bytes::from_static(b"{\"object\": \"li");
+                return Response::new(MockBody::Broken(Some(piece)));
             }
             Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
             Some(Fault::Hold { .. }) | None => {}
@@ -253,7 +287,7 @@ impl MockUpstream {
             let _ = arrived.send(());
             let _ = release.await;
         }
-        response
+        response.map(MockBody::Full)
     }
 
     fn answer(
@@ -262,7 +296,7 @@ impl MockUpstream {
         uri: &hyper::Uri,
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Response<Body> {
+    ) -> Response<Full<Bytes>> {
         let presented = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -294,7 +328,7 @@ impl MockUpstream {
         }
     }
 
-    fn list(&self, checkpoint: &str, query: &str) -> Response<Body> {
+    fn list(&self, checkpoint: &str, query: &str) -> Response<Full<Bytes>> {
         let mut limit = 10usize;
         let mut descending = true;
         let mut after = None;
@@ -365,7 +399,7 @@ impl MockUpstream {
         )
     }
 
-    fn create(&self, checkpoint: &str, body: &[u8]) -> Response<Body> {
+    fn create(&self, checkpoint: &str, body: &[u8]) -> Response<Full<Bytes>> {
         let ids: Option<Vec<String>> = serde_json::from_slice::<Value>(body)
             .ok()
             .and_then(|v| v.get("project_ids").cloned())
@@ -409,7 +443,7 @@ impl MockUpstream {
         )
     }
 
-    fn delete(&self, checkpoint: &str, id: &str) -> Response<Body> {
+    fn delete(&self, checkpoint: &str, id: &str) -> Response<Full<Bytes>> {
         let mut data = lock(&self.inner.data);
         let Some(list) = data.get_mut(checkpoint) else {
             return not_found_checkpoint(checkpoint);
@@ -437,12 +471,12 @@ fn error(
     message: &str,
     param: Option<&str>,
     code: Option<&str>,
-) -> Response<Body> {
+) -> Response<Full<Bytes>> {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}});
     json_response(status, Bytes::from(body.to_string()))
 }
 
-fn not_found_checkpoint(checkpoint: &str) -> Response<Body> {
+fn not_found_checkpoint(checkpoint: &str) -> Response<Full<Bytes>> {
     error(
         StatusCode::NOT_FOUND,
         &format!(
@@ -455,7 +489,7 @@ fn not_found_checkpoint(checkpoint: &str) -> Response<Body> {
 
 /// OpenAI's 401 quotes the start and end of the presented key; so does the mock, so that a
 /// gateway echoing it would leak a piece of its admin key.
-fn incorrect_key(presented: &str) -> Response<Body> {
+fn incorrect_key(presented: &str) -> Response<Full<Bytes>> {
     let shown = if presented.len() > 12 && presented.is_ascii() {
         format!(
             "{}{}{}",
@@ -472,4 +506,33 @@ fn incorrect_key(presented: &str) -> Response<Body> {
         None,
         Some("invalid_api_key"),
     )
+}
+
+/// The mock's response body: a whole body, or a broken one that sends its first piece and
+/// then fails, which makes hyper abort the connection mid-response.
+pub enum MockBody {
+    Full(Full<Bytes>),
+    Broken(Option<Bytes>),
+}
+
+impl hyper::body::Body for MockBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            MockBody::Full(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(|never| match never {}))),
+            MockBody::Broken(first) => Poll::Ready(Some(match first.take() {
+                Some(piece) => Ok(Frame::data(piece)),
+                None => Err(std::io::Error::other(
+                    "injected fault: connection broken mid-response",
+                )),
+            })),
+        }
+    }
 }

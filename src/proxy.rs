@@ -13,13 +13,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH};
+use hyper::header::{
+    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH,
+    TRANSFER_ENCODING,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::{field, info, info_span, Instrument};
 
 use crate::audit::{self, AuditLog};
 use crate::auth::{Client, Clients};
-use crate::cache::{CacheStatus, Clock, FillError, Freshness, Page, PageCache, PageKey};
+use crate::cache::{CacheStatus, FillError, Freshness, Page, PageCache, PageKey};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{json_response, Body, Error};
 use crate::observability;
@@ -39,8 +43,10 @@ pub struct AppState {
     pub audit: Option<AuditLog>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
+    max_uri_bytes: usize,
     max_body_bytes: usize,
-    body_timeout: Duration,
+    /// `upstream.request_timeout_ms`: also how long a client may take to send a body.
+    upstream_deadline: Duration,
 }
 
 impl AppState {
@@ -52,13 +58,14 @@ impl AppState {
             .transpose()?;
         Ok(Arc::new(AppState {
             clients: Clients::new(&config.clients),
+            upstream: Upstream::new(&config.upstream, key, clock.clone())?,
             cache: PageCache::new(&config.cache, clock),
-            upstream: Upstream::new(&config.upstream, key)?,
             audit,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            max_uri_bytes: config.server.max_uri_bytes,
             max_body_bytes: config.server.max_body_bytes,
-            body_timeout: config.upstream.request_timeout,
+            upstream_deadline: config.upstream.request_timeout,
         }))
     }
 
@@ -106,7 +113,20 @@ struct Ctx {
 }
 
 /// Serves one request on the data listener. Never fails.
+///
+/// A write runs to completion in its own task even if the caller goes away mid-request: once
+/// upstream may have applied it, the invalidation and the audit record must happen.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    if matches!(*req.method(), Method::POST | Method::DELETE) {
+        return match tokio::spawn(respond(state, req)).await {
+            Ok(response) => response,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+    }
+    respond(state, req).await
+}
+
+async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let _in_flight = InFlight::enter(&state.in_flight);
     let request_id = observability::request_id(req.headers().get(&X_REQUEST_ID));
@@ -167,15 +187,6 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     span.record("status", status.as_u16());
     span.record("duration_ms", duration_ms);
-    if let Some(name) = client {
-        span.record("client", name);
-    }
-    if let Some(op) = ctx.operation {
-        span.record("route", op.as_str());
-    }
-    if let Some(cp) = checkpoint {
-        span.record("checkpoint", cp);
-    }
     if let Some(cs) = cache_status {
         span.record("cache_status", cs.name());
     }
@@ -194,7 +205,7 @@ fn outcome(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200..=299 => "succeeded",
         401 | 403 => "denied",
-        400 | 404 | 405 | 413 | 429 => "rejected",
+        400 | 404 | 405 | 413 | 414 | 429 => "rejected",
         _ => "failed",
     }
 }
@@ -206,18 +217,27 @@ async fn handle_inner(
     ctx: &mut Ctx,
 ) -> Result<Response<Body>, Error> {
     let (parts, body) = req.into_parts();
+    let uri_bytes = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_bytes > state.max_uri_bytes {
+        return Err(Error::UriTooLong);
+    }
     let matched = route::match_route(&parts.method, parts.uri.path())?;
     ctx.operation = Some(matched.operation);
+    let span = tracing::Span::current();
+    span.record("route", matched.operation.as_str());
     let client = state
         .clients
         .authenticate(parts.headers.get(AUTHORIZATION))?;
+    span.record("client", &*client.name);
     ctx.client = Some(client.clone());
     let checkpoint = matched.checkpoint()?;
+    span.record("checkpoint", checkpoint.as_str());
     ctx.checkpoint = Some(checkpoint.clone());
     match matched.operation {
         Operation::List => {
             let query = ListQuery::parse(parts.uri.query())?;
             client.authorize(&checkpoint, false)?;
+            client.check_rate()?;
             let key = state.cache.key(checkpoint, query);
             if wants_no_cache(&parts.headers) {
                 refresh(state, key, request_id, ctx).await
@@ -228,6 +248,7 @@ async fn handle_inner(
         Operation::Create => {
             route::reject_query(parts.uri.query())?;
             client.authorize(&checkpoint, true)?;
+            client.check_rate()?;
             let body = read_body(state, &parts.headers, body).await?;
             let project_ids = parse_create(&body)?;
             let forwarded = serde_json::json!({ "project_ids": project_ids }).to_string();
@@ -245,8 +266,9 @@ async fn handle_inner(
         Operation::Delete => {
             route::reject_query(parts.uri.query())?;
             let id = matched.permission_id()?.ok_or(Error::NotFound)?;
-            client.authorize(&checkpoint, true)?;
             ctx.permission_id = Some(id.clone());
+            client.authorize(&checkpoint, true)?;
+            client.check_rate()?;
             write(
                 state,
                 &checkpoint,
@@ -283,42 +305,34 @@ async fn list(
                 ctx.cache_status = Some(CacheStatus::StaleHit);
                 return Ok(page_response(&page, Some(cache.age_seconds(&page))));
             }
-            Freshness::StaleIfError => {
-                cache.remove_if_same(&key, &page).await;
-                stale = Some(page);
-            }
-            Freshness::Expired => cache.remove_if_same(&key, &page).await,
+            Freshness::StaleIfError => stale = Some(page),
+            Freshness::Expired => {}
         }
     }
 
     let upstream_status = &mut ctx.upstream_status;
-    let (result, ran) = cache
-        .fill(key.clone(), fetch(state, &key, request_id, upstream_status))
+    let (result, fetched) = cache
+        .fill(&key, fetch(state, &key, request_id, upstream_status))
         .await;
+    let status = if fetched {
+        CacheStatus::MissStored
+    } else {
+        CacheStatus::Collapsed
+    };
+    ctx.cache_status = Some(status);
     match result {
-        Ok(page) => {
-            ctx.cache_status = Some(if ran {
-                CacheStatus::MissStored
-            } else {
-                CacheStatus::Collapsed
-            });
-            Ok(page_response(&page, None))
-        }
+        Ok(page) => Ok(page_response(&page, None)),
         Err(failure) => {
-            ctx.cache_status = Some(if ran {
-                CacheStatus::Miss
-            } else {
-                CacheStatus::Collapsed
-            });
+            if fetched {
+                ctx.cache_status = Some(CacheStatus::Miss);
+            }
             match (&*failure, stale) {
                 (FillError::Uncacheable(reply), _) => Ok(passthrough_response(reply.clone())),
                 (FillError::Failed(_), Some(page)) => {
                     ctx.cache_status = Some(CacheStatus::StaleIfError);
-                    tracing::warn!(
-                        age_s = cache.age_seconds(&page),
-                        "upstream failed; serving a stale page"
-                    );
-                    Ok(page_response(&page, Some(cache.age_seconds(&page))))
+                    let age = cache.age_seconds(&page);
+                    tracing::warn!(age_s = age, "upstream failed; serving a stale page");
+                    Ok(page_response(&page, Some(age)))
                 }
                 (FillError::Failed(e), None) => Err(e.clone()),
             }
@@ -389,10 +403,13 @@ async fn fetch(
         .ok_or(FillError::Uncacheable(reply))
 }
 
-/// Create or delete. On success (or an unknown outcome) the checkpoint's pages are dropped
-/// before the response is returned.
+/// Create or delete. Whatever upstream answered, the checkpoint's pages are dropped before the
+/// response is returned (a bump is cheap, and a 404 on a retried delete or a 5xx may still mean
+/// the write applied). When the outcome is unknown (timeout, broken connection) upstream may
+/// still apply the write after we answered, so the pages are dropped once more when that can no
+/// longer happen.
 async fn write(
-    state: &AppState,
+    state: &Arc<AppState>,
     checkpoint: &Checkpoint,
     target: Target<'_>,
     body: Option<Bytes>,
@@ -404,13 +421,14 @@ async fn write(
         .send(checkpoint, target, body, request_id)
         .await;
     ctx.upstream_status = status;
-    // A timeout or an unreachable upstream may still have applied the write: invalidate.
-    let may_have_changed = match &result {
-        Ok(reply) => reply.status.is_success(),
-        Err(e) => matches!(e, Error::UpstreamTimeout | Error::UpstreamError),
-    };
-    if may_have_changed {
-        state.cache.invalidate_checkpoint(checkpoint);
+    state.cache.invalidate_checkpoint(checkpoint);
+    if status.is_none() {
+        let state = state.clone();
+        let checkpoint = checkpoint.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(state.upstream_deadline).await;
+            state.cache.invalidate_checkpoint(&checkpoint);
+        });
     }
     result.map(passthrough_response)
 }
@@ -424,11 +442,30 @@ fn wants_no_cache(headers: &hyper::HeaderMap) -> bool {
     })
 }
 
+/// Reads a create's body: plain (or chunked) JSON only, at most `server.max_body_bytes`, within
+/// the upstream deadline. A body in a coding permgate does not decode (`gzip, chunked`,
+/// `Content-Encoding: br`, ...) is refused rather than misread.
 async fn read_body(
     state: &AppState,
     headers: &hyper::HeaderMap,
     body: Incoming,
 ) -> Result<Bytes, Error> {
+    let plain_transfer = headers.get_all(TRANSFER_ENCODING).iter().all(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+        })
+    });
+    let plain_content = headers.get_all(CONTENT_ENCODING).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("identity"))
+    });
+    if !plain_transfer || !plain_content {
+        return Err(Error::invalid(
+            "body",
+            "Encoded request bodies are not accepted; send plain JSON.",
+        ));
+    }
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -437,7 +474,7 @@ async fn read_body(
         return Err(Error::RequestTooLarge);
     }
     let collected = tokio::time::timeout(
-        state.body_timeout,
+        state.upstream_deadline,
         Limited::new(body, state.max_body_bytes).collect(),
     )
     .await
@@ -509,35 +546,6 @@ fn passthrough_response(reply: Passthrough) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn param(body: &str) -> String {
-        match parse_create(body.as_bytes()).unwrap_err() {
-            Error::InvalidParameter { param, .. } => param.into_owned(),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn create_bodies_are_validated() {
-        assert_eq!(
-            parse_create(br#"{"project_ids":["a","b"]}"#).unwrap(),
-            ["a", "b"]
-        );
-        for (body, p) in [
-            ("", "body"),
-            ("not json", "body"),
-            ("[]", "body"),
-            (r#"{"project_ids":["a"],"x":1}"#, "body"),
-            ("{}", "project_ids"),
-            (r#"{"project_ids":[]}"#, "project_ids"),
-            (r#"{"project_ids":"a"}"#, "project_ids"),
-            (r#"{"project_ids":[1]}"#, "project_ids"),
-            (r#"{"project_ids":[""]}"#, "project_ids"),
-            (r#"{"project_ids":[null]}"#, "project_ids"),
-        ] {
-            assert_eq!(param(body), p, "{body}");
-        }
-    }
 
     #[test]
     fn no_cache_is_found_among_directives() {

@@ -1,26 +1,38 @@
 //! The pooled client to OpenAI (or the mock): builds each request from scratch with an
-//! allow-list of headers, injects the admin key, enforces the deadline, and classifies the
-//! reply (SPEC "Responses").
+//! allow-list of headers, injects the admin key, and turns upstream's behaviour into one
+//! answer within one deadline (SPEC "Responses").
 //!
-//! Nothing of the caller's request is copied: upstream sees only `Authorization: Bearer
-//! <admin key>`, `X-Client-Request-Id`, `Accept`, `User-Agent` and, for a create,
-//! `Content-Type`. Upstream's answer is either a [`Passthrough`] (2xx, 400, 404, 409, 422 with a
-//! JSON body) or an [`Error`]; upstream's own error text for anything else is logged at most as
-//! a status and never returned, since OpenAI's 401 message quotes part of the key.
+//! - **Allow-list**: upstream sees only `Authorization: Bearer <admin key>`,
+//!   `X-Client-Request-Id`, `Accept`, `User-Agent` and, for a create, `Content-Type`.
+//! - **Deadline**: every attempt, wait and backoff fits inside `upstream.request_timeout_ms`
+//!   from the first attempt; past it the caller gets a 504.
+//! - **Retries**: idempotent requests (list, delete; never a create) are retried on transport
+//!   errors, 502, 503, 504 and 429, with exponential backoff and full jitter, honouring
+//!   `Retry-After` up to `retry_max_delay_ms`, at most `max_retries` times.
+//! - **Concurrency cap**: at most `max_concurrency` requests in flight; a request waits at
+//!   most `queue_timeout_ms` for a slot, then is shed with a 503.
+//! - **Circuit breaker** (see `breaker`): fail fast while upstream is down.
+//! - **Classification**: a [`Passthrough`] (2xx, 400, 404, 409, 422 with a JSON body) or an
+//!   [`Error`]. Upstream's own text for anything else is never returned, since OpenAI's 401
+//!   message quotes part of the key; only its status is logged.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
-use hyper::{Method, Request, StatusCode, Uri};
+use hyper::{HeaderMap, Method, Request, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tracing::{field, warn, Instrument};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing::{field, info, warn, Instrument};
 
+use crate::breaker::Breaker;
+use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 use crate::route::{Checkpoint, ListQuery};
@@ -50,30 +62,40 @@ pub struct Upstream {
     base: String,
     key: AdminKey,
     timeout: Duration,
+    max_retries: u32,
+    retry_base_delay: Duration,
+    retry_max_delay: Duration,
+    slots: Semaphore,
+    max_concurrency: usize,
+    queue_timeout: Duration,
+    breaker: Breaker,
     user_agent: HeaderValue,
+}
+
+/// One attempt's result, and whether another attempt may help.
+struct Attempt {
+    status: Option<StatusCode>,
+    result: Result<Passthrough, Error>,
+    /// `Some` when the failure is transient; the delay upstream asked for, if any.
+    retry: Option<Option<Duration>>,
 }
 
 impl Upstream {
     /// Builds the client: public roots plus `ca_file`, HTTP/2 by ALPN, pooled connections.
-    pub fn new(config: &UpstreamConfig, key: AdminKey) -> Result<Upstream, String> {
+    pub fn new(config: &UpstreamConfig, key: AdminKey, clock: Clock) -> Result<Upstream, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+            let at =
+                |e: &dyn std::fmt::Display| format!("upstream.ca_file {}: {e}", path.display());
+            let pem = std::fs::read(path).map_err(|e| at(&e))?;
             let mut added = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
+                roots.add(cert.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
                 added += 1;
             }
             if added == 0 {
-                return Err(format!(
-                    "upstream.ca_file {}: no PEM certificates found",
-                    path.display()
-                ));
+                return Err(at(&"no PEM certificates found"));
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -100,8 +122,20 @@ impl Upstream {
             base: config.base_url.to_string().trim_end_matches('/').to_owned(),
             key,
             timeout: config.request_timeout,
+            max_retries: config.max_retries,
+            retry_base_delay: config.retry_base_delay,
+            retry_max_delay: config.retry_max_delay,
+            slots: Semaphore::new(config.max_concurrency),
+            max_concurrency: config.max_concurrency,
+            queue_timeout: config.queue_timeout,
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_open, clock),
             user_agent: HeaderValue::from_static(concat!("permgate/", env!("CARGO_PKG_VERSION"))),
         })
+    }
+
+    /// "closed", "open" or "half_open".
+    pub fn breaker_state(&self) -> &'static str {
+        self.breaker.state_name()
     }
 
     fn uri(&self, checkpoint: &Checkpoint, target: &Target<'_>) -> Result<Uri, Error> {
@@ -125,8 +159,8 @@ impl Upstream {
         Uri::try_from(uri).map_err(|_| Error::UpstreamError)
     }
 
-    /// Sends one request and classifies the answer, within `upstream.request_timeout_ms`.
-    /// Also returns upstream's status when one arrived (for the audit trail and logs).
+    /// Sends the request (retrying where that is safe) and classifies the final answer.
+    /// Also returns upstream's last status when one arrived (for the audit trail and logs).
     pub async fn send(
         &self,
         checkpoint: &Checkpoint,
@@ -134,23 +168,102 @@ impl Upstream {
         body: Option<Bytes>,
         request_id: &HeaderValue,
     ) -> (Option<StatusCode>, Result<Passthrough, Error>) {
-        let method = match target {
-            Target::List(_) => Method::GET,
-            Target::Create => Method::POST,
-            Target::Delete(_) => Method::DELETE,
+        let deadline = Instant::now() + self.timeout;
+        let (method, idempotent) = match target {
+            Target::List(_) => (Method::GET, true),
+            Target::Create => (Method::POST, false),
+            Target::Delete(_) => (Method::DELETE, true),
         };
-        let span = tracing::info_span!(
-            "upstream",
-            method = method.as_str(),
-            status = field::Empty,
-            duration_ms = field::Empty,
-        );
-        let mut request = Request::new(Full::new(body.clone().unwrap_or_default()));
-        *request.method_mut() = method;
-        *request.uri_mut() = match self.uri(checkpoint, &target) {
+        let uri = match self.uri(checkpoint, &target) {
             Ok(uri) => uri,
             Err(e) => return (None, Err(e)),
         };
+        let mut attempt = 1;
+        loop {
+            let span = tracing::info_span!(
+                "upstream",
+                method = method.as_str(),
+                attempt,
+                status = field::Empty,
+                duration_ms = field::Empty,
+            );
+            let outcome = self
+                .attempt(&method, &uri, body.clone(), request_id, deadline)
+                .instrument(span)
+                .await;
+            let Some(asked) = outcome
+                .retry
+                .filter(|_| idempotent && attempt <= self.max_retries)
+            else {
+                return (outcome.status, outcome.result);
+            };
+            let delay = self.backoff(attempt, asked);
+            if Instant::now() + delay >= deadline {
+                return (outcome.status, outcome.result);
+            }
+            info!(
+                attempt,
+                delay_ms = delay.as_millis() as u64,
+                status = outcome.status.map(|s| s.as_u16()),
+                "retrying upstream request"
+            );
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]; a `Retry-After` replaces it,
+    /// capped at `retry_max_delay`.
+    fn backoff(&self, attempt: u32, asked: Option<Duration>) -> Duration {
+        if let Some(asked) = asked {
+            return asked.min(self.retry_max_delay);
+        }
+        let ceiling = self
+            .retry_base_delay
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(self.retry_max_delay);
+        ceiling.mul_f64(fastrand::f64())
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        body: Option<Bytes>,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Attempt {
+        let fail = |result: Error| Attempt {
+            status: None,
+            result: Err(result),
+            retry: None,
+        };
+        let Some(permit) = self.breaker.try_acquire() else {
+            warn!("circuit open: answering without calling upstream");
+            return fail(Error::Unavailable {
+                reason: "The upstream API is failing; the gateway is not calling it for a moment.",
+                retry_after: None,
+            });
+        };
+        let wait_until = deadline.min(Instant::now() + self.queue_timeout);
+        let slot = match tokio::time::timeout_at(wait_until, self.slots.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                warn!(
+                    limit = self.max_concurrency,
+                    "upstream concurrency limit reached; shedding the request"
+                );
+                drop(permit);
+                return fail(Error::Unavailable {
+                    reason: "Too many requests are waiting for the upstream API. Retry shortly.",
+                    retry_after: Some(1),
+                });
+            }
+        };
+
+        let mut request = Request::new(Full::new(body.clone().unwrap_or_default()));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
         headers.insert(AUTHORIZATION, self.key.authorization().clone());
         headers.insert(X_CLIENT_REQUEST_ID, request_id.clone());
@@ -160,11 +273,11 @@ impl Upstream {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
 
+        let span = tracing::Span::current();
         let started = Instant::now();
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 warn!(error = %e, source = ?std::error::Error::source(&e), "upstream unreachable");
-                Error::UpstreamError
             })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_UPSTREAM_BODY)
@@ -172,60 +285,87 @@ impl Upstream {
                 .await
                 .map_err(|e| {
                     warn!(status = parts.status.as_u16(), error = %e, "upstream body unreadable");
-                    Error::UpstreamError
                 })?
                 .to_bytes();
-            Ok::<_, Error>((parts.status, parts.headers, body))
+            Ok::<_, ()>((parts.status, parts.headers, body))
         };
-        let outcome = tokio::time::timeout(self.timeout, exchange)
-            .instrument(span.clone())
-            .await;
+        let outcome = tokio::time::timeout_at(deadline, exchange).await;
+        drop(slot);
         span.record("duration_ms", started.elapsed().as_secs_f64() * 1000.0);
         let (status, headers, body) = match outcome {
             Ok(Ok(reply)) => reply,
-            Ok(Err(e)) => return (None, Err(e)),
+            Ok(Err(())) => {
+                permit.failure();
+                return Attempt {
+                    status: None,
+                    result: Err(Error::UpstreamError),
+                    retry: Some(None),
+                };
+            }
             Err(_) => {
-                warn!(parent: &span, timeout_ms = self.timeout.as_millis() as u64, "upstream deadline passed");
-                return (None, Err(Error::UpstreamTimeout));
+                warn!(
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "upstream deadline passed"
+                );
+                permit.failure();
+                return fail(Error::UpstreamTimeout);
             }
         };
         span.record("status", status.as_u16());
-        (Some(status), classify(status, &headers, body, &span))
+        let transient = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            permit.failure();
+        } else {
+            permit.success();
+        }
+        Attempt {
+            status: Some(status),
+            retry: transient.then(|| retry_after(&headers)),
+            result: classify(status, &headers, body),
+        }
     }
 }
 
-fn classify(
-    status: StatusCode,
-    headers: &hyper::HeaderMap,
-    body: Bytes,
-    span: &tracing::Span,
-) -> Result<Passthrough, Error> {
+/// `Retry-After` in seconds (the HTTP-date form is not used by OpenAI).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+fn classify(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Result<Passthrough, Error> {
     let passthrough = status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 422);
     if passthrough {
         if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-            warn!(parent: span, status = status.as_u16(), bytes = body.len(), "upstream sent a body that is not JSON");
+            warn!(
+                status = status.as_u16(),
+                bytes = body.len(),
+                "upstream sent a body that is not JSON"
+            );
             return Err(Error::UpstreamError);
         }
         return Ok(Passthrough { status, body });
     }
     match status.as_u16() {
         401 | 403 => {
-            warn!(parent: span, status = status.as_u16(), "upstream rejected the admin key; check upstream.admin_key_env / admin_key_file");
+            warn!(
+                status = status.as_u16(),
+                "upstream rejected the admin key; check upstream.admin_key_env / admin_key_file"
+            );
             Err(Error::UpstreamAuthFailed)
         }
         429 => {
-            let retry_after = headers
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            warn!(parent: span, ?retry_after, "upstream rate-limited the admin key");
+            let retry_after = retry_after(headers).map(|d| d.as_secs());
+            warn!(?retry_after, "upstream rate-limited the admin key");
             Err(Error::Unavailable {
                 reason: "The upstream API is rate limiting this gateway. Retry later.",
                 retry_after,
             })
         }
         _ => {
-            warn!(parent: span, status = status.as_u16(), "upstream failed");
+            warn!(status = status.as_u16(), "upstream failed");
             Err(Error::UpstreamError)
         }
     }

@@ -75,14 +75,12 @@ async fn concurrent_identical_misses_make_one_upstream_call() {
     assert_eq!(gw.upstream_gets(), 1);
     assert!(bodies.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(statuses.iter().filter(|s| s.ends_with("stored")).count(), 1);
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| *s == "permgate; fwd=miss; collapsed")
-            .count(),
-        99,
-        "{statuses:?}"
-    );
+    // The others waited on that fill (or, arriving just after it, found its page).
+    let collapsed_or_hit = statuses
+        .iter()
+        .filter(|s| *s == "permgate; fwd=miss; collapsed" || *s == "permgate; hit")
+        .count();
+    assert_eq!(collapsed_or_hit, 99, "{statuses:?}");
 }
 
 #[tokio::test]
@@ -161,20 +159,23 @@ async fn stale_if_error_serves_the_old_page_when_upstream_fails() {
     let path = list_path(CP2);
     let original = gw.client.get(&path, READER).await;
     gw.clock().advance(Duration::from_secs(100)); // past TTL + SWR, inside stale-if-error
-    gw.mock.push_fault(Fault::Status {
-        status: 500,
-        body: "{}".into(),
-        retry_after: None,
-    });
-    let r = gw.client.get(&path, READER).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(
-        r.cache_status(),
-        "permgate; fwd=stale; detail=stale-if-error"
-    );
-    assert_eq!(r.header("age"), "100");
-    assert_eq!(r.body, original.body);
-    assert_eq!(gw.upstream_gets(), 2);
+                                                  // Every request during the outage gets the stale page, not only the first.
+    for attempt in 0..3 {
+        gw.mock.push_fault(Fault::Status {
+            status: 500,
+            body: "{}".into(),
+            retry_after: None,
+        });
+        let r = gw.client.get(&path, READER).await;
+        assert_eq!(r.status, 200, "attempt {attempt}");
+        assert_eq!(
+            r.cache_status(),
+            "permgate; fwd=stale; detail=stale-if-error"
+        );
+        assert_eq!(r.header("age"), "100");
+        assert_eq!(r.body, original.body);
+    }
+    assert_eq!(gw.upstream_gets(), 4);
     // Upstream recovers: the next read fetches and stores.
     let r = gw.client.get(&path, READER).await;
     assert_eq!(r.cache_status(), "permgate; fwd=miss; stored");
@@ -187,7 +188,7 @@ async fn past_stale_if_error_an_upstream_failure_is_a_502() {
     gw.client.get(&path, READER).await;
     gw.clock().advance(Duration::from_secs(60 + 301));
     gw.mock.push_fault(Fault::Status {
-        status: 503,
+        status: 500,
         body: "{}".into(),
         retry_after: None,
     });

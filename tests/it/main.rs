@@ -4,6 +4,7 @@
 mod admin;
 mod caching;
 mod cli;
+mod resilience;
 mod responses;
 mod routes;
 mod support;

@@ -139,6 +139,18 @@ async fn check_order_is_route_then_token_then_input_then_grant() {
         .get(&format!("{}?limit=0", list_path(GLOBEX)), READER)
         .await;
     assert_eq!(r.status, 400);
+    // A wrong method beats a missing token.
+    let r = gw
+        .client
+        .send(Method::PUT, &list_path(CP), None, &[], None)
+        .await;
+    assert_eq!(r.status, 405);
+    // A missing grant beats a bad or oversized body: the body of the unauthorized is never read.
+    let r = gw.client.post(&list_path(CP), READER, "not json").await;
+    assert_eq!(r.status, 403);
+    let huge = format!(r#"{{"project_ids":["{}"]}}"#, "p".repeat(100_000));
+    let r = gw.client.post(&list_path(CP), READER, &huge).await;
+    assert_eq!(r.status, 403);
     assert!(gw.mock.requests().is_empty());
 }
 

@@ -13,7 +13,7 @@ use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use permgate::cache::Clock;
+use permgate::clock::Clock;
 use permgate::config::Config;
 use permgate::mock_upstream::MockUpstream;
 use permgate::proxy::AppState;
@@ -102,16 +102,7 @@ pub async fn start_with(edit: impl FnOnce(&mut String)) -> Gateway {
     let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mock_addr = mock_listener.local_addr().unwrap();
     let (mock_stop, mock_stopped) = watch::channel(false);
-    let serving = mock.clone();
-    tokio::spawn(server::serve_http(
-        mock_listener,
-        move |req| {
-            let mock = serving.clone();
-            async move { mock.handle(req).await }
-        },
-        mock_stopped,
-        Duration::from_millis(100),
-    ));
+    tokio::spawn(mock.clone().serve(mock_listener, mock_stopped));
     let mut text = base_config(mock_addr);
     edit(&mut text);
     let (state, addr, admin_addr, shutdown, served) = start_gateway(&text).await;
@@ -153,9 +144,18 @@ pub async fn start_gateway(text: &str) -> Started {
         async {
             let _ = stop.await;
         },
-        config.server.drain_timeout,
+        (&config.server).into(),
     ));
     (state, addr, admin_addr, shutdown, served)
+}
+
+/// When a test's gateway goes away, everything logged so far must be free of the key.
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_no_key_piece(&logs(), "the logs");
+        }
+    }
 }
 
 impl Gateway {
@@ -329,13 +329,24 @@ pub fn responses_seen() -> &'static Mutex<Vec<String>> {
     SEEN.get_or_init(Default::default)
 }
 
+/// Checks every response any test receives for admin-key pieces, then keeps it.
 fn record_response(r: &TestResponse) {
     let mut text = format!("{}\n", r.status);
     for (k, v) in &r.headers {
         text.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
     }
     text.push_str(&String::from_utf8_lossy(&r.body));
+    assert_no_key_piece(&text, "a response");
     responses_seen().lock().unwrap().push(text);
+}
+
+pub fn assert_no_key_piece(text: &str, what: &str) {
+    for piece in key_pieces() {
+        assert!(
+            !text.contains(piece),
+            "admin key piece {piece:?} leaked in {what}:\n{text}"
+        );
+    }
 }
 
 /// Every log line written by any gateway in this test process, at TRACE.

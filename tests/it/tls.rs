@@ -1,6 +1,7 @@
 //! HTTPS to upstream end to end: the mock served over TLS (with ALPN h2) under a CA made at
 //! test time and trusted only through `upstream.ca_file`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +38,11 @@ fn make_pki() -> Pki {
     }
 }
 
-async fn serve_mock_over_tls(mock: MockUpstream, pki: &Pki) -> std::net::SocketAddr {
+/// Serves the mock over TLS; the counter counts completed TLS handshakes.
+async fn serve_mock_over_tls(
+    mock: MockUpstream,
+    pki: &Pki,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -49,6 +54,8 @@ async fn serve_mock_over_tls(mock: MockUpstream, pki: &Pki) -> std::net::SocketA
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let counter = handshakes.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -56,10 +63,12 @@ async fn serve_mock_over_tls(mock: MockUpstream, pki: &Pki) -> std::net::SocketA
             };
             let acceptor = acceptor.clone();
             let mock = mock.clone();
+            let counter = counter.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                counter.fetch_add(1, Ordering::SeqCst);
                 let service = service_fn(move |req| {
                     let mock = mock.clone();
                     async move { Ok::<_, std::convert::Infallible>(mock.handle(req).await) }
@@ -70,7 +79,7 @@ async fn serve_mock_over_tls(mock: MockUpstream, pki: &Pki) -> std::net::SocketA
             });
         }
     });
-    addr
+    (addr, handshakes)
 }
 
 #[tokio::test]
@@ -82,7 +91,7 @@ async fn https_upstream_with_a_private_ca_works_over_h2() {
     std::fs::write(&ca_path, &pki.ca_pem).unwrap();
 
     let mock = MockUpstream::new(ADMIN_KEY);
-    let tls_addr = serve_mock_over_tls(mock.clone(), &pki).await;
+    let (tls_addr, handshakes) = serve_mock_over_tls(mock.clone(), &pki).await;
     let text = base_config("127.0.0.1:9".parse().unwrap()).replace(
         "base_url = \"http://127.0.0.1:9/v1\"",
         &format!(
@@ -103,11 +112,13 @@ async fn https_upstream_with_a_private_ca_works_over_h2() {
         seen[0].headers["authorization"],
         format!("Bearer {ADMIN_KEY}").as_str()
     );
-    // A second miss reuses the pooled connection (still one TLS peer, more requests).
+    // A second miss reuses the pooled connection: one TLS handshake for both.
     let r = client
         .get(&format!("{}?limit=2", list_path(CP)), READER)
         .await;
     assert_eq!(r.status, 200);
+    assert_eq!(mock.requests().len(), 2);
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -115,7 +126,7 @@ async fn https_upstream_with_a_private_ca_works_over_h2() {
 async fn https_upstream_with_an_untrusted_certificate_is_a_502() {
     let pki = make_pki();
     let mock = MockUpstream::new(ADMIN_KEY);
-    let tls_addr = serve_mock_over_tls(mock.clone(), &pki).await;
+    let (tls_addr, _) = serve_mock_over_tls(mock.clone(), &pki).await;
     let text = base_config("127.0.0.1:9".parse().unwrap()).replace(
         "base_url = \"http://127.0.0.1:9/v1\"",
         &format!("base_url = \"https://localhost:{}/v1\"", tls_addr.port()),

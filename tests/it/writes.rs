@@ -180,6 +180,17 @@ async fn every_write_attempt_is_audited_with_its_client_and_outcome() {
     for secret in [ADMIN_KEY, READER, WRITER] {
         assert!(!text.contains(secret));
     }
-    assert!(logs().contains("permgate::audit"));
+    let logged = logs();
+    for request_id in [
+        created.header("x-request-id"),
+        denied.header("x-request-id"),
+    ] {
+        assert!(
+            logged
+                .lines()
+                .any(|l| l.contains("permgate::audit") && l.contains(request_id)),
+            "audit event for {request_id}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
