@@ -4,14 +4,15 @@
 //! | --- | --- | --- |
 //! | GET | `/healthz` | 200 while the process runs |
 //! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining |
+//! | GET | `/metrics` | Prometheus text format (see `metrics`) |
 //! | POST | `/cache/purge` | drop every cached page; `?checkpoint=ID` drops one checkpoint's pages |
-//!
-//! `/metrics` is not served yet (see the README's roadmap).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
@@ -30,8 +31,16 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         } else {
             json_response(StatusCode::OK, json!({"status": "ready"}))
         }),
+        (&Method::GET, "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(state.render_metrics().await)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
         (&Method::POST, "/cache/purge") => purge(&state, req.uri().query()),
-        (_, "/healthz" | "/readyz") => Err(Error::MethodNotAllowed { allow: "GET" }),
+        (_, "/healthz" | "/readyz" | "/metrics") => Err(Error::MethodNotAllowed { allow: "GET" }),
         (_, "/cache/purge") => Err(Error::MethodNotAllowed { allow: "POST" }),
         _ => Err(Error::NotFound),
     };

@@ -9,6 +9,8 @@
 use std::path::Path;
 
 use serde::Serialize;
+
+use crate::metrics::Metrics;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
@@ -62,7 +64,7 @@ impl AuditLog {
 }
 
 /// Emits the record as a tracing event and, when configured, appends it to the file.
-pub async fn record(log: Option<&AuditLog>, record: Record<'_>) {
+pub async fn record(log: Option<&AuditLog>, metrics: &Metrics, record: Record<'_>) {
     tracing::info!(
         target: "permgate::audit",
         request_id = record.request_id,
@@ -79,6 +81,7 @@ pub async fn record(log: Option<&AuditLog>, record: Record<'_>) {
     if let Some(log) = log {
         if let Err(e) = log.append(&record).await {
             tracing::error!(target: "permgate::audit", error = %e, request_id = record.request_id, "audit file write failed");
+            metrics.audit_failure();
         }
     }
 }

@@ -13,13 +13,15 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
+use crate::metrics::ClientLabel;
 use crate::ratelimit::RateLimit;
 use crate::route::Checkpoint;
 
 /// A configured caller.
 #[derive(Debug)]
 pub struct Client {
-    pub name: Box<str>,
+    /// Safe to log and to use as a metrics label.
+    pub name: ClientLabel,
     patterns: Vec<Pattern>,
     pub can_write: bool,
     /// This client's token bucket, if it has a rate limit.
@@ -71,7 +73,7 @@ impl Clients {
                     .filter_map(|p| Pattern::new(p).ok())
                     .collect();
                 let client = Client {
-                    name: c.name.as_str().into(),
+                    name: ClientLabel(c.name.as_str().into()),
                     patterns,
                     can_write: c.can_write,
                     rate: c
@@ -141,13 +143,17 @@ mod tests {
     fn bearer_tokens_authenticate() {
         let c = clients();
         assert_eq!(
-            &*c.authenticate(Some(&header("Bearer tok-r"))).unwrap().name,
+            &*c.authenticate(Some(&header("Bearer tok-r")))
+                .unwrap()
+                .name
+                .0,
             "reader"
         );
         assert_eq!(
             &*c.authenticate(Some(&header("bearer  tok-w ")))
                 .unwrap()
-                .name,
+                .name
+                .0,
             "writer"
         );
         for bad in [

@@ -26,8 +26,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::StatusCode;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::Expiry;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -181,7 +183,8 @@ pub struct PageCache {
 }
 
 impl PageCache {
-    pub fn new(config: &CacheConfig, clock: Clock) -> PageCache {
+    /// `evictions` counts pages dropped to stay within `cache.max_bytes`.
+    pub fn new(config: &CacheConfig, clock: Clock, evictions: Counter) -> PageCache {
         let pages = Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(|key: &PageKey, page: &Arc<Page>| {
@@ -193,6 +196,11 @@ impl PageCache {
             })
             .expire_after(PageExpiry)
             .support_invalidation_closures()
+            .eviction_listener(move |_, _, cause| {
+                if cause == RemovalCause::Size {
+                    evictions.inc();
+                }
+            })
             .build();
         let fills = Cache::builder()
             .max_capacity(FILLS_CAPACITY)
@@ -394,7 +402,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_write_makes_in_flight_fills_unreachable() {
-        let cache = PageCache::new(&config(), Clock::default());
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let before = cache.key(cp("ft:a"), ListQuery::default());
         cache.invalidate_checkpoint(&cp("ft:a"));
         let page = cache.page(StatusCode::OK, b"old").unwrap();
@@ -407,7 +415,7 @@ mod tests {
 
     #[tokio::test]
     async fn purge_all_kills_every_generation() {
-        let cache = PageCache::new(&config(), Clock::default());
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:b"), ListQuery::default());
         cache
             .insert(key.clone(), cache.page(StatusCode::OK, b"x").unwrap())
@@ -419,7 +427,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidation_frees_dead_pages_and_keeps_others() {
-        let cache = PageCache::new(&config(), Clock::default());
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let a = cache.key(cp("ft:a"), ListQuery::default());
         let b = cache.key(cp("ft:b"), ListQuery::default());
         cache
@@ -439,7 +447,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_refetch_leaves_the_stale_page_in_place() {
         let clock = Clock::default();
-        let cache = PageCache::new(&config(), clock.clone());
+        let cache = PageCache::new(&config(), clock.clone(), Counter::default());
         let key = cache.key(cp("ft:e"), ListQuery::default());
         let stale = cache.page(StatusCode::OK, b"stale").unwrap();
         cache.insert(key.clone(), stale.clone()).await;
@@ -457,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn freshness_follows_the_clock_and_status() {
         let clock = Clock::default();
-        let cache = PageCache::new(&config(), clock.clone());
+        let cache = PageCache::new(&config(), clock.clone(), Counter::default());
         let ok = cache.page(StatusCode::OK, b"{}").unwrap();
         let missing = cache.page(StatusCode::NOT_FOUND, b"{}").unwrap();
         assert!(cache.page(StatusCode::BAD_REQUEST, b"{}").is_none());
@@ -475,7 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_one_caller_claims_a_refresh() {
-        let cache = PageCache::new(&config(), Clock::default());
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let page = cache.page(StatusCode::OK, b"{}").unwrap();
         assert!(page.claim_refresh());
         assert!(!page.claim_refresh());
@@ -485,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn stored_bodies_are_weighed_by_their_length() {
-        let cache = PageCache::new(&config(), Clock::default());
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let big = vec![b'x'; 10_000];
         let page = cache.page(StatusCode::OK, &big[..100]).unwrap();
         assert_eq!(page.body.len(), 100);
@@ -499,7 +507,7 @@ mod tests {
 
     #[tokio::test]
     async fn remove_if_same_leaves_a_replacement_alone() {
-        let cache = PageCache::new(&config(), Clock::default());
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:d"), ListQuery::default());
         let old = cache.page(StatusCode::OK, b"old").unwrap();
         let new = cache.page(StatusCode::OK, b"new").unwrap();

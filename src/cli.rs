@@ -5,6 +5,7 @@
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -15,6 +16,7 @@ use crate::config::Config;
 use crate::mock_upstream::{MockUpstream, SEEDED};
 use crate::observability;
 use crate::proxy::AppState;
+use crate::reload;
 use crate::secret::AdminKey;
 use crate::server;
 use crate::upstream::Upstream;
@@ -94,6 +96,9 @@ fn serve(path: &Path) -> Result<(), String> {
     observability::init(&env)?;
     let config = Config::load(path, &env).map_err(|e| e.to_string())?;
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     runtime(config.server.worker_threads)?.block_on(async {
         let state = AppState::new(&config, key, Clock::default())?;
         let data = bind(config.server.listen, "server.listen").await?;
@@ -101,13 +106,21 @@ fn serve(path: &Path) -> Result<(), String> {
             Some(addr) => Some(bind(addr, "server.admin_listen").await?),
             None => None,
         };
+        let bound = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
-            listen = %config.server.listen,
-            admin_listen = ?config.server.admin_listen,
+            listen = %bound(&data),
+            admin_listen = %admin.as_ref().map(bound).unwrap_or_default(),
             upstream = %config.upstream.base_url,
             clients = config.clients.len(),
             "permgate serving"
         );
+        let watcher = tokio::spawn(reload::watch(
+            state.clone(),
+            path.to_owned(),
+            Arc::new(env),
+            config.upstream.admin_key_poll,
+            true,
+        ));
         server::serve(
             data,
             admin,
@@ -116,6 +129,7 @@ fn serve(path: &Path) -> Result<(), String> {
             (&config.server).into(),
         )
         .await;
+        watcher.abort();
         Ok(())
     })
 }
@@ -195,7 +209,10 @@ fn check_config(path: &Path) -> Result<(), String> {
     let resolved = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     println!("{resolved}");
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
-    Upstream::new(&config.upstream, key, Clock::default())?;
+    Upstream::new(&config.upstream, key, Clock::default(), Default::default())?;
+    for warning in config.warnings() {
+        println!("# warning: {warning}");
+    }
     println!("# admin key: present (redacted)");
     println!("# config OK");
     Ok(())

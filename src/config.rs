@@ -76,6 +76,7 @@ struct FileUpstream {
     queue_timeout_ms: Option<u64>,
     breaker_threshold: Option<u32>,
     breaker_open_ms: Option<u64>,
+    admin_key_poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +156,9 @@ pub struct UpstreamConfig {
     pub breaker_threshold: u32,
     #[serde(serialize_with = "millis")]
     pub breaker_open: Duration,
+    /// How often `admin_key_file` is checked for a new key.
+    #[serde(serialize_with = "millis")]
+    pub admin_key_poll: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -205,6 +209,25 @@ impl Config {
             file.upstream.base_url = url;
         }
         file.validate()
+    }
+
+    /// Settings that are valid but probably a mistake; logged at startup, printed by
+    /// `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let url = &self.upstream.base_url;
+        let host = url.host().unwrap_or_default().trim_matches(['[', ']']);
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let mut warnings = Vec::new();
+        if url.scheme_str() == Some("http") && !loopback {
+            warnings.push(
+                "upstream.base_url is plain http to a non-loopback host: the admin key would cross the network unencrypted"
+                    .to_string(),
+            );
+        }
+        warnings
     }
 
     /// Reads and parses a config file.
@@ -267,6 +290,10 @@ impl FileConfig {
             ),
             ("upstream.queue_timeout_ms", self.upstream.queue_timeout_ms),
             ("upstream.breaker_open_ms", self.upstream.breaker_open_ms),
+            (
+                "upstream.admin_key_poll_ms",
+                self.upstream.admin_key_poll_ms,
+            ),
         ];
         for (key, value) in timeouts {
             if value.is_some_and(|v| v > MAX_TIMEOUT_MS) {
@@ -472,6 +499,9 @@ impl FileConfig {
                     breaker_open: Duration::from_millis(
                         self.upstream.breaker_open_ms.unwrap_or(5_000),
                     ),
+                    admin_key_poll: Duration::from_millis(
+                        self.upstream.admin_key_poll_ms.unwrap_or(5_000).max(100),
+                    ),
                 },
                 cache,
                 audit: self.audit.map(|a| AuditConfig { path: a.path }),
@@ -594,6 +624,22 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         assert_eq!(c.cache.max_bytes, 64 * 1024 * 1024);
         assert!(c.clients[0].checkpoints.is_empty());
         assert!(!c.clients[0].can_write);
+    }
+
+    #[test]
+    fn plain_http_upstream_off_the_machine_is_warned_about() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert!(c.warnings().is_empty());
+        for (url, warned) in [
+            ("http://127.0.0.1:9/v1", false),
+            ("http://localhost:9/v1", false),
+            ("http://[::1]:9/v1", false),
+            ("http://egress.internal/v1", true),
+        ] {
+            let c =
+                Config::parse(&MINIMAL.replace("https://api.openai.com/v1", url), &no_env).unwrap();
+            assert_eq!(!c.warnings().is_empty(), warned, "{url}");
+        }
     }
 
     #[test]

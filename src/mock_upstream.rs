@@ -109,7 +109,8 @@ impl Permission {
 }
 
 struct Inner {
-    admin_key: Mutex<String>,
+    /// Keys upstream accepts (more than one while a rotation overlaps).
+    admin_keys: Mutex<Vec<String>>,
     /// Permissions per checkpoint, oldest first.
     data: Mutex<BTreeMap<String, Vec<Permission>>>,
     requests: Mutex<Vec<Recorded>>,
@@ -132,7 +133,7 @@ impl MockUpstream {
     pub fn new(admin_key: &str) -> MockUpstream {
         let mock = MockUpstream {
             inner: Arc::new(Inner {
-                admin_key: Mutex::new(admin_key.to_owned()),
+                admin_keys: Mutex::new(vec![admin_key.to_owned()]),
                 data: Mutex::new(BTreeMap::new()),
                 requests: Mutex::new(Vec::new()),
                 faults: Mutex::new(VecDeque::new()),
@@ -159,7 +160,12 @@ impl MockUpstream {
 
     /// Changes the key the mock accepts (key rotation tests).
     pub fn set_admin_key(&self, key: &str) {
-        *lock(&self.inner.admin_key) = key.to_owned();
+        self.set_admin_keys(&[key]);
+    }
+
+    /// Accepts any of these keys, as OpenAI does while an old and a new admin key both exist.
+    pub fn set_admin_keys(&self, keys: &[&str]) {
+        *lock(&self.inner.admin_keys) = keys.iter().map(|k| k.to_string()).collect();
     }
 
     /// Every request received so far.
@@ -302,7 +308,7 @@ impl MockUpstream {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if presented != *lock(&self.inner.admin_key) {
+        if !lock(&self.inner.admin_keys).iter().any(|k| k == presented) {
             return incorrect_key(presented);
         }
         let Some(rest) = uri.path().strip_prefix(PREFIX) else {

@@ -9,6 +9,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use std::io::IsTerminal;
+
 use hyper::header::HeaderValue;
 use tracing_subscriber::EnvFilter;
 
@@ -18,8 +20,10 @@ const MAX_REQUEST_ID: usize = 128;
 pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
     let filter = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_new(&filter).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
+    // Colour only for a person at a terminal, never into files or log collectors.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match env("PERMGATE_LOG_FORMAT").as_deref() {
         None | Some("pretty") => builder.try_init(),

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -26,6 +27,7 @@ use crate::cache::{CacheStatus, FillError, Freshness, Page, PageCache, PageKey};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{json_response, Body, Error};
+use crate::metrics::{self, ClientLabel, Metrics, RequestLabels, Snapshot};
 use crate::observability;
 use crate::route::{self, Checkpoint, ListQuery, Operation};
 use crate::secret::AdminKey;
@@ -37,8 +39,10 @@ const MAX_PROJECT_ID_BYTES: usize = 256;
 
 /// Everything a request needs, built once from `Config`. No globals: tests run several.
 pub struct AppState {
-    pub clients: Clients,
+    /// Swapped whole on reload (SIGHUP, key file change).
+    clients: ArcSwap<Clients>,
     pub cache: PageCache,
+    pub metrics: Arc<Metrics>,
     pub upstream: Upstream,
     pub audit: Option<AuditLog>,
     draining: AtomicBool,
@@ -56,10 +60,12 @@ impl AppState {
             .as_ref()
             .map(|a| AuditLog::open(&a.path))
             .transpose()?;
+        let metrics = Arc::new(Metrics::new());
         Ok(Arc::new(AppState {
-            clients: Clients::new(&config.clients),
-            upstream: Upstream::new(&config.upstream, key, clock.clone())?,
-            cache: PageCache::new(&config.cache, clock),
+            clients: ArcSwap::from_pointee(Clients::new(&config.clients)),
+            upstream: Upstream::new(&config.upstream, key, clock.clone(), metrics.clone())?,
+            cache: PageCache::new(&config.cache, clock, metrics.cache_evictions.clone()),
+            metrics,
             audit,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
@@ -67,6 +73,30 @@ impl AppState {
             max_body_bytes: config.server.max_body_bytes,
             upstream_deadline: config.upstream.request_timeout,
         }))
+    }
+
+    /// Applies a reloaded client list and admin key. Requests in flight finish with what they
+    /// started with; the next ones use the new ones.
+    pub fn apply_reload(&self, config: &Config, key: AdminKey) {
+        self.clients.store(Arc::new(Clients::new(&config.clients)));
+        self.upstream.set_key(key);
+    }
+
+    /// The Prometheus exposition of this gateway's metrics.
+    pub async fn render_metrics(&self) -> String {
+        // moka's counts are eventually consistent; settle them for the scrape.
+        self.cache.run_pending_tasks().await;
+        let circuit = match self.upstream.breaker_state() {
+            "closed" => 0,
+            "half_open" => 1,
+            _ => 2,
+        };
+        self.metrics.render(Snapshot {
+            cache_entries: self.cache.entry_count(),
+            cache_bytes: self.cache.weighted_bytes(),
+            circuit,
+            in_flight: self.in_flight(),
+        })
     }
 
     /// Readiness: false once shutdown has begun.
@@ -162,7 +192,7 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(cs.as_str()));
     }
 
-    let client = ctx.client.as_deref().map(|c| &*c.name);
+    let client = ctx.client.as_deref().map(|c| &*c.name.0);
     let checkpoint = ctx.checkpoint.as_ref().map(Checkpoint::as_str);
     if let Some(op @ (Operation::Create | Operation::Delete)) = ctx.operation {
         let record = audit::Record {
@@ -179,7 +209,7 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
             upstream_status: ctx.upstream_status.map(|s| s.as_u16()),
             error_code,
         };
-        audit::record(state.audit.as_ref(), record)
+        audit::record(state.audit.as_ref(), &state.metrics, record)
             .instrument(span.clone())
             .await;
     }
@@ -190,6 +220,18 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
     if let Some(cs) = cache_status {
         span.record("cache_status", cs.name());
     }
+    state.metrics.request(
+        &RequestLabels {
+            route: ctx.operation.map_or("unmatched", Operation::as_str),
+            status_class: metrics::status_class(status.as_u16()),
+            cache_status: cache_status.map_or("none", CacheStatus::name),
+            client: ctx
+                .client
+                .as_ref()
+                .map_or_else(anonymous, |c| c.name.clone()),
+        },
+        duration_ms / 1000.0,
+    );
     info!(
         target: "permgate::access",
         parent: &span,
@@ -199,6 +241,12 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         "request"
     );
     response
+}
+
+/// The client label of unauthenticated requests.
+fn anonymous() -> ClientLabel {
+    static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    ClientLabel(NAME.get_or_init(|| Arc::from("-")).clone())
 }
 
 fn outcome(status: StatusCode) -> &'static str {
@@ -227,8 +275,10 @@ async fn handle_inner(
     span.record("route", matched.operation.as_str());
     let client = state
         .clients
-        .authenticate(parts.headers.get(AUTHORIZATION))?;
-    span.record("client", &*client.name);
+        .load()
+        .authenticate(parts.headers.get(AUTHORIZATION))?
+        .clone();
+    span.record("client", &*client.name.0);
     ctx.client = Some(client.clone());
     let checkpoint = matched.checkpoint()?;
     span.record("checkpoint", checkpoint.as_str());
@@ -237,7 +287,7 @@ async fn handle_inner(
         Operation::List => {
             let query = ListQuery::parse(parts.uri.query())?;
             client.authorize(&checkpoint, false)?;
-            client.check_rate()?;
+            check_rate(state, &client)?;
             let key = state.cache.key(checkpoint, query);
             if wants_no_cache(&parts.headers) {
                 refresh(state, key, request_id, ctx).await
@@ -248,7 +298,7 @@ async fn handle_inner(
         Operation::Create => {
             route::reject_query(parts.uri.query())?;
             client.authorize(&checkpoint, true)?;
-            client.check_rate()?;
+            check_rate(state, &client)?;
             let body = read_body(state, &parts.headers, body).await?;
             let project_ids = parse_create(&body)?;
             let forwarded = serde_json::json!({ "project_ids": project_ids }).to_string();
@@ -268,7 +318,7 @@ async fn handle_inner(
             let id = matched.permission_id()?.ok_or(Error::NotFound)?;
             ctx.permission_id = Some(id.clone());
             client.authorize(&checkpoint, true)?;
-            client.check_rate()?;
+            check_rate(state, &client)?;
             write(
                 state,
                 &checkpoint,
@@ -280,6 +330,13 @@ async fn handle_inner(
             .await
         }
     }
+}
+
+/// 429 once the client's bucket is empty; counted.
+fn check_rate(state: &AppState, client: &Client) -> Result<(), Error> {
+    client
+        .check_rate()
+        .inspect_err(|_| state.metrics.rate_limited(&client.name))
 }
 
 /// A cached GET: fresh hit, stale-while-revalidate, or one coalesced fill (with the stale page
@@ -317,6 +374,7 @@ async fn list(
     let status = if fetched {
         CacheStatus::MissStored
     } else {
+        state.metrics.coalesced_wait();
         CacheStatus::Collapsed
     };
     ctx.cache_status = Some(status);

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
@@ -35,6 +36,7 @@ use crate::breaker::Breaker;
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::Error;
+use crate::metrics::{Metrics, Shed};
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret::AdminKey;
 
@@ -60,7 +62,8 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// `scheme://authority/base-path`, without a trailing slash.
     base: String,
-    key: AdminKey,
+    /// Swapped whole on reload; each request keeps the key it started with.
+    key: ArcSwap<AdminKey>,
     timeout: Duration,
     max_retries: u32,
     retry_base_delay: Duration,
@@ -69,6 +72,7 @@ pub struct Upstream {
     max_concurrency: usize,
     queue_timeout: Duration,
     breaker: Breaker,
+    metrics: Arc<Metrics>,
     user_agent: HeaderValue,
 }
 
@@ -82,7 +86,12 @@ struct Attempt {
 
 impl Upstream {
     /// Builds the client: public roots plus `ca_file`, HTTP/2 by ALPN, pooled connections.
-    pub fn new(config: &UpstreamConfig, key: AdminKey, clock: Clock) -> Result<Upstream, String> {
+    pub fn new(
+        config: &UpstreamConfig,
+        key: AdminKey,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
@@ -120,7 +129,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             base: config.base_url.to_string().trim_end_matches('/').to_owned(),
-            key,
+            key: ArcSwap::from_pointee(key),
             timeout: config.request_timeout,
             max_retries: config.max_retries,
             retry_base_delay: config.retry_base_delay,
@@ -129,6 +138,7 @@ impl Upstream {
             max_concurrency: config.max_concurrency,
             queue_timeout: config.queue_timeout,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_open, clock),
+            metrics,
             user_agent: HeaderValue::from_static(concat!("permgate/", env!("CARGO_PKG_VERSION"))),
         })
     }
@@ -136,6 +146,11 @@ impl Upstream {
     /// "closed", "open" or "half_open".
     pub fn breaker_state(&self) -> &'static str {
         self.breaker.state_name()
+    }
+
+    /// Uses `key` for every request that starts from now on.
+    pub fn set_key(&self, key: AdminKey) {
+        self.key.store(Arc::new(key));
     }
 
     fn uri(&self, checkpoint: &Checkpoint, target: &Target<'_>) -> Result<Uri, Error> {
@@ -178,6 +193,7 @@ impl Upstream {
             Ok(uri) => uri,
             Err(e) => return (None, Err(e)),
         };
+        let key = self.key.load_full();
         let mut attempt = 1;
         loop {
             let span = tracing::info_span!(
@@ -188,7 +204,15 @@ impl Upstream {
                 duration_ms = field::Empty,
             );
             let outcome = self
-                .attempt(&method, &uri, body.clone(), request_id, deadline)
+                .attempt(
+                    &key,
+                    &method,
+                    &uri,
+                    body.clone(),
+                    request_id,
+                    deadline,
+                    attempt,
+                )
                 .instrument(span)
                 .await;
             let Some(asked) = outcome
@@ -225,13 +249,16 @@ impl Upstream {
         ceiling.mul_f64(fastrand::f64())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
+        key: &AdminKey,
         method: &Method,
         uri: &Uri,
         body: Option<Bytes>,
         request_id: &HeaderValue,
         deadline: Instant,
+        attempt: u32,
     ) -> Attempt {
         let fail = |result: Error| Attempt {
             status: None,
@@ -240,6 +267,7 @@ impl Upstream {
         };
         let Some(permit) = self.breaker.try_acquire() else {
             warn!("circuit open: answering without calling upstream");
+            self.metrics.shed(Shed::CircuitOpen);
             return fail(Error::Unavailable {
                 reason: "The upstream API is failing; the gateway is not calling it for a moment.",
                 retry_after: None,
@@ -254,6 +282,7 @@ impl Upstream {
                     "upstream concurrency limit reached; shedding the request"
                 );
                 drop(permit);
+                self.metrics.shed(Shed::QueueFull);
                 return fail(Error::Unavailable {
                     reason: "Too many requests are waiting for the upstream API. Retry shortly.",
                     retry_after: Some(1),
@@ -265,7 +294,7 @@ impl Upstream {
         *request.method_mut() = method.clone();
         *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
-        headers.insert(AUTHORIZATION, self.key.authorization().clone());
+        headers.insert(AUTHORIZATION, key.authorization().clone());
         headers.insert(X_CLIENT_REQUEST_ID, request_id.clone());
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         headers.insert(USER_AGENT, self.user_agent.clone());
@@ -291,7 +320,14 @@ impl Upstream {
         };
         let outcome = tokio::time::timeout_at(deadline, exchange).await;
         drop(slot);
-        span.record("duration_ms", started.elapsed().as_secs_f64() * 1000.0);
+        let seconds = started.elapsed().as_secs_f64();
+        span.record("duration_ms", seconds * 1000.0);
+        let status = match &outcome {
+            Ok(Ok((status, _, _))) => Some(status.as_u16()),
+            _ => None,
+        };
+        self.metrics
+            .upstream_attempt(status, outcome.is_err(), attempt, seconds);
         let (status, headers, body) = match outcome {
             Ok(Ok(reply)) => reply,
             Ok(Err(())) => {

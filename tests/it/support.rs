@@ -22,8 +22,11 @@ use permgate::server;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-/// A recognizable admin key: no 6-character piece of it may ever reach a caller or a log.
-pub const ADMIN_KEY: &str = "sk-admin-Zq9XvLk2PmW7tR4yB8nC3dF6hJ1";
+/// A recognizable admin key: no 6-character piece of it may ever reach a caller or a log. Real
+/// admin keys start `sk-admin-`; this one avoids that prefix because its windows (`admin-`)
+/// occur innocently in paths like `/run/secrets/openai-admin-key`, and the check is meant to
+/// catch the secret part.
+pub const ADMIN_KEY: &str = "sk-Zq9XvLk2PmW7tR4yB8nC3dF6hJ1wQ5eT";
 pub const READER: &str = "reader-token-1";
 pub const WRITER: &str = "writer-token-1";
 pub const NOBODY: &str = "nobody-token-1";

@@ -1,0 +1,365 @@
+//! Prometheus metrics (SPEC "Admin listener": `GET /metrics`), with the official client.
+//!
+//! Every metric is registered once here and rendered in the text format by [`Metrics::render`].
+//! Names follow Prometheus conventions: counters end in `_total`, durations are `_seconds`
+//! histograms, sizes `_bytes`. Label values come from small closed sets (routes, status
+//! classes, cache statuses, configured client names), never from caller input, so series
+//! cannot explode. Gauges that mirror other state (cache size, circuit, in-flight) are set at
+//! scrape time rather than on the request path.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// A configured client's name as a label value (shared, so labelling allocates nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientLabel(pub Arc<str>);
+
+impl EncodeLabelValue for ClientLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status_class: &'static str,
+    pub cache_status: &'static str,
+    pub client: ClientLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamLabels {
+    status: &'static str,
+    attempt: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClientOnly {
+    client: ClientLabel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Outcome {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Why a request was shed before reaching upstream.
+#[derive(Debug, Clone, Copy)]
+pub enum Shed {
+    QueueFull,
+    CircuitOpen,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabel, Histogram>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_duration: Histogram,
+    pub cache_evictions: Counter,
+    coalesced_waits: Counter,
+    cache_entries: Gauge,
+    cache_bytes: Gauge,
+    rate_limited: Family<ClientOnly, Counter>,
+    shed: Family<Reason, Counter>,
+    circuit_open: Gauge,
+    in_flight: Gauge,
+    key_reloads: Family<Outcome, Counter>,
+    audit_failures: Counter,
+}
+
+/// Values read from elsewhere when `/metrics` is scraped.
+pub struct Snapshot {
+    pub cache_entries: u64,
+    pub cache_bytes: u64,
+    /// 0 closed, 1 half-open, 2 open.
+    pub circuit: i64,
+    pub in_flight: usize,
+}
+
+fn latency_buckets() -> Histogram {
+    // 100 µs .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_buckets),
+            upstream_requests: Family::default(),
+            upstream_duration: latency_buckets(),
+            cache_evictions: Counter::default(),
+            coalesced_waits: Counter::default(),
+            cache_entries: Gauge::default(),
+            cache_bytes: Gauge::default(),
+            rate_limited: Family::default(),
+            shed: Family::default(),
+            circuit_open: Gauge::default(),
+            in_flight: Gauge::default(),
+            key_reloads: Family::default(),
+            audit_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "permgate_requests",
+            "Requests on the data listener by route, status class, cache status and client",
+            m.requests.clone(),
+        );
+        registry.register(
+            "permgate_request_duration_seconds",
+            "Time to answer a request on the data listener",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "permgate_upstream_requests",
+            "Upstream attempts by status (or error kind) and attempt number",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "permgate_upstream_duration_seconds",
+            "Time of one upstream attempt",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "permgate_cache_evictions",
+            "Pages evicted from the cache to stay within cache.max_bytes",
+            m.cache_evictions.clone(),
+        );
+        registry.register(
+            "permgate_cache_coalesced_waits",
+            "Requests that waited on another request's identical upstream fetch",
+            m.coalesced_waits.clone(),
+        );
+        registry.register(
+            "permgate_cache_entries",
+            "Pages in the cache (including dead generations not yet dropped)",
+            m.cache_entries.clone(),
+        );
+        registry.register(
+            "permgate_cache_bytes",
+            "Weighed bytes of the cached pages (bounded by cache.max_bytes)",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "permgate_rate_limited",
+            "Requests refused with 429 by a client's rate limit",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "permgate_shed",
+            "Requests answered 503 without calling upstream (queue full, circuit open)",
+            m.shed.clone(),
+        );
+        registry.register(
+            "permgate_upstream_circuit_state",
+            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
+            m.circuit_open.clone(),
+        );
+        registry.register(
+            "permgate_in_flight_requests",
+            "Requests on the data listener being answered now",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "permgate_admin_key_reloads",
+            "Reloads of the admin key and client list, by result",
+            m.key_reloads.clone(),
+        );
+        registry.register(
+            "permgate_audit_write_failures",
+            "Audit records that could not be written to audit.path",
+            m.audit_failures.clone(),
+        );
+        registry.register(
+            "permgate_build",
+            "Build information",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn request(&self, labels: &RequestLabels, seconds: f64) {
+        self.requests.get_or_create(labels).inc();
+        self.request_duration
+            .get_or_create(&RouteLabel {
+                route: labels.route,
+            })
+            .observe(seconds);
+    }
+
+    /// One upstream attempt: its HTTP status, or `error` / `timeout`.
+    pub fn upstream_attempt(
+        &self,
+        status: Option<u16>,
+        timed_out: bool,
+        attempt: u32,
+        seconds: f64,
+    ) {
+        let status = match (status, timed_out) {
+            (Some(code), _) => status_label(code),
+            (None, true) => "timeout",
+            (None, false) => "error",
+        };
+        let attempt = match attempt {
+            1 => "1",
+            2 => "2",
+            3 => "3",
+            _ => "4+",
+        };
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels { status, attempt })
+            .inc();
+        self.upstream_duration.observe(seconds);
+    }
+
+    pub fn coalesced_wait(&self) {
+        self.coalesced_waits.inc();
+    }
+
+    pub fn rate_limited(&self, client: &ClientLabel) {
+        self.rate_limited
+            .get_or_create(&ClientOnly {
+                client: client.clone(),
+            })
+            .inc();
+    }
+
+    pub fn shed(&self, why: Shed) {
+        let reason = match why {
+            Shed::QueueFull => "upstream_queue_full",
+            Shed::CircuitOpen => "circuit_open",
+        };
+        self.shed.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn key_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.key_reloads.get_or_create(&Outcome { result }).inc();
+    }
+
+    pub fn audit_failure(&self) {
+        self.audit_failures.inc();
+    }
+
+    /// The Prometheus text exposition, with scrape-time gauges set from `snapshot`.
+    pub fn render(&self, snapshot: Snapshot) -> String {
+        self.cache_entries
+            .set(i64::try_from(snapshot.cache_entries).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .set(i64::try_from(snapshot.cache_bytes).unwrap_or(i64::MAX));
+        self.circuit_open.set(snapshot.circuit);
+        self.in_flight
+            .set(i64::try_from(snapshot.in_flight).unwrap_or(i64::MAX));
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+}
+
+/// Status codes as static label values: the common ones exactly, the rest by class.
+fn status_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        409 => "409",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => status_class(code),
+    }
+}
+
+/// `2xx` .. `5xx`.
+pub fn status_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_names() {
+        let m = Metrics::new();
+        let client = ClientLabel("billing".into());
+        m.request(
+            &RequestLabels {
+                route: "list_permissions",
+                status_class: "2xx",
+                cache_status: "hit",
+                client: client.clone(),
+            },
+            0.001,
+        );
+        m.upstream_attempt(Some(200), false, 1, 0.01);
+        m.rate_limited(&client);
+        m.key_reload(false);
+        let text = m.render(Snapshot {
+            cache_entries: 3,
+            cache_bytes: 900,
+            circuit: 0,
+            in_flight: 1,
+        });
+        for needle in [
+            "permgate_requests_total{route=\"list_permissions\",status_class=\"2xx\",cache_status=\"hit\",client=\"billing\"} 1",
+            "permgate_request_duration_seconds_bucket{le=",
+            "permgate_upstream_requests_total{status=\"200\",attempt=\"1\"} 1",
+            "permgate_cache_entries 3",
+            "permgate_cache_bytes 900",
+            "permgate_rate_limited_total{client=\"billing\"} 1",
+            "permgate_admin_key_reloads_total{result=\"failure\"} 1",
+            "permgate_build_info{version=",
+            "permgate_upstream_circuit_state 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Key and client-list lifecycle without a restart: on SIGHUP, and whenever the admin key file
+//! changes (Kubernetes updates mounted Secrets in place), the config file's `[[clients]]` and
+//! the admin key are read again and swapped in atomically.
+//!
+//! A bad new file (unparsable config, missing or empty key) keeps the old state, logs why and
+//! counts a failed reload. Requests in flight finish with the key and clients they started
+//! with. Only the client list and the key are reloaded; every other setting applies at the
+//! next restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::proxy::AppState;
+use crate::secret::{AdminKey, KeySource};
+
+/// The environment lookup, shared with the reload task.
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Re-reads `path` and the admin key and applies them, or keeps the old state.
+pub fn reload(state: &AppState, path: &Path, env: &Env) -> Result<(), String> {
+    let result = Config::load(path, &**env)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            let key =
+                AdminKey::load(&config.upstream.admin_key, &**env).map_err(|e| e.to_string())?;
+            Ok((config, key))
+        });
+    match result {
+        Ok((config, key)) => {
+            state.apply_reload(&config, key);
+            state.metrics.key_reload(true);
+            info!(
+                clients = config.clients.len(),
+                "reloaded the admin key and client list"
+            );
+            Ok(())
+        }
+        Err(why) => {
+            state.metrics.key_reload(false);
+            error!(reason = %why, "reload failed; keeping the previous admin key and clients");
+            Err(why)
+        }
+    }
+}
+
+/// Returns a task that runs until dropped: it reloads on SIGHUP (when `sighup` is set) and
+/// whenever the admin key file's content changes (checked every `poll`). The key file is read
+/// here, before the task starts, so a change made right after startup is not missed. Call it
+/// inside the runtime.
+pub fn watch(
+    state: Arc<AppState>,
+    path: PathBuf,
+    env: Env,
+    poll: Duration,
+    sighup: bool,
+) -> impl std::future::Future<Output = ()> + Send {
+    let key_file = match Config::load(&path, &*env) {
+        Ok(config) => match config.upstream.admin_key {
+            KeySource::File(file) => Some(file),
+            KeySource::Env(_) => None,
+        },
+        Err(_) => None,
+    };
+    let mut last_seen = key_file.as_deref().and_then(|f| std::fs::read(f).ok());
+    let mut hangups = if sighup {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; reload by key file change only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    async move {
+        let mut ticks = tokio::time::interval(poll);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                        _ = hangup => {
+                            info!("SIGHUP: reloading");
+                            let _ = reload(&state, &path, &env);
+                        }
+                        _ = ticks.tick() => {
+                            let Some(file) = key_file.as_deref() else { continue };
+                            let now = std::fs::read(file).ok();
+                            if now.is_some() && now != last_seen {
+            info!(file = %file.display(), "admin key file changed: reloading");
+                                // A failure (say, a half-written file) is retried at the next change.
+                                let _ = reload(&state, &path, &env);
+                                last_seen = now;
+                            }
+                        }
+                    }
+        }
+    }
+}
