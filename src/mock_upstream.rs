@@ -8,7 +8,7 @@
 //! and can inject faults into the next requests, so tests can count and steer upstream.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -116,6 +116,9 @@ struct Inner {
     requests: Mutex<Vec<Recorded>>,
     faults: Mutex<VecDeque<Fault>>,
     next_id: AtomicU64,
+    /// Off for load tests: only `served` counts then, memory stays flat.
+    recording: AtomicBool,
+    served: AtomicU64,
 }
 
 /// The mock's handle: clone it freely; all clones share one state.
@@ -138,6 +141,8 @@ impl MockUpstream {
                 requests: Mutex::new(Vec::new()),
                 faults: Mutex::new(VecDeque::new()),
                 next_id: AtomicU64::new(1),
+                recording: AtomicBool::new(true),
+                served: AtomicU64::new(0),
             }),
         };
         for (checkpoint, count) in SEEDED {
@@ -158,6 +163,14 @@ impl MockUpstream {
         lock(&self.inner.data).insert(checkpoint.to_owned(), permissions);
     }
 
+    /// The ids of a checkpoint's permissions, oldest first.
+    pub fn permission_ids(&self, checkpoint: &str) -> Vec<String> {
+        lock(&self.inner.data)
+            .get(checkpoint)
+            .map(|list| list.iter().map(|p| p.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Changes the key the mock accepts (key rotation tests).
     pub fn set_admin_key(&self, key: &str) {
         self.set_admin_keys(&[key]);
@@ -166,6 +179,16 @@ impl MockUpstream {
     /// Accepts any of these keys, as OpenAI does while an old and a new admin key both exist.
     pub fn set_admin_keys(&self, keys: &[&str]) {
         *lock(&self.inner.admin_keys) = keys.iter().map(|k| k.to_string()).collect();
+    }
+
+    /// Stops (or resumes) keeping every request; [`MockUpstream::served`] still counts them.
+    pub fn set_recording(&self, on: bool) {
+        self.inner.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// How many requests were received, recorded or not.
+    pub fn served(&self) -> u64 {
+        self.inner.served.load(Ordering::Relaxed)
     }
 
     /// Every request received so far.
@@ -245,13 +268,16 @@ impl MockUpstream {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_default();
-        lock(&self.inner.requests).push(Recorded {
-            method: parts.method.clone(),
-            version: parts.version,
-            path_and_query,
-            headers: parts.headers.clone(),
-            body: body.clone(),
-        });
+        self.inner.served.fetch_add(1, Ordering::Relaxed);
+        if self.inner.recording.load(Ordering::Relaxed) {
+            lock(&self.inner.requests).push(Recorded {
+                method: parts.method.clone(),
+                version: parts.version,
+                path_and_query,
+                headers: parts.headers.clone(),
+                body: body.clone(),
+            });
+        }
         let fault = lock(&self.inner.faults).pop_front();
         match fault {
             Some(Fault::Status {

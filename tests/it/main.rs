@@ -8,6 +8,7 @@ mod operations;
 mod resilience;
 mod responses;
 mod routes;
+mod soak;
 mod support;
 mod tls;
 mod writes;

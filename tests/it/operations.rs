@@ -1,9 +1,7 @@
 //! Operating permgate: metrics on the admin listener, and rotating the admin key or changing
 //! the client list without a restart (file change, SIGHUP), with traffic flowing.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -224,38 +222,13 @@ async fn a_bad_new_key_file_keeps_the_old_key_and_counts_a_failure() {
     assert!(logs().contains("reload failed; keeping the previous admin key and clients"));
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_permgate");
-
 #[tokio::test]
 async fn sighup_adds_a_client_to_a_running_gateway() {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (mock_addr, _stop) = serve_mock(&mock).await;
     let files = files("sighup", mock_addr, "");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&files.config)
-        .env("PERMGATE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                if line.contains("permgate serving") {
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = addr_tx.send(addr);
-                }
-            }
-        }
-    });
-    let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
-        .await
-        .unwrap()
-        .expect("the gateway logged its address");
-    let client = TestClient::new(addr.trim_matches('"').parse().unwrap());
+    let (child, addr) = spawn_serve(&files.config, &[]).await;
+    let client = TestClient::new(addr);
     let newcomer = "newcomer-token-1";
     assert_eq!(client.get(&list_path(CP), newcomer).await.status, 401);
 
@@ -264,11 +237,7 @@ async fn sighup_adds_a_client_to_a_running_gateway() {
         "\n[[clients]]\nname = \"newcomer\"\ntoken_sha256 = \"{digest}\"\ncheckpoints = [\"*\"]\n"
     );
     write_config(&files.config, mock_addr, &files.key, &extra);
-    let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
+    signal(&child, "HUP");
     let mut attempts = 0;
     loop {
         let r = client.get(&list_path(CP), newcomer).await;
@@ -281,11 +250,8 @@ async fn sighup_adds_a_client_to_a_running_gateway() {
     }
     // The existing client kept working.
     assert_eq!(client.get(&list_path(CP), READER).await.status, 200);
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    signal(&child, "TERM");
+    let mut child = child;
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();

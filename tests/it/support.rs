@@ -393,3 +393,53 @@ pub fn key_pieces() -> Vec<&'static str> {
         .map(|i| &ADMIN_KEY[i..i + 6])
         .collect()
 }
+
+/// `permgate serve --config PATH` as a real process; returns it and its data address (read
+/// from its startup log line).
+pub async fn spawn_serve(
+    config: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> (std::process::Child, SocketAddr) {
+    use std::io::BufRead;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_permgate"));
+    command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("PERMGATE_LOG", "info,permgate::access=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep draining stderr for the process's life so it never blocks on a full pipe.
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("permgate serving") {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = addr_tx.send(addr);
+                }
+            }
+        }
+    });
+    let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the gateway logged its address");
+    (child, addr.trim_matches('"').parse().unwrap())
+}
+
+/// Sends a signal with the `kill` command (procps).
+pub fn signal(child: &std::process::Child, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{name}");
+}
