@@ -4,6 +4,7 @@
 mod admin;
 mod caching;
 mod cli;
+mod hostile;
 mod operations;
 mod resilience;
 mod responses;
