@@ -39,7 +39,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
             );
             Ok(response)
         }
-        (&Method::POST, "/cache/purge") => purge(&state, req.uri().query()),
+        (&Method::POST, "/cache/purge") => purge(&state, req.uri().query()).await,
         (_, "/healthz" | "/readyz" | "/metrics") => Err(Error::MethodNotAllowed { allow: "GET" }),
         (_, "/cache/purge") => Err(Error::MethodNotAllowed { allow: "POST" }),
         _ => Err(Error::NotFound),
@@ -47,10 +47,13 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     result.unwrap_or_else(Error::into_response)
 }
 
-fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Error> {
+async fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Error> {
     let query = query.unwrap_or("");
     if query.is_empty() {
         state.cache.purge_all();
+        if let Some(fleet) = &state.fleet {
+            fleet.purge(None).await;
+        }
         tracing::info!(target: "permgate::admin", "purged every cached page");
         return Ok(json_response(StatusCode::OK, json!({"purged": "all"})));
     }
@@ -60,6 +63,9 @@ fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Error>
         .ok_or_else(|| Error::invalid("checkpoint", "The only parameter is checkpoint=ID."))?;
     let checkpoint = Checkpoint::parse(raw)?;
     state.cache.invalidate_checkpoint(&checkpoint);
+    if let Some(fleet) = &state.fleet {
+        fleet.purge(Some(&checkpoint)).await;
+    }
     tracing::info!(target: "permgate::admin", checkpoint = checkpoint.as_str(), "purged one checkpoint");
     Ok(json_response(
         StatusCode::OK,

@@ -33,6 +33,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
+use crate::fleet::View;
 use crate::route::{Checkpoint, ListQuery};
 
 const GENERATION_SHARDS: usize = 4096;
@@ -47,6 +48,7 @@ const ENTRY_OVERHEAD: usize = 256;
 pub struct PageKey {
     pub checkpoint: Checkpoint,
     pub query: ListQuery,
+    pub fleet: View,
     shard: u16,
     generation: u64,
 }
@@ -71,6 +73,11 @@ impl Page {
         self.refreshing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// How long the page may be kept (fresh plus stale windows).
+    pub fn keep_for(&self) -> Duration {
+        self.keep_for
     }
 
     /// Lets a later request try again after a refresh that failed.
@@ -226,12 +233,14 @@ impl PageCache {
 
     /// The key for a read, stamped with the checkpoint's current generation. Take it *before*
     /// asking upstream.
-    pub fn key(&self, checkpoint: Checkpoint, query: ListQuery) -> PageKey {
+    /// With `[redis]`, `fleet` carries the fleet's generation of the checkpoint too.
+    pub fn key(&self, checkpoint: Checkpoint, query: ListQuery, fleet: View) -> PageKey {
         let shard = self.shard(&checkpoint);
         let generation = self.generations[shard as usize].load(Ordering::Acquire);
         PageKey {
             checkpoint,
             query,
+            fleet,
             shard,
             generation,
         }
@@ -289,6 +298,18 @@ impl PageCache {
     /// Wraps an upstream body as a storable page, or `None` if this status is not cached
     /// (only 200, and 404 while `negative_ttl_seconds` > 0).
     pub fn page(&self, status: StatusCode, body: &[u8]) -> Option<Arc<Page>> {
+        self.aged_page(status, body, Duration::ZERO, None)
+    }
+
+    /// Like [`PageCache::page`] for a page fetched `age` ago (by another replica), fresh for at
+    /// most `fresh_cap` (degraded fleet mode).
+    pub fn aged_page(
+        &self,
+        status: StatusCode,
+        body: &[u8],
+        age: Duration,
+        fresh_cap: Option<Duration>,
+    ) -> Option<Arc<Page>> {
         let (fresh_for, keep_for) = match status {
             StatusCode::OK => {
                 let stale = self
@@ -302,10 +323,12 @@ impl PageCache {
             }
             _ => return None,
         };
+        let fresh_for = fresh_cap.map_or(fresh_for, |cap| fresh_for.min(cap));
+        let now = self.clock.now();
         Some(Arc::new(Page {
             status,
             body: Bytes::copy_from_slice(body),
-            stored_at: self.clock.now(),
+            stored_at: now.checked_sub(age).unwrap_or(now),
             fresh_for,
             keep_for,
             refreshing: AtomicBool::new(false),
@@ -403,12 +426,12 @@ mod tests {
     #[tokio::test]
     async fn a_write_makes_in_flight_fills_unreachable() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let before = cache.key(cp("ft:a"), ListQuery::default());
+        let before = cache.key(cp("ft:a"), ListQuery::default(), View::Alone);
         cache.invalidate_checkpoint(&cp("ft:a"));
         let page = cache.page(StatusCode::OK, b"old").unwrap();
         let (stored, _) = cache.fill(&before, async { Fill::Ok(page) }).await;
         assert!(stored.is_ok());
-        let after = cache.key(cp("ft:a"), ListQuery::default());
+        let after = cache.key(cp("ft:a"), ListQuery::default(), View::Alone);
         assert_ne!(before, after);
         assert!(cache.get(&after).await.is_none());
     }
@@ -416,20 +439,23 @@ mod tests {
     #[tokio::test]
     async fn purge_all_kills_every_generation() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:b"), ListQuery::default());
+        let key = cache.key(cp("ft:b"), ListQuery::default(), View::Alone);
         cache
             .insert(key.clone(), cache.page(StatusCode::OK, b"x").unwrap())
             .await;
         cache.purge_all();
         assert!(cache.get(&key).await.is_none());
-        assert_ne!(cache.key(cp("ft:b"), ListQuery::default()), key);
+        assert_ne!(
+            cache.key(cp("ft:b"), ListQuery::default(), View::Alone),
+            key
+        );
     }
 
     #[tokio::test]
     async fn invalidation_frees_dead_pages_and_keeps_others() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let a = cache.key(cp("ft:a"), ListQuery::default());
-        let b = cache.key(cp("ft:b"), ListQuery::default());
+        let a = cache.key(cp("ft:a"), ListQuery::default(), View::Alone);
+        let b = cache.key(cp("ft:b"), ListQuery::default(), View::Alone);
         cache
             .insert(a.clone(), cache.page(StatusCode::OK, b"a").unwrap())
             .await;
@@ -448,7 +474,7 @@ mod tests {
     async fn a_failed_refetch_leaves_the_stale_page_in_place() {
         let clock = Clock::default();
         let cache = PageCache::new(&config(), clock.clone(), Counter::default());
-        let key = cache.key(cp("ft:e"), ListQuery::default());
+        let key = cache.key(cp("ft:e"), ListQuery::default(), View::Alone);
         let stale = cache.page(StatusCode::OK, b"stale").unwrap();
         cache.insert(key.clone(), stale.clone()).await;
         clock.advance(Duration::from_secs(100));
@@ -497,7 +523,7 @@ mod tests {
         let big = vec![b'x'; 10_000];
         let page = cache.page(StatusCode::OK, &big[..100]).unwrap();
         assert_eq!(page.body.len(), 100);
-        let key = cache.key(cp("ft:c"), ListQuery::default());
+        let key = cache.key(cp("ft:c"), ListQuery::default(), View::Alone);
         cache.insert(key, page).await;
         cache.run_pending_tasks().await;
         assert_eq!(cache.entry_count(), 1);
@@ -508,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn remove_if_same_leaves_a_replacement_alone() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:d"), ListQuery::default());
+        let key = cache.key(cp("ft:d"), ListQuery::default(), View::Alone);
         let old = cache.page(StatusCode::OK, b"old").unwrap();
         let new = cache.page(StatusCode::OK, b"new").unwrap();
         cache.insert(key.clone(), new.clone()).await;

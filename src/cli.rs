@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::fleet;
 use crate::mock_upstream::{MockUpstream, SEEDED};
 use crate::observability;
 use crate::proxy::AppState;
@@ -96,11 +97,16 @@ fn serve(path: &Path) -> Result<(), String> {
     observability::init(&env)?;
     let config = Config::load(path, &env).map_err(|e| e.to_string())?;
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    let redis_password = match &config.redis {
+        Some(redis) => fleet::password(redis, &env)?,
+        None => None,
+    };
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
     runtime(config.server.worker_threads)?.block_on(async {
-        let state = AppState::new(&config, key, Clock::default())?;
+        let state = AppState::new(&config, key, Clock::default(), redis_password.as_deref())?;
+        fleet::spawn(&state);
         let data = bind(config.server.listen, "server.listen").await?;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr, "server.admin_listen").await?),
@@ -150,7 +156,7 @@ fn demo() -> Result<(), String> {
         let (stop_mock, mock_stopped) = watch::channel(false);
 let mock_task = tokio::spawn(mock.serve(mock_listener, mock_stopped));
 
-        let state = AppState::new(&config, key, Clock::default())?;
+        let state = AppState::new(&config, key, Clock::default(), None)?;
         let data = bind(config.server.listen, "server.listen").await?;
         let listen = data.local_addr().map_err(|e| e.to_string())?;
         let admin = match config.server.admin_listen {
@@ -209,6 +215,9 @@ fn check_config(path: &Path) -> Result<(), String> {
     let resolved = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
     println!("{resolved}");
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    if let Some(redis) = &config.redis {
+        fleet::password(redis, &env)?;
+    }
     Upstream::new(&config.upstream, key, Clock::default(), Default::default())?;
     for warning in config.warnings() {
         println!("# warning: {warning}");

@@ -42,8 +42,21 @@ struct FileConfig {
     #[serde(default)]
     cache: FileCache,
     audit: Option<FileAudit>,
+    redis: Option<FileRedis>,
     #[serde(default)]
     clients: Vec<FileClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRedis {
+    url: String,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    key_prefix: Option<String>,
+    timeout_ms: Option<u64>,
+    degraded_ttl_seconds: Option<u64>,
+    reconnect_max_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,7 +129,23 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub audit: Option<AuditConfig>,
+    pub redis: Option<RedisConfig>,
     pub clients: Vec<ClientConfig>,
+}
+
+/// `[redis]`: fleet coherence. The password is named by its source, never stored here.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisConfig {
+    pub url: String,
+    #[serde(serialize_with = "optional_key_source")]
+    pub password: Option<KeySource>,
+    pub key_prefix: String,
+    #[serde(serialize_with = "millis")]
+    pub timeout: Duration,
+    #[serde(serialize_with = "seconds")]
+    pub degraded_ttl: Duration,
+    #[serde(serialize_with = "millis")]
+    pub reconnect_max: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -467,6 +496,46 @@ impl FileConfig {
             });
         }
 
+        let redis = self.redis.and_then(|r| {
+            let ok_url = r.url.starts_with("redis://") || r.url.starts_with("rediss://");
+            if !ok_url {
+                problems.push("redis.url must start with redis:// or rediss://".into());
+            }
+            // A password in the URL would sit in the config file: refuse it.
+            let has_password = r
+                .url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split('/').next())
+                .is_some_and(|authority| authority.contains('@'));
+            if has_password {
+                problems.push(
+                    "redis.url may not carry credentials: use redis.password_env or redis.password_file"
+                        .into(),
+                );
+            }
+            let password = match (r.password_env, r.password_file) {
+                (Some(_), Some(_)) => {
+                    problems.push("redis: set password_env or password_file, not both".into());
+                    None
+                }
+                (Some(env), None) => Some(KeySource::Env(env)),
+                (None, Some(file)) => Some(KeySource::File(file)),
+                (None, None) => None,
+            };
+            let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(100));
+            if timeout.is_zero() || timeout > Duration::from_secs(10) {
+                problems.push("redis.timeout_ms must be 1 to 10000".into());
+            }
+            (ok_url && !has_password).then(|| RedisConfig {
+                url: r.url,
+                password,
+                key_prefix: r.key_prefix.unwrap_or_else(|| "permgate:".into()),
+                timeout,
+                degraded_ttl: Duration::from_secs(r.degraded_ttl_seconds.unwrap_or(5).min(MAX_WINDOW_SECONDS)),
+                reconnect_max: Duration::from_millis(r.reconnect_max_ms.unwrap_or(30_000).clamp(100, MAX_TIMEOUT_MS)),
+            })
+        });
+
         match (problems.is_empty(), listen, base_url, admin_key) {
             (true, Some(listen), Some(base_url), Some(admin_key)) => Ok(Config {
                 server: ServerConfig {
@@ -505,6 +574,7 @@ impl FileConfig {
                 },
                 cache,
                 audit: self.audit.map(|a| AuditConfig { path: a.path }),
+                redis,
                 clients,
             }),
             _ => Err(ConfigError(problems)),
@@ -578,6 +648,16 @@ fn rate<S: serde::Serializer>(
     match r {
         Some((per_second, burst)) => s.collect_str(&format_args!("{per_second}/s, burst {burst}")),
         None => s.serialize_str("unlimited"),
+    }
+}
+
+fn optional_key_source<S: serde::Serializer>(
+    k: &Option<KeySource>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match k {
+        Some(k) => key_source(k, s),
+        None => s.serialize_str("none"),
     }
 }
 
@@ -680,6 +760,26 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         for text in [problems(&format!("x = \"{secret}")), err] {
             assert!(!text.contains("PASTEDBYMISTAKE"), "{text}");
         }
+    }
+
+    #[test]
+    fn redis_passwords_never_live_in_the_file() {
+        let with = |section: &str| format!("{MINIMAL}\n[redis]\n{section}\n");
+        let c = Config::parse(
+            &with("url = \"redis://127.0.0.1:6379\"\npassword_env = \"REDIS_PW\""),
+            &no_env,
+        )
+        .unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.password, Some(KeySource::Env("REDIS_PW".into())));
+        assert_eq!(r.key_prefix, "permgate:");
+        let err = problems(&with("url = \"redis://:hunter2@127.0.0.1:6379\""));
+        assert!(
+            err.contains("may not carry credentials") && !err.contains("hunter2"),
+            "{err}"
+        );
+        assert!(problems(&with("url = \"http://x\"")).contains("redis.url"));
+        assert!(problems(&with("url = \"redis://x\"\npassword = \"p\"")).contains("password"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fleet;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod observability;

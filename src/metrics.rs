@@ -90,6 +90,10 @@ pub struct Metrics {
     in_flight: Gauge,
     key_reloads: Family<Outcome, Counter>,
     audit_failures: Counter,
+    fleet_up: Gauge,
+    fleet_degraded: Counter,
+    fleet_connects: Counter,
+    fleet_shared_hits: Counter,
 }
 
 /// Values read from elsewhere when `/metrics` is scraped.
@@ -99,6 +103,8 @@ pub struct Snapshot {
     /// 0 closed, 1 half-open, 2 open.
     pub circuit: i64,
     pub in_flight: usize,
+    /// `None` without `[redis]`.
+    pub redis_up: Option<bool>,
 }
 
 fn latency_buckets() -> Histogram {
@@ -130,6 +136,10 @@ impl Metrics {
             in_flight: Gauge::default(),
             key_reloads: Family::default(),
             audit_failures: Counter::default(),
+            fleet_up: Gauge::default(),
+            fleet_degraded: Counter::default(),
+            fleet_connects: Counter::default(),
+            fleet_shared_hits: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -201,6 +211,26 @@ impl Metrics {
             "permgate_audit_write_failures",
             "Audit records that could not be written to audit.path",
             m.audit_failures.clone(),
+        );
+        registry.register(
+            "permgate_fleet_redis_up",
+            "1 while Redis answers ([redis] only), 0 in degraded mode",
+            m.fleet_up.clone(),
+        );
+        registry.register(
+            "permgate_fleet_degraded",
+            "Times Redis became unreachable and the gateway fell back to its local cache",
+            m.fleet_degraded.clone(),
+        );
+        registry.register(
+            "permgate_fleet_connects",
+            "Connections (and reconnections) to Redis; each drops the local cache",
+            m.fleet_connects.clone(),
+        );
+        registry.register(
+            "permgate_fleet_shared_hits",
+            "Local misses answered from the fleet's shared cache in Redis",
+            m.fleet_shared_hits.clone(),
         );
         registry.register(
             "permgate_build",
@@ -275,6 +305,18 @@ impl Metrics {
         self.audit_failures.inc();
     }
 
+    pub fn fleet_degraded(&self) {
+        self.fleet_degraded.inc();
+    }
+
+    pub fn fleet_connected(&self) {
+        self.fleet_connects.inc();
+    }
+
+    pub fn fleet_shared_hit(&self) {
+        self.fleet_shared_hits.inc();
+    }
+
     /// The Prometheus text exposition, with scrape-time gauges set from `snapshot`.
     pub fn render(&self, snapshot: Snapshot) -> String {
         self.cache_entries
@@ -284,6 +326,9 @@ impl Metrics {
         self.circuit_open.set(snapshot.circuit);
         self.in_flight
             .set(i64::try_from(snapshot.in_flight).unwrap_or(i64::MAX));
+        if let Some(up) = snapshot.redis_up {
+            self.fleet_up.set(i64::from(up));
+        }
         let mut out = String::with_capacity(8 * 1024);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");
@@ -347,6 +392,7 @@ mod tests {
             cache_bytes: 900,
             circuit: 0,
             in_flight: 1,
+            redis_up: None,
         });
         for needle in [
             "permgate_requests_total{route=\"list_permissions\",status_class=\"2xx\",cache_status=\"hit\",client=\"billing\"} 1",

@@ -27,6 +27,7 @@ use crate::cache::{CacheStatus, FillError, Freshness, Page, PageCache, PageKey};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{json_response, Body, Error};
+use crate::fleet::{Fleet, View};
 use crate::metrics::{self, ClientLabel, Metrics, RequestLabels, Snapshot};
 use crate::observability;
 use crate::route::{self, Checkpoint, ListQuery, Operation};
@@ -36,6 +37,8 @@ use crate::upstream::{Passthrough, Target, Upstream};
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 const MAX_PROJECT_ID_BYTES: usize = 256;
+/// How often a replica waiting on another's fetch looks for the shared page.
+const SHARED_POLL: Duration = Duration::from_millis(20);
 
 /// Everything a request needs, built once from `Config`. No globals: tests run several.
 pub struct AppState {
@@ -45,6 +48,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub upstream: Upstream,
     pub audit: Option<AuditLog>,
+    /// `[redis]`: coherence with the other replicas.
+    pub fleet: Option<Fleet>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     max_uri_bytes: usize,
@@ -54,19 +59,32 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: &Config, key: AdminKey, clock: Clock) -> Result<Arc<AppState>, String> {
+    /// `redis_password` is the resolved `[redis]` password (see `fleet::password`). Start the
+    /// fleet's background tasks with `fleet::spawn` once the state exists.
+    pub fn new(
+        config: &Config,
+        key: AdminKey,
+        clock: Clock,
+        redis_password: Option<&str>,
+    ) -> Result<Arc<AppState>, String> {
         let audit = config
             .audit
             .as_ref()
             .map(|a| AuditLog::open(&a.path))
             .transpose()?;
         let metrics = Arc::new(Metrics::new());
+        let fleet = config
+            .redis
+            .as_ref()
+            .map(|r| Fleet::new(r, redis_password, metrics.clone()))
+            .transpose()?;
         Ok(Arc::new(AppState {
             clients: ArcSwap::from_pointee(Clients::new(&config.clients)),
             upstream: Upstream::new(&config.upstream, key, clock.clone(), metrics.clone())?,
             cache: PageCache::new(&config.cache, clock, metrics.cache_evictions.clone()),
             metrics,
             audit,
+            fleet,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             max_uri_bytes: config.server.max_uri_bytes,
@@ -96,6 +114,7 @@ impl AppState {
             cache_bytes: self.cache.weighted_bytes(),
             circuit,
             in_flight: self.in_flight(),
+            redis_up: self.fleet.as_ref().map(Fleet::is_healthy),
         })
     }
 
@@ -288,7 +307,11 @@ async fn handle_inner(
             let query = ListQuery::parse(parts.uri.query())?;
             client.authorize(&checkpoint, false)?;
             check_rate(state, &client)?;
-            let key = state.cache.key(checkpoint, query);
+            let view = match &state.fleet {
+                Some(fleet) => fleet.view(&checkpoint).await,
+                None => View::Alone,
+            };
+            let key = state.cache.key(checkpoint, query, view);
             if wants_no_cache(&parts.headers) {
                 refresh(state, key, request_id, ctx).await
             } else {
@@ -443,7 +466,22 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
 
 type Fetched = Result<Arc<Page>, FillError<Passthrough, Error>>;
 
+/// A miss: from the fleet's shared cache if there is one, else from upstream.
 async fn fetch(
+    state: &AppState,
+    key: &PageKey,
+    request_id: &HeaderValue,
+    upstream_status: &mut Option<StatusCode>,
+) -> Fetched {
+    match (&state.fleet, key.fleet) {
+        (Some(fleet), View::Shared { .. }) => {
+            fetch_shared(state, fleet, key, request_id, upstream_status).await
+        }
+        _ => fetch_upstream(state, key, request_id, upstream_status).await,
+    }
+}
+
+async fn fetch_upstream(
     state: &AppState,
     key: &PageKey,
     request_id: &HeaderValue,
@@ -455,10 +493,76 @@ async fn fetch(
         .await;
     *upstream_status = status;
     let reply = result.map_err(FillError::Failed)?;
+    let fresh_cap = match (&state.fleet, key.fleet) {
+        (Some(fleet), View::Degraded) => Some(fleet.degraded_ttl),
+        _ => None,
+    };
     state
         .cache
-        .page(reply.status, &reply.body)
+        .aged_page(reply.status, &reply.body, Duration::ZERO, fresh_cap)
         .ok_or(FillError::Uncacheable(reply))
+}
+
+/// One replica of the fleet fetches (holding a short Redis lock) while the others poll for the
+/// page it shares; nothing fetched while a write of the checkpoint is in flight is stored.
+async fn fetch_shared(
+    state: &AppState,
+    fleet: &Fleet,
+    key: &PageKey,
+    request_id: &HeaderValue,
+    upstream_status: &mut Option<StatusCode>,
+) -> Fetched {
+    let (view, checkpoint, query) = (key.fleet, &key.checkpoint, &key.query);
+    let deadline = tokio::time::Instant::now() + state.upstream_deadline;
+    loop {
+        if let Some(shared) = fleet.get_page(view, checkpoint, query).await {
+            let status = StatusCode::from_u16(shared.status).unwrap_or(StatusCode::OK);
+            if let Some(page) = state
+                .cache
+                .aged_page(status, &shared.body, shared.age, None)
+            {
+                state.metrics.fleet_shared_hit();
+                return Ok(page);
+            }
+        }
+        match fleet
+            .lock(view, checkpoint, query, state.upstream_deadline)
+            .await
+        {
+            Some(true) => {
+                let fetched = fetch_upstream(state, key, request_id, upstream_status).await;
+                let result = match fetched {
+                    Ok(page) if fleet.write_pending(checkpoint).await => {
+                        Err(FillError::Uncacheable(Passthrough {
+                            status: page.status,
+                            body: page.body.clone(),
+                        }))
+                    }
+                    Ok(page) => {
+                        fleet
+                            .put_page(
+                                view,
+                                checkpoint,
+                                query,
+                                page.status.as_u16(),
+                                &page.body,
+                                page.keep_for(),
+                            )
+                            .await;
+                        Ok(page)
+                    }
+                    other => other,
+                };
+                fleet.unlock(view, checkpoint, query).await;
+                return result;
+            }
+            Some(false) if tokio::time::Instant::now() + SHARED_POLL < deadline => {
+                tokio::time::sleep(SHARED_POLL).await;
+            }
+            // Redis failed, or the fetching replica is taking too long: ask upstream ourselves.
+            _ => return fetch_upstream(state, key, request_id, upstream_status).await,
+        }
+    }
 }
 
 /// Create or delete. Whatever upstream answered, the checkpoint's pages are dropped before the
@@ -474,18 +578,29 @@ async fn write(
     request_id: &HeaderValue,
     ctx: &mut Ctx,
 ) -> Result<Response<Body>, Error> {
+    if let Some(fleet) = &state.fleet {
+        fleet
+            .begin_write(checkpoint, state.upstream_deadline + Duration::from_secs(1))
+            .await;
+    }
     let (status, result) = state
         .upstream
         .send(checkpoint, target, body, request_id)
         .await;
     ctx.upstream_status = status;
     state.cache.invalidate_checkpoint(checkpoint);
+    if let Some(fleet) = &state.fleet {
+        fleet.end_write(checkpoint).await;
+    }
     if status.is_none() {
         let state = state.clone();
         let checkpoint = checkpoint.clone();
         tokio::spawn(async move {
             tokio::time::sleep(state.upstream_deadline).await;
             state.cache.invalidate_checkpoint(&checkpoint);
+            if let Some(fleet) = &state.fleet {
+                fleet.purge(Some(&checkpoint)).await;
+            }
         });
     }
     result.map(passthrough_response)

@@ -4,6 +4,7 @@
 mod admin;
 mod caching;
 mod cli;
+mod fleet;
 mod hostile;
 mod operations;
 mod resilience;

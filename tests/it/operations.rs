@@ -110,7 +110,7 @@ async fn rotating_the_key_file_keeps_traffic_flowing_with_no_5xx() {
     let env: reload::Env = Arc::new(|_| None);
     let config = Config::load(&files.config, &*env).unwrap();
     let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
-    let state = AppState::new(&config, key, Clock::default()).unwrap();
+    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
     let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = data.local_addr().unwrap();
     let (_shutdown, stop) = tokio::sync::oneshot::channel::<()>();
@@ -198,7 +198,7 @@ async fn a_bad_new_key_file_keeps_the_old_key_and_counts_a_failure() {
     let env: reload::Env = Arc::new(|_| None);
     let config = Config::load(&files.config, &*env).unwrap();
     let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
-    let state = AppState::new(&config, key, Clock::default()).unwrap();
+    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
     std::fs::write(&files.key, "   \n").unwrap();
     assert!(reload::reload(&state, &files.config, &env).is_err());
     assert!(reloads(&state, "failure").await);

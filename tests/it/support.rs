@@ -132,7 +132,7 @@ type Started = (
 pub async fn start_gateway(text: &str) -> Started {
     let config = Config::parse(text, &|_| None).expect("test config is valid");
     let key = AdminKey::new(ADMIN_KEY).unwrap();
-    let state = AppState::new(&config, key, Clock::default()).expect("state builds");
+    let state = AppState::new(&config, key, Clock::default(), None).expect("state builds");
     let data = TcpListener::bind(config.server.listen).await.unwrap();
     let admin = TcpListener::bind(config.server.admin_listen.unwrap())
         .await
@@ -375,7 +375,7 @@ impl Write for Capture {
     }
 }
 
-fn init_logs() {
+pub fn init_logs() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
         let buf = log_buffer().clone();
