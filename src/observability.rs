@@ -26,7 +26,9 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match env("PERMGATE_LOG_FORMAT").as_deref() {
-        None | Some("pretty") => builder.try_init(),
+        // Unset: one line per event, for people; "pretty": tracing's multi-line layout.
+        None => builder.try_init(),
+        Some("pretty") => builder.pretty().try_init(),
         Some("json") => builder
             .json()
             .with_current_span(true)

@@ -136,3 +136,51 @@ async fn demo_prints_a_curl_that_works_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     assert!(status.success(), "demo exits 0 on Ctrl-C: {status:?}");
 }
+
+#[tokio::test]
+async fn mock_upstream_serves_openai_shaped_answers_as_a_process() {
+    let mut child = Command::new(BIN)
+        .args([
+            "mock-upstream",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-key",
+            ADMIN_KEY,
+        ])
+        .env("PERMGATE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                let event: serde_json::Value = serde_json::from_str(&line).ok()?;
+                event["fields"]["addr"].as_str().map(str::to_string)
+            })
+    })
+    .await
+    .unwrap()
+    .expect("the mock logged its address as JSON");
+    let client = TestClient::new(addr.parse().unwrap());
+    let path = format!("/v1/fine_tuning/checkpoints/{CP}/permissions?limit=2&order=ascending");
+    let ok = client.get(&path, ADMIN_KEY).await;
+    assert_eq!(ok.status, 200);
+    let page = ok.json();
+    assert_eq!(page["object"], "list");
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["has_more"], true);
+    assert_eq!(page["first_id"], page["data"][0]["id"]);
+    let denied = client.get(&path, "sk-wrong-key-000000").await;
+    assert_eq!(denied.status, 401);
+    assert_eq!(denied.json()["error"]["code"], "invalid_api_key");
+    let unknown = client
+        .get("/v1/fine_tuning/checkpoints/ft:nope/permissions", ADMIN_KEY)
+        .await;
+    assert_eq!(unknown.status, 404);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -80,7 +80,25 @@ async fn request_ids_are_made_when_missing_or_insane_and_match_upstream() {
     // Errors carry one too.
     let r = gw.client.get("/nope", READER).await;
     assert!(r.header("x-request-id").starts_with("req_"));
-    assert!(logs().contains(&id), "the request id is in the logs");
+    let logged = logs();
+    let access = logged
+        .lines()
+        .find(|l| l.contains("permgate::access") && l.contains(&id))
+        .expect("an access event for the request");
+    for field in [
+        "method=\"GET\"",
+        "client=\"reader\"",
+        "route=\"list_permissions\"",
+        &format!("checkpoint=\"{CP}\""),
+        "cache_status=\"miss_stored\"",
+        "status=200",
+        "duration_ms=",
+    ] {
+        assert!(
+            access.contains(field),
+            "{field} missing from the request span: {access}"
+        );
+    }
 }
 
 async fn status_after(gw: &Gateway, fault: Fault) -> TestResponse {
@@ -140,6 +158,17 @@ async fn upstream_faults_map_to_the_spec_statuses() {
     ];
     for (fault, status, code) in cases {
         let r = status_after(&gw, fault).await;
+        let id = r.header("x-request-id").to_string();
+        if status == 502 && code == "upstream_error" {
+            // The upstream call is a child span of the request, with its own fields.
+            let logged = logs();
+            assert!(
+                logged
+                    .lines()
+                    .any(|l| l.contains(&id) && l.contains("upstream{method=\"GET\" attempt=1")),
+                "no upstream span event for {id}"
+            );
+        }
         assert_eq!(r.status, status, "{:?}", r.body);
         assert_eq!(r.error().0, code);
         assert_eq!(r.cache_status(), "permgate; fwd=miss");
