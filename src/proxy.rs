@@ -707,9 +707,24 @@ fn parse_create(body: &[u8]) -> Result<Vec<String>, Error> {
 fn page_response(page: &Page, age: Option<u64>) -> Response<Body> {
     let mut response = json_response(page.status, page.body.clone());
     if let Some(age) = age {
-        response.headers_mut().insert(AGE, HeaderValue::from(age));
+        response.headers_mut().insert(AGE, age_header(age));
     }
     response
+}
+
+/// `Age` values without formatting or allocating per hit: the first hour is prebuilt.
+fn age_header(age: u64) -> HeaderValue {
+    const PREBUILT: u64 = 3600;
+    static TABLE: std::sync::OnceLock<Vec<HeaderValue>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=PREBUILT)
+            .map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+            .collect()
+    });
+    match table.get(age as usize) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(age),
+    }
 }
 
 fn passthrough_response(reply: Passthrough) -> Response<Body> {

@@ -194,7 +194,8 @@ impl ListQuery {
     pub fn parse(query: Option<&str>) -> Result<Self, Error> {
         let mut out = ListQuery::default();
         let (mut seen_limit, mut seen_order) = (false, false);
-        for (name, value) in pairs(query)? {
+        for pair in pairs(query) {
+            let (name, value) = pair?;
             match name.as_ref() {
                 "limit" => {
                     once(&mut seen_limit, "limit")?;
@@ -242,8 +243,9 @@ impl ListQuery {
 
 /// Rejects any query parameter: create and delete take none.
 pub fn reject_query(query: Option<&str>) -> Result<(), Error> {
-    match pairs(query)?.next() {
-        Some((name, _)) => Err(unknown(&name)),
+    match pairs(query).next() {
+        Some(Ok((name, _))) => Err(unknown(&name)),
+        Some(Err(e)) => Err(e),
         None => Ok(()),
     }
 }
@@ -252,22 +254,24 @@ type Pair<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 /// Splits and decodes `name=value` pairs. Empty pieces (`a=1&&b=2`, a trailing `&`) are
 /// skipped, as every HTTP client library tolerates them; a piece without `=` is malformed.
-fn pairs(query: Option<&str>) -> Result<impl Iterator<Item = Pair<'_>>, Error> {
-    let mut out = Vec::new();
-    for piece in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (raw_name, raw_value) = piece.split_once('=').unwrap_or((piece, ""));
-        let name = decode_form("query", raw_name)?;
-        if name.is_empty() {
-            return Err(Error::invalid("query", "A query parameter has no name."));
-        }
-        let param = param_name(&name);
-        if !piece.contains('=') {
-            return Err(Error::invalid(param, "A query parameter has no value."));
-        }
-        let value = decode_form(param.clone(), raw_value)?;
-        out.push((name, value));
-    }
-    Ok(out.into_iter())
+fn pairs(query: Option<&str>) -> impl Iterator<Item = Result<Pair<'_>, Error>> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|piece| {
+            let (raw_name, raw_value) = piece.split_once('=').unwrap_or((piece, ""));
+            let name = decode_form("query", raw_name)?;
+            if name.is_empty() {
+                return Err(Error::invalid("query", "A query parameter has no name."));
+            }
+            let param = param_name(&name);
+            if !piece.contains('=') {
+                return Err(Error::invalid(param, "A query parameter has no value."));
+            }
+            let value = decode_form(param, raw_value)?;
+            Ok((name, value))
+        })
 }
 
 fn once(seen: &mut bool, name: &'static str) -> Result<(), Error> {
