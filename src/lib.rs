@@ -24,6 +24,8 @@ pub mod config;
 pub mod error;
 pub mod mock_upstream;
 pub mod observability;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod proxy;
 pub mod ratelimit;
 pub mod route;
