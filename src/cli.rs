@@ -94,7 +94,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
 }
 
 fn serve(path: &Path) -> Result<(), String> {
-    observability::init(&env)?;
+    let _otel = observability::init(&env)?;
     let config = Config::load(path, &env).map_err(|e| e.to_string())?;
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
     let redis_password = match &config.redis {
@@ -141,7 +141,7 @@ fn serve(path: &Path) -> Result<(), String> {
 }
 
 fn demo() -> Result<(), String> {
-    observability::init(&env)?;
+    let _otel = observability::init(&env)?;
     let mut config = Config::parse(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
     // A fresh random key shared by the mock and the gateway; never printed.
     let secret = format!("sk-admin-demo-{:016x}{:016x}", rand_u64(), rand_u64());
@@ -195,7 +195,7 @@ fn rand_u64() -> u64 {
 }
 
 fn mock_upstream(listen: SocketAddr, admin_key: &str) -> Result<(), String> {
-    observability::init(&env)?;
+    let _otel = observability::init(&env)?;
     let mock = MockUpstream::new(admin_key);
     runtime(None)?.block_on(async {
         let listener = bind(listen, "--listen").await?;

@@ -26,6 +26,8 @@ pub mod fleet;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod observability;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;

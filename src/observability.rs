@@ -6,42 +6,62 @@
 //! target `permgate::access` is the access log; `permgate::audit` carries write attempts.
 
 use std::hash::{BuildHasher, RandomState};
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use std::io::IsTerminal;
-
 use hyper::header::HeaderValue;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 const MAX_REQUEST_ID: usize = 128;
 
-/// Installs the global subscriber, writing to stderr (stdout is for command output).
-pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+/// Installs the global subscriber, writing to stderr (stdout is for command output), plus,
+/// with the `otel` feature, OTLP span export when the `OTEL_*` environment asks for it (see
+/// `otel`). Keep the returned guard for the life of the command: dropping it flushes the
+/// spans still queued.
+pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
     let filter = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_new(&filter).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
     // Colour only for a person at a terminal, never into files or log collectors.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let installed = match env("PERMGATE_LOG_FORMAT").as_deref() {
+    let fmt = match env("PERMGATE_LOG_FORMAT").as_deref() {
         // Unset: one line per event, for people; "pretty": tracing's multi-line layout.
-        None => builder.try_init(),
-        Some("pretty") => builder.pretty().try_init(),
-        Some("json") => builder
+        None => fmt.boxed(),
+        Some("pretty") => fmt.pretty().boxed(),
+        Some("json") => fmt
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
+            .boxed(),
         Some(other) => {
             return Err(format!(
                 "PERMGATE_LOG_FORMAT: '{other}' is not json or pretty"
             ))
         }
     };
-    installed.map_err(|e| format!("logging: {e}"))
+    #[cfg(feature = "otel")]
+    let (otel, guard) = crate::otel::layer(env)?;
+    #[cfg(not(feature = "otel"))]
+    let (otel, guard) = (tracing_subscriber::layer::Identity::new(), Guard);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| format!("logging: {e}"))?;
+    Ok(guard)
 }
+
+/// Flushes exported spans when dropped (`otel::Guard`); nothing to do without the feature.
+#[cfg(feature = "otel")]
+pub use crate::otel::Guard;
+#[cfg(not(feature = "otel"))]
+#[must_use]
+pub struct Guard;
 
 /// The caller's `x-request-id` if it is sane (1 to 128 of `A-Z a-z 0-9 - _ . :`), else a
 /// new process-unique one.

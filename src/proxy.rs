@@ -191,6 +191,8 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         status = field::Empty,
         duration_ms = field::Empty,
     );
+    #[cfg(feature = "otel")]
+    crate::otel::continue_trace(&span, req.headers());
     let mut ctx = Ctx::default();
     let result = handle_inner(&state, req, &request_id, &mut ctx)
         .instrument(span.clone())
