@@ -1,4 +1,4 @@
-//! OpenTelemetry export of the request spans (cargo feature `otel`; `docs-otel.md`).
+//! OpenTelemetry export of the request spans (cargo feature `otel`; README "Tracing export").
 //!
 //! When the standard `OTEL_*` environment asks for it, [`layer`] builds a
 //! `tracing-opentelemetry` layer over an OpenTelemetry SDK tracer provider whose batch span
