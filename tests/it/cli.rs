@@ -82,16 +82,18 @@ fn check_config_validates_and_redacts() {
 
 #[tokio::test]
 async fn demo_prints_a_curl_that_works_and_stops_cleanly_on_ctrl_c() {
-    let mut child = Command::new(BIN)
-        .arg("demo")
-        .env("PERMGATE_LISTEN", "127.0.0.1:0")
-        .env("PERMGATE_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("PERMGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = Process(
+        Command::new(BIN)
+            .arg("demo")
+            .env("PERMGATE_LISTEN", "127.0.0.1:0")
+            .env("PERMGATE_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("PERMGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let lines = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines() {
@@ -124,12 +126,8 @@ async fn demo_prints_a_curl_that_works_and_stops_cleanly_on_ctrl_c() {
     let second = client.get(path, token).await;
     assert_eq!(second.cache_status(), "permgate; hit");
 
-    let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap());
+    signal(&child, "INT");
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap());
     let status = tokio::time::timeout(Duration::from_secs(15), status)
         .await
         .unwrap()
@@ -139,20 +137,22 @@ async fn demo_prints_a_curl_that_works_and_stops_cleanly_on_ctrl_c() {
 
 #[tokio::test]
 async fn mock_upstream_serves_openai_shaped_answers_as_a_process() {
-    let mut child = Command::new(BIN)
-        .args([
-            "mock-upstream",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-key",
-            ADMIN_KEY,
-        ])
-        .env("PERMGATE_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = Process(
+        Command::new(BIN)
+            .args([
+                "mock-upstream",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-key",
+                ADMIN_KEY,
+            ])
+            .env("PERMGATE_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let addr = tokio::task::spawn_blocking(move || {
         BufReader::new(stderr)
             .lines()
@@ -181,6 +181,5 @@ async fn mock_upstream_serves_openai_shaped_answers_as_a_process() {
         .get("/v1/fine_tuning/checkpoints/ft:nope/permissions", ADMIN_KEY)
         .await;
     assert_eq!(unknown.status, 404);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
 }

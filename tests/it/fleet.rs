@@ -323,8 +323,8 @@ async fn a_replica_killed_mid_write_leaves_no_stale_page_anywhere() {
     });
     // The create has reached upstream (and is applied there); the replica dies before answering.
     held.arrived().await;
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
+    doomed.0.kill().unwrap();
+    doomed.0.wait().unwrap();
     held.release();
     // Whatever the caller saw (the connection died), the fleet must be right.
     let _ = write.await;

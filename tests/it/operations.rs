@@ -252,7 +252,7 @@ async fn sighup_adds_a_client_to_a_running_gateway() {
     assert_eq!(client.get(&list_path(CP), READER).await.status, 200);
     signal(&child, "TERM");
     let mut child = child;
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
         .await
         .unwrap();
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");

@@ -63,7 +63,7 @@ async fn a_minute_at_full_speed_stays_correct_and_bounded() {
         );
     std::fs::write(&config, text).unwrap();
     let (mut child, addr) = spawn_serve(&config, &[("OPENAI_ADMIN_KEY", ADMIN_KEY)]).await;
-    let pid = child.id();
+    let pid = child.0.id();
     let baseline = rss_bytes(pid);
 
     let running = Arc::new(AtomicBool::new(true));
@@ -135,7 +135,7 @@ async fn a_minute_at_full_speed_stays_correct_and_bounded() {
         OVERHEAD_BYTES >> 20,
     );
     signal(&child, "TERM");
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 
     assert_eq!(unexpected.load(Ordering::Relaxed), 0, "unexpected answers");

@@ -394,12 +394,21 @@ pub fn key_pieces() -> Vec<&'static str> {
         .collect()
 }
 
+/// A child process that is killed when dropped, so a failing test leaves nothing running.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `permgate serve --config PATH` as a real process; returns it and its data address (read
 /// from its startup log line).
-pub async fn spawn_serve(
-    config: &std::path::Path,
-    envs: &[(&str, &str)],
-) -> (std::process::Child, SocketAddr) {
+pub async fn spawn_serve(config: &std::path::Path, envs: &[(&str, &str)]) -> (Process, SocketAddr) {
     use std::io::BufRead;
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_permgate"));
     command
@@ -411,8 +420,8 @@ pub async fn spawn_serve(
     for (k, v) in envs {
         command.env(k, v);
     }
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = Process(command.spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // Keep draining stderr for the process's life so it never blocks on a full pipe.
@@ -436,9 +445,9 @@ pub async fn spawn_serve(
 }
 
 /// Sends a signal with the `kill` command (procps).
-pub fn signal(child: &std::process::Child, name: &str) {
+pub fn signal(child: &Process, name: &str) {
     let sent = std::process::Command::new("kill")
-        .args([format!("-{name}"), child.id().to_string()])
+        .args([format!("-{name}"), child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success(), "kill -{name}");
