@@ -145,22 +145,20 @@ impl Fleet {
     /// Runs one command within the timeout; any failure switches to degraded mode.
     async fn run<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Option<T> {
         let mut connection = self.connection()?;
-        match tokio::time::timeout(self.timeout, command.query_async::<T>(&mut connection)).await {
-            Ok(Ok(value)) => Some(value),
-            Ok(Err(e)) => {
-                self.degrade(&format!("redis error: {:?}", e.kind()));
-                None
-            }
-            Err(_) => {
-                self.degrade("redis timed out");
-                None
-            }
-        }
+        self.guarded(command.query_async::<T>(&mut connection))
+            .await
     }
 
     async fn run_pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Option<T> {
         let mut connection = self.connection()?;
-        match tokio::time::timeout(self.timeout, pipe.query_async::<T>(&mut connection)).await {
+        self.guarded(pipe.query_async::<T>(&mut connection)).await
+    }
+
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 self.degrade(&format!("redis error: {:?}", e.kind()));

@@ -25,7 +25,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -375,28 +374,7 @@ fn provider(s: &Settings) -> Result<(SdkTracerProvider, tokio::runtime::Runtime)
 
 /// HTTPS (rustls, ring, Mozilla roots plus the configured CA file) or plain HTTP.
 fn connector(s: &Settings) -> Result<HttpsConnector<HttpConnector>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &s.ca_file {
-        let at = |e: &dyn std::fmt::Display| {
-            format!("OTEL_EXPORTER_OTLP_CERTIFICATE {}: {e}", path.display())
-        };
-        let pem = std::fs::read(path).map_err(|e| at(&e))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(at(&"no PEM certificates found"));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("OpenTelemetry TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = crate::upstream::tls_config(s.ca_file.as_deref(), "OTEL_EXPORTER_OTLP_CERTIFICATE")?;
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(s.timeout));

@@ -92,27 +92,7 @@ impl Upstream {
         clock: Clock,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &config.ca_file {
-            let at =
-                |e: &dyn std::fmt::Display| format!("upstream.ca_file {}: {e}", path.display());
-            let pem = std::fs::read(path).map_err(|e| at(&e))?;
-            let mut added = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
-                added += 1;
-            }
-            if added == 0 {
-                return Err(at(&"no PEM certificates found"));
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = tls_config(config.ca_file.as_deref(), "upstream.ca_file")?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -360,6 +340,34 @@ impl Upstream {
             result: classify(status, &headers, body),
         }
     }
+}
+
+/// A rustls client config (ring) trusting Mozilla's roots plus, if given, the PEM certificates
+/// in `ca_file`; `what` names the setting in errors. Shared with the OpenTelemetry exporter.
+pub fn tls_config(
+    ca_file: Option<&std::path::Path>,
+    what: &str,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let at = |e: &dyn std::fmt::Display| format!("{what} {}: {e}", path.display());
+        let pem = std::fs::read(path).map_err(|e| at(&e))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(cert.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(at(&"no PEM certificates found"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by OpenAI).

@@ -166,6 +166,15 @@ async fn rotating_the_key_file_keeps_traffic_flowing_with_no_5xx() {
         reloads(&state, "success").await
     })
     .await;
+    // Requests already in flight finish with the key they started with; revoke only once
+    // traffic (one request at a time here) has moved to the new key, as an operator would.
+    let new_bearer = format!("Bearer {new_key}");
+    eventually("traffic uses the new key", || async {
+        mock.requests()
+            .last()
+            .is_some_and(|r| r.headers["authorization"] == new_bearer.as_str())
+    })
+    .await;
     let at_switch = mock.requests().len();
     // 3. The old key is revoked upstream.
     mock.set_admin_key(new_key);
