@@ -106,7 +106,7 @@ fn serve(path: &Path) -> Result<(), String> {
     }
     runtime(config.server.worker_threads)?.block_on(async {
         let state = AppState::new(&config, key, Clock::default(), redis_password.as_deref())?;
-        fleet::spawn(&state);
+        fleet::start(&state).await;
         let data = bind(config.server.listen, "server.listen").await?;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr, "server.admin_listen").await?),

@@ -394,16 +394,32 @@ impl Fleet {
     }
 }
 
-/// Starts the background tasks of a gateway with `[redis]`: health checks and reconnects with
-/// backoff, and the invalidation subscriber. Both stop when the gateway is dropped.
-pub fn spawn(state: &Arc<AppState>) {
+/// Connects a gateway with `[redis]` (one attempt, so that a replica whose Redis is up starts
+/// coherent; if it is down the replica starts degraded), then starts the background tasks:
+/// health checks and reconnects with backoff, and the invalidation subscriber. Both stop when
+/// the gateway is dropped.
+pub async fn start(state: &Arc<AppState>) {
     let Some(fleet) = state.fleet.as_ref() else {
         return;
     };
+    if let Err(why) = establish(state, fleet).await {
+        warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: starting degraded");
+    }
     let weak = Arc::downgrade(state);
-    let timeout = fleet.timeout;
     tokio::spawn(health(weak.clone()));
-    tokio::spawn(subscriber(weak, timeout));
+    tokio::spawn(subscriber(weak, fleet.timeout));
+}
+
+/// Connects, and on success drops the local cache (it may have missed invalidations) and
+/// turns coherence on.
+async fn establish(state: &AppState, fleet: &Fleet) -> Result<(), String> {
+    let connection = fleet.connect().await?;
+    fleet.connection.store(Some(Arc::new(connection)));
+    state.cache.purge_all();
+    fleet.healthy.store(true, Ordering::Release);
+    state.metrics.fleet_connected();
+    info!(target: "permgate::fleet", "redis connected: fleet coherence on, local cache dropped");
+    Ok(())
 }
 
 async fn health(state: Weak<AppState>) {
@@ -419,14 +435,8 @@ async fn health(state: Weak<AppState>) {
             fleet.run::<String>(&command).await;
             Duration::from_secs(1)
         } else {
-            match fleet.connect().await {
-                Ok(connection) => {
-                    fleet.connection.store(Some(Arc::new(connection)));
-                    // Anything may have changed while we could not hear about it.
-                    state.cache.purge_all();
-                    fleet.healthy.store(true, Ordering::Release);
-                    state.metrics.fleet_connected();
-                    info!(target: "permgate::fleet", "redis connected: fleet coherence on, local cache dropped");
+            match establish(&state, fleet).await {
+                Ok(()) => {
                     backoff = Duration::from_millis(100);
                     Duration::from_secs(1)
                 }

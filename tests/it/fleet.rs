@@ -107,7 +107,7 @@ async fn replica(text: &str) -> Replica {
         None,
     )
     .unwrap();
-    fleet::spawn(&state);
+    fleet::start(&state).await;
     let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = data.local_addr().unwrap();
     let (shutdown, stop) = oneshot::channel::<()>();
