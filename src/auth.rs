@@ -22,10 +22,49 @@ use crate::route::Checkpoint;
 pub struct Client {
     /// Safe to log and to use as a metrics label.
     pub name: ClientLabel,
-    patterns: Vec<Pattern>,
+    grants: Vec<Grant>,
     pub can_write: bool,
     /// This client's token bucket, if it has a rate limit.
     pub rate: Option<RateLimit>,
+}
+
+/// A checkpoint pattern, classified once so the common shapes skip the glob matcher.
+#[derive(Debug)]
+enum Grant {
+    /// `*`
+    All,
+    /// `ft:...:acme:*`: a literal prefix then one trailing `*`.
+    Prefix(Box<str>),
+    /// No wildcard at all.
+    Exact(Box<str>),
+    Glob(Pattern),
+}
+
+impl Grant {
+    fn new(pattern: &str) -> Option<Grant> {
+        let special = |c: char| matches!(c, '*' | '?' | '[' | ']');
+        if pattern == "*" {
+            return Some(Grant::All);
+        }
+        if let Some(prefix) = pattern.strip_suffix('*') {
+            if !prefix.contains(special) {
+                return Some(Grant::Prefix(prefix.into()));
+            }
+        }
+        if !pattern.contains(special) {
+            return Some(Grant::Exact(pattern.into()));
+        }
+        Pattern::new(pattern).ok().map(Grant::Glob)
+    }
+
+    fn matches(&self, checkpoint: &str) -> bool {
+        match self {
+            Grant::All => true,
+            Grant::Prefix(prefix) => checkpoint.starts_with(&**prefix),
+            Grant::Exact(exact) => checkpoint == &**exact,
+            Grant::Glob(pattern) => pattern.matches_with(checkpoint, MATCH),
+        }
+    }
 }
 
 const MATCH: MatchOptions = MatchOptions {
@@ -43,10 +82,7 @@ impl Client {
     /// 403 unless the checkpoint matches one of the client's globs and, for a write, the client
     /// may write.
     pub fn authorize(&self, checkpoint: &Checkpoint, write: bool) -> Result<(), Error> {
-        let granted = self
-            .patterns
-            .iter()
-            .any(|p| p.matches_with(checkpoint.as_str(), MATCH));
+        let granted = self.grants.iter().any(|g| g.matches(checkpoint.as_str()));
         if granted && (self.can_write || !write) {
             Ok(())
         } else {
@@ -67,14 +103,10 @@ impl Clients {
         let by_digest = configs
             .iter()
             .map(|c| {
-                let patterns = c
-                    .checkpoints
-                    .iter()
-                    .filter_map(|p| Pattern::new(p).ok())
-                    .collect();
+                let grants = c.checkpoints.iter().filter_map(|p| Grant::new(p)).collect();
                 let client = Client {
                     name: ClientLabel(c.name.as_str().into()),
-                    patterns,
+                    grants,
                     can_write: c.can_write,
                     rate: c
                         .rate
@@ -198,6 +230,34 @@ mod tests {
             get("tok-n").authorize(&acme, false),
             Err(Error::PermissionDenied)
         );
+    }
+
+    #[test]
+    fn every_pattern_shape_matches_like_the_glob_it_is() {
+        let cases = [
+            ("*", "anything:at:all", true),
+            ("ft:a:*", "ft:a:b", true),
+            ("ft:a:*", "ft:a:", true),
+            ("ft:a:*", "ft:b:c", false),
+            ("ft:a:b", "ft:a:b", true),
+            ("ft:a:b", "ft:a:bc", false),
+            ("ft:?:b", "ft:x:b", true),
+            ("ft:[ab]:*", "ft:c:d", false),
+            ("*:acme:*", "ft:gpt:acme:x", true),
+            ("*:acme:*", "ft:gpt:other:x", false),
+        ];
+        for (pattern, checkpoint, expected) in cases {
+            let grant = Grant::new(pattern).unwrap();
+            assert_eq!(
+                grant.matches(checkpoint),
+                expected,
+                "{pattern} vs {checkpoint}"
+            );
+            let glob = Pattern::new(pattern)
+                .unwrap()
+                .matches_with(checkpoint, MATCH);
+            assert_eq!(glob, expected, "the glob agrees: {pattern} vs {checkpoint}");
+        }
     }
 
     #[test]

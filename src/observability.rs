@@ -2,8 +2,10 @@
 //! `x-request-id`).
 //!
 //! Spans: `request` (request_id, client, method, route, checkpoint, cache_status, status,
-//! duration_ms) with a child `upstream` span per upstream call. One event per request on
-//! target `permgate::access` is the access log; `permgate::audit` carries write attempts.
+//! duration_ms) with a child `upstream` span per upstream attempt (request_id, method,
+//! attempt, status, duration_ms). One event per request on target `permgate::access` is the
+//! access log, carrying the request span's fields itself; `permgate::audit` carries write
+//! attempts. The log output does not render the `request` span (see [`renders`]).
 
 use std::hash::{BuildHasher, RandomState};
 use std::io::IsTerminal;
@@ -43,6 +45,7 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
             ))
         }
     };
+    let fmt = fmt.with_filter(tracing_subscriber::filter::filter_fn(renders));
     #[cfg(feature = "otel")]
     let (otel, guard) = crate::otel::layer(env)?;
     #[cfg(not(feature = "otel"))]
@@ -54,6 +57,15 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
         .try_init()
         .map_err(|e| format!("logging: {e}"))?;
     Ok(guard)
+}
+
+/// What the log output renders: everything but the per-request `request` span. Rendering a
+/// span means formatting its fields on every request, which cost more CPU than the rest of a
+/// cache hit, for nothing: a hit logs no event inside it. Every event of a request carries
+/// `request_id` itself (the access event carries all of the span's fields), and the span
+/// still exists for other layers (OpenTelemetry export).
+pub fn renders(meta: &tracing::Metadata<'_>) -> bool {
+    !(meta.is_span() && meta.name() == "request" && meta.target() == "permgate::proxy")
 }
 
 /// Flushes exported spans when dropped (`otel::Guard`); nothing to do without the feature.

@@ -253,9 +253,16 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         },
         duration_ms / 1000.0,
     );
+    // Self-contained (the fmt layer does not render the `request` span, see observability).
     info!(
         target: "permgate::access",
         parent: &span,
+        request_id = request_id.to_str().unwrap_or_default(),
+        method = method.as_str(),
+        client,
+        route = ctx.operation.map(Operation::as_str),
+        checkpoint,
+        cache_status = cache_status.map(CacheStatus::name),
         status = status.as_u16(),
         duration_ms,
         upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
@@ -414,7 +421,11 @@ async fn list(
                 (FillError::Failed(_), Some(page)) => {
                     ctx.cache_status = Some(CacheStatus::StaleIfError);
                     let age = cache.age_seconds(&page);
-                    tracing::warn!(age_s = age, "upstream failed; serving a stale page");
+                    tracing::warn!(
+                        request_id = request_id.to_str().unwrap_or_default(),
+                        age_s = age,
+                        "upstream failed; serving a stale page"
+                    );
                     Ok(page_response(&page, Some(age)))
                 }
                 (FillError::Failed(e), None) => Err(e.clone()),

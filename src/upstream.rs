@@ -178,6 +178,7 @@ impl Upstream {
         loop {
             let span = tracing::info_span!(
                 "upstream",
+                request_id = request_id.to_str().unwrap_or_default(),
                 method = method.as_str(),
                 attempt,
                 status = field::Empty,
@@ -206,6 +207,7 @@ impl Upstream {
                 return (outcome.status, outcome.result);
             }
             info!(
+                request_id = request_id.to_str().unwrap_or_default(),
                 attempt,
                 delay_ms = delay.as_millis() as u64,
                 status = outcome.status.map(|s| s.as_u16()),

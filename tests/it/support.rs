@@ -378,11 +378,20 @@ impl Write for Capture {
 pub fn init_logs() {
     static INIT: OnceLock<()> = OnceLock::new();
     INIT.get_or_init(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
         let buf = log_buffer().clone();
-        tracing_subscriber::fmt()
-            .with_env_filter("trace")
+        // Rendered as in production (observability::init), at TRACE.
+        let fmt = tracing_subscriber::fmt::layer()
             .with_ansi(false)
             .with_writer(move || Capture(buf.clone()))
+            .with_filter(tracing_subscriber::filter::filter_fn(
+                permgate::observability::renders,
+            ));
+        tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("trace"))
+            .with(fmt)
             .init();
     });
 }
