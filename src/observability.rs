@@ -27,9 +27,14 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
     let filter = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_new(&filter).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
     // Colour only for a person at a terminal, never into files or log collectors.
+    // A background thread does the writing, so no request waits on a write(2) to stderr. The
+    // queue is bounded; when it is full, writers wait rather than lines being lost.
+    let (writer, flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let fmt = match env("PERMGATE_LOG_FORMAT").as_deref() {
         // Unset: one line per event, for people; "pretty": tracing's multi-line layout.
         None => fmt.boxed(),
@@ -47,16 +52,19 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
     };
     let fmt = fmt.with_filter(tracing_subscriber::filter::filter_fn(renders));
     #[cfg(feature = "otel")]
-    let (otel, guard) = crate::otel::layer(env)?;
+    let (otel, export) = crate::otel::layer(env)?;
     #[cfg(not(feature = "otel"))]
-    let (otel, guard) = (tracing_subscriber::layer::Identity::new(), Guard);
+    let (otel, export) = (tracing_subscriber::layer::Identity::new(), ());
     tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()
         .map_err(|e| format!("logging: {e}"))?;
-    Ok(guard)
+    Ok(Guard {
+        _export: export,
+        _logs: flush,
+    })
 }
 
 /// What the log output renders: everything but the per-request `request` span. Rendering a
@@ -68,12 +76,16 @@ pub fn renders(meta: &tracing::Metadata<'_>) -> bool {
     !(meta.is_span() && meta.name() == "request" && meta.target() == "permgate::proxy")
 }
 
-/// Flushes exported spans when dropped (`otel::Guard`); nothing to do without the feature.
-#[cfg(feature = "otel")]
-pub use crate::otel::Guard;
-#[cfg(not(feature = "otel"))]
+/// Keep it for the life of the command: dropping it flushes the log lines still queued and,
+/// with the `otel` feature, the spans still to be exported.
 #[must_use]
-pub struct Guard;
+pub struct Guard {
+    #[cfg(feature = "otel")]
+    _export: crate::otel::Guard,
+    #[cfg(not(feature = "otel"))]
+    _export: (),
+    _logs: tracing_appender::non_blocking::WorkerGuard,
+}
 
 /// The caller's `x-request-id` if it is sane (1 to 128 of `A-Z a-z 0-9 - _ . :`), else a
 /// new process-unique one.

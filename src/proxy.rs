@@ -322,7 +322,7 @@ async fn handle_inner(
             };
             let key = state.cache.key(checkpoint, query, view);
             if wants_no_cache(&parts.headers) {
-                refresh(state, key, request_id, ctx).await
+                Box::pin(refresh(state, key, request_id, ctx)).await
             } else {
                 list(state, key, request_id, ctx).await
             }
@@ -331,18 +331,18 @@ async fn handle_inner(
             route::reject_query(parts.uri.query())?;
             client.authorize(&checkpoint, true)?;
             check_rate(state, &client)?;
-            let body = read_body(state, &parts.headers, body).await?;
+            let body = Box::pin(read_body(state, &parts.headers, body)).await?;
             let project_ids = parse_create(&body)?;
             let forwarded = serde_json::json!({ "project_ids": project_ids }).to_string();
             ctx.project_ids = Some(project_ids);
-            write(
+            Box::pin(write(
                 state,
                 &checkpoint,
                 Target::Create,
                 Some(forwarded.into()),
                 request_id,
                 ctx,
-            )
+            ))
             .await
         }
         Operation::Delete => {
@@ -351,14 +351,14 @@ async fn handle_inner(
             ctx.permission_id = Some(id.clone());
             client.authorize(&checkpoint, true)?;
             check_rate(state, &client)?;
-            write(
+            Box::pin(write(
                 state,
                 &checkpoint,
                 Target::Delete(&id),
                 None,
                 request_id,
                 ctx,
-            )
+            ))
             .await
         }
     }
@@ -400,9 +400,9 @@ async fn list(
     }
 
     let upstream_status = &mut ctx.upstream_status;
-    let (result, fetched) = cache
-        .fill(&key, fetch(state, &key, request_id, upstream_status))
-        .await;
+    // The miss path is boxed so that a hit's future stays small.
+    let (result, fetched) =
+        Box::pin(cache.fill(&key, fetch(state, &key, request_id, upstream_status))).await;
     let status = if fetched {
         CacheStatus::MissStored
     } else {

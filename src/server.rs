@@ -91,7 +91,20 @@ pub async fn serve(
             limits,
         ))
     });
+    // moka defers expiry bookkeeping to the next access; doing it every second keeps a burst
+    // after a long idle period from paying for thousands of expirations at once.
+    let maintenance = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                state.cache.run_pending_tasks().await;
+            }
+        })
+    };
     shutdown.await;
+    maintenance.abort();
     info!("shutdown requested: readiness is now false, draining");
     state.start_draining();
     let _ = stop_data.send(true);
@@ -154,10 +167,11 @@ pub async fn serve_http<H, F, B>(
                         let first_request = Arc::new(Notify::new());
                         let arrived = first_request.clone();
                         let service = service_fn(move |req| {
-                            arrived.notify_one();
-                            let response = handler(req);
-                            async move { Ok::<_, Infallible>(response.await) }
-                        });
+                    arrived.notify_one();
+                    // Boxed: the request future is large, and hyper would otherwise move it.
+                    let response = Box::pin(handler(req));
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
                         let connection = builder
                             .serve_connection(TokioIo::new(stream), service)
                             .into_owned();
