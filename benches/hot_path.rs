@@ -25,7 +25,6 @@
 //!   formatting, not I/O).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
