@@ -9,7 +9,7 @@
 #
 # Knobs: DURATION=10s (perf) / CG_DURATION=5s (callgrind), LOG="info,permgate::access=off"
 # (PERMGATE_LOG of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
-set -euo pipefail
+set -eu
 
 MODE=${1:-perf}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -119,12 +119,12 @@ case $MODE in
             callgrind_control -d "$pid" >/dev/null
             sleep 1
             local ir
-            ir=$(callgrind_annotate "$file.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+            ir=$(callgrind_annotate "$file.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
             echo "$requests $ir"
         }
-        start_pg valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$OUT/callgrind.permgate.%p"
+        start_pg valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.permgate.%p"
         read -r pg_req pg_ir < <(count "$PG_PID" "http://127.0.0.1:$PG$ONE" "$OUT/callgrind.permgate.$PG_PID")
-        taskset -c 0 valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file="$OUT/callgrind.reference.%p" \
+        taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.reference.%p" \
             "$REFERENCE_BIN" --listen "127.0.0.1:$REF" --body "$WORK/body10.json" 2>/dev/null &
         REF_PID=$!
         STARTED+=($REF_PID)
