@@ -25,6 +25,7 @@
 //!   formatting, not I/O).
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -267,6 +268,8 @@ async fn bare_hyper(listener: TcpListener, body: Bytes) {
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
+static HANDLE_FUTURE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
 async fn connect(addr: std::net::SocketAddr) -> Sender {
     let stream = TcpStream::connect(addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
@@ -326,7 +329,11 @@ fn full_hit(c: &mut Criterion) {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(server::serve_http(
             listener,
-            move |req| proxy::handle(state.clone(), req),
+            move |req| {
+                let future = proxy::handle(state.clone(), req);
+                HANDLE_FUTURE_BYTES.store(std::mem::size_of_val(&future), Ordering::Relaxed);
+                future
+            },
             stopped,
             Limits::local(Duration::from_secs(1)),
         ));
@@ -356,6 +363,11 @@ fn full_hit(c: &mut Criterion) {
     };
     run("bare_hyper_reference", reference, None);
     run("permgate_no_subscriber", gateway, None);
+    // The state machine hyper's service future moves around once per request (see README).
+    eprintln!(
+        "size of the proxy::handle future: {} bytes",
+        HANDLE_FUTURE_BYTES.load(Ordering::Relaxed)
+    );
     run(
         "permgate_json_access_log_off",
         gateway,

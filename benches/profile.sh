@@ -4,10 +4,12 @@
 #     cargo build --release --bin permgate && cargo build --release --examples
 #
 #     benches/profile.sh perf        # perf record (cpu-clock sampling) + flat report by symbol
+#     SCENARIO=miss benches/profile.sh perf   # the same on misses (every request a new key)
+#     benches/profile.sh syscalls    # system calls and context switches per request, both servers
 #     benches/profile.sh callgrind   # instructions per request, permgate vs bare hyper, and
 #                                    # permgate's inclusive costs (stable: counts, not time)
 #
-# Knobs: DURATION=10s (perf) / CG_DURATION=5s (callgrind), LOG="info,permgate::access=off"
+# Knobs: SCENARIO=hit|miss (perf mode), DURATION=10s (perf) / CG_DURATION=5s (callgrind), LOG="info,permgate::access=off"
 # (PERMGATE_LOG of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
 set -eu
 
@@ -89,21 +91,26 @@ case $MODE in
         command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
         start_pg
         load "http://127.0.0.1:$PG$ONE" 2s 64 >/dev/null
-        log "perf record -e cpu-clock on permgate (pid $PG_PID) for $DURATION of cache hits"
-        taskset -c 1 wrk -t1 -c64 -d"$DURATION" -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PG$ONE" >"$WORK/wrk.txt" &
+        script=() url="http://127.0.0.1:$PG$ONE"
+        if [ "${SCENARIO:-hit}" = miss ]; then
+            script=(-s "$ROOT/benches/wrk/unique.lua") url="http://127.0.0.1:$PG"
+        fi
+        log "perf record -e cpu-clock on permgate (pid $PG_PID) for $DURATION of cache ${SCENARIO:-hit}s"
+        BENCH_RUN_ID=profile-$RANDOM taskset -c 1 wrk -t1 -c64 -d"$DURATION" -H "Authorization: Bearer $TOKEN" \
+            "${script[@]}" "$url" >"$WORK/wrk.txt" &
         WRK=$!
         sleep 1
         secs=${DURATION%s}
-        perf record -q -e cpu-clock -F 1999 --call-graph dwarf,16384 -p "$PG_PID" -o "$OUT/perf.data" -- sleep $((secs - 2)) 2>/dev/null
+        perf record -q -e cpu-clock -F 1999 --call-graph dwarf,16384 -p "$PG_PID" -o "$OUT/perf-${SCENARIO:-hit}.data" -- sleep $((secs - 2)) 2>/dev/null
         wait $WRK
-        grep -E 'Requests/sec' "$WORK/wrk.txt"
-        log "flat profile (self time by symbol) -> $OUT/perf-flat.txt"
-        perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
-            grep -E '^ +[0-9]' | head -60 >"$OUT/perf-flat.txt"
-        perf report -i "$OUT/perf.data" --children --sort symbol --stdio -g none 2>/dev/null |
-            grep -E '^ +[0-9]' | head -80 >"$OUT/perf-children.txt"
-        head -40 "$OUT/perf-flat.txt"
-        log "inclusive (children) profile -> $OUT/perf-children.txt"
+        grep -E 'Requests/sec|RESULT' "$WORK/wrk.txt"
+        log "flat profile (self time by symbol) -> $OUT/perf-flat-${SCENARIO:-hit}.txt"
+        perf report -i "$OUT/perf-${SCENARIO:-hit}.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
+            grep -E '^ +[0-9]' | head -60 >"$OUT/perf-flat-${SCENARIO:-hit}.txt"
+        perf report -i "$OUT/perf-${SCENARIO:-hit}.data" --children --sort symbol --stdio -g none 2>/dev/null |
+            grep -E '^ +[0-9]' | head -80 >"$OUT/perf-children-${SCENARIO:-hit}.txt"
+        head -40 "$OUT/perf-flat-${SCENARIO:-hit}.txt"
+        log "inclusive (children) profile -> $OUT/perf-children-${SCENARIO:-hit}.txt"
         ;;
     callgrind)
         command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
@@ -139,8 +146,26 @@ case $MODE in
         callgrind_annotate "$OUT/callgrind.reference.$REF_PID.1" 2>/dev/null | head -50 >"$OUT/callgrind-reference-self.txt"
         log "annotations in $OUT/callgrind-*.txt"
         ;;
+    syscalls)
+        # System calls per request (perf tracepoints), permgate vs bare hyper, 64 connections.
+        command -v perf >/dev/null || { echo "perf is not installed" >&2; exit 1; }
+        start_pg
+        taskset -c 0 "$REFERENCE_BIN" --listen "127.0.0.1:$REF" --body "$WORK/body10.json" 2>/dev/null &
+        STARTED+=($!)
+        REF_PID=$!
+        wait_port "$REF"
+        events=syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,context-switches
+        for target in "permgate $PG_PID http://127.0.0.1:$PG$ONE" "bare-hyper $REF_PID http://127.0.0.1:$REF/"; do
+            set -- $target
+            load "$3" 2s 64 >/dev/null
+            perf stat -x, -e "$events" -p "$2" -o "$WORK/stat.txt" -- \
+                taskset -c 1 wrk -t1 -c64 -d5s -H "Authorization: Bearer $TOKEN" "$3" >"$WORK/wrk.txt"
+            n=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
+            awk -F, -v who="$1" -v n="$n" '$3 ~ /:|switches/ && $1 ~ /^[0-9]/ { printf "%-10s %-36s %8.3f per request\n", who, $3, $1 / n }' "$WORK/stat.txt"
+        done | tee "$OUT/syscalls.txt"
+        ;;
     *)
-        echo "usage: $0 perf|callgrind" >&2
+        echo "usage: $0 perf|callgrind|syscalls" >&2
         exit 2
         ;;
 esac
