@@ -1,0 +1,79 @@
+//! `bench-reference`: the yardstick of `benches/compare.sh`, a bare hyper 1.x HTTP/1.1 server
+//! that answers every request with one prebuilt body from memory (`Content-Type:
+//! application/json`), on one tokio thread (current-thread runtime). Nothing is parsed,
+//! allocated or logged per request beyond what hyper itself does, so its throughput is the
+//! ceiling for any hyper-based server on the same core.
+//!
+//! The script gives it the exact bytes permgate serves for the page being compared (fetched
+//! through permgate), so both write the same body.
+//!
+//! Usage: `bench-reference --listen 127.0.0.1:PORT --body FILE`
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+fn usage() -> ! {
+    eprintln!("usage: bench-reference --listen ADDR --body FILE");
+    std::process::exit(2)
+}
+
+fn main() {
+    let (mut listen, mut body) = (None::<SocketAddr>, None::<Bytes>);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match arg.as_str() {
+            "--listen" => listen = Some(value.parse().unwrap_or_else(|_| usage())),
+            "--body" => {
+                let bytes = std::fs::read(&value).unwrap_or_else(|e| {
+                    eprintln!("bench-reference: reading {value}: {e}");
+                    std::process::exit(2)
+                });
+                body = Some(Bytes::from(bytes));
+            }
+            _ => usage(),
+        }
+    }
+    let (Some(listen), Some(body)) = (listen, body) else {
+        usage()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(listen).await.expect("bind --listen");
+        eprintln!(
+            "bench-reference listening on {listen}, {} body bytes",
+            body.len()
+        );
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_req| {
+                    let mut response = Response::new(Full::new(body.clone()));
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Profiles permgate's cache-hit path (1 key, 10-item page) under wrk load, next to the bare
+# hyper reference. Run benches/compare.sh once first (it builds the binaries), or build them:
+#     cargo build --release --bin permgate && cargo build --release --examples
+#
+#     benches/profile.sh perf        # perf record (cpu-clock sampling) + flat report by symbol
+#     SCENARIO=miss benches/profile.sh perf   # the same on misses (every request a new key)
+#     benches/profile.sh syscalls    # system calls and context switches per request, both servers
+#     benches/profile.sh callgrind   # instructions per request, permgate vs bare hyper, and
+#                                    # permgate's inclusive costs (stable: counts, not time)
+#
+# Knobs: SCENARIO=hit|miss (perf mode), DURATION=10s (perf) / CG_DURATION=5s (callgrind), LOG="info,permgate::access=off"
+# (PERMGATE_LOG of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
+set -eu
+
+MODE=${1:-perf}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+DURATION=${DURATION:-10s}
+CG_DURATION=${CG_DURATION:-5s}
+LOG=${LOG:-info,permgate::access=off}
+PORT_BASE=${PORT_BASE:-18500}
+OUT=${OUT:-$ROOT/target/bench-profile}
+PERMGATE=$TARGET_DIR/release/permgate
+UPSTREAM_BIN=$TARGET_DIR/release/examples/bench-upstream
+REFERENCE_BIN=$TARGET_DIR/release/examples/bench-reference
+ONE=/v1/fine_tuning/checkpoints/ft:gpt-4o-mini-2024-07-18:acme:bench:B7R9VjQd/permissions
+for bin in "$PERMGATE" "$UPSTREAM_BIN" "$REFERENCE_BIN"; do [ -x "$bin" ] || { echo "missing $bin" >&2; exit 1; }; done
+mkdir -p "$OUT"
+
+STARTED=()
+WORK=$(mktemp -d /tmp/permgate-profile.XXXXXX)
+cleanup() {
+    local pid
+    for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    sleep 0.5
+    for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+log() { printf '[profile %s] %s\n' "$(date +%T)" "$*" >&2; }
+wait_port() {
+    for _ in $(seq 400); do
+        (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on $1" >&2
+    exit 1
+}
+
+ADMIN_KEY=sk-admin-profile-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+TOKEN=profile-client-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+UP=$PORT_BASE PG=$((PORT_BASE + 1)) REF=$((PORT_BASE + 2))
+cat >"$WORK/pg.toml" <<EOF
+[server]
+listen = "127.0.0.1:$PG"
+worker_threads = 1
+drain_timeout_ms = 1000
+
+[upstream]
+base_url = "http://127.0.0.1:$UP/v1"
+
+[cache]
+ttl_seconds = 3600
+
+[[clients]]
+name = "profile"
+token_sha256 = "$(printf '%s' "$TOKEN" | "$PERMGATE" hash-token)"
+checkpoints = ["*"]
+EOF
+
+taskset -c 1 "$UPSTREAM_BIN" --listen "127.0.0.1:$UP" --admin-key "$ADMIN_KEY" 2>/dev/null &
+STARTED+=($!)
+wait_port "$UP"
+# start_pg [WRAPPER...]: permgate on CPU 0, optionally under a wrapper (valgrind).
+start_pg() {
+    env OPENAI_ADMIN_KEY="$ADMIN_KEY" PERMGATE_LOG="$LOG" PERMGATE_LOG_FORMAT=json \
+        taskset -c 0 "$@" "$PERMGATE" serve --config "$WORK/pg.toml" 2>"$WORK/pg.log" &
+    PG_PID=$!
+    STARTED+=($PG_PID)
+    wait_port "$PG"
+    curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PG$ONE" -o "$WORK/body10.json"
+}
+load() { # URL DURATION CONNECTIONS
+    taskset -c 1 wrk -t1 -c"$3" -d"$2" -H "Authorization: Bearer $TOKEN" "$1" | awk '/Requests\/sec|requests in/'
+}
+
+case $MODE in
+    perf)
+        command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
+        start_pg
+        load "http://127.0.0.1:$PG$ONE" 2s 64 >/dev/null
+        script=() url="http://127.0.0.1:$PG$ONE"
+        if [ "${SCENARIO:-hit}" = miss ]; then
+            script=(-s "$ROOT/benches/wrk/unique.lua") url="http://127.0.0.1:$PG"
+        fi
+        log "perf record -e cpu-clock on permgate (pid $PG_PID) for $DURATION of cache ${SCENARIO:-hit}s"
+        BENCH_RUN_ID=profile-$RANDOM taskset -c 1 wrk -t1 -c64 -d"$DURATION" -H "Authorization: Bearer $TOKEN" \
+            "${script[@]}" "$url" >"$WORK/wrk.txt" &
+        WRK=$!
+        sleep 1
+        secs=${DURATION%s}
+        perf record -q -e cpu-clock -F 1999 --call-graph dwarf,16384 -p "$PG_PID" -o "$OUT/perf-${SCENARIO:-hit}.data" -- sleep $((secs - 2)) 2>/dev/null
+        wait $WRK
+        grep -E 'Requests/sec|RESULT' "$WORK/wrk.txt"
+        log "flat profile (self time by symbol) -> $OUT/perf-flat-${SCENARIO:-hit}.txt"
+        perf report -i "$OUT/perf-${SCENARIO:-hit}.data" --no-children --sort symbol --stdio -g none 2>/dev/null |
+            grep -E '^ +[0-9]' | head -60 >"$OUT/perf-flat-${SCENARIO:-hit}.txt"
+        perf report -i "$OUT/perf-${SCENARIO:-hit}.data" --children --sort symbol --stdio -g none 2>/dev/null |
+            grep -E '^ +[0-9]' | head -80 >"$OUT/perf-children-${SCENARIO:-hit}.txt"
+        head -40 "$OUT/perf-flat-${SCENARIO:-hit}.txt"
+        log "inclusive (children) profile -> $OUT/perf-children-${SCENARIO:-hit}.txt"
+        ;;
+    callgrind)
+        command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
+        rm -f "$OUT"/callgrind.*
+        # instructions_per_request PID HOST_URL: Ir collected over one wrk run / requests served.
+        count() {
+            local pid=$1 url=$2 file=$3
+            callgrind_control -i on "$pid" >/dev/null
+            local requests
+            requests=$(taskset -c 1 wrk -t1 -c8 -d"$CG_DURATION" -H "Authorization: Bearer $TOKEN" "$url" |
+                awk '/requests in/ {print $1}')
+            callgrind_control -i off "$pid" >/dev/null
+            callgrind_control -d "$pid" >/dev/null
+            sleep 1
+            local ir
+            ir=$(callgrind_annotate "$file.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
+            echo "$requests $ir"
+        }
+        start_pg valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.permgate.%p"
+        read -r pg_req pg_ir < <(count "$PG_PID" "http://127.0.0.1:$PG$ONE" "$OUT/callgrind.permgate.$PG_PID")
+        taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.reference.%p" \
+            "$REFERENCE_BIN" --listen "127.0.0.1:$REF" --body "$WORK/body10.json" 2>/dev/null &
+        REF_PID=$!
+        STARTED+=($REF_PID)
+        wait_port "$REF"
+        read -r ref_req ref_ir < <(count "$REF_PID" "http://127.0.0.1:$REF/" "$OUT/callgrind.reference.$REF_PID")
+        awk -v a="$pg_ir" -v n="$pg_req" -v b="$ref_ir" -v m="$ref_req" 'BEGIN {
+            printf "permgate:      %d requests, %.0f instructions per request\n", n, a / n
+            printf "bare hyper:    %d requests, %.0f instructions per request\n", m, b / m
+            printf "reference / permgate instructions: %.3f\n", (b / m) / (a / n) }' | tee "$OUT/callgrind-summary.txt"
+        callgrind_annotate --inclusive=yes "$OUT/callgrind.permgate.$PG_PID.1" 2>/dev/null | head -100 >"$OUT/callgrind-permgate-inclusive.txt"
+        callgrind_annotate "$OUT/callgrind.permgate.$PG_PID.1" 2>/dev/null | head -70 >"$OUT/callgrind-permgate-self.txt"
+        callgrind_annotate "$OUT/callgrind.reference.$REF_PID.1" 2>/dev/null | head -50 >"$OUT/callgrind-reference-self.txt"
+        log "annotations in $OUT/callgrind-*.txt"
+        ;;
+    syscalls)
+        # System calls per request (perf tracepoints), permgate vs bare hyper, 64 connections.
+        command -v perf >/dev/null || { echo "perf is not installed" >&2; exit 1; }
+        start_pg
+        taskset -c 0 "$REFERENCE_BIN" --listen "127.0.0.1:$REF" --body "$WORK/body10.json" 2>/dev/null &
+        STARTED+=($!)
+        REF_PID=$!
+        wait_port "$REF"
+        events=syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,context-switches
+        for target in "permgate $PG_PID http://127.0.0.1:$PG$ONE" "bare-hyper $REF_PID http://127.0.0.1:$REF/"; do
+            set -- $target
+            load "$3" 2s 64 >/dev/null
+            perf stat -x, -e "$events" -p "$2" -o "$WORK/stat.txt" -- \
+                taskset -c 1 wrk -t1 -c64 -d5s -H "Authorization: Bearer $TOKEN" "$3" >"$WORK/wrk.txt"
+            n=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
+            awk -F, -v who="$1" -v n="$n" '$3 ~ /:|switches/ && $1 ~ /^[0-9]/ { printf "%-10s %-36s %8.3f per request\n", who, $3, $1 / n }' "$WORK/stat.txt"
+        done | tee "$OUT/syscalls.txt"
+        ;;
+    *)
+        echo "usage: $0 perf|callgrind|syscalls" >&2
+        exit 2
+        ;;
+esac
