@@ -34,8 +34,8 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::header::{HeaderValue, AGE, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
 use prometheus_client::metrics::counter::Counter;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 use permgate::auth::{digest, Clients};
@@ -180,7 +180,11 @@ fn cache(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("cache");
     for entries in [1usize, 10_000] {
-        let cache = PageCache::new(&config("127.0.0.1:0").cache, Clock::default(), Counter::default());
+        let cache = PageCache::new(
+            &config("127.0.0.1:0").cache,
+            Clock::default(),
+            Counter::default(),
+        );
         let body = page_body();
         rt.block_on(async {
             for i in 0..entries {
