@@ -24,8 +24,33 @@ struct Redis {
     child: Option<Child>,
 }
 
+/// Installs Debian's redis-server once if this machine lacks it (as `.ci/run` does), so the
+/// README's test command works on a fresh machine.
+fn ensure_redis_server() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let present = Command::new("sh")
+            .args(["-c", "command -v redis-server"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            let installed = Command::new("sh")
+                .args([
+                    "-c",
+                    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server",
+                ])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(installed, "redis-server is missing and could not be installed with apt-get");
+        }
+    });
+}
+
 impl Redis {
     fn start_on(port: u16) -> Redis {
+        ensure_redis_server();
         let child = Command::new("redis-server")
             .args([
                 "--port",
