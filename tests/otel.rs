@@ -126,7 +126,7 @@ async fn request_spans_are_exported_and_continue_the_callers_trace() {
     let (_mock_stop, mock_stopped) = watch::channel(false);
     tokio::spawn(mock.serve(mock_listener, mock_stopped));
     let (_state, addr, _admin, shutdown, served) =
-        support::start_gateway(&support::base_config(mock_addr)).await;
+        support::start_gateway_with_admin(&support::base_config(mock_addr)).await;
     let client = TestClient::new(addr);
 
     let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");

@@ -13,7 +13,6 @@ use permgate::fleet;
 use permgate::mock_upstream::MockUpstream;
 use permgate::proxy::AppState;
 use permgate::secret::AdminKey;
-use permgate::server;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
@@ -133,18 +132,7 @@ async fn replica(text: &str) -> Replica {
     )
     .unwrap();
     fleet::start(&state).await;
-    let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = data.local_addr().unwrap();
-    let (shutdown, stop) = oneshot::channel::<()>();
-    tokio::spawn(server::serve(
-        data,
-        None,
-        state.clone(),
-        async {
-            let _ = stop.await;
-        },
-        (&config.server).into(),
-    ));
+    let (addr, shutdown) = serve_state(&state, &config).await;
     let healthy = state.clone();
     eventually("the replica connected to redis", || async {
         healthy.fleet.as_ref().unwrap().is_healthy()

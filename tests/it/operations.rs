@@ -13,7 +13,6 @@ use permgate::mock_upstream::MockUpstream;
 use permgate::proxy::AppState;
 use permgate::reload;
 use permgate::secret::AdminKey;
-use permgate::server;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -111,18 +110,7 @@ async fn rotating_the_key_file_keeps_traffic_flowing_with_no_5xx() {
     let config = Config::load(&files.config, &*env).unwrap();
     let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
     let state = AppState::new(&config, key, Clock::default(), None).unwrap();
-    let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = data.local_addr().unwrap();
-    let (_shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve(
-        data,
-        None,
-        state.clone(),
-        async {
-            let _ = stop.await;
-        },
-        (&config.server).into(),
-    ));
+    let (addr, _shutdown) = serve_state(&state, &config).await;
     let watcher = tokio::spawn(reload::watch(
         state.clone(),
         files.config.clone(),
@@ -214,18 +202,7 @@ async fn a_bad_new_key_file_keeps_the_old_key_and_counts_a_failure() {
     std::fs::write(&files.config, "[server]\nlisten = \"nonsense\"\n").unwrap();
     assert!(reload::reload(&state, &files.config, &env).is_err());
     // Still serving with the old key and clients.
-    let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = data.local_addr().unwrap();
-    let (_shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve(
-        data,
-        None,
-        state.clone(),
-        async {
-            let _ = stop.await;
-        },
-        (&config.server).into(),
-    ));
+    let (addr, _shutdown) = serve_state(&state, &config).await;
     let r = TestClient::new(addr).get(&list_path(CP), READER).await;
     assert_eq!(r.status, 200);
     assert!(logs().contains("reload failed; keeping the previous admin key and clients"));

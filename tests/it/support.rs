@@ -108,7 +108,7 @@ pub async fn start_with(edit: impl FnOnce(&mut String)) -> Gateway {
     tokio::spawn(mock.clone().serve(mock_listener, mock_stopped));
     let mut text = base_config(mock_addr);
     edit(&mut text);
-    let (state, addr, admin_addr, shutdown, served) = start_gateway(&text).await;
+    let (state, addr, admin_addr, shutdown, served) = start_gateway_with_admin(&text).await;
     Gateway {
         addr,
         admin_addr,
@@ -121,7 +121,9 @@ pub async fn start_with(edit: impl FnOnce(&mut String)) -> Gateway {
     }
 }
 
-type Started = (
+pub type Started = (Arc<AppState>, SocketAddr, oneshot::Sender<()>);
+
+pub type StartedWithAdmin = (
     Arc<AppState>,
     SocketAddr,
     SocketAddr,
@@ -130,6 +132,35 @@ type Started = (
 );
 
 pub async fn start_gateway(text: &str) -> Started {
+    let config = Config::parse(text, &|_| None).expect("test config is valid");
+    let key = AdminKey::new(ADMIN_KEY).unwrap();
+    let state = AppState::new(&config, key, Clock::default(), None).expect("state builds");
+    let (addr, shutdown) = serve_state(&state, &config).await;
+    (state, addr, shutdown)
+}
+
+/// Serves `state` on an ephemeral data port (no admin listener) until the sender is dropped.
+pub async fn serve_state(
+    state: &Arc<AppState>,
+    config: &Config,
+) -> (SocketAddr, oneshot::Sender<()>) {
+    let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = data.local_addr().unwrap();
+    let (shutdown, stop) = oneshot::channel::<()>();
+    tokio::spawn(server::serve(
+        data,
+        None,
+        state.clone(),
+        async {
+            let _ = stop.await;
+        },
+        (&config.server).into(),
+    ));
+    (addr, shutdown)
+}
+
+/// Like [`start_gateway`], with the admin listener too and the serving task's handle.
+pub async fn start_gateway_with_admin(text: &str) -> StartedWithAdmin {
     let config = Config::parse(text, &|_| None).expect("test config is valid");
     let key = AdminKey::new(ADMIN_KEY).unwrap();
     let state = AppState::new(&config, key, Clock::default(), None).expect("state builds");

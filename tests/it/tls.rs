@@ -100,7 +100,7 @@ async fn https_upstream_with_a_private_ca_works_over_h2() {
             ca_path.display()
         ),
     );
-    let (_state, addr, _, _shutdown, _served) = start_gateway(&text).await;
+    let (_state, addr, _shutdown) = start_gateway(&text).await;
     let client = TestClient::new(addr);
     let r = client.get(&list_path(CP), READER).await;
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
@@ -131,7 +131,7 @@ async fn https_upstream_with_an_untrusted_certificate_is_a_502() {
         "base_url = \"http://127.0.0.1:9/v1\"",
         &format!("base_url = \"https://localhost:{}/v1\"", tls_addr.port()),
     );
-    let (_state, addr, _, _shutdown, _served) = start_gateway(&text).await;
+    let (_state, addr, _shutdown) = start_gateway(&text).await;
     let r = tokio::time::timeout(
         Duration::from_secs(10),
         TestClient::new(addr).get(&list_path(CP), READER),
