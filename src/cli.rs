@@ -168,7 +168,7 @@ let mock_task = tokio::spawn(mock.serve(mock_listener, mock_stopped));
         println!("permgate demo: the gateway in front of a built-in mock of OpenAI");
         println!("  gateway        http://{listen}");
         if let Some(a) = admin_addr {
-            println!("  admin          http://{a}  (/healthz /readyz, POST /cache/purge)");
+            println!("  admin          http://{a}  (/healthz /readyz /metrics, POST /cache/purge)");
         }
         println!("  mock upstream  http://{mock_addr}/v1  (holds a random admin key that nobody sees)");
         println!();
