@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::metrics::ClientLabel;
+use crate::metrics::{ClientLabel, ClientSeries};
 use crate::ratelimit::RateLimit;
 use crate::route::Checkpoint;
 
@@ -22,6 +22,8 @@ use crate::route::Checkpoint;
 pub struct Client {
     /// Safe to log and to use as a metrics label.
     pub name: ClientLabel,
+    /// This client's request counters.
+    pub series: ClientSeries,
     grants: Vec<Grant>,
     pub can_write: bool,
     /// This client's token bucket, if it has a rate limit.
@@ -94,7 +96,8 @@ impl Client {
 /// All configured clients, by token digest.
 #[derive(Debug, Default)]
 pub struct Clients {
-    by_digest: HashMap<[u8; 32], Arc<Client>>,
+    /// Keyed by SHA-256 digests: foldhash (seeded) rather than SipHash, on every request.
+    by_digest: HashMap<[u8; 32], Arc<Client>, foldhash::fast::RandomState>,
 }
 
 impl Clients {
@@ -104,8 +107,10 @@ impl Clients {
             .iter()
             .map(|c| {
                 let grants = c.checkpoints.iter().filter_map(|p| Grant::new(p)).collect();
+                let name = ClientLabel(c.name.as_str().into());
                 let client = Client {
-                    name: ClientLabel(c.name.as_str().into()),
+                    series: ClientSeries::new(name.clone()),
+                    name,
                     grants,
                     can_write: c.can_write,
                     rate: c

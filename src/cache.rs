@@ -13,14 +13,20 @@
 //! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
 //!   moka hands the same `Err` to every coalesced waiter.
 //! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
-//!   separate short-lived map (`fills`), not by removing the page, so when upstream fails every
-//!   waiter can still answer with the stale page inside `stale_if_error`.
+//!   separate map of fills in flight (`fills`), not by removing the page, so when upstream
+//!   fails every waiter can still answer with the stale page inside `stale_if_error`.
+//!
+//! A key is hashed once, when it is made ([`PageCache::key`]); moka and the fill map reuse that
+//! hash. The hasher is foldhash with a per-process random seed: fast, and only authenticated
+//! callers can choose keys at all.
 //!
 //! No hyper types beyond `StatusCode` and `Bytes`; no I/O.
 
-use std::hash::{BuildHasher, RandomState};
+use std::any::Any;
+use std::collections::hash_map::{Entry, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,6 +36,7 @@ use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::Expiry;
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -37,21 +44,49 @@ use crate::fleet::View;
 use crate::route::{Checkpoint, ListQuery};
 
 const GENERATION_SHARDS: usize = 4096;
-/// Distinct keys being filled at once; more is shed by moka's eviction (harmless: a duplicate
-/// upstream call, never a wrong answer).
-const FILLS_CAPACITY: u64 = 65_536;
 /// Rough per-entry bookkeeping (key, page header, moka node) added to the weighed bytes.
 const ENTRY_OVERHEAD: usize = 256;
 
 /// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Carries its own hash (of all the other fields), computed once by [`PageCache::key`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageKey {
+    hash: u64,
     pub checkpoint: Checkpoint,
     pub query: ListQuery,
     pub fleet: View,
     shard: u16,
     generation: u64,
 }
+
+impl Hash for PageKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The hasher of maps keyed by [`PageKey`]: the key's hash is already mixed, pass it through.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `PageKey` is hashed with this (one `write_u64`); anything else still hashes.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type ByKeyHash = BuildHasherDefault<KeyHasher>;
 
 /// A stored upstream answer: a 200 list page, or a 404 when negative caching is on.
 #[derive(Debug)]
@@ -178,13 +213,56 @@ impl Expiry<PageKey, Arc<Page>> for PageExpiry {
     }
 }
 
+/// One fill in flight: its leader publishes the outcome (a `FillOutcome<P, E>`) and wakes the
+/// waiters. A leader that goes away without an outcome wakes them too, and one of them leads.
+#[derive(Default)]
+struct Fill {
+    outcome: OnceLock<Arc<dyn Any + Send + Sync>>,
+    done: Notify,
+}
+
+type FillOutcome<P, E> = Result<Arc<Page>, Arc<FillError<P, E>>>;
+
+/// Removes a fill from the map when its leader finishes or is dropped (cancelled), then wakes
+/// its waiters.
+struct Leading<'a> {
+    fills: &'a Mutex<HashMap<PageKey, Arc<Fill>, ByKeyHash>>,
+    key: &'a PageKey,
+    fill: Arc<Fill>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let mut fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
+        if fills
+            .get(self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+        {
+            fills.remove(self.key);
+        }
+        drop(fills);
+        self.fill.done.notify_waiters();
+    }
+}
+
+impl Leading<'_> {
+    /// Hands the outcome to the waiters (on drop, which also clears the map entry).
+    fn publish<P, E>(self, outcome: FillOutcome<P, E>)
+    where
+        P: Send + Sync + 'static,
+        E: Send + Sync + 'static,
+    {
+        let _ = self.fill.outcome.set(Arc::new(outcome));
+    }
+}
+
 pub struct PageCache {
-    pages: Cache<PageKey, Arc<Page>>,
-    /// Fills in progress (and, for a moment, just finished): coalescing only, never read as a
-    /// cache.
-    fills: Cache<PageKey, Arc<Page>>,
+    pages: Cache<PageKey, Arc<Page>, ByKeyHash>,
+    /// Fills in flight, for coalescing only (never read as a cache). Bounded by the requests
+    /// in flight: an entry lives exactly as long as its leading request's fill.
+    fills: Mutex<HashMap<PageKey, Arc<Fill>, ByKeyHash>>,
     generations: Box<[AtomicU64]>,
-    shard_hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
     clock: Clock,
     config: CacheConfig,
 }
@@ -208,16 +286,12 @@ impl PageCache {
                     evictions.inc();
                 }
             })
-            .build();
-        let fills = Cache::builder()
-            .max_capacity(FILLS_CAPACITY)
-            .time_to_live(Duration::from_secs(1))
-            .build();
+            .build_with_hasher(ByKeyHash::default());
         PageCache {
             pages,
-            fills,
+            fills: Mutex::default(),
             generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
-            shard_hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             clock,
             config: config.clone(),
         }
@@ -227,17 +301,25 @@ impl PageCache {
         &self.clock
     }
 
+    fn shard_of(checkpoint_hash: u64) -> u16 {
+        (checkpoint_hash % GENERATION_SHARDS as u64) as u16
+    }
+
     fn shard(&self, checkpoint: &Checkpoint) -> u16 {
-        (self.shard_hasher.hash_one(checkpoint.as_str()) % GENERATION_SHARDS as u64) as u16
+        Self::shard_of(self.hasher.hash_one(checkpoint.as_str()))
     }
 
     /// The key for a read, stamped with the checkpoint's current generation. Take it *before*
     /// asking upstream.
     /// With `[redis]`, `fleet` carries the fleet's generation of the checkpoint too.
     pub fn key(&self, checkpoint: Checkpoint, query: ListQuery, fleet: View) -> PageKey {
-        let shard = self.shard(&checkpoint);
+        let checkpoint_hash = self.hasher.hash_one(checkpoint.as_str());
+        let shard = Self::shard_of(checkpoint_hash);
         let generation = self.generations[shard as usize].load(Ordering::Acquire);
+        let mut hasher = self.hasher.build_hasher();
+        (checkpoint_hash, &query, fleet, generation).hash(&mut hasher);
         PageKey {
+            hash: hasher.finish(),
             checkpoint,
             query,
             fleet,
@@ -339,37 +421,61 @@ impl PageCache {
     /// callers of the same key, and not at all if a fresh page arrived meanwhile. A stale page
     /// already at `key` stays there until the new one replaces it. The bool is true for the
     /// caller whose `fetch` ran (false: collapsed into another caller's fill, or found what it
-    /// had just stored).
-    pub async fn fill<P, E, F>(
-        &self,
-        key: &PageKey,
-        fetch: F,
-    ) -> (Result<Arc<Page>, Arc<FillError<P, E>>>, bool)
+    /// had just stored). If the caller running `fetch` is cancelled, a waiter takes over.
+    pub async fn fill<P, E, F>(&self, key: &PageKey, fetch: F) -> (FillOutcome<P, E>, bool)
     where
         F: std::future::Future<Output = Result<Arc<Page>, FillError<P, E>>>,
         P: Send + Sync + 'static,
         E: Send + Sync + 'static,
     {
-        let fetched = AtomicBool::new(false);
-        let result = self
-            .fills
-            .try_get_with_by_ref(key, async {
-                if let Some(page) = self.pages.get(key).await {
-                    if self.freshness(&page) == Freshness::Fresh {
-                        return Ok(page);
+        let leading = loop {
+            let fill = {
+                let mut fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
+                match fills.entry(key.clone()) {
+                    Entry::Occupied(entry) => entry.get().clone(),
+                    Entry::Vacant(entry) => {
+                        let fill = Arc::new(Fill::default());
+                        entry.insert(fill.clone());
+                        break Leading {
+                            fills: &self.fills,
+                            key,
+                            fill,
+                        };
                     }
                 }
-                fetched.store(true, Ordering::Relaxed);
-                let page = fetch.await?;
+            };
+            let done = fill.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if fill.outcome.get().is_none() {
+                done.await;
+            }
+            match fill
+                .outcome
+                .get()
+                .map(|o| o.clone().downcast::<FillOutcome<P, E>>())
+            {
+                Some(Ok(outcome)) => return ((*outcome).clone(), false),
+                // No outcome: the leader was cancelled; try to lead. (A fill of another type
+                // for the same key cannot happen: one call site fills pages.)
+                Some(Err(_)) | None => continue,
+            }
+        };
+        if let Some(page) = self.pages.get(key).await {
+            if self.freshness(&page) == Freshness::Fresh {
+                leading.publish::<P, E>(Ok(page.clone()));
+                return (Ok(page), false);
+            }
+        }
+        let outcome = match fetch.await {
+            Ok(page) => {
                 self.pages.insert(key.clone(), page.clone()).await;
                 Ok(page)
-            })
-            .await;
-        let fetched = fetched.load(Ordering::Relaxed);
-        if fetched {
-            self.fills.invalidate(key).await;
-        }
-        (result, fetched)
+            }
+            Err(e) => Err(Arc::new(e)),
+        };
+        leading.publish(outcome.clone());
+        (outcome, true)
     }
 
     /// Stores a page fetched outside `fill` (a `no-cache` or background refresh). The key's
@@ -486,6 +592,78 @@ mod tests {
             .get(&key)
             .await
             .is_some_and(|p| Arc::ptr_eq(&p, &stale)));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_fill_is_taken_over_by_a_waiter() {
+        let cache = Arc::new(PageCache::new(
+            &config(),
+            Clock::default(),
+            Counter::default(),
+        ));
+        let key = cache.key(cp("ft:f"), ListQuery::default(), View::Alone);
+        let (started, leading) = tokio::sync::oneshot::channel();
+        let leader = tokio::spawn({
+            let (cache, key) = (cache.clone(), key.clone());
+            async move {
+                let fetch = async {
+                    let _ = started.send(());
+                    std::future::pending::<Fill>().await
+                };
+                cache.fill(&key, fetch).await
+            }
+        });
+        leading.await.unwrap();
+        let waiter = tokio::spawn({
+            let (cache, key) = (cache.clone(), key.clone());
+            async move {
+                let page = cache.page(StatusCode::OK, b"new").unwrap();
+                cache.fill(&key, async { Fill::Ok(page) }).await
+            }
+        });
+        // Let the waiter find the leader's fill and wait on it, then cancel the leader.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        leader.abort();
+        let (result, fetched) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter took over")
+            .unwrap();
+        assert!(fetched && result.is_ok());
+        assert!(cache.get(&key).await.is_some());
+        assert!(cache.fills.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_fills_of_one_key_fetch_once_and_share_failures() {
+        let cache = Arc::new(PageCache::new(
+            &config(),
+            Clock::default(),
+            Counter::default(),
+        ));
+        let key = cache.key(cp("ft:g"), ListQuery::default(), View::Alone);
+        let fetches = Arc::new(AtomicU64::new(0));
+        let fills = (0..20).map(|_| {
+            let (cache, key, fetches) = (cache.clone(), key.clone(), fetches.clone());
+            tokio::spawn(async move {
+                let fetch = async {
+                    fetches.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Fill::Err(FillError::Uncacheable(()))
+                };
+                cache.fill(&key, fetch).await
+            })
+        });
+        let outcomes = futures_util::future::join_all(fills).await;
+        assert_eq!(fetches.load(Ordering::Relaxed), 1);
+        let fetched = outcomes.iter().filter(|o| o.as_ref().unwrap().1).count();
+        assert_eq!(fetched, 1);
+        for outcome in outcomes {
+            let (result, _) = outcome.unwrap();
+            let failure = result.expect_err("shared failure");
+            assert!(matches!(*failure, FillError::Uncacheable(())));
+        }
+        assert!(cache.fills.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 //! scrape time rather than on the request path.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -17,6 +17,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+
+use crate::cache::CacheStatus;
+use crate::route::Operation;
 
 /// A configured client's name as a label value (shared, so labelling allocates nothing).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,11 +32,65 @@ impl EncodeLabelValue for ClientLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub route: &'static str,
-    pub status_class: &'static str,
-    pub cache_status: &'static str,
-    pub client: ClientLabel,
+struct RequestLabels {
+    route: &'static str,
+    status_class: &'static str,
+    cache_status: &'static str,
+    client: ClientLabel,
+}
+
+/// Route (3 + unmatched) x status class (5) x cache status (9 + none).
+const REQUEST_SLOTS: usize = 4 * 5 * 10;
+
+/// One client's `permgate_requests_total` series, each resolved from the family the first
+/// time it is used: after that a request costs an index and an atomic add, not a hash lookup
+/// under the family's lock.
+pub struct ClientSeries {
+    label: ClientLabel,
+    counters: Box<[OnceLock<Counter>]>,
+}
+
+impl std::fmt::Debug for ClientSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ClientSeries").field(&self.label).finish()
+    }
+}
+
+impl ClientSeries {
+    pub fn new(label: ClientLabel) -> ClientSeries {
+        ClientSeries {
+            label,
+            counters: (0..REQUEST_SLOTS).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
+/// What a finished request is counted under.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestOutcome {
+    /// `None`: the path matched no route.
+    pub route: Option<Operation>,
+    pub status: u16,
+    /// `None` for methods other than GET.
+    pub cache_status: Option<CacheStatus>,
+}
+
+impl RequestOutcome {
+    fn slot(self) -> usize {
+        let route = self.route.map_or(3, |op| op as usize);
+        let class = usize::from(self.status / 100).clamp(1, 5) - 1;
+        let cache = self.cache_status.map_or(9, |cs| cs as usize);
+        (route * 5 + class) * 10 + cache
+    }
+
+    fn labels(self, client: &ClientLabel) -> RequestLabels {
+        RequestLabels {
+            route: self.route.map_or("unmatched", Operation::as_str),
+            status_class: status_class(self.status),
+            cache_status: self.cache_status.map_or("none", CacheStatus::name),
+            client: client.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -78,6 +135,10 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabel, Histogram>,
+    /// `request_duration`'s series by route (as `RequestOutcome::slot` numbers routes).
+    durations: [OnceLock<Histogram>; 4],
+    /// Requests that presented no valid token.
+    anonymous: ClientSeries,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_duration: Histogram,
     pub cache_evictions: Counter,
@@ -124,6 +185,8 @@ impl Metrics {
         let m = Metrics {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_buckets),
+            durations: Default::default(),
+            anonymous: ClientSeries::new(ClientLabel(Arc::from("-"))),
             upstream_requests: Family::default(),
             upstream_duration: latency_buckets(),
             cache_evictions: Counter::default(),
@@ -242,11 +305,23 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn request(&self, labels: &RequestLabels, seconds: f64) {
-        self.requests.get_or_create(labels).inc();
-        self.request_duration
-            .get_or_create(&RouteLabel {
-                route: labels.route,
+    /// Counts a finished request of `client` (`None`: unauthenticated) and its duration.
+    pub fn request(&self, client: Option<&ClientSeries>, outcome: RequestOutcome, seconds: f64) {
+        let series = client.unwrap_or(&self.anonymous);
+        let slot = outcome.slot();
+        let counter = series.counters[slot].get_or_init(|| {
+            self.requests
+                .get_or_create(&outcome.labels(&series.label))
+                .clone()
+        });
+        counter.inc();
+        let route = slot / 50;
+        self.durations[route]
+            .get_or_init(|| {
+                let route = outcome.route.map_or("unmatched", Operation::as_str);
+                self.request_duration
+                    .get_or_create(&RouteLabel { route })
+                    .clone()
             })
             .observe(seconds);
     }
@@ -356,8 +431,8 @@ fn status_label(code: u16) -> &'static str {
     }
 }
 
-/// `2xx` .. `5xx`.
-pub fn status_class(code: u16) -> &'static str {
+/// `1xx` .. `5xx`.
+fn status_class(code: u16) -> &'static str {
     match code {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -375,15 +450,20 @@ mod tests {
     fn renders_prometheus_names() {
         let m = Metrics::new();
         let client = ClientLabel("billing".into());
-        m.request(
-            &RequestLabels {
-                route: "list_permissions",
-                status_class: "2xx",
-                cache_status: "hit",
-                client: client.clone(),
-            },
-            0.001,
-        );
+        let series = ClientSeries::new(client.clone());
+        let hit = RequestOutcome {
+            route: Some(Operation::List),
+            status: 200,
+            cache_status: Some(CacheStatus::Hit),
+        };
+        m.request(Some(&series), hit, 0.001);
+        m.request(Some(&series), hit, 0.002);
+        let unmatched = RequestOutcome {
+            route: None,
+            status: 404,
+            cache_status: Some(CacheStatus::Bypass),
+        };
+        m.request(None, unmatched, 0.001);
         m.upstream_attempt(Some(200), false, 1, 0.01);
         m.rate_limited(&client);
         m.key_reload(false);
@@ -395,8 +475,10 @@ mod tests {
             redis_up: None,
         });
         for needle in [
-            "permgate_requests_total{route=\"list_permissions\",status_class=\"2xx\",cache_status=\"hit\",client=\"billing\"} 1",
-            "permgate_request_duration_seconds_bucket{le=",
+            "permgate_requests_total{route=\"list_permissions\",status_class=\"2xx\",cache_status=\"hit\",client=\"billing\"} 2",
+            "permgate_requests_total{route=\"unmatched\",status_class=\"4xx\",cache_status=\"bypass\",client=\"-\"} 1",
+            "permgate_request_duration_seconds_count{route=\"list_permissions\"} 2",
+            "permgate_request_duration_seconds_count{route=\"unmatched\"} 1",
             "permgate_upstream_requests_total{status=\"200\",attempt=\"1\"} 1",
             "permgate_cache_entries 3",
             "permgate_cache_bytes 900",

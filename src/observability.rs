@@ -5,7 +5,7 @@
 //! duration_ms) with a child `upstream` span per upstream attempt (request_id, method,
 //! attempt, status, duration_ms). One event per request on target `permgate::access` is the
 //! access log, carrying the request span's fields itself; `permgate::audit` carries write
-//! attempts. The log output does not render the `request` span (see [`renders`]).
+//! attempts. The log output renders events only, each with its `request_id` (see [`renders`]).
 
 use std::hash::{BuildHasher, RandomState};
 use std::io::IsTerminal;
@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use hyper::header::HeaderValue;
+use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -24,14 +25,14 @@ const MAX_REQUEST_ID: usize = 128;
 /// `otel`). Keep the returned guard for the life of the command: dropping it flushes the
 /// spans still queued.
 pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
-    let filter = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
-    let filter = EnvFilter::try_new(&filter).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
-    // Colour only for a person at a terminal, never into files or log collectors.
+    let directives = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
+    let filter = || EnvFilter::try_new(&directives).map_err(|e| format!("PERMGATE_LOG: {e}"));
     // A background thread does the writing, so no request waits on a write(2) to stderr. The
     // queue is bounded; when it is full, writers wait rather than lines being lost.
     let (writer, flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stderr());
+    // Colour only for a person at a terminal, never into files or log collectors.
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
@@ -50,30 +51,36 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
             ))
         }
     };
-    let fmt = fmt.with_filter(tracing_subscriber::filter::filter_fn(renders));
+    // Every layer filters for itself (no global filter): a callsite no layer wants, like the
+    // `request` span when nothing exports spans, is then disabled at the callsite and costs
+    // nothing per request.
+    let fmt = fmt.with_filter(filter()?.and(filter_fn(renders)));
+    let registry = tracing_subscriber::registry().with(fmt);
+    // No layer at all rather than an empty one: an empty (`None`) layer counts as wanting
+    // every callsite.
     #[cfg(feature = "otel")]
-    let (otel, export) = crate::otel::layer(env)?;
+    let (installed, export) = match crate::otel::layer(env)? {
+        (Some(otel), guard) => (registry.with(otel.with_filter(filter()?)).try_init(), guard),
+        (None, guard) => (registry.try_init(), guard),
+    };
     #[cfg(not(feature = "otel"))]
-    let (otel, export) = (tracing_subscriber::layer::Identity::new(), ());
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .map_err(|e| format!("logging: {e}"))?;
+    let (installed, export) = (registry.try_init(), ());
+    installed.map_err(|e| format!("logging: {e}"))?;
     Ok(Guard {
         _export: export,
         _logs: flush,
     })
 }
 
-/// What the log output renders: everything but the per-request `request` span. Rendering a
-/// span means formatting its fields on every request, which cost more CPU than the rest of a
-/// cache hit, for nothing: a hit logs no event inside it. Every event of a request carries
-/// `request_id` itself (the access event carries all of the span's fields), and the span
-/// still exists for other layers (OpenTelemetry export).
+/// What the log output renders: events, not permgate's per-request spans (`request`,
+/// `upstream`, `refresh`). Rendering a span means formatting its fields when it opens and again
+/// on every `record`, which cost more CPU than the rest of a cache hit, for nothing: a hit logs
+/// no event inside it. Every event of a request carries `request_id` itself (the access event
+/// carries all of the `request` span's fields), and the spans still exist for other layers
+/// (OpenTelemetry export); with none installed, no layer wants them, so tracing disables them
+/// at their callsites.
 pub fn renders(meta: &tracing::Metadata<'_>) -> bool {
-    !(meta.is_span() && meta.name() == "request" && meta.target() == "permgate::proxy")
+    !(meta.is_span() && meta.target().starts_with("permgate"))
 }
 
 /// Keep it for the life of the command: dropping it flushes the log lines still queued and,

@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{json_response, Body, Error};
 use crate::fleet::{Fleet, View};
-use crate::metrics::{self, ClientLabel, Metrics, RequestLabels, Snapshot};
+use crate::metrics::{Metrics, RequestOutcome, Snapshot};
 use crate::observability;
 use crate::route::{self, Checkpoint, ListQuery, Operation};
 use crate::secret::AdminKey;
@@ -194,7 +194,7 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
     #[cfg(feature = "otel")]
     crate::otel::continue_trace(&span, req.headers());
     let mut ctx = Ctx::default();
-    let result = handle_inner(&state, req, &request_id, &mut ctx)
+    let result = handle_inner(&state, req, &request_id, &span, &mut ctx)
         .instrument(span.clone())
         .await;
     let (mut response, error_code) = match result {
@@ -242,14 +242,11 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         span.record("cache_status", cs.name());
     }
     state.metrics.request(
-        &RequestLabels {
-            route: ctx.operation.map_or("unmatched", Operation::as_str),
-            status_class: metrics::status_class(status.as_u16()),
-            cache_status: cache_status.map_or("none", CacheStatus::name),
-            client: ctx
-                .client
-                .as_ref()
-                .map_or_else(anonymous, |c| c.name.clone()),
+        ctx.client.as_ref().map(|c| &c.series),
+        RequestOutcome {
+            route: ctx.operation,
+            status: status.as_u16(),
+            cache_status,
         },
         duration_ms / 1000.0,
     );
@@ -271,12 +268,6 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
     response
 }
 
-/// The client label of unauthenticated requests.
-fn anonymous() -> ClientLabel {
-    static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    ClientLabel(NAME.get_or_init(|| Arc::from("-")).clone())
-}
-
 fn outcome(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200..=299 => "succeeded",
@@ -290,6 +281,7 @@ async fn handle_inner(
     state: &Arc<AppState>,
     req: Request<Incoming>,
     request_id: &HeaderValue,
+    span: &tracing::Span,
     ctx: &mut Ctx,
 ) -> Result<Response<Body>, Error> {
     let (parts, body) = req.into_parts();
@@ -299,7 +291,6 @@ async fn handle_inner(
     }
     let matched = route::match_route(&parts.method, parts.uri.path())?;
     ctx.operation = Some(matched.operation);
-    let span = tracing::Span::current();
     span.record("route", matched.operation.as_str());
     let client = state
         .clients
@@ -468,7 +459,11 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
                 Ok(fresh) => state.cache.insert(key, fresh).await,
                 Err(FillError::Uncacheable(_)) => state.cache.remove_if_same(&key, &stale).await,
                 Err(FillError::Failed(e)) => {
-                    tracing::warn!(code = e.code(), "background refresh failed");
+                    tracing::warn!(
+                        request_id = request_id.to_str().unwrap_or_default(),
+                        code = e.code(),
+                        "background refresh failed"
+                    );
                     stale.release_refresh();
                 }
             }

@@ -125,6 +125,17 @@ pub struct Checkpoint(Arc<str>);
 
 impl Checkpoint {
     pub fn parse(raw: &str) -> Result<Self, Error> {
+        // The usual id is printable ASCII with nothing encoded: one pass over the bytes decides
+        // (the same rules as below, for that alphabet).
+        let plain = !raw.is_empty()
+            && raw.len() <= MAX_CHECKPOINT_BYTES
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'/')
+            && !raw.contains("..");
+        if plain {
+            return Ok(Checkpoint(Arc::from(raw)));
+        }
         let decoded = decode("checkpoint", raw)?;
         let problem = if decoded.is_empty() {
             Some("The checkpoint id is empty.")

@@ -242,13 +242,17 @@ impl Upstream {
         deadline: Instant,
         attempt: u32,
     ) -> Attempt {
+        let id = request_id.to_str().unwrap_or_default();
         let fail = |result: Error| Attempt {
             status: None,
             result: Err(result),
             retry: None,
         };
         let Some(permit) = self.breaker.try_acquire() else {
-            warn!("circuit open: answering without calling upstream");
+            warn!(
+                request_id = id,
+                attempt, "circuit open: answering without calling upstream"
+            );
             self.metrics.shed(Shed::CircuitOpen);
             return fail(Error::Unavailable {
                 reason: "The upstream API is failing; the gateway is not calling it for a moment.",
@@ -260,6 +264,8 @@ impl Upstream {
             Ok(Ok(slot)) => slot,
             _ => {
                 warn!(
+                    request_id = id,
+                    attempt,
                     limit = self.max_concurrency,
                     "upstream concurrency limit reached; shedding the request"
                 );
@@ -288,14 +294,16 @@ impl Upstream {
         let started = Instant::now();
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
-                warn!(error = %e, source = ?std::error::Error::source(&e), "upstream unreachable");
+                let source = std::error::Error::source(&e);
+                warn!(request_id = id, attempt, error = %e, ?source, "upstream unreachable");
             })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_UPSTREAM_BODY)
                 .collect()
                 .await
                 .map_err(|e| {
-                    warn!(status = parts.status.as_u16(), error = %e, "upstream body unreadable");
+                    let status = parts.status.as_u16();
+                    warn!(request_id = id, attempt, status, error = %e, "upstream body unreadable");
                 })?
                 .to_bytes();
             Ok::<_, ()>((parts.status, parts.headers, body))
@@ -322,6 +330,8 @@ impl Upstream {
             }
             Err(_) => {
                 warn!(
+                    request_id = id,
+                    attempt,
                     timeout_ms = self.timeout.as_millis() as u64,
                     "upstream deadline passed"
                 );
@@ -339,7 +349,7 @@ impl Upstream {
         Attempt {
             status: Some(status),
             retry: transient.then(|| retry_after(&headers)),
-            result: classify(status, &headers, body),
+            result: classify(status, &headers, body, id, attempt),
         }
     }
 }
@@ -381,11 +391,19 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-fn classify(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Result<Passthrough, Error> {
+fn classify(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Bytes,
+    request_id: &str,
+    attempt: u32,
+) -> Result<Passthrough, Error> {
     let passthrough = status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 422);
     if passthrough {
         if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
             warn!(
+                request_id,
+                attempt,
                 status = status.as_u16(),
                 bytes = body.len(),
                 "upstream sent a body that is not JSON"
@@ -397,6 +415,8 @@ fn classify(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Result<Pass
     match status.as_u16() {
         401 | 403 => {
             warn!(
+                request_id,
+                attempt,
                 status = status.as_u16(),
                 "upstream rejected the admin key; check upstream.admin_key_env / admin_key_file"
             );
@@ -404,14 +424,24 @@ fn classify(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Result<Pass
         }
         429 => {
             let retry_after = retry_after(headers).map(|d| d.as_secs());
-            warn!(?retry_after, "upstream rate-limited the admin key");
+            warn!(
+                request_id,
+                attempt,
+                ?retry_after,
+                "upstream rate-limited the admin key"
+            );
             Err(Error::Unavailable {
                 reason: "The upstream API is rate limiting this gateway. Retry later.",
                 retry_after,
             })
         }
         _ => {
-            warn!(status = status.as_u16(), "upstream failed");
+            warn!(
+                request_id,
+                attempt,
+                status = status.as_u16(),
+                "upstream failed"
+            );
             Err(Error::UpstreamError)
         }
     }
