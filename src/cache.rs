@@ -316,10 +316,11 @@ impl PageCache {
         let checkpoint_hash = self.hasher.hash_one(checkpoint.as_str());
         let shard = Self::shard_of(checkpoint_hash);
         let generation = self.generations[shard as usize].load(Ordering::Acquire);
-        let mut hasher = self.hasher.build_hasher();
-        (checkpoint_hash, &query, fleet, generation).hash(&mut hasher);
+        let hash = self
+            .hasher
+            .hash_one((checkpoint_hash, &query, fleet, generation));
         PageKey {
-            hash: hasher.finish(),
+            hash,
             checkpoint,
             query,
             fleet,
