@@ -360,7 +360,16 @@ impl PageCache {
     }
 
     pub fn freshness(&self, page: &Page) -> Freshness {
-        let age = self.clock.now().saturating_duration_since(page.stored_at);
+        self.freshness_at(page, self.age(page))
+    }
+
+    /// How long ago the page was stored.
+    pub fn age(&self, page: &Page) -> Duration {
+        self.clock.now().saturating_duration_since(page.stored_at)
+    }
+
+    /// [`PageCache::freshness`] for an age already read with [`PageCache::age`].
+    pub fn freshness_at(&self, page: &Page, age: Duration) -> Freshness {
         if age < page.fresh_for {
             Freshness::Fresh
         } else if page.status != StatusCode::OK {
@@ -376,10 +385,7 @@ impl PageCache {
 
     /// Whole seconds since the page was stored (the `Age` header).
     pub fn age_seconds(&self, page: &Page) -> u64 {
-        self.clock
-            .now()
-            .saturating_duration_since(page.stored_at)
-            .as_secs()
+        self.age(page).as_secs()
     }
 
     /// Wraps an upstream body as a storable page, or `None` if this status is not cached

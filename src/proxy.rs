@@ -205,12 +205,12 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         }
     };
     let status = response.status();
-    let headers = response.headers_mut();
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
     let cache_status =
         (method == Method::GET).then(|| ctx.cache_status.unwrap_or(CacheStatus::Bypass));
     if let Some(cs) = cache_status {
-        headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(cs.as_str()));
+        response
+            .headers_mut()
+            .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cs.as_str()));
     }
 
     let client = ctx.client.as_deref().map(|c| &*c.name.0);
@@ -265,6 +265,7 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
         "request"
     );
+    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
@@ -373,17 +374,18 @@ async fn list(
     let cache = &state.cache;
     let mut stale = None;
     if let Some(page) = cache.get(&key).await {
-        match cache.freshness(&page) {
+        let age = cache.age(&page);
+        match cache.freshness_at(&page, age) {
             Freshness::Fresh => {
                 ctx.cache_status = Some(CacheStatus::Hit);
-                return Ok(page_response(&page, Some(cache.age_seconds(&page))));
+                return Ok(page_response(&page, Some(age.as_secs())));
             }
             Freshness::StaleWhileRevalidate => {
                 if page.claim_refresh() {
                     spawn_refresh(state, key, page.clone(), request_id.clone());
                 }
                 ctx.cache_status = Some(CacheStatus::StaleHit);
-                return Ok(page_response(&page, Some(cache.age_seconds(&page))));
+                return Ok(page_response(&page, Some(age.as_secs())));
             }
             Freshness::StaleIfError => stale = Some(page),
             Freshness::Expired => {}
