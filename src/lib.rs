@@ -8,11 +8,12 @@
 //! list from the [`cache`] or forwards to [`upstream`] with the admin key from [`secret`].
 //! Writes invalidate their checkpoint before answering and leave an [`audit`] record. Every
 //! failure is one [`error::Error`], rendered in OpenAI's shape in one place. [`observability`]
-//! owns logging and request ids; [`admin`] the operator listener; [`config`] the TOML file;
-//! [`mock_upstream`] a faithful local OpenAI for `permgate demo` and the tests; [`cli`] the
-//! commands.
+//! owns logging and request ids ([`access_log`] writes the JSON access line); [`admin`] the
+//! operator listener; [`config`] the TOML file; [`mock_upstream`] a faithful local OpenAI for
+//! `permgate demo` and the tests; [`cli`] the commands.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod auth;

@@ -243,3 +243,122 @@ async fn sighup_adds_a_client_to_a_running_gateway() {
         .unwrap();
     assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
 }
+
+/// The access log as a log collector reads it: the real binary with `PERMGATE_LOG_FORMAT=json`
+/// writes one JSON object per request with tracing-subscriber's shape, strings escaped, absent
+/// optional fields left out, and every line is out by the time the process has exited.
+#[tokio::test]
+async fn json_access_lines_carry_the_request_fields_and_are_all_written_by_exit() {
+    let mock = MockUpstream::new(ADMIN_KEY);
+    let (mock_addr, _stop) = serve_mock(&mock).await;
+    let name = "svc \"quoted\" \\ é✓\ttab";
+    let token = "json-log-token-1";
+    let digest = hex::encode(permgate::auth::digest(token.as_bytes()));
+    // A JSON string is also a TOML basic string.
+    let extra = format!(
+        "\n[[clients]]\nname = {}\ntoken_sha256 = \"{digest}\"\ncheckpoints = [\"*\"]\n",
+        serde_json::to_string(name).unwrap()
+    );
+    let files = files("jsonlog", mock_addr, &extra);
+    let mut child = Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_permgate"))
+            .args(["serve", "--config"])
+            .arg(&files.config)
+            .env("PERMGATE_LOG", "info")
+            .env("PERMGATE_LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let event: serde_json::Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            if let Some(addr) = event["fields"]["listen"].as_str() {
+                let _ = addr_tx.send(addr.to_string());
+            }
+            lines.push(event);
+        }
+        lines
+    });
+    let addr = tokio::task::spawn_blocking(move || addr_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the gateway logged its address");
+    let client = TestClient::new(addr.parse().unwrap());
+    let miss = client
+        .send(
+            Method::GET,
+            &list_path(CP),
+            Some(token),
+            &[("x-request-id", "caller-id.1")],
+            None,
+        )
+        .await;
+    assert_eq!(miss.status, 200);
+    let hit = client.get(&list_path(CP), token).await;
+    assert_eq!(hit.cache_status(), "permgate; hit");
+    let denied = client.get(&list_path(CP), "not-a-client").await;
+    assert_eq!(denied.status, 401);
+    signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || child.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "serve exits 0 on SIGTERM: {status:?}");
+    let lines = reader.join().unwrap();
+    assert_eq!(
+        lines.last().unwrap()["fields"]["message"],
+        "drained; bye",
+        "the last line is written before exit"
+    );
+
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "permgate::access")
+        .collect();
+    assert_eq!(access.len(), 3, "{lines:#?}");
+    for line in &access {
+        let keys: Vec<&str> = line
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(keys, ["fields", "level", "target", "timestamp"]);
+        assert_eq!(line["level"], "INFO");
+        let time = line["timestamp"].as_str().unwrap();
+        assert_eq!(time.len(), "2025-01-31T12:34:56.789012Z".len(), "{time}");
+        assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+        let fields = &line["fields"];
+        assert_eq!(fields["message"], "request");
+        assert_eq!(fields["method"], "GET");
+        assert_eq!(fields["route"], "list_permissions");
+        assert!(fields["duration_ms"].as_f64().unwrap() >= 0.0);
+    }
+    let (miss_line, hit_line, denied_line) = (
+        &access[0]["fields"],
+        &access[1]["fields"],
+        &access[2]["fields"],
+    );
+    assert_eq!(miss_line["request_id"], "caller-id.1");
+    assert_eq!(miss_line["client"], name);
+    assert_eq!(miss_line["checkpoint"], CP);
+    assert_eq!(miss_line["cache_status"], "miss_stored");
+    assert_eq!(miss_line["status"], 200);
+    assert_eq!(miss_line["upstream_status"], 200);
+    assert_eq!(hit_line["request_id"], hit.header("x-request-id"));
+    assert_eq!(hit_line["client"], name);
+    assert_eq!(hit_line["cache_status"], "hit");
+    assert!(hit_line.get("upstream_status").is_none(), "{hit_line}");
+    assert_eq!(denied_line["status"], 401);
+    // Refused before the checkpoint is read: neither client nor checkpoint.
+    assert!(denied_line.get("client").is_none(), "{denied_line}");
+    assert!(denied_line.get("checkpoint").is_none(), "{denied_line}");
+    assert_eq!(denied_line["cache_status"], "bypass");
+}
