@@ -265,7 +265,9 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         upstream_status = ctx.upstream_status.map(|s| s.as_u16()),
         "request"
     );
-    response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id);
     response
 }
 
