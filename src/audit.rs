@@ -87,5 +87,11 @@ pub async fn record(log: Option<&AuditLog>, metrics: &Metrics, record: Record<'_
 }
 
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    use std::fmt::Write as _;
+    // humantime panics before 1970 and fails to format after 9999: a wrong clock must not
+    // take the gateway down with it.
+    let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
+    let mut out = String::with_capacity(24);
+    let _ = write!(out, "{}", humantime::format_rfc3339_millis(now));
+    out
 }
