@@ -302,14 +302,12 @@ async fn get(sender: &mut Sender, uri: &str, authorization: &HeaderValue) -> usi
         .len()
 }
 
+/// permgate's log output exactly as `observability::init` installs it with
+/// `PERMGATE_LOG_FORMAT=json`, written to a sink.
 fn subscriber(filter: &str) -> impl tracing::Subscriber + Send + Sync {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::sink)
-        .json()
-        .with_current_span(true)
-        .with_span_list(false)
-        .finish()
+    use tracing_subscriber::layer::SubscriberExt;
+    let layer = observability::log_layer(filter, Some("json"), std::io::sink).expect("log layer");
+    tracing_subscriber::registry().with(layer)
 }
 
 fn full_hit(c: &mut Criterion) {

@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 
 use hyper::header::HeaderValue;
 use tracing_subscriber::filter::{filter_fn, FilterExt};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -26,7 +28,6 @@ const MAX_REQUEST_ID: usize = 128;
 /// spans still queued.
 pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
     let directives = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
-    let filter = || EnvFilter::try_new(&directives).map_err(|e| format!("PERMGATE_LOG: {e}"));
     // A background thread does the writing, so no request waits on a write(2) to stderr. The
     // queue is bounded; when it is full, writers wait rather than lines being lost. The thread
     // writes everything queued into a buffer, then flushes it: a burst of lines leaves in a few
@@ -37,11 +38,48 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
             64 * 1024,
             std::io::stderr(),
         ));
+    let format = env("PERMGATE_LOG_FORMAT");
+    let fmt = log_layer(&directives, format.as_deref(), writer)?;
+    let registry = tracing_subscriber::registry().with(fmt);
+    // No layer at all rather than an empty one: an empty (`None`) layer counts as wanting
+    // every callsite.
+    #[cfg(feature = "otel")]
+    let (installed, export) = match crate::otel::layer(env)? {
+        (Some(otel), guard) => {
+            let filter =
+                EnvFilter::try_new(&directives).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
+            (registry.with(otel.with_filter(filter)).try_init(), guard)
+        }
+        (None, guard) => (registry.try_init(), guard),
+    };
+    #[cfg(not(feature = "otel"))]
+    let (installed, export) = (registry.try_init(), ());
+    installed.map_err(|e| format!("logging: {e}"))?;
+    Ok(Guard {
+        _export: export,
+        _logs: flush,
+    })
+}
+
+/// The log output as `init` installs it (`PERMGATE_LOG` directives, `PERMGATE_LOG_FORMAT`),
+/// writing to `writer`; public so the benchmarks measure exactly this. It filters for itself
+/// (there is no global filter): a callsite no layer wants, like the `request` span when
+/// nothing exports spans, is then disabled at the callsite and costs nothing per request.
+pub fn log_layer<S, W>(
+    directives: &str,
+    format: Option<&str>,
+    writer: W,
+) -> Result<Box<dyn Layer<S> + Send + Sync>, String>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_new(directives).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
     // Colour only for a person at a terminal, never into files or log collectors.
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
-    let fmt = match env("PERMGATE_LOG_FORMAT").as_deref() {
+    let fmt = match format {
         // Unset: one line per event, for people; "pretty": tracing's multi-line layout.
         None => fmt.boxed(),
         Some("pretty") => fmt.pretty().boxed(),
@@ -58,25 +96,7 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
             ))
         }
     };
-    // Every layer filters for itself (no global filter): a callsite no layer wants, like the
-    // `request` span when nothing exports spans, is then disabled at the callsite and costs
-    // nothing per request.
-    let fmt = fmt.with_filter(filter()?.and(filter_fn(renders)));
-    let registry = tracing_subscriber::registry().with(fmt);
-    // No layer at all rather than an empty one: an empty (`None`) layer counts as wanting
-    // every callsite.
-    #[cfg(feature = "otel")]
-    let (installed, export) = match crate::otel::layer(env)? {
-        (Some(otel), guard) => (registry.with(otel.with_filter(filter()?)).try_init(), guard),
-        (None, guard) => (registry.try_init(), guard),
-    };
-    #[cfg(not(feature = "otel"))]
-    let (installed, export) = (registry.try_init(), ());
-    installed.map_err(|e| format!("logging: {e}"))?;
-    Ok(Guard {
-        _export: export,
-        _logs: flush,
-    })
+    Ok(fmt.with_filter(filter.and(filter_fn(renders))).boxed())
 }
 
 /// What the log output renders: events, not permgate's per-request spans (`request`,
