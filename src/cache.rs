@@ -446,10 +446,12 @@ impl PageCache {
         E: Send + Sync + 'static,
     {
         let leading = loop {
-            let fill = {
+            let fill;
+            let done;
+            {
                 let mut fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
                 match fills.entry(key.clone()) {
-                    Entry::Occupied(entry) => entry.get().clone(),
+                    Entry::Occupied(entry) => fill = entry.get().clone(),
                     Entry::Vacant(entry) => {
                         let fill = Arc::new(Fill::default());
                         entry.insert(fill.clone());
@@ -460,10 +462,11 @@ impl PageCache {
                         };
                     }
                 }
-            };
-            let done = fill.done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
+                // Made while the entry is still in the map: its leader removes it under this
+                // lock before waking the waiters, so this future cannot miss that wake-up, even
+                // from a leader cancelled without an outcome.
+                done = fill.done.notified();
+            }
             if fill.outcome.get().is_none() {
                 done.await;
             }
