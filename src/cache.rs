@@ -11,7 +11,7 @@
 //! - **permgate decides freshness** from `stored_at` and an injectable [`Clock`]; moka's
 //!   per-entry expiry (fresh + stale windows) only bounds memory.
 //! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
-//!   moka hands the same `Err` to every coalesced waiter.
+//!   the fill map hands the same `Err` to every coalesced waiter.
 //! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
 //!   separate map of fills in flight (`fills`), not by removing the page, so when upstream
 //!   fails every waiter can still answer with the stale page inside `stale_if_error`.
@@ -286,9 +286,10 @@ impl PageCache {
             })
             .expire_after(PageExpiry)
             // Least recently used out first, and every fetched page stored. moka's default
-            // (TinyLFU) may refuse to store a fetched page that is not yet popular (its next
-            // request goes upstream again), and under a stream of distinct keys that admission
-            // churn cost twice the CPU per miss (benches/README.md).
+            // (TinyLFU) may refuse to store a fetched page that is not yet popular, so its next
+            // request goes upstream again; it resists a scan better (with LRU, one client paging
+            // through many distinct pages can push hot pages out of a full cache). Misses at a
+            // full cache measured 4-6 % cheaper with LRU (benches/README.md).
             .eviction_policy(EvictionPolicy::lru())
             .support_invalidation_closures()
             .eviction_listener(move |_, _, cause| {
@@ -455,11 +456,11 @@ impl PageCache {
                     Entry::Vacant(entry) => {
                         let fill = Arc::new(Fill::default());
                         entry.insert(fill.clone());
-                        break Leading {
+                        break Some(Leading {
                             fills: &self.fills,
                             key,
                             fill,
-                        };
+                        });
                     }
                 }
                 // Made while the entry is still in the map: its leader removes it under this
@@ -476,14 +477,18 @@ impl PageCache {
                 .map(|o| o.clone().downcast::<FillOutcome<P, E>>())
             {
                 Some(Ok(outcome)) => return ((*outcome).clone(), false),
-                // No outcome: the leader was cancelled; try to lead. (A fill of another type
-                // for the same key cannot happen: one call site fills pages.)
-                Some(Err(_)) | None => continue,
+                // No outcome: the leader was cancelled; try to lead.
+                None => continue,
+                // Another caller filled this key with other types (one call site fills pages,
+                // so this does not happen): fetch without coalescing rather than wait or spin.
+                Some(Err(_)) => break None,
             }
         };
         if let Some(page) = self.pages.get(key).await {
             if self.freshness(&page) == Freshness::Fresh {
-                leading.publish::<P, E>(Ok(page.clone()));
+                if let Some(leading) = leading {
+                    leading.publish::<P, E>(Ok(page.clone()));
+                }
                 return (Ok(page), false);
             }
         }
@@ -494,7 +499,9 @@ impl PageCache {
             }
             Err(e) => Err(Arc::new(e)),
         };
-        leading.publish(outcome.clone());
+        if let Some(leading) = leading {
+            leading.publish(outcome.clone());
+        }
         (outcome, true)
     }
 

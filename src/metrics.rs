@@ -76,11 +76,33 @@ pub struct RequestOutcome {
 }
 
 impl RequestOutcome {
+    /// The series' place in a client's table. Exhaustive matches: a new route or cache status
+    /// does not compile until it has its own place.
     fn slot(self) -> usize {
-        let route = self.route.map_or(3, |op| op as usize);
+        let route = self.route_index();
         let class = usize::from(self.status / 100).clamp(1, 5) - 1;
-        let cache = self.cache_status.map_or(9, |cs| cs as usize);
+        let cache = match self.cache_status {
+            None => 0,
+            Some(CacheStatus::Hit) => 1,
+            Some(CacheStatus::StaleHit) => 2,
+            Some(CacheStatus::StaleIfError) => 3,
+            Some(CacheStatus::MissStored) => 4,
+            Some(CacheStatus::Miss) => 5,
+            Some(CacheStatus::Collapsed) => 6,
+            Some(CacheStatus::RefreshStored) => 7,
+            Some(CacheStatus::Refresh) => 8,
+            Some(CacheStatus::Bypass) => 9,
+        };
         (route * 5 + class) * 10 + cache
+    }
+
+    fn route_index(self) -> usize {
+        match self.route {
+            None => 0,
+            Some(Operation::List) => 1,
+            Some(Operation::Create) => 2,
+            Some(Operation::Delete) => 3,
+        }
     }
 
     fn labels(self, client: &ClientLabel) -> RequestLabels {
@@ -135,7 +157,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabel, Histogram>,
-    /// `request_duration`'s series by route (as `RequestOutcome::slot` numbers routes).
+    /// `request_duration`'s series by route (numbered by `RequestOutcome::route_index`).
     durations: [OnceLock<Histogram>; 4],
     /// Requests that presented no valid token.
     anonymous: ClientSeries,
@@ -315,8 +337,7 @@ impl Metrics {
                 .clone()
         });
         counter.inc();
-        let route = slot / 50;
-        self.durations[route]
+        self.durations[outcome.route_index()]
             .get_or_init(|| {
                 let route = outcome.route.map_or("unmatched", Operation::as_str);
                 self.request_duration

@@ -46,8 +46,7 @@ pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
     #[cfg(feature = "otel")]
     let (installed, export) = match crate::otel::layer(env)? {
         (Some(otel), guard) => {
-            let filter =
-                EnvFilter::try_new(&directives).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
+            let filter = env_filter(&directives)?;
             (registry.with(otel.with_filter(filter)).try_init(), guard)
         }
         (None, guard) => (registry.try_init(), guard),
@@ -74,7 +73,7 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_new(directives).map_err(|e| format!("PERMGATE_LOG: {e}"))?;
+    let filter = env_filter(directives)?;
     // Colour only for a person at a terminal, never into files or log collectors.
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
@@ -97,6 +96,13 @@ where
         }
     };
     Ok(fmt.with_filter(filter.and(filter_fn(renders))).boxed())
+}
+
+/// `PERMGATE_LOG` as a filter. Each layer gets its own, so a span no layer renders is never
+/// seen by the log output's filter: directives scoped to permgate's spans (`[upstream]=debug`)
+/// match nothing.
+fn env_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(directives).map_err(|e| format!("PERMGATE_LOG: {e}"))
 }
 
 /// What the log output renders: events, not permgate's per-request spans (`request`,
