@@ -24,15 +24,14 @@
 //!   the comparison runs it), and with the access log on (written to a sink, so the cost is
 //!   formatting, not I/O).
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::header::{HeaderValue, AGE, AUTHORIZATION, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::header::{HeaderValue, AGE, AUTHORIZATION};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
@@ -49,6 +48,9 @@ use permgate::proxy::{self, AppState, CACHE_STATUS, X_REQUEST_ID};
 use permgate::route::{self, Checkpoint, ListQuery};
 use permgate::secret::AdminKey;
 use permgate::server::{self, Limits};
+
+#[path = "helpers/reference_server.rs"]
+mod reference_server;
 
 const CHECKPOINT: &str = "ft:gpt-4o-mini-2024-07-18:acme:weather:B7R9VjQd";
 const ENCODED: &str = "ft%3Agpt-4o-mini-2024-07-18%3Aacme%3Aweather%3AB7R9VjQd";
@@ -249,29 +251,6 @@ fn response(c: &mut Criterion) {
     group.finish();
 }
 
-/// Serves `body` the way `benches/helpers/bench_reference.rs` does.
-async fn bare_hyper(listener: TcpListener, body: Bytes) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let body = body.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |_req| {
-                let mut response = Response::new(Full::new(body.clone()));
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
-}
-
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 static HANDLE_FUTURE_BYTES: AtomicUsize = AtomicUsize::new(0);
@@ -344,7 +323,7 @@ fn full_hit(c: &mut Criterion) {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let reference = listener.local_addr().expect("addr");
-        tokio::spawn(bare_hyper(listener, body.clone()));
+        tokio::spawn(reference_server::serve(listener, body.clone()));
         (gateway, reference, stop)
     });
 

@@ -9,17 +9,12 @@
 //!
 //! Usage: `bench-reference --listen 127.0.0.1:PORT --body FILE`
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::Response;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+
+mod reference_server;
 
 fn usage() -> ! {
     eprintln!("usage: bench-reference --listen ADDR --body FILE");
@@ -56,24 +51,6 @@ fn main() {
             "bench-reference listening on {listen}, {} body bytes",
             body.len()
         );
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let body = body.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |_req| {
-                    let mut response = Response::new(Full::new(body.clone()));
-                    response
-                        .headers_mut()
-                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                    async move { Ok::<_, Infallible>(response) }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        reference_server::serve(listener, body).await;
     });
 }
