@@ -323,7 +323,11 @@ fn full_hit(c: &mut Criterion) {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let reference = listener.local_addr().expect("addr");
-        tokio::spawn(reference_server::serve(listener, body.clone()));
+        tokio::spawn(reference_server::serve(
+            listener,
+            body.clone(),
+            Duration::ZERO,
+        ));
         (gateway, reference, stop)
     });
 

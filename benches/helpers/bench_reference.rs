@@ -7,9 +7,13 @@
 //! The script gives it the exact bytes permgate serves for the page being compared (fetched
 //! through permgate), so both write the same body.
 //!
-//! Usage: `bench-reference --listen 127.0.0.1:PORT --body FILE`
+//! Usage: `bench-reference --listen 127.0.0.1:PORT --body FILE [--busy-ns N]`
+//!
+//! `--busy-ns N` spins for N nanoseconds before answering each request: a reference that does
+//! as much work per request as permgate, for the tail-latency experiment in `benches/README.md`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -17,12 +21,13 @@ use tokio::net::TcpListener;
 mod reference_server;
 
 fn usage() -> ! {
-    eprintln!("usage: bench-reference --listen ADDR --body FILE");
+    eprintln!("usage: bench-reference --listen ADDR --body FILE [--busy-ns N]");
     std::process::exit(2)
 }
 
 fn main() {
     let (mut listen, mut body) = (None::<SocketAddr>, None::<Bytes>);
+    let mut busy = Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -35,6 +40,7 @@ fn main() {
                 });
                 body = Some(Bytes::from(bytes));
             }
+            "--busy-ns" => busy = Duration::from_nanos(value.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -51,6 +57,6 @@ fn main() {
             "bench-reference listening on {listen}, {} body bytes",
             body.len()
         );
-        reference_server::serve(listener, body).await;
+        reference_server::serve(listener, body, busy).await;
     });
 }

@@ -1,8 +1,10 @@
 //! The bare hyper server both yardsticks use (`bench-reference` for `compare.sh`, and the
 //! `full_hit/bare_hyper_reference` criterion bench): every request answered with one prebuilt
-//! body from memory, `Content-Type: application/json`, HTTP/1.1, nothing else.
+//! body from memory, `Content-Type: application/json`, HTTP/1.1, nothing else (but an optional
+//! busy wait per request, for the tail-latency experiment in `benches/README.md`).
 
 use std::convert::Infallible;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -13,8 +15,9 @@ use hyper::Response;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-/// Serves `body` on every connection `listener` accepts, forever.
-pub async fn serve(listener: TcpListener, body: Bytes) {
+/// Serves `body` on every connection `listener` accepts, forever. Each request first spins for
+/// `busy` (zero: not at all), which models a server doing that much more work per request.
+pub async fn serve(listener: TcpListener, body: Bytes, busy: Duration) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -23,6 +26,12 @@ pub async fn serve(listener: TcpListener, body: Bytes) {
         let body = body.clone();
         tokio::spawn(async move {
             let service = service_fn(move |_req| {
+                if !busy.is_zero() {
+                    let start = Instant::now();
+                    while start.elapsed() < busy {
+                        std::hint::spin_loop();
+                    }
+                }
                 let mut response = Response::new(Full::new(body.clone()));
                 response
                     .headers_mut()
