@@ -32,6 +32,8 @@
 #                     use less than QUIET_PCT % of the machine (each run records how much they
 #                     used while it ran: the "other load" column)
 #   SERVER_CPU=0 LOAD_CPU=1   cores for the servers and for wrk
+#   REF_BUSY_NS=1000  extra work per request of the second bare hyper server in hit10
+#                     (ref10busy: about what permgate adds to a hit; the tail-latency control)
 #   PORT_BASE=18400   ports PORT_BASE..PORT_BASE+40 on 127.0.0.1 must be free
 #   OUT=target/bench-compare   where the report and raw results are written
 #   SKIP_BUILD=1      reuse the binaries already in target/release
@@ -51,6 +53,7 @@ QUIET_PCT=${QUIET_PCT:-5}
 QUIET_MAX=${QUIET_MAX:-20}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
+REF_BUSY_NS=${REF_BUSY_NS:-1000}
 PORT_BASE=${PORT_BASE:-18400}
 OUT=${OUT:-$ROOT/target/bench-compare}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -396,7 +399,7 @@ measure() {
 
 systems_of() {
     case $1 in
-        hit10) echo "ref10 nginx pg pglog" ;;
+        hit10) echo "ref10 ref10busy nginx pg pglog" ;;
         hit100) echo "ref100 nginx pg" ;;
         keys10k) echo "nginx pg" ;;
         miss0) echo "direct0 nginx pg" ;;
@@ -529,7 +532,7 @@ check_bound() {
 # Report
 # ---------------------------------------------------------------------------------------------
 report() {
-    awk -F'\t' -v extra="$(cat "$EXTRA")" '
+    awk -F'\t' -v extra="$(cat "$EXTRA")" -v busy_ns="$REF_BUSY_NS" '
     function median(list,   n, a, i, j, t) {
         n = split(list, a, " ")
         for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] + 0 > t + 0; j--) a[j + 1] = a[j]; a[j + 1] = t }
@@ -559,6 +562,12 @@ report() {
         return median(l)
     }
     function have(s, y) { return ("rps", s, y, 1) in V }
+    # the median over rounds of the share of its core the server used (req/s x CPU per request)
+    function load(s, y,   r, l) {
+        l = ""
+        for (r = 1; r <= rounds; r++) if (("rps", s, y, r) in V) l = l " " V["rps", s, y, r] * V["cpu", s, y, r] / 1e4
+        return median(l)
+    }
     # ok: 1 met, 0 missed, -1 a figure for comparison only
     function check(name, value, fmt, goal, ok) {
         if (value == "") { printf "  %-66s %12s   %-26s %s\n", name, "n/a", goal, "not run"; return }
@@ -599,6 +608,9 @@ report() {
         check("cache hit: permgate cpu/req - bare hyper cpu/req, 10 items", have("hit10", "pg") && have("hit10", "ref10") ? diff("cpu", "hit10", "pg", "hit10", "ref10") : "", "%+.1f us", "(what permgate adds)", -1)
         check("cache hit: permgate cpu/req - bare hyper cpu/req, 100 items", have("hit100", "pg") && have("hit100", "ref100") ? diff("cpu", "hit100", "pg", "hit100", "ref100") : "", "%+.1f us", "(no per-byte cost: equal)", -1)
         check("cache hit, 1 key, 10 items: p99 permgate / p99 bare hyper", have("hit10", "pg") && have("hit10", "ref10") ? ratio("p99", "hit10", "pg", "hit10", "ref10") : "", "%.2f", "<= 1.2", ratio("p99", "hit10", "pg", "hit10", "ref10") <= 1.2)
+        check("  bare hyper: share of its core used in hit10 (req/s x cpu/req)", have("hit10", "ref10") ? load("hit10", "ref10") : "", "%.0f%%", "(under 100%: wrk is the limit)", -1)
+        check("  permgate: share of its core used in hit10", have("hit10", "pg") ? load("hit10", "pg") : "", "%.0f%%", "", -1)
+        check(sprintf("  p99 permgate / p99 bare hyper doing %d ns more per request", busy_ns), have("hit10", "pg") && have("hit10", "ref10busy") ? ratio("p99", "hit10", "pg", "hit10", "ref10busy") : "", "%.2f", "(the control: ref10busy)", -1)
         check("10,000 keys / 1 key (permgate)", have("keys10k", "pg") && have("hit10", "pg") ? ratio("rps", "keys10k", "pg", "hit10", "pg") : "", "%.3f", ">= 0.9", ratio("rps", "keys10k", "pg", "hit10", "pg") >= 0.9)
         if (have("hit100", "pg") && have("hit100", "ref100") && have("hit10", "pg") && have("hit10", "ref10")) {
             r100 = ratio("rps", "hit100", "pg", "hit100", "ref100"); r10 = ratio("rps", "hit10", "pg", "hit10", "ref10")
@@ -686,6 +698,8 @@ curl -sf -D - "${auth[@]}" "http://127.0.0.1:${PORT[pg]}$ONE" -o /dev/null | gre
     die "permgate does not serve the page from its cache"
 start ref10 $((PORT_BASE + 10)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 10))" --body "$WORK/body10.json"
 start ref100 $((PORT_BASE + 11)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 11))" --body "$WORK/body100.json"
+start ref10busy $((PORT_BASE + 12)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 12))" \
+    --body "$WORK/body10.json" --busy-ns "$REF_BUSY_NS"
 log "page bodies: 10 items $(stat -c %s "$WORK/body10.json") B, 100 items $(stat -c %s "$WORK/body100.json") B"
 
 case " $SCENARIOS " in *" keys10k "*)
