@@ -8,9 +8,14 @@
 #     benches/profile.sh syscalls    # system calls and context switches per request, both servers
 #     benches/profile.sh callgrind   # instructions per request, permgate vs bare hyper, and
 #                                    # permgate's inclusive costs (stable: counts, not time)
+#     SCENARIO=miss benches/profile.sh callgrind   # the same per miss (upstream on the other core)
+#     benches/profile.sh legs        # misses with a 20 ms upstream on permgate's core (compare.sh's
+#                                    # miss20): packet captures split each request's time into the
+#                                    # way in, upstream and the way back (benches/legs.py)
 #
-# Knobs: SCENARIO=hit|miss (perf mode), DURATION=10s (perf) / CG_DURATION=5s (callgrind), LOG="info,permgate::access=off"
-# (PERMGATE_LOG of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
+# Knobs: SCENARIO=hit|miss (perf, callgrind), DURATION=10s (perf) / CG_DURATION=5s (callgrind),
+# LEGS_CONNECTIONS="1 8 64" LEGS_DURATION=4s (legs), LOG="info,permgate::access=off" (PERMGATE_LOG
+# of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
 set -eu
 
 MODE=${1:-perf}
@@ -115,12 +120,14 @@ case $MODE in
     callgrind)
         command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
         rm -f "$OUT"/callgrind.*
+        COUNT_SCRIPT=()
         # instructions_per_request PID HOST_URL: Ir collected over one wrk run / requests served.
         count() {
             local pid=$1 url=$2 file=$3
             callgrind_control -i on "$pid" >/dev/null
             local requests
-            requests=$(taskset -c 1 wrk -t1 -c8 -d"$CG_DURATION" -H "Authorization: Bearer $TOKEN" "$url" |
+            requests=$(BENCH_RUN_ID=cg-$RANDOM taskset -c 1 wrk -t1 -c8 -d"$CG_DURATION" \
+                -H "Authorization: Bearer $TOKEN" "${COUNT_SCRIPT[@]}" "$url" |
                 awk '/requests in/ {print $1}')
             callgrind_control -i off "$pid" >/dev/null
             callgrind_control -d "$pid" >/dev/null
@@ -130,6 +137,17 @@ case $MODE in
             echo "$requests $ir"
         }
         start_pg valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.permgate.%p"
+        if [ "${SCENARIO:-hit}" = miss ]; then
+            # Every request a new key; the upstream (no delay) is on the other core.
+            COUNT_SCRIPT=(-s "$ROOT/benches/wrk/unique.lua")
+            read -r pg_req pg_ir < <(count "$PG_PID" "http://127.0.0.1:$PG" "$OUT/callgrind.permgate.$PG_PID")
+            awk -v a="$pg_ir" -v n="$pg_req" 'BEGIN { printf "permgate: %d misses, %.0f instructions per miss\n", n, a / n }' |
+                tee "$OUT/callgrind-summary-miss.txt"
+            callgrind_annotate --inclusive=yes "$OUT/callgrind.permgate.$PG_PID.1" 2>/dev/null | head -120 >"$OUT/callgrind-permgate-inclusive-miss.txt"
+            callgrind_annotate "$OUT/callgrind.permgate.$PG_PID.1" 2>/dev/null | head -70 >"$OUT/callgrind-permgate-self-miss.txt"
+            log "annotations in $OUT/callgrind-*-miss.txt"
+            exit 0
+        fi
         read -r pg_req pg_ir < <(count "$PG_PID" "http://127.0.0.1:$PG$ONE" "$OUT/callgrind.permgate.$PG_PID")
         taskset -c 0 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.reference.%p" \
             "$REFERENCE_BIN" --listen "127.0.0.1:$REF" --body "$WORK/body10.json" 2>/dev/null &
@@ -164,8 +182,47 @@ case $MODE in
             awk -F, -v who="$1" -v n="$n" '$3 ~ /:|switches/ && $1 ~ /^[0-9]/ { printf "%-10s %-36s %8.3f per request\n", who, $3, $1 / n }' "$WORK/stat.txt"
         done | tee "$OUT/syscalls.txt"
         ;;
+    legs)
+        # compare.sh's miss20, taken apart: a 20 ms upstream on permgate's core, every request a
+        # new key, LEGS_CONNECTIONS connections; one captured run through permgate and one
+        # straight to the upstream per connection count.
+        if ! command -v tcpdump >/dev/null; then
+            [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null || { echo "tcpdump is not installed" >&2; exit 1; }
+            log "installing tcpdump (apt-get)"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump >/dev/null
+        fi
+        UP20=$((PORT_BASE + 3)) PG20=$((PORT_BASE + 4))
+        sed -e "s|^listen = .*|listen = \"127.0.0.1:$PG20\"|" -e "s|127.0.0.1:$UP/v1|127.0.0.1:$UP20/v1|" \
+            "$WORK/pg.toml" >"$WORK/pg20.toml"
+        taskset -c 0 "$UPSTREAM_BIN" --listen "127.0.0.1:$UP20" --admin-key "$ADMIN_KEY" --delay-ms 20 2>/dev/null &
+        STARTED+=($!)
+        wait_port "$UP20"
+        env OPENAI_ADMIN_KEY="$ADMIN_KEY" PERMGATE_LOG="$LOG" PERMGATE_LOG_FORMAT=json \
+            taskset -c 0 "$PERMGATE" serve --config "$WORK/pg20.toml" 2>"$WORK/pg.log" &
+        STARTED+=($!)
+        wait_port "$PG20"
+        # captured NAME PORT AUTH CONNECTIONS: one wrk run of new keys, captured on loopback.
+        captured() {
+            BENCH_RUN_ID=warm-$RANDOM taskset -c 1 wrk -t1 -c"$4" -d2s -H "Authorization: Bearer $3" \
+                -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$2" >/dev/null
+            taskset -c 1 tcpdump -i lo -s 400 -U -w "$WORK/$1.pcap" "tcp port $UP20 or tcp port $PG20" 2>/dev/null &
+            local dump=$!
+            sleep 1
+            BENCH_RUN_ID=legs-$RANDOM taskset -c 1 wrk -t1 -c"$4" -d"${LEGS_DURATION:-4s}" \
+                -H "Authorization: Bearer $3" -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$2" >/dev/null
+            sleep 0.5
+            kill "$dump"
+            wait "$dump" 2>/dev/null || true
+        }
+        for c in ${LEGS_CONNECTIONS:-1 8 64}; do
+            captured proxied "$PG20" "$TOKEN" "$c"
+            captured direct "$UP20" "$ADMIN_KEY" "$c"
+            echo "== $c connections, 20 ms upstream on permgate's core"
+            python3 "$ROOT/benches/legs.py" "$WORK/proxied.pcap" "$WORK/direct.pcap" "$PG20" "$UP20"
+        done | tee "$OUT/legs.txt"
+        ;;
     *)
-        echo "usage: $0 perf|callgrind|syscalls" >&2
+        echo "usage: $0 perf|callgrind|syscalls|legs" >&2
         exit 2
         ;;
 esac
