@@ -9,7 +9,7 @@
 //!   no eviction that could hand an old generation back. Two checkpoints sharing a shard only
 //!   cost each other a spurious miss.
 //! - **permgate decides freshness** from `stored_at` and an injectable [`Clock`]; moka's
-//!   per-entry expiry (fresh + stale windows) only bounds memory.
+//!   time-to-live (the longest a page can be of use: fresh + stale windows) only bounds memory.
 //! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
 //!   the fill map hands the same `Err` to every coalesced waiter.
 //! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
@@ -35,7 +35,6 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
-use moka::Expiry;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
@@ -47,10 +46,11 @@ use crate::route::{Checkpoint, ListQuery};
 const GENERATION_SHARDS: usize = 4096;
 /// What a cached page costs beyond its body and its key's strings, as measured (valgrind
 /// massif and resident memory with 100,000 pages, benches/README.md): moka's entry (the key it
-/// keeps in an `Arc`, entry info, deque and timer-wheel nodes, hash table slot), the page
-/// header, the body's shared handle and the allocator's rounding, about 770 bytes. Weighing it
-/// keeps `cache.max_bytes` a bound on memory even when pages are small.
-const ENTRY_OVERHEAD: usize = 768;
+/// keeps in an `Arc`, entry info, deque nodes, hash table slot), the page header, the body's
+/// shared handle and the allocator's rounding: 752 bytes per page beyond its body, of which the
+/// checkpoint string (weighed separately) is about 64. Weighing it keeps `cache.max_bytes` a
+/// bound on memory even when pages are small.
+const ENTRY_OVERHEAD: usize = 720;
 
 /// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
 /// Carries its own hash (of all the other fields), computed once by [`PageCache::key`].
@@ -200,24 +200,6 @@ pub enum FillError<P, E> {
     Failed(E),
 }
 
-struct PageExpiry;
-
-impl Expiry<PageKey, Arc<Page>> for PageExpiry {
-    fn expire_after_create(&self, _: &PageKey, page: &Arc<Page>, _: Instant) -> Option<Duration> {
-        Some(page.keep_for)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &PageKey,
-        page: &Arc<Page>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(page.keep_for)
-    }
-}
-
 /// One fill in flight: its leader publishes the outcome (a `FillOutcome<P, E>`) and wakes the
 /// waiters. A leader that goes away without an outcome wakes them too, and one of them leads.
 #[derive(Default)]
@@ -275,6 +257,12 @@ pub struct PageCache {
 impl PageCache {
     /// `evictions` counts pages dropped to stay within `cache.max_bytes`.
     pub fn new(config: &CacheConfig, clock: Clock, evictions: Counter) -> PageCache {
+        // One lifetime for every page, the longest any page can still be served (a 200 through
+        // its stale windows; a negative 404 lives `negative_ttl`, usually shorter, and is then
+        // `Expired` to `freshness` until it ages out). Per-entry expiry would cost each page a
+        // timer-wheel node (~48 bytes) and its upkeep on every insert.
+        let stale = config.stale_while_revalidate.max(config.stale_if_error);
+        let lifetime = (config.ttl + stale).max(config.negative_ttl);
         let pages = Cache::builder()
             .max_capacity(config.max_bytes)
             .weigher(|key: &PageKey, page: &Arc<Page>| {
@@ -284,7 +272,7 @@ impl PageCache {
                     + page.body.len();
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
-            .expire_after(PageExpiry)
+            .time_to_live(lifetime)
             // Least recently used out first, and every fetched page stored. moka's default
             // (TinyLFU) may refuse to store a fetched page that is not yet popular, so its next
             // request goes upstream again; it resists a scan better (with LRU, one client paging
