@@ -9,7 +9,7 @@
 //!   no eviction that could hand an old generation back. Two checkpoints sharing a shard only
 //!   cost each other a spurious miss.
 //! - **permgate decides freshness** from `stored_at` and an injectable [`Clock`]; moka's
-//!   time-to-live (the longest a page can be of use: fresh + stale windows) only bounds memory.
+//!   expiry (a 200: fresh + stale windows, a 404: `negative_ttl`) only bounds memory.
 //! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
 //!   the fill map hands the same `Err` to every coalesced waiter.
 //! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
@@ -35,6 +35,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
+use moka::Expiry;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 
@@ -115,7 +116,8 @@ impl Page {
             .is_ok()
     }
 
-    /// How long the page may be kept (fresh plus stale windows).
+    /// How long the page can be of use: a 200 through its stale windows, a 404 its
+    /// `negative_ttl` (moka's expiry, and the lifetime of the fleet's shared copy).
     pub fn keep_for(&self) -> Duration {
         self.keep_for
     }
@@ -200,6 +202,33 @@ pub enum FillError<P, E> {
     Failed(E),
 }
 
+/// Expires negative (404) pages after their `negative_ttl`; 200s have no per-entry expiry (the
+/// cache-wide time-to-live is theirs), so moka keeps no timer for them.
+struct NegativeExpiry;
+
+impl NegativeExpiry {
+    fn lifetime(page: &Page) -> Option<Duration> {
+        (page.status != StatusCode::OK).then_some(page.keep_for)
+    }
+}
+
+impl Expiry<PageKey, Arc<Page>> for NegativeExpiry {
+    fn expire_after_create(&self, _: &PageKey, page: &Arc<Page>, _: Instant) -> Option<Duration> {
+        Self::lifetime(page)
+    }
+
+    /// A 404 replaced by a 200 (or the reverse) takes the new page's lifetime.
+    fn expire_after_update(
+        &self,
+        _: &PageKey,
+        page: &Arc<Page>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::lifetime(page)
+    }
+}
+
 /// One fill in flight: its leader publishes the outcome (a `FillOutcome<P, E>`) and wakes the
 /// waiters. A leader that goes away without an outcome wakes them too, and one of them leads.
 #[derive(Default)]
@@ -257,10 +286,10 @@ pub struct PageCache {
 impl PageCache {
     /// `evictions` counts pages dropped to stay within `cache.max_bytes`.
     pub fn new(config: &CacheConfig, clock: Clock, evictions: Counter) -> PageCache {
-        // One lifetime for every page, the longest any page can still be served (a 200 through
-        // its stale windows; a negative 404 lives `negative_ttl`, usually shorter, and is then
-        // `Expired` to `freshness` until it ages out). Per-entry expiry would cost each page a
-        // timer-wheel node (~48 bytes) and its upkeep on every insert.
+        // Every 200 lives the same time, which a cache-wide time-to-live expresses for free; a
+        // per-entry expiry would cost each page a timer-wheel node (~48 bytes) and its upkeep
+        // on every insert. Only negative 404s, which must go sooner (`NegativeExpiry`), pay for
+        // one.
         let stale = config.stale_while_revalidate.max(config.stale_if_error);
         let lifetime = (config.ttl + stale).max(config.negative_ttl);
         let pages = Cache::builder()
@@ -273,6 +302,7 @@ impl PageCache {
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .time_to_live(lifetime)
+            .expire_after(NegativeExpiry)
             // Least recently used out first, and every fetched page stored. moka's default
             // (TinyLFU) may refuse to store a fetched page that is not yet popular, so its next
             // request goes upstream again; it resists a scan better (with LRU, one client paging
@@ -722,6 +752,39 @@ mod tests {
         assert_eq!(cache.entry_count(), 1);
         let w = cache.weighted_bytes();
         assert!((100..100 + ENTRY_OVERHEAD as u64 + 64).contains(&w), "{w}");
+    }
+
+    #[tokio::test]
+    async fn a_negative_page_leaves_memory_after_its_negative_ttl_and_a_200_stays() {
+        // moka's own clock: let real time pass the 404's lifetime (far below the 200's).
+        let config = CacheConfig {
+            negative_ttl: Duration::from_millis(50),
+            ..config()
+        };
+        let cache = PageCache::new(&config, Clock::default(), Counter::default());
+        let missing = cache.key(cp("ft:gone"), ListQuery::default(), View::Alone);
+        let present = cache.key(cp("ft:here"), ListQuery::default(), View::Alone);
+        let not_found = cache.page(StatusCode::NOT_FOUND, b"{}").unwrap();
+        cache.insert(missing.clone(), not_found).await;
+        cache
+            .insert(present.clone(), cache.page(StatusCode::OK, b"[]").unwrap())
+            .await;
+        assert!(cache.get(&missing).await.is_some());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            cache.get(&missing).await.is_none(),
+            "the 404 outlived negative_ttl"
+        );
+        assert!(cache.get(&present).await.is_some());
+        // A 404 replaced by a 200 takes the 200's lifetime.
+        let flipped = cache.key(cp("ft:back"), ListQuery::default(), View::Alone);
+        let not_found = cache.page(StatusCode::NOT_FOUND, b"{}").unwrap();
+        cache.insert(flipped.clone(), not_found).await;
+        cache
+            .insert(flipped.clone(), cache.page(StatusCode::OK, b"[]").unwrap())
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(cache.get(&flipped).await.is_some());
     }
 
     #[tokio::test]
