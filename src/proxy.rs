@@ -529,9 +529,12 @@ async fn fetch_shared(
     loop {
         if let Some(shared) = fleet.get_page(view, checkpoint, query).await {
             let status = StatusCode::from_u16(shared.status).unwrap_or(StatusCode::OK);
+            // Only a copy still fresh by its own age (Redis keeps it through the stale
+            // windows); an older one is as good as none: fetch, and share the new page.
             if let Some(page) = state
                 .cache
                 .aged_page(status, &shared.body, shared.age, None)
+                .filter(|page| state.cache.freshness_at(page, shared.age) == Freshness::Fresh)
             {
                 state.metrics.fleet_shared_hit();
                 return Ok(page);

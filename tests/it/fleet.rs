@@ -361,3 +361,47 @@ async fn a_replica_killed_mid_write_leaves_no_stale_page_anywhere() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_shared_page_older_than_its_ttl_is_fetched_again_not_served() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t5:");
+    let first = replica(&text).await;
+    assert_eq!(first.client.get(&list_path(CP), READER).await.status, 200);
+    assert_eq!(mock.count(&Method::GET), 1);
+
+    // The fleet's copy now says it was fetched an hour ago (its first 8 bytes: the fetch time
+    // in milliseconds since the epoch), far past the 60 s TTL and the stale windows.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("t5:page:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hour_ago = (now_ms - 3_600_000).to_be_bytes();
+    let _: i64 = redis::cmd("SETRANGE")
+        .arg(&keys[0])
+        .arg(0)
+        .arg(&hour_ago[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // A replica with nothing cached locally asks upstream instead of serving that copy...
+    let second = replica(&text).await;
+    let fetched = second.client.get(&list_path(CP), READER).await;
+    assert_eq!(fetched.status, 200);
+    assert_eq!(fetched.cache_status(), "permgate; fwd=miss; stored");
+    assert_eq!(mock.count(&Method::GET), 2, "the hour-old copy was served");
+    // ...and shares what it fetched: the next cold replica takes it without asking upstream.
+    let third = replica(&text).await;
+    assert_eq!(third.client.get(&list_path(CP), READER).await.status, 200);
+    assert_eq!(mock.count(&Method::GET), 2);
+}
