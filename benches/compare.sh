@@ -502,30 +502,32 @@ check_memory() {
     stop pgmem
 }
 
+# check_bound ITEMS PORT: a flood of new ITEMS-item pages against the default max_bytes. Large
+# pages test the body accounting, small ones the per-page overhead the weigher adds.
 check_bound() {
-    local max_bytes=67108864
-    log "memory bound: new 100-item pages for $BOUND_DURATION against max_bytes = 64 MiB (the default)"
-    start_permgate pgbound $((PORT_BASE + 38)) up0 "info,permgate::access=off" "ttl_seconds = 3600"
+    local items=$1 port=$2 max_bytes=67108864 name=pgbound$1
+    log "memory bound: new $items-item pages for $BOUND_DURATION against max_bytes = 64 MiB (the default)"
+    start_permgate "$name" "$port" up0 "info,permgate::access=off" "ttl_seconds = 3600"
     local before after peak=0 rss
     before=$(upstream_count up0)
-    wrk_run "http://127.0.0.1:${PORT[pgbound]}" "$LUA/unique.lua" "$BOUND_DURATION" "$CONNECTIONS" "$TOKEN" \
-        BENCH_RUN_ID="bound-$RANDOM" BENCH_QUERY_EXTRA="&limit=100" >"$WORK/bound.result" &
+    wrk_run "http://127.0.0.1:${PORT[$name]}" "$LUA/unique.lua" "$BOUND_DURATION" "$CONNECTIONS" "$TOKEN" \
+        BENCH_RUN_ID="bound-$RANDOM" BENCH_QUERY_EXTRA="&limit=$items" >"$WORK/bound.result" &
     local wrk_pid=$!
     while kill -0 $wrk_pid 2>/dev/null; do
-        rss=$(rss_kib "${PID[pgbound]}")
+        rss=$(rss_kib "${PID[$name]}")
         [ "$rss" -gt "$peak" ] && peak=$rss
         sleep 0.2
     done
     wait $wrk_pid || true
     after=$(upstream_count up0)
-    local body100 stored_mib limit
-    body100=$(stat -c %s "$WORK/body100.json")
-    stored_mib=$(((after - before) * body100 / 1048576))
+    local body stored_mib limit
+    body=$(stat -c %s "$WORK/body$items.json")
+    stored_mib=$(((after - before) * body / 1048576))
     limit=$(((max_bytes + 30 * 1048576) / 1024))
-    log "memory bound: $((after - before)) distinct pages ($stored_mib MiB of bodies) sent; peak RSS $((peak / 1024)) MiB"
-    extra "memory bound: peak RSS while $((after - before)) new 100-item pages ($stored_mib MiB) arrive, max_bytes 64 MiB" \
+    log "memory bound: $((after - before)) distinct $items-item pages ($stored_mib MiB of bodies) sent; peak RSS $((peak / 1024)) MiB"
+    extra "memory bound: peak RSS while $((after - before)) new $items-item pages ($stored_mib MiB) arrive, max_bytes 64 MiB" \
         "$((peak / 1024))" MiB "<= max_bytes + 30 MiB = $((limit / 1024)) MiB" "$(verdict "$peak <= $limit")"
-    stop pgbound
+    stop "$name"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -727,7 +729,10 @@ for check in $EXTRAS; do
         coalesce) check_coalesce ;;
         idle) check_idle ;;
         memory) check_memory ;;
-        bound) check_bound ;;
+        bound)
+            check_bound 100 $((PORT_BASE + 38))
+            check_bound 10 $((PORT_BASE + 39))
+            ;;
         *) die "unknown check $check" ;;
     esac
 done

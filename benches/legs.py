@@ -25,21 +25,34 @@ import sys
 AFTER = re.compile(rb"after=([^ &]+)")
 
 
+LINK_HEADER = {0: 4, 1: 14, 12: 0, 101: 0, 113: 16, 276: 20}  # pcap link types tcpdump writes
+
+
 def packets(path):
-    """(time, source port, destination port, payload) of every TCP segment with data."""
+    """(time, source port, destination port, payload) of every IPv4 TCP segment with data,
+    from a classic little-endian pcap file (what `tcpdump -w` writes here)."""
     with open(path, "rb") as f:
         header = f.read(24)
-        nano = struct.unpack("<I", header[:4])[0] == 0xA1B23C4D
+        if len(header) < 24:
+            sys.exit("legs.py: %s is not a pcap file (empty: did tcpdump run?)" % path)
+        magic = struct.unpack("<I", header[:4])[0]
+        if magic not in (0xA1B2C3D4, 0xA1B23C4D):
+            sys.exit("legs.py: %s: not a little-endian classic pcap file" % path)
+        nano = magic == 0xA1B23C4D
         link = struct.unpack("<I", header[20:24])[0]
-        link_len = {1: 14, 113: 16}.get(link, 0)
+        if link not in LINK_HEADER:
+            sys.exit("legs.py: %s: unsupported link type %d" % (path, link))
         while True:
             record = f.read(16)
             if len(record) < 16:
                 return
             sec, frac, captured, _ = struct.unpack("<IIII", record)
             frame = f.read(captured)
-            ip = frame[link_len:]
-            tcp = ip[(ip[0] & 15) * 4 :]
+            ip = frame[LINK_HEADER[link] :]
+            if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 6:
+                continue  # not IPv4, or not TCP
+            total = struct.unpack(">H", ip[2:4])[0]
+            tcp = ip[(ip[0] & 15) * 4 : total]
             if len(tcp) < 20:
                 continue
             sport, dport = struct.unpack(">HH", tcp[:4])
@@ -89,21 +102,21 @@ def main():
     added = statistics.median(ms("in", "out", proxied)) - statistics.median(ms("in", "out", direct))
     print("  p50 added by the proxy: %+.3f ms" % added)
 
-    backs = sorted(r["back"] for r in proxied)
-    bursts, current = [], [backs[0]]
-    for t in backs[1:]:
-        if t - current[-1] < 0.0003:
-            current.append(t)
-        else:
-            bursts.append(current)
-            current = [t]
-    bursts.append(current)
-    position = {t: i for burst in bursts for i, t in enumerate(burst)}
+    # Bursts of upstream answers, in arrival order; each answer's position in its burst.
+    order = sorted(range(len(proxied)), key=lambda i: proxied[i]["back"])
+    bursts, position, previous = [], {}, None
+    for i in order:
+        t = proxied[i]["back"]
+        if previous is None or t - previous >= 0.0003:
+            bursts.append([])
+        position[i] = len(bursts[-1])
+        bursts[-1].append(i)
+        previous = t
     sizes = [len(b) for b in bursts]
     print("upstream answers in bursts (< 0.3 ms apart): mean size %.1f, largest %d" % (statistics.mean(sizes), max(sizes)))
     by_position = {}
-    for r in proxied:
-        by_position.setdefault(position[r["back"]], []).append((r["out"] - r["back"]) * 1e3)
+    for i, r in enumerate(proxied):
+        by_position.setdefault(position[i], []).append((r["out"] - r["back"]) * 1e3)
     for i in sorted(by_position)[:8]:
         print("  out-leg of the answer at position %d: median %.3f ms (%d answers)" % (i, statistics.median(by_position[i]), len(by_position[i])))
 

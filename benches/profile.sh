@@ -186,10 +186,12 @@ case $MODE in
         # compare.sh's miss20, taken apart: a 20 ms upstream on permgate's core, every request a
         # new key, LEGS_CONNECTIONS connections; one captured run through permgate and one
         # straight to the upstream per connection count.
+        [ "$(id -u)" -eq 0 ] || { echo "legs captures packets: run as root" >&2; exit 1; }
         if ! command -v tcpdump >/dev/null; then
-            [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null || { echo "tcpdump is not installed" >&2; exit 1; }
+            command -v apt-get >/dev/null || { echo "tcpdump is not installed" >&2; exit 1; }
             log "installing tcpdump (apt-get)"
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump >/dev/null
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump >/dev/null
         fi
         UP20=$((PORT_BASE + 3)) PG20=$((PORT_BASE + 4))
         sed -e "s|^listen = .*|listen = \"127.0.0.1:$PG20\"|" -e "s|127.0.0.1:$UP/v1|127.0.0.1:$UP20/v1|" \
@@ -205,21 +207,30 @@ case $MODE in
         captured() {
             BENCH_RUN_ID=warm-$RANDOM taskset -c 1 wrk -t1 -c"$4" -d2s -H "Authorization: Bearer $3" \
                 -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$2" >/dev/null
-            taskset -c 1 tcpdump -i lo -s 400 -U -w "$WORK/$1.pcap" "tcp port $UP20 or tcp port $PG20" 2>/dev/null &
-            local dump=$!
+            taskset -c 1 tcpdump -i lo -s 400 -U -w "$WORK/$1.pcap" "tcp port $UP20 or tcp port $PG20" \
+                2>"$WORK/tcpdump.log" &
+            DUMP=$!
             sleep 1
+            kill -0 "$DUMP" 2>/dev/null || { cat "$WORK/tcpdump.log" >&2; exit 1; }
             BENCH_RUN_ID=legs-$RANDOM taskset -c 1 wrk -t1 -c"$4" -d"${LEGS_DURATION:-4s}" \
                 -H "Authorization: Bearer $3" -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$2" >/dev/null
             sleep 0.5
-            kill "$dump"
-            wait "$dump" 2>/dev/null || true
+            kill "$DUMP"
+            wait "$DUMP" 2>/dev/null || true
+            DUMP=""
         }
+        # The capture is stopped however the script ends (it runs as root).
+        DUMP=""
+        trap '[ -z "$DUMP" ] || kill "$DUMP" 2>/dev/null || true; cleanup' EXIT
+        : >"$OUT/legs.txt"
         for c in ${LEGS_CONNECTIONS:-1 8 64}; do
             captured proxied "$PG20" "$TOKEN" "$c"
             captured direct "$UP20" "$ADMIN_KEY" "$c"
-            echo "== $c connections, 20 ms upstream on permgate's core"
-            python3 "$ROOT/benches/legs.py" "$WORK/proxied.pcap" "$WORK/direct.pcap" "$PG20" "$UP20"
-        done | tee "$OUT/legs.txt"
+            echo "== $c connections, 20 ms upstream on permgate's core" >"$WORK/legs.txt"
+            python3 "$ROOT/benches/legs.py" "$WORK/proxied.pcap" "$WORK/direct.pcap" "$PG20" "$UP20" \
+                >>"$WORK/legs.txt"
+            tee -a "$OUT/legs.txt" <"$WORK/legs.txt"
+        done
         ;;
     *)
         echo "usage: $0 perf|callgrind|syscalls|legs" >&2

@@ -48,10 +48,11 @@ const GENERATION_SHARDS: usize = 4096;
 /// What a cached page costs beyond its body and its key's strings, as measured (valgrind
 /// massif and resident memory with 100,000 pages, benches/README.md): moka's entry (the key it
 /// keeps in an `Arc`, entry info, deque nodes, hash table slot), the page header, the body's
-/// shared handle and the allocator's rounding: 752 bytes per page beyond its body, of which the
-/// checkpoint string (weighed separately) is about 64. Weighing it keeps `cache.max_bytes` a
-/// bound on memory even when pages are small.
-const ENTRY_OVERHEAD: usize = 720;
+/// shared handle and the allocator's rounding. Resident memory grew by 752 bytes per page
+/// beyond its body, the checkpoint string's allocation (~64, weighed as its length) included;
+/// this leaves some 30 bytes of headroom. Weighing it keeps `cache.max_bytes` a bound on memory
+/// even when pages are small.
+const ENTRY_OVERHEAD: usize = 736;
 
 /// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
 /// Carries its own hash (of all the other fields), computed once by [`PageCache::key`].
