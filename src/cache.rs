@@ -288,9 +288,9 @@ impl PageCache {
     /// `evictions` counts pages dropped to stay within `cache.max_bytes`.
     pub fn new(config: &CacheConfig, clock: Clock, evictions: Counter) -> PageCache {
         // Every 200 lives the same time, which a cache-wide time-to-live expresses for free; a
-        // per-entry expiry would cost each page a timer-wheel node (40 bytes plus the allocator's) and its upkeep
-        // on every insert. Only negative 404s, which must go sooner (`NegativeExpiry`), pay for
-        // one.
+        // per-entry expiry would cost each page a timer-wheel node (40 bytes plus the
+        // allocator's) and its upkeep on every insert. Only negative 404s, which must go sooner
+        // (`NegativeExpiry`), pay for one.
         let stale = config.stale_while_revalidate.max(config.stale_if_error);
         let lifetime = (config.ttl + stale).max(config.negative_ttl);
         let pages = Cache::builder()

@@ -10,7 +10,7 @@
 //! Usage: `bench-reference --listen 127.0.0.1:PORT --body FILE [--busy-ns N]`
 //!
 //! `--busy-ns N` spins for N nanoseconds before answering each request: a reference that does
-//! as much work per request as permgate, for the tail-latency experiment in `benches/README.md`.
+//! more work per request, the control of the hit p99 target in `benches/README.md`.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The bare hyper server both yardsticks use (`bench-reference` for `compare.sh`, and the
 //! `full_hit/bare_hyper_reference` criterion bench): every request answered with one prebuilt
 //! body from memory, `Content-Type: application/json`, HTTP/1.1, nothing else (but an optional
-//! busy wait per request, for the tail-latency experiment in `benches/README.md`).
+//! busy wait per request, the control of the hit p99 target in `benches/README.md`).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
