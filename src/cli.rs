@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::env::process as env;
 use crate::fleet;
 use crate::mock_upstream::{MockUpstream, SEEDED};
 use crate::observability;
@@ -60,10 +61,6 @@ enum Command {
     },
     /// Read a client token on stdin and print the token_sha256 for the config.
     HashToken,
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
 }
 
 pub fn run(cli: Cli) -> Result<(), String> {

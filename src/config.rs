@@ -16,6 +16,7 @@ use std::time::Duration;
 use hyper::Uri;
 use serde::{Deserialize, Serialize};
 
+use crate::env::Env;
 use crate::secret::KeySource;
 
 /// A config that cannot be used, with one line per problem, each naming its key.
@@ -225,7 +226,7 @@ pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
 impl Config {
     /// Parses and validates a config file's text. `env` looks up `PERMGATE_LISTEN`,
     /// `PERMGATE_ADMIN_LISTEN` and `PERMGATE_UPSTREAM_URL`, which override the file.
-    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str, env: &Env) -> Result<Config, ConfigError> {
         let mut file: FileConfig =
             toml::from_str(text).map_err(|e| ConfigError(vec![describe_toml_error(&e, text)]))?;
         if let Some(listen) = env("PERMGATE_LISTEN") {
@@ -260,10 +261,7 @@ impl Config {
     }
 
     /// Reads and parses a config file.
-    pub fn load(
-        path: &std::path::Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load(path: &std::path::Path, env: &Env) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
         Self::parse(&text, env)

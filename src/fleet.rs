@@ -33,6 +33,7 @@ use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
 use tracing::{info, warn};
 
 use crate::config::RedisConfig;
+use crate::env::Env;
 use crate::metrics::Metrics;
 use crate::proxy::AppState;
 use crate::route::{Checkpoint, ListQuery};
@@ -69,10 +70,7 @@ pub struct Fleet {
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
-pub fn password(
-    config: &RedisConfig,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<String>, String> {
+pub fn password(config: &RedisConfig, env: &Env) -> Result<Option<String>, String> {
     let Some(source) = &config.password else {
         return Ok(None);
     };

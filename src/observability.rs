@@ -12,6 +12,8 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use crate::env::Env;
+
 use hyper::header::HeaderValue;
 use tracing_subscriber::filter::{filter_fn, FilterExt};
 use tracing_subscriber::fmt::MakeWriter;
@@ -26,7 +28,7 @@ const MAX_REQUEST_ID: usize = 128;
 /// with the `otel` feature, OTLP span export when the `OTEL_*` environment asks for it (see
 /// `otel`). Keep the returned guard for the life of the command: dropping it flushes the
 /// spans still queued.
-pub fn init(env: &dyn Fn(&str) -> Option<String>) -> Result<Guard, String> {
+pub fn init(env: &Env) -> Result<Guard, String> {
     let directives = env("PERMGATE_LOG").unwrap_or_else(|| "info".into());
     // A background thread does the writing, so no request waits on a write(2) to stderr. The
     // queue is bounded; when it is full, writers wait rather than lines being lost. The thread

@@ -47,7 +47,8 @@ use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
 use tracing_subscriber::registry::LookupSpan;
 
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+use crate::env::Env;
+use crate::tls::{self, Alpn};
 
 const DEFAULT_ENDPOINT: &str = "http://localhost:4318";
 const TRACES_PATH: &str = "/v1/traces";
@@ -104,12 +105,12 @@ impl SamplerChoice {
 }
 
 /// A variable's value, an empty one counting as unset (as the OpenTelemetry spec says).
-fn var(env: Env, name: &str) -> Option<String> {
+fn var(env: &Env, name: &str) -> Option<String> {
     env(name).filter(|v| !v.trim().is_empty())
 }
 
 /// The traces-specific variable, else the generic one: `(name it came from, value)`.
-fn signal_var(env: Env, suffix: &str) -> Option<(String, String)> {
+fn signal_var(env: &Env, suffix: &str) -> Option<(String, String)> {
     [
         format!("OTEL_EXPORTER_OTLP_TRACES_{suffix}"),
         format!("OTEL_EXPORTER_OTLP_{suffix}"),
@@ -118,7 +119,7 @@ fn signal_var(env: Env, suffix: &str) -> Option<(String, String)> {
     .find_map(|name| var(env, &name).map(|v| (name, v)))
 }
 
-fn parse_num<T: std::str::FromStr>(env: Env, name: &str) -> Result<Option<T>, String> {
+fn parse_num<T: std::str::FromStr>(env: &Env, name: &str) -> Result<Option<T>, String> {
     var(env, name)
         .map(|v| {
             v.trim()
@@ -156,7 +157,7 @@ fn parse_pairs(name: &str, text: &str) -> Result<Vec<(String, String)>, String> 
 ///
 /// On when `OTEL_TRACES_EXPORTER=otlp`, or when it is unset and an OTLP endpoint variable is
 /// set; off when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
-pub fn settings(env: Env) -> Result<Option<Settings>, String> {
+pub fn settings(env: &Env) -> Result<Option<Settings>, String> {
     if var(env, "OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return Ok(None);
     }
@@ -291,7 +292,7 @@ impl Drop for Guard {
 }
 
 /// The OpenTelemetry layer for the subscriber, if the environment turns export on.
-pub fn layer<S>(env: Env) -> Result<(Option<OpenTelemetryLayer<S, SdkTracer>>, Guard), String>
+pub fn layer<S>(env: &Env) -> Result<(Option<OpenTelemetryLayer<S, SdkTracer>>, Guard), String>
 where
     S: tracing::Subscriber + for<'span> LookupSpan<'span>,
 {
@@ -374,15 +375,8 @@ fn provider(s: &Settings) -> Result<(SdkTracerProvider, tokio::runtime::Runtime)
 
 /// HTTPS (rustls, ring, Mozilla roots plus the configured CA file) or plain HTTP.
 fn connector(s: &Settings) -> Result<HttpsConnector<HttpConnector>, String> {
-    let tls = crate::upstream::tls_config(s.ca_file.as_deref(), "OTEL_EXPORTER_OTLP_CERTIFICATE")?;
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(s.timeout));
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
+    let tls = tls::client_config(s.ca_file.as_deref(), "OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    Ok(tls::https_connector(tls, s.timeout, Alpn::Http1))
 }
 
 /// Runs the hyper client on the exporter's own runtime: the SDK's batch thread polls the

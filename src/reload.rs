@@ -14,14 +14,12 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::env::SharedEnv;
 use crate::proxy::AppState;
 use crate::secret::{AdminKey, KeySource};
 
-/// The environment lookup, shared with the reload task.
-pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
 /// Re-reads `path` and the admin key and applies them, or keeps the old state.
-pub fn reload(state: &AppState, path: &Path, env: &Env) -> Result<(), String> {
+pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), String> {
     let result = Config::load(path, &**env)
         .map_err(|e| e.to_string())
         .and_then(|config| {
@@ -54,7 +52,7 @@ pub fn reload(state: &AppState, path: &Path, env: &Env) -> Result<(), String> {
 pub fn watch(
     state: Arc<AppState>,
     path: PathBuf,
-    env: Env,
+    env: SharedEnv,
     poll: Duration,
     sighup: bool,
 ) -> impl std::future::Future<Output = ()> + Send {

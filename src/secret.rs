@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::env::Env;
+
 use hyper::header::HeaderValue;
 
 /// Where the admin key comes from; see SPEC "Command line" (env var or file, never the config).
@@ -54,10 +56,7 @@ impl AdminKey {
     }
 
     /// Reads the key from its source. `env` is the injected environment lookup.
-    pub fn load(
-        source: &KeySource,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, KeyError> {
+    pub fn load(source: &KeySource, env: &Env) -> Result<Self, KeyError> {
         match source {
             KeySource::Env(name) => {
                 let value = env(name).ok_or_else(|| {

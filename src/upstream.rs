@@ -39,6 +39,7 @@ use crate::error::Error;
 use crate::metrics::{Metrics, Shed};
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret::AdminKey;
+use crate::tls::{self, Alpn};
 
 /// Larger upstream bodies are treated as malformed (a 100-item page is about 15 KiB).
 const MAX_UPSTREAM_BODY: usize = 4 * 1024 * 1024;
@@ -92,17 +93,8 @@ impl Upstream {
         clock: Clock,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, String> {
-        let tls = tls_config(config.ca_file.as_deref(), "upstream.ca_file")?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let tls = tls::client_config(config.ca_file.as_deref(), "upstream.ca_file")?;
+        let connector = tls::https_connector(tls, config.connect_timeout, Alpn::Http1And2);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
@@ -352,34 +344,6 @@ impl Upstream {
             result: classify(status, &headers, body, id, attempt),
         }
     }
-}
-
-/// A rustls client config (ring) trusting Mozilla's roots plus, if given, the PEM certificates
-/// in `ca_file`; `what` names the setting in errors. Shared with the OpenTelemetry exporter.
-pub fn tls_config(
-    ca_file: Option<&std::path::Path>,
-    what: &str,
-) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let at = |e: &dyn std::fmt::Display| format!("{what} {}: {e}", path.display());
-        let pem = std::fs::read(path).map_err(|e| at(&e))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(at(&"no PEM certificates found"));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by OpenAI).

@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
+use permgate::env::SharedEnv;
 use permgate::mock_upstream::MockUpstream;
 use permgate::proxy::AppState;
 use permgate::reload;
@@ -106,7 +107,7 @@ async fn rotating_the_key_file_keeps_traffic_flowing_with_no_5xx() {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (mock_addr, _stop) = serve_mock(&mock).await;
     let files = files("rotate", mock_addr, "");
-    let env: reload::Env = Arc::new(|_| None);
+    let env: SharedEnv = Arc::new(|_| None);
     let config = Config::load(&files.config, &*env).unwrap();
     let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
     let state = AppState::new(&config, key, Clock::default(), None).unwrap();
@@ -192,7 +193,7 @@ async fn a_bad_new_key_file_keeps_the_old_key_and_counts_a_failure() {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (mock_addr, _stop) = serve_mock(&mock).await;
     let files = files("badkey", mock_addr, "");
-    let env: reload::Env = Arc::new(|_| None);
+    let env: SharedEnv = Arc::new(|_| None);
     let config = Config::load(&files.config, &*env).unwrap();
     let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
     let state = AppState::new(&config, key, Clock::default(), None).unwrap();
