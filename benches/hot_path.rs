@@ -38,16 +38,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 use permgate::auth::{digest, Clients};
+use permgate::cache::View;
 use permgate::cache::{CacheStatus, PageCache};
 use permgate::clock::Clock;
 use permgate::config::{ClientConfig, Config};
 use permgate::error::json_response;
-use permgate::fleet::View;
 use permgate::observability;
-use permgate::proxy::{self, AppState, CACHE_STATUS, X_REQUEST_ID};
+use permgate::proxy;
+use permgate::request_log::{CACHE_STATUS, X_REQUEST_ID};
 use permgate::route::{self, Checkpoint, ListQuery};
 use permgate::secret::AdminKey;
 use permgate::server::{self, Limits};
+use permgate::state::AppState;
 
 #[path = "helpers/reference_server.rs"]
 mod reference_server;

@@ -17,8 +17,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::error::{self, Body, Error};
-use crate::proxy::AppState;
 use crate::route::Checkpoint;
+use crate::state::{AppState, Scope};
 
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let result = match (req.method(), req.uri().path()) {
@@ -50,10 +50,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
 async fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Error> {
     let query = query.unwrap_or("");
     if query.is_empty() {
-        state.cache.purge_all();
-        if let Some(fleet) = &state.fleet {
-            fleet.purge(None).await;
-        }
+        state.invalidate(Scope::All).await;
         tracing::info!(target: "permgate::admin", "purged every cached page");
         return Ok(json_response(StatusCode::OK, json!({"purged": "all"})));
     }
@@ -62,10 +59,7 @@ async fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, 
         .filter(|v| !v.contains('&'))
         .ok_or_else(|| Error::invalid("checkpoint", "The only parameter is checkpoint=ID."))?;
     let checkpoint = Checkpoint::parse(raw)?;
-    state.cache.invalidate_checkpoint(&checkpoint);
-    if let Some(fleet) = &state.fleet {
-        fleet.purge(Some(&checkpoint)).await;
-    }
+    state.invalidate(Scope::Checkpoint(&checkpoint)).await;
     tracing::info!(target: "permgate::admin", checkpoint = checkpoint.as_str(), "purged one checkpoint");
     Ok(json_response(
         StatusCode::OK,

@@ -22,7 +22,6 @@
 //!
 //! No hyper types beyond `StatusCode` and `Bytes`; no I/O.
 
-use std::any::Any;
 use std::collections::hash_map::{Entry, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +40,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
-use crate::fleet::View;
+use crate::error::{Error, Passthrough};
 use crate::route::{Checkpoint, ListQuery};
 
 const GENERATION_SHARDS: usize = 4096;
@@ -53,6 +52,17 @@ const GENERATION_SHARDS: usize = 4096;
 /// this leaves some 30 bytes of headroom. Weighing it keeps `cache.max_bytes` a bound on memory
 /// even when pages are small.
 const ENTRY_OVERHEAD: usize = 736;
+
+/// A key's fleet stamp: what a read knew about the other replicas when it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum View {
+    /// No `[redis]`: a single gateway.
+    Alone,
+    /// Redis answered: the fleet epoch and the checkpoint's generation.
+    Shared { epoch: u64, generation: u64 },
+    /// Redis is unreachable: local cache only, with short freshness.
+    Degraded,
+}
 
 /// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
 /// Carries its own hash (of all the other fields), computed once by [`PageCache::key`].
@@ -196,11 +206,11 @@ impl CacheStatus {
 
 /// Why a fill stored nothing. Shared (via `Arc`) by every coalesced waiter.
 #[derive(Debug)]
-pub enum FillError<P, E> {
+pub enum FillError {
     /// An upstream answer to pass through but not to store (non-200, or 404 without negative
     /// caching).
-    Uncacheable(P),
-    Failed(E),
+    Uncacheable(Passthrough),
+    Failed(Error),
 }
 
 /// Expires negative (404) pages after their `negative_ttl`; 200s have no per-entry expiry (the
@@ -230,15 +240,16 @@ impl Expiry<PageKey, Arc<Page>> for NegativeExpiry {
     }
 }
 
-/// One fill in flight: its leader publishes the outcome (a `FillOutcome<P, E>`) and wakes the
-/// waiters. A leader that goes away without an outcome wakes them too, and one of them leads.
+/// One fill in flight: its leader publishes the outcome and wakes the waiters. A leader that
+/// goes away without an outcome wakes them too, and one of them leads.
 #[derive(Default)]
 struct Fill {
-    outcome: OnceLock<Arc<dyn Any + Send + Sync>>,
+    outcome: OnceLock<FillOutcome>,
     done: Notify,
 }
 
-type FillOutcome<P, E> = Result<Arc<Page>, Arc<FillError<P, E>>>;
+/// What every caller of one fill gets: the stored page, or why nothing was stored.
+pub type FillOutcome = Result<Arc<Page>, Arc<FillError>>;
 
 /// Removes a fill from the map when its leader finishes or is dropped (cancelled), then wakes
 /// its waiters.
@@ -264,12 +275,8 @@ impl Drop for Leading<'_> {
 
 impl Leading<'_> {
     /// Hands the outcome to the waiters (on drop, which also clears the map entry).
-    fn publish<P, E>(self, outcome: FillOutcome<P, E>)
-    where
-        P: Send + Sync + 'static,
-        E: Send + Sync + 'static,
-    {
-        let _ = self.fill.outcome.set(Arc::new(outcome));
+    fn publish(self, outcome: FillOutcome) {
+        let _ = self.fill.outcome.set(outcome);
     }
 }
 
@@ -459,11 +466,9 @@ impl PageCache {
     /// already at `key` stays there until the new one replaces it. The bool is true for the
     /// caller whose `fetch` ran (false: collapsed into another caller's fill, or found what it
     /// had just stored). If the caller running `fetch` is cancelled, a waiter takes over.
-    pub async fn fill<P, E, F>(&self, key: &PageKey, fetch: F) -> (FillOutcome<P, E>, bool)
+    pub async fn fill<F>(&self, key: &PageKey, fetch: F) -> (FillOutcome, bool)
     where
-        F: std::future::Future<Output = Result<Arc<Page>, FillError<P, E>>>,
-        P: Send + Sync + 'static,
-        E: Send + Sync + 'static,
+        F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
     {
         let leading = loop {
             let fill;
@@ -475,11 +480,11 @@ impl PageCache {
                     Entry::Vacant(entry) => {
                         let fill = Arc::new(Fill::default());
                         entry.insert(fill.clone());
-                        break Some(Leading {
+                        break Leading {
                             fills: &self.fills,
                             key,
                             fill,
-                        });
+                        };
                     }
                 }
                 // Made while the entry is still in the map: its leader removes it under this
@@ -490,24 +495,15 @@ impl PageCache {
             if fill.outcome.get().is_none() {
                 done.await;
             }
-            match fill
-                .outcome
-                .get()
-                .map(|o| o.clone().downcast::<FillOutcome<P, E>>())
-            {
-                Some(Ok(outcome)) => return ((*outcome).clone(), false),
+            match fill.outcome.get() {
+                Some(outcome) => return (outcome.clone(), false),
                 // No outcome: the leader was cancelled; try to lead.
                 None => continue,
-                // Another caller filled this key with other types (one call site fills pages,
-                // so this does not happen): fetch without coalescing rather than wait or spin.
-                Some(Err(_)) => break None,
             }
         };
         if let Some(page) = self.pages.get(key).await {
             if self.freshness(&page) == Freshness::Fresh {
-                if let Some(leading) = leading {
-                    leading.publish::<P, E>(Ok(page.clone()));
-                }
+                leading.publish(Ok(page.clone()));
                 return (Ok(page), false);
             }
         }
@@ -518,9 +514,7 @@ impl PageCache {
             }
             Err(e) => Err(Arc::new(e)),
         };
-        if let Some(leading) = leading {
-            leading.publish(outcome.clone());
-        }
+        leading.publish(outcome.clone());
         (outcome, true)
     }
 
@@ -573,7 +567,14 @@ mod tests {
         Checkpoint::parse(s).unwrap()
     }
 
-    type Fill = Result<Arc<Page>, FillError<(), ()>>;
+    type Fill = Result<Arc<Page>, FillError>;
+
+    fn uncacheable() -> FillError {
+        FillError::Uncacheable(Passthrough {
+            status: StatusCode::BAD_REQUEST,
+            body: Bytes::from_static(b"{}"),
+        })
+    }
 
     #[tokio::test]
     async fn a_write_makes_in_flight_fills_unreachable() {
@@ -631,7 +632,9 @@ mod tests {
         cache.insert(key.clone(), stale.clone()).await;
         clock.advance(Duration::from_secs(100));
         let (result, fetched) = cache
-            .fill(&key, async { Fill::Err(FillError::Failed(())) })
+            .fill(&key, async {
+                Fill::Err(FillError::Failed(Error::UpstreamError))
+            })
             .await;
         assert!(fetched && result.is_err());
         assert!(cache
@@ -695,7 +698,7 @@ mod tests {
                 let fetch = async {
                     fetches.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    Fill::Err(FillError::Uncacheable(()))
+                    Fill::Err(uncacheable())
                 };
                 cache.fill(&key, fetch).await
             })
@@ -707,7 +710,7 @@ mod tests {
         for outcome in outcomes {
             let (result, _) = outcome.unwrap();
             let failure = result.expect_err("shared failure");
-            assert!(matches!(*failure, FillError::Uncacheable(())));
+            assert!(matches!(*failure, FillError::Uncacheable(_)));
         }
         assert!(cache.fills.lock().unwrap().is_empty());
     }

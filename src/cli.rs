@@ -17,10 +17,10 @@ use crate::env::process as env;
 use crate::fleet;
 use crate::mock_upstream::{MockUpstream, SEEDED};
 use crate::observability;
-use crate::proxy::AppState;
 use crate::reload;
 use crate::secret::AdminKey;
 use crate::server;
+use crate::state::AppState;
 use crate::upstream::Upstream;
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -103,7 +103,7 @@ fn serve(path: &Path) -> Result<(), String> {
     }
     runtime(config.server.worker_threads)?.block_on(async {
         let state = AppState::new(&config, key, Clock::default(), redis_password.as_deref())?;
-        fleet::start(&state).await;
+        state.start_fleet().await;
         let data = bind(config.server.listen, "server.listen").await?;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr, "server.admin_listen").await?),
@@ -145,13 +145,14 @@ fn demo() -> Result<(), String> {
     let key = AdminKey::new(&secret).map_err(|e| e.to_string())?;
     runtime(config.server.worker_threads)?.block_on(async {
         let mock = MockUpstream::new(&secret);
-        let mock_listener = bind("127.0.0.1:0".parse().expect("literal address"), "mock upstream").await?;
+        let loopback = "127.0.0.1:0".parse().expect("literal address");
+        let mock_listener = bind(loopback, "mock upstream").await?;
         let mock_addr = mock_listener.local_addr().map_err(|e| e.to_string())?;
         config.upstream.base_url = format!("http://{mock_addr}/v1")
             .parse()
             .map_err(|_| "mock address is not a URL".to_string())?;
         let (stop_mock, mock_stopped) = watch::channel(false);
-let mock_task = tokio::spawn(mock.serve(mock_listener, mock_stopped));
+        let mock_task = tokio::spawn(mock.serve(mock_listener, mock_stopped));
 
         let state = AppState::new(&config, key, Clock::default(), None)?;
         let data = bind(config.server.listen, "server.listen").await?;
@@ -161,29 +162,34 @@ let mock_task = tokio::spawn(mock.serve(mock_listener, mock_stopped));
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
-        let checkpoint = SEEDED[0].0;
-        println!("permgate demo: the gateway in front of a built-in mock of OpenAI");
-        println!("  gateway        http://{listen}");
-        if let Some(a) = admin_addr {
-            println!("  admin          http://{a}  (/healthz /readyz /metrics, POST /cache/purge)");
-        }
-        println!("  mock upstream  http://{mock_addr}/v1  (holds a random admin key that nobody sees)");
-        println!();
-        println!("client tokens:");
-        println!("  {DEMO_READER_TOKEN}   read-only, checkpoints ft:gpt-4o-mini-2024-07-18:acme:*");
-        println!("  {DEMO_WRITER_TOKEN}   read and write, every checkpoint");
-        println!();
-        println!("try it (run it twice: the second answer has 'Cache-Status: permgate; hit'):");
-        println!(
-            "  curl -i -H 'Authorization: Bearer {DEMO_READER_TOKEN}' 'http://{listen}/v1/fine_tuning/checkpoints/{checkpoint}/permissions?limit=3'"
-        );
-        println!();
-        println!("Ctrl-C stops the gateway and the mock.");
-        server::serve(data, admin, state, server::shutdown_signal(), (&config.server).into()).await;
+        print_demo_banner(listen, admin_addr, mock_addr);
+        let limits = (&config.server).into();
+        server::serve(data, admin, state, server::shutdown_signal(), limits).await;
         let _ = stop_mock.send(true);
         let _ = mock_task.await;
         Ok(())
     })
+}
+
+/// What `permgate demo` prints: the addresses, the demo tokens and a first request to try.
+fn print_demo_banner(listen: SocketAddr, admin: Option<SocketAddr>, mock: SocketAddr) {
+    let checkpoint = SEEDED[0].0;
+    println!("permgate demo: the gateway in front of a built-in mock of OpenAI");
+    println!("  gateway        http://{listen}");
+    if let Some(a) = admin {
+        println!("  admin          http://{a}  (/healthz /readyz /metrics, POST /cache/purge)");
+    }
+    println!("  mock upstream  http://{mock}/v1  (holds a random admin key that nobody sees)");
+    println!();
+    println!("client tokens:");
+    println!("  {DEMO_READER_TOKEN}   read-only, checkpoints ft:gpt-4o-mini-2024-07-18:acme:*");
+    println!("  {DEMO_WRITER_TOKEN}   read and write, every checkpoint");
+    println!();
+    println!("try it (run it twice: the second answer has 'Cache-Status: permgate; hit'):");
+    let url = format!("http://{listen}/v1/fine_tuning/checkpoints/{checkpoint}/permissions");
+    println!("  curl -i -H 'Authorization: Bearer {DEMO_READER_TOKEN}' '{url}?limit=3'");
+    println!();
+    println!("Ctrl-C stops the gateway and the mock.");
 }
 
 fn rand_u64() -> u64 {

@@ -14,6 +14,20 @@ use hyper::{Response, StatusCode};
 
 pub type Body = Full<Bytes>;
 
+/// An upstream answer the caller receives as is (SPEC "Responses": 2xx, 400, 404, 409, 422):
+/// a value, not an error.
+#[derive(Debug, Clone)]
+pub struct Passthrough {
+    pub status: StatusCode,
+    pub body: Bytes,
+}
+
+impl Passthrough {
+    pub fn into_response(self) -> Response<Body> {
+        json_response(self.status, self.body)
+    }
+}
+
 /// Every permgate-made error, one variant per row of the SPEC's error table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {

@@ -32,23 +32,12 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
 use tracing::{info, warn};
 
+use crate::cache::{PageCache, View};
 use crate::config::RedisConfig;
 use crate::env::Env;
 use crate::metrics::Metrics;
-use crate::proxy::AppState;
 use crate::route::{Checkpoint, ListQuery};
-use crate::secret::KeySource;
-
-/// What a read knows about the fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum View {
-    /// No `[redis]`: a single gateway.
-    Alone,
-    /// Redis answered: the fleet epoch and the checkpoint's generation.
-    Shared { epoch: u64, generation: u64 },
-    /// Redis is unreachable: local cache only, with short freshness.
-    Degraded,
-}
+use crate::secret;
 
 /// A page as stored in Redis: when it was fetched, its status and body.
 pub struct SharedPage {
@@ -71,17 +60,11 @@ pub struct Fleet {
 
 /// The Redis password named by `[redis]`, read from its env var or file.
 pub fn password(config: &RedisConfig, env: &Env) -> Result<Option<String>, String> {
-    let Some(source) = &config.password else {
-        return Ok(None);
-    };
-    let password = match source {
-        KeySource::Env(name) => env(name).ok_or_else(|| {
-            format!("environment variable {name} (redis.password_env) is not set")
-        })?,
-        KeySource::File(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("redis.password_file {}: {}", path.display(), e.kind()))?,
-    };
-    Ok(Some(password.trim().to_owned()))
+    config
+        .password
+        .as_ref()
+        .map(|source| secret::read(source, "redis.password", env).map_err(|e| e.to_string()))
+        .transpose()
 }
 
 /// Checkpoints travel percent-encoded on the channel, so any id survives the round trip.
@@ -369,6 +352,20 @@ impl Fleet {
         self.run::<()>(&command).await;
     }
 
+    /// A subscription to the invalidation channel, within the timeout.
+    async fn subscribe(&self) -> Option<redis::aio::PubSub> {
+        let wait = self.timeout.max(Duration::from_millis(500));
+        let mut pubsub = tokio::time::timeout(wait, self.client.get_async_pubsub())
+            .await
+            .ok()?
+            .ok()?;
+        tokio::time::timeout(wait, pubsub.subscribe(&self.channel))
+            .await
+            .ok()?
+            .ok()?;
+        Some(pubsub)
+    }
+
     /// One connection attempt plus a PING, within the timeout.
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
         let config = AsyncConnectionConfig::new()
@@ -392,39 +389,53 @@ impl Fleet {
     }
 }
 
-/// Connects a gateway with `[redis]` (one attempt, so that a replica whose Redis is up starts
-/// coherent; if it is down the replica starts degraded), then starts the background tasks:
-/// health checks and reconnects with backoff, and the invalidation subscriber. Both stop when
-/// the gateway is dropped.
-pub async fn start(state: &Arc<AppState>) {
-    let Some(fleet) = state.fleet.as_ref() else {
-        return;
-    };
-    if let Err(why) = establish(state, fleet).await {
+/// Connects (one attempt, so that a replica whose Redis is up starts coherent; if it is down
+/// the replica starts degraded), then starts the background tasks: health checks and
+/// reconnects with backoff, and the invalidation subscriber. Both stop once the gateway has
+/// dropped its fleet and cache.
+pub async fn start(fleet: &Arc<Fleet>, cache: &Arc<PageCache>) {
+    if let Err(why) = fleet.establish(cache).await {
         warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: starting degraded");
     }
-    let weak = Arc::downgrade(state);
-    tokio::spawn(health(weak.clone()));
-    tokio::spawn(subscriber(weak, fleet.timeout));
+    let handles = Handles {
+        fleet: Arc::downgrade(fleet),
+        cache: Arc::downgrade(cache),
+    };
+    tokio::spawn(health(handles.clone()));
+    tokio::spawn(subscriber(handles));
 }
 
-/// Connects, and on success drops the local cache (it may have missed invalidations) and
-/// turns coherence on.
-async fn establish(state: &AppState, fleet: &Fleet) -> Result<(), String> {
-    let connection = fleet.connect().await?;
-    fleet.connection.store(Some(Arc::new(connection)));
-    state.cache.purge_all();
-    fleet.healthy.store(true, Ordering::Release);
-    state.metrics.fleet_connected();
-    info!(target: "permgate::fleet", "redis connected: fleet coherence on, local cache dropped");
-    Ok(())
+/// What the background tasks hold: weak, so they end with the gateway.
+#[derive(Clone)]
+struct Handles {
+    fleet: Weak<Fleet>,
+    cache: Weak<PageCache>,
 }
 
-async fn health(state: Weak<AppState>) {
+impl Handles {
+    fn upgrade(&self) -> Option<(Arc<Fleet>, Arc<PageCache>)> {
+        Some((self.fleet.upgrade()?, self.cache.upgrade()?))
+    }
+}
+
+impl Fleet {
+    /// Connects, and on success drops the local cache (it may have missed invalidations) and
+    /// turns coherence on.
+    async fn establish(&self, cache: &PageCache) -> Result<(), String> {
+        let connection = self.connect().await?;
+        self.connection.store(Some(Arc::new(connection)));
+        cache.purge_all();
+        self.healthy.store(true, Ordering::Release);
+        self.metrics.fleet_connected();
+        info!(target: "permgate::fleet", "redis connected: fleet coherence on, local cache dropped");
+        Ok(())
+    }
+}
+
+async fn health(handles: Handles) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let Some(state) = state.upgrade() else { return };
-        let Some(fleet) = state.fleet.as_ref() else {
+        let Some((fleet, cache)) = handles.upgrade() else {
             return;
         };
         let wait = if fleet.is_healthy() {
@@ -433,7 +444,7 @@ async fn health(state: Weak<AppState>) {
             fleet.run::<String>(&command).await;
             Duration::from_secs(1)
         } else {
-            match establish(&state, fleet).await {
+            match fleet.establish(&cache).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(100);
                     Duration::from_secs(1)
@@ -446,52 +457,37 @@ async fn health(state: Weak<AppState>) {
                 }
             }
         };
-        drop(state);
+        drop((fleet, cache));
         tokio::time::sleep(wait).await;
     }
 }
 
-async fn subscriber(state: Weak<AppState>, timeout: Duration) {
+/// Applies the invalidations other replicas publish, for as long as the subscription lasts.
+async fn subscriber(handles: Handles) {
     loop {
-        let Some(strong) = state.upgrade() else {
+        let Some((fleet, _)) = handles.upgrade() else {
             return;
         };
-        let Some(fleet) = strong.fleet.as_ref() else {
-            return;
+        let subscribed = if fleet.is_healthy() {
+            fleet.subscribe().await
+        } else {
+            None
         };
-        if !fleet.is_healthy() {
-            drop(strong);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        }
-        let channel = fleet.channel.clone();
-        let pubsub = tokio::time::timeout(
-            timeout.max(Duration::from_millis(500)),
-            fleet.client.get_async_pubsub(),
-        )
-        .await;
-        let mut pubsub = match pubsub {
-            Ok(Ok(p)) => p,
-            _ => {
-                drop(strong);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        if pubsub.subscribe(&channel).await.is_err() {
-            drop(strong);
+        drop(fleet);
+        let Some(pubsub) = subscribed else {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
-        }
-        drop(strong);
+        };
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
-            let Some(live) = state.upgrade() else { return };
+            let Some(cache) = handles.cache.upgrade() else {
+                return;
+            };
             match std::str::from_utf8(message.get_payload_bytes()) {
-                Ok("*") => live.cache.purge_all(),
+                Ok("*") => cache.purge_all(),
                 Ok(cp) => {
                     if let Ok(checkpoint) = Checkpoint::parse(cp) {
-                        live.cache.invalidate_checkpoint(&checkpoint);
+                        cache.invalidate_checkpoint(&checkpoint);
                     }
                 }
                 Err(_) => {}

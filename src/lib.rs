@@ -2,15 +2,19 @@
 //! endpoints, so internal services can read (and, where granted, change) them without ever
 //! holding the organization's admin key. `../SPEC.md`'s contract, module by module.
 //!
-//! The life of a request: [`server`] accepts and hands it to [`proxy::handle`], which matches
-//! the [`route`] (404/405), authenticates the caller's token ([`auth`], 401), decodes and
-//! validates path and query (400), authorizes the checkpoint and method (403), then serves a
+//! The life of a request: [`server`] accepts and hands it to [`proxy::handle`], which opens a
+//! [`request_log::RequestLog`], matches the [`route`] (404/405), authenticates the caller's
+//! token ([`auth`], 401), validates path and query into a typed [`route::Call`] (400),
+//! authorizes the checkpoint and method (403) and checks the rate limit (429), then serves a
 //! list from the [`cache`] or forwards to [`upstream`] with the admin key from [`secret`].
-//! Writes invalidate their checkpoint before answering and leave an [`audit`] record. Every
-//! failure is one [`error::Error`], rendered in OpenAI's shape in one place. [`observability`]
-//! owns logging and request ids ([`access_log`] writes the JSON access line); [`admin`] the
-//! operator listener; [`config`] the TOML file; [`mock_upstream`] a faithful local OpenAI for
-//! `permgate demo` and the tests; [`cli`] the commands.
+//! Writes invalidate their checkpoint (here and, with `[redis]`, through [`fleet`]) before
+//! answering. Every failure is one [`error::Error`], rendered in OpenAI's shape in one place;
+//! the request log then writes the [`audit`] record, [`metrics`] and the access line.
+//!
+//! Layers (imports point down only): leaves `error`, `clock`, `env`, `secret`, `tls`,
+//! `config`, `route`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`,
+//! `upstream`, `audit`, `fleet`, `access_log`, `otel`, `observability`; app `state`,
+//! `request_log`, `proxy`, `admin`, `reload`, `server`, `mock_upstream`, `cli`.
 #![forbid(unsafe_code)]
 
 pub mod access_log;
@@ -33,8 +37,10 @@ pub mod otel;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
+pub mod request_log;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod tls;
 pub mod upstream;

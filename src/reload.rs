@@ -15,8 +15,8 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::env::SharedEnv;
-use crate::proxy::AppState;
 use crate::secret::{AdminKey, KeySource};
+use crate::state::AppState;
 
 /// Re-reads `path` and the admin key and applies them, or keeps the old state.
 pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), String> {
@@ -86,21 +86,21 @@ pub fn watch(
                 }
             };
             tokio::select! {
-                        _ = hangup => {
-                            info!("SIGHUP: reloading");
-                            let _ = reload(&state, &path, &env);
-                        }
-                        _ = ticks.tick() => {
-                            let Some(file) = key_file.as_deref() else { continue };
-                            let now = std::fs::read(file).ok();
-                            if now.is_some() && now != last_seen {
-            info!(file = %file.display(), "admin key file changed: reloading");
-                                // A failure (say, a half-written file) is retried at the next change.
-                                let _ = reload(&state, &path, &env);
-                                last_seen = now;
-                            }
-                        }
+                _ = hangup => {
+                    info!("SIGHUP: reloading");
+                    let _ = reload(&state, &path, &env);
+                }
+                _ = ticks.tick() => {
+                    let Some(file) = key_file.as_deref() else { continue };
+                    let now = std::fs::read(file).ok();
+                    if now.is_some() && now != last_seen {
+                        info!(file = %file.display(), "admin key file changed: reloading");
+                        // A failure (say, a half-written file) is retried at the next change.
+                        let _ = reload(&state, &path, &env);
+                        last_seen = now;
                     }
+                }
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Method + path + query → what the caller asked for (SPEC "Routes served to callers").
+//! Method + path + query (+ a create's body) → what the caller asked for, as a typed [`Call`]
+//! (SPEC "Routes served to callers").
 //!
 //! Pure: no I/O, no hyper bodies. Matching is structural and happens before authentication
 //! (unknown routes are 404/405 for everyone); decoding and validating the checkpoint, the
@@ -19,6 +20,7 @@ const PREFIX: &str = "/v1/fine_tuning/checkpoints/";
 const MAX_CHECKPOINT_BYTES: usize = 256;
 const MAX_PERMISSION_ID_BYTES: usize = 128;
 const MAX_VALUE_BYTES: usize = 256;
+const MAX_PROJECT_ID_BYTES: usize = 256;
 pub const DEFAULT_LIMIT: u8 = 10;
 pub const MAX_LIMIT: u8 = 100;
 
@@ -92,7 +94,37 @@ pub fn match_route<'a>(method: &Method, path: &'a str) -> Result<Matched<'a>, Er
     }
 }
 
+/// What an authenticated caller asked for, with its path and query inputs validated. A
+/// create's body is read and checked after authorization ([`CreateBody::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    List(ListQuery),
+    Create,
+    Delete(Box<str>),
+}
+
+impl Call {
+    /// Create and delete change upstream state: they need `can_write`.
+    pub fn is_write(&self) -> bool {
+        !matches!(self, Call::List(_))
+    }
+}
+
 impl Matched<'_> {
+    /// Validates the query (and a delete's permission id): a list's query is normalized, create
+    /// and delete take none. Call after [`Matched::checkpoint`].
+    pub fn call(&self, query: Option<&str>) -> Result<Call, Error> {
+        match self.operation {
+            Operation::List => ListQuery::parse(query).map(Call::List),
+            Operation::Create => reject_query(query).map(|()| Call::Create),
+            Operation::Delete => {
+                reject_query(query)?;
+                let id = self.permission_id()?.ok_or(Error::NotFound)?;
+                Ok(Call::Delete(id))
+            }
+        }
+    }
+
     /// Decodes and validates `{checkpoint}`.
     pub fn checkpoint(&self) -> Result<Checkpoint, Error> {
         Checkpoint::parse(self.raw_checkpoint)
@@ -258,6 +290,65 @@ pub fn reject_query(query: Option<&str>) -> Result<(), Error> {
         Some(Ok((name, _))) => Err(unknown(&name)),
         Some(Err(e)) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// A create's body, validated against upstream's schema: `{"project_ids": ["proj_...", ...]}`
+/// and no other field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateBody {
+    pub project_ids: Vec<String>,
+}
+
+impl CreateBody {
+    pub fn parse(body: &[u8]) -> Result<CreateBody, Error> {
+        let shape = "The body must be JSON like {\"project_ids\": [\"proj_abc\"]}.";
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|_| Error::invalid("body", shape))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| Error::invalid("body", shape))?;
+        if object.keys().any(|k| k != "project_ids") {
+            return Err(Error::invalid(
+                "body",
+                "Unknown field in the body; only project_ids is accepted.",
+            ));
+        }
+        let ids = object
+            .get("project_ids")
+            .ok_or_else(|| Error::invalid("project_ids", "project_ids is required."))?
+            .as_array()
+            .filter(|ids| !ids.is_empty())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "project_ids",
+                    "project_ids must be a non-empty array of strings.",
+                )
+            })?;
+        let project_ids = ids
+            .iter()
+            .map(|id| match id.as_str() {
+                Some(s)
+                    if !s.is_empty()
+                        && s.len() <= MAX_PROJECT_ID_BYTES
+                        && !s.chars().any(char::is_control) =>
+                {
+                    Ok(s.to_owned())
+                }
+                _ => Err(Error::invalid(
+                    "project_ids",
+                    "Each project id must be a non-empty string of at most 256 bytes.",
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(CreateBody { project_ids })
+    }
+
+    /// The body forwarded upstream: re-serialized, so only what was validated is sent.
+    pub fn forwarded(&self) -> bytes::Bytes {
+        serde_json::json!({ "project_ids": self.project_ids })
+            .to_string()
+            .into()
     }
 }
 

@@ -18,6 +18,36 @@ pub enum KeySource {
     File(std::path::PathBuf),
 }
 
+impl KeySource {
+    /// Where the secret comes from, for messages: the variable's name or the file's path.
+    fn describe(&self) -> String {
+        match self {
+            KeySource::Env(name) => format!("environment variable {name}"),
+            KeySource::File(path) => format!("file {}", path.display()),
+        }
+    }
+}
+
+/// Reads a secret (the admin key, the Redis password) from its source, trimmed. `key` is its
+/// config key without the `_env`/`_file` suffix, for messages, which never hold the value.
+pub fn read(source: &KeySource, key: &str, env: &Env) -> Result<String, KeyError> {
+    let value = match source {
+        KeySource::Env(name) => env(name).ok_or_else(|| {
+            KeyError(format!(
+                "environment variable {name} ({key}_env) is not set"
+            ))
+        })?,
+        KeySource::File(path) => std::fs::read_to_string(path).map_err(|e| {
+            KeyError(format!(
+                "cannot read {key}_file {}: {}",
+                path.display(),
+                e.kind()
+            ))
+        })?,
+    };
+    Ok(value.trim().to_owned())
+}
+
 /// Why the key could not be loaded. Never contains key material.
 #[derive(Debug)]
 pub struct KeyError(pub String);
@@ -57,28 +87,8 @@ impl AdminKey {
 
     /// Reads the key from its source. `env` is the injected environment lookup.
     pub fn load(source: &KeySource, env: &Env) -> Result<Self, KeyError> {
-        match source {
-            KeySource::Env(name) => {
-                let value = env(name).ok_or_else(|| {
-                    KeyError(format!(
-                        "environment variable {name} (upstream.admin_key_env) is not set"
-                    ))
-                })?;
-                Self::new(&value).map_err(|e| KeyError(format!("environment variable {name}: {e}")))
-            }
-            KeySource::File(path) => {
-                let value = std::fs::read_to_string(path).map_err(|e| {
-                    KeyError(format!(
-                        "cannot read upstream.admin_key_file {}: {}",
-                        path.display(),
-                        e.kind()
-                    ))
-                })?;
-                Self::new(&value).map_err(|e| {
-                    KeyError(format!("upstream.admin_key_file {}: {e}", path.display()))
-                })
-            }
-        }
+        let value = read(source, "upstream.admin_key", env)?;
+        Self::new(&value).map_err(|e| KeyError(format!("{}: {e}", source.describe())))
     }
 
     /// The `Authorization` header for upstream requests (marked sensitive). Only `upstream`

@@ -30,7 +30,8 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ServerConfig;
-use crate::proxy::{self, AppState};
+use crate::proxy;
+use crate::state::AppState;
 
 /// Per-listener connection limits.
 #[derive(Debug, Clone, Copy)]

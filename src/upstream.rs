@@ -35,7 +35,7 @@ use tracing::{field, info, warn, Instrument};
 use crate::breaker::Breaker;
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
-use crate::error::Error;
+use crate::error::{Error, Passthrough};
 use crate::metrics::{Metrics, Shed};
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret::AdminKey;
@@ -44,13 +44,6 @@ use crate::tls::{self, Alpn};
 /// Larger upstream bodies are treated as malformed (a 100-item page is about 15 KiB).
 const MAX_UPSTREAM_BODY: usize = 4 * 1024 * 1024;
 const X_CLIENT_REQUEST_ID: &str = "x-client-request-id";
-
-/// An upstream answer the caller receives as is.
-#[derive(Debug, Clone)]
-pub struct Passthrough {
-    pub status: StatusCode,
-    pub body: Bytes,
-}
 
 /// Which endpoint to call.
 pub enum Target<'a> {

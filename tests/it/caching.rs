@@ -141,7 +141,7 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     let key = gw.state.cache.key(
         Checkpoint::parse(CP2).unwrap(),
         ListQuery::default(),
-        permgate::fleet::View::Alone,
+        permgate::cache::View::Alone,
     );
     eventually("refreshed page stored", || async {
         let page = gw.state.cache.get(&key).await;

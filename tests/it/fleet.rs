@@ -9,10 +9,9 @@ use std::time::Duration;
 use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
-use permgate::fleet;
 use permgate::mock_upstream::MockUpstream;
-use permgate::proxy::AppState;
 use permgate::secret::AdminKey;
+use permgate::state::AppState;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
@@ -131,7 +130,7 @@ async fn replica(text: &str) -> Replica {
         None,
     )
     .unwrap();
-    fleet::start(&state).await;
+    state.start_fleet().await;
     let (addr, shutdown) = serve_state(&state, &config).await;
     let healthy = state.clone();
     eventually("the replica connected to redis", || async {

@@ -11,9 +11,9 @@ use permgate::clock::Clock;
 use permgate::config::Config;
 use permgate::env::SharedEnv;
 use permgate::mock_upstream::MockUpstream;
-use permgate::proxy::AppState;
 use permgate::reload;
 use permgate::secret::AdminKey;
+use permgate::state::AppState;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 

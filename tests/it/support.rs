@@ -16,9 +16,9 @@ use hyper_util::rt::TokioExecutor;
 use permgate::clock::Clock;
 use permgate::config::Config;
 use permgate::mock_upstream::MockUpstream;
-use permgate::proxy::AppState;
 use permgate::secret::AdminKey;
 use permgate::server;
+use permgate::state::AppState;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
