@@ -164,7 +164,8 @@ impl Checkpoint {
             && raw
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'/')
-            && !raw.contains("..");
+            && !raw.contains("..")
+            && raw != ".";
         if plain {
             return Ok(Checkpoint(Arc::from(raw)));
         }
@@ -175,6 +176,9 @@ impl Checkpoint {
             Some("The checkpoint id is longer than 256 bytes.")
         } else if decoded.contains('/') || decoded.contains("..") {
             Some("The checkpoint id may not contain '/' or '..'.")
+        } else if decoded == "." {
+            // A dot segment: any normalising hop would turn the path into another route.
+            Some("The checkpoint id may not be '.'.")
         } else if decoded.chars().any(|c| c.is_control() || c.is_whitespace()) {
             Some("The checkpoint id may not contain whitespace or control characters.")
         } else {
@@ -571,6 +575,18 @@ mod tests {
     }
 
     #[test]
+    fn dot_segments_are_never_a_checkpoint() {
+        for dot in [".", "%2E", "%2e", "..", "%2E%2E", ".%2E"] {
+            assert_eq!(
+                param_of(Checkpoint::parse(dot).unwrap_err()),
+                "checkpoint",
+                "{dot:?}"
+            );
+        }
+        assert!(Checkpoint::parse(".a").is_ok() && Checkpoint::parse("a.").is_ok());
+    }
+
+    #[test]
     fn permission_ids_are_checked() {
         let base = format!("/v1/fine_tuning/checkpoints/{CP}/permissions/");
         let ok = format!("{base}cp_zc4Q7MP6XxulcVzj4MZdwsAB");
@@ -579,7 +595,7 @@ mod tests {
             m.permission_id().unwrap().as_deref(),
             Some("cp_zc4Q7MP6XxulcVzj4MZdwsAB")
         );
-        for bad in ["..", "a%2Fb", "a%20b", "a.b", "%00"] {
+        for bad in ["..", ".", "%2E", "%2e%2e", "a%2Fb", "a%20b", "a.b", "%00"] {
             let p = format!("{base}{bad}");
             let m = match_route(&Method::DELETE, &p).unwrap();
             assert_eq!(

@@ -219,3 +219,27 @@ async fn pagination_parameters_reach_upstream_and_pages_differ() {
     assert!(a.iter().all(|id| !b.contains(id)), "pages overlap");
     assert_eq!(gw.upstream_gets(), 2);
 }
+
+/// SPEC "Hygiene rules": a checkpoint or permission id that is `.` or `..`, raw or encoded, is
+/// a 400 and never forwarded (a normalising hop would turn it into another route).
+#[tokio::test]
+async fn dot_segment_ids_are_400_and_never_forwarded() {
+    let gw = start().await;
+    for dot in [".", "%2E", "%2e", "..", "%2E%2E", ".%2e"] {
+        let r = gw.client.get(&list_path(dot), WRITER).await;
+        assert_eq!(r.status, 400, "GET {dot}");
+        assert_eq!(r.error().1.as_deref(), Some("checkpoint"), "GET {dot}");
+        let r = gw
+            .client
+            .post(&list_path(dot), WRITER, r#"{"project_ids":["proj_a"]}"#)
+            .await;
+        assert_eq!(r.status, 400, "POST {dot}");
+        let r = gw
+            .client
+            .delete(&format!("{}/{dot}", list_path(CP)), WRITER)
+            .await;
+        assert_eq!(r.status, 400, "DELETE permission {dot}");
+        assert_eq!(r.error().1.as_deref(), Some("permission_id"));
+    }
+    assert!(gw.mock.requests().is_empty(), "{:?}", gw.mock.requests());
+}
