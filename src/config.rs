@@ -149,6 +149,19 @@ pub struct RedisConfig {
     pub reconnect_max: Duration,
 }
 
+impl RedisConfig {
+    /// Prefix of every Redis key and channel permgate uses.
+    pub const DEFAULT_KEY_PREFIX: &str = "permgate:";
+    /// Deadline of each Redis call; past it the replica degrades to its local cache.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+    /// Without Redis, local pages count as fresh for at most this long.
+    pub const DEFAULT_DEGRADED_TTL: Duration = Duration::from_secs(5);
+    /// Cap on the backoff between reconnection attempts.
+    pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_millis(30_000);
+    /// `reconnect_max_ms` is raised to at least this, the backoff's first step.
+    pub const MIN_RECONNECT_MAX: Duration = Duration::from_millis(100);
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -162,6 +175,21 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     #[serde(serialize_with = "millis")]
     pub header_read_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// On SIGTERM or SIGINT, the time in-flight requests get to finish.
+    pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// Larger POST bodies are refused with 413; permission requests are small.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+    /// Past this, new connections wait in the kernel backlog.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    /// Larger request headers are refused with 431.
+    pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+    /// Longer request URIs are refused with 414.
+    pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
+    /// Slow-loris guard; also the HTTP/1 idle keep-alive timeout.
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_millis(10_000);
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +219,34 @@ pub struct UpstreamConfig {
     pub admin_key_poll: Duration,
 }
 
+/// The admin key's environment variable when neither `admin_key_env` nor `admin_key_file` is set.
+pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
+
+impl UpstreamConfig {
+    /// The whole exchange with upstream, body included; past it the caller gets 504.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// TCP connect to upstream; past it the caller gets 502.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(2_000);
+    /// Retries of list and delete requests, never of a create (it is not idempotent).
+    pub const DEFAULT_MAX_RETRIES: u32 = 2;
+    /// Backoff base: full jitter in [0, base * 2^attempt].
+    pub const DEFAULT_RETRY_BASE_DELAY: Duration = Duration::from_millis(100);
+    /// Backoff cap, also the cap on an honoured `Retry-After`.
+    pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_millis(2_000);
+    /// Upstream requests in flight at once.
+    pub const DEFAULT_MAX_CONCURRENCY: usize = 64;
+    /// Wait for a free upstream slot before answering 503.
+    pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(1_000);
+    /// Consecutive upstream failures that open the circuit (0 = never).
+    pub const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+    /// How long the circuit stays open before one probe.
+    pub const DEFAULT_BREAKER_OPEN: Duration = Duration::from_millis(5_000);
+    /// How often `admin_key_file` is checked for a rotated key.
+    pub const DEFAULT_ADMIN_KEY_POLL: Duration = Duration::from_millis(5_000);
+    /// `admin_key_poll_ms` is raised to at least this, so polling never spins on the file.
+    pub const MIN_ADMIN_KEY_POLL: Duration = Duration::from_millis(100);
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CacheConfig {
     #[serde(serialize_with = "seconds")]
@@ -202,6 +258,19 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
     #[serde(serialize_with = "seconds")]
     pub negative_ttl: Duration,
+}
+
+impl CacheConfig {
+    /// A page is fresh this long.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+    /// Memory bound for cached pages, bodies and bookkeeping.
+    pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+    /// After the TTL, a stale page is served at once while one background fetch refreshes it.
+    pub const DEFAULT_STALE_WHILE_REVALIDATE: Duration = Duration::from_secs(10);
+    /// While upstream fails, a page is served up to this long past its TTL.
+    pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(300);
+    /// Upstream 404s are remembered this long (0 = not cached).
+    pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -220,8 +289,6 @@ pub struct ClientConfig {
     #[serde(serialize_with = "rate")]
     pub rate: Option<(NonZeroU32, NonZeroU32)>,
 }
-
-pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
 
 impl Config {
     /// Parses and validates a config file's text. `env` looks up `PERMGATE_LISTEN`,
@@ -269,8 +336,32 @@ impl Config {
 }
 
 impl FileConfig {
+    /// Validates table by table, collecting every problem before giving up.
     fn validate(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        self.check_duration_bounds(&mut problems);
+        let server = self.server.validate(&mut problems);
+        let upstream = self.upstream.validate(&mut problems);
+        let cache = self.cache.validate(&mut problems);
+        let clients = validate_clients(self.clients, &mut problems);
+        let redis = self.redis.and_then(|r| r.validate(&mut problems));
+        let audit = self.audit.map(FileAudit::validate);
+        match (server, upstream) {
+            (Some(server), Some(upstream)) if problems.is_empty() => Ok(Config {
+                server,
+                upstream,
+                cache,
+                audit,
+                redis,
+                clients,
+            }),
+            _ => Err(ConfigError(problems)),
+        }
+    }
+
+    /// Refuses absurd durations in `[server]`, `[upstream]` and `[cache]` before any table is
+    /// validated, so these problems lead the report whichever table they sit in.
+    fn check_duration_bounds(&self, problems: &mut Vec<String>) {
         let windows = [
             ("cache.ttl_seconds", self.cache.ttl_seconds),
             (
@@ -327,103 +418,177 @@ impl FileConfig {
                 problems.push(format!("{key} may be at most {MAX_TIMEOUT_MS} (1 hour)"));
             }
         }
-        let mut addr = |key: &str, value: &str| match value.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                problems.push(format!(
-                    "{key}: '{value}' is not an address like 127.0.0.1:8080"
-                ));
-                None
-            }
-        };
-        let listen = addr("server.listen", &self.server.listen);
+    }
+}
+
+impl FileServer {
+    /// `[server]`; `None` when `listen` is not an address.
+    fn validate(self, problems: &mut Vec<String>) -> Option<ServerConfig> {
+        let listen = parse_addr("server.listen", &self.listen, problems);
         let admin_listen = self
-            .server
             .admin_listen
             .as_deref()
-            .and_then(|a| addr("server.admin_listen", a));
+            .and_then(|a| parse_addr("server.admin_listen", a, problems));
         if let (Some(l), Some(a)) = (listen, admin_listen) {
             if l == a && l.port() != 0 {
                 problems.push("server.admin_listen must differ from server.listen".into());
             }
         }
-        if self.server.worker_threads == Some(0) {
+        if self.worker_threads == Some(0) {
             problems.push("server.worker_threads must be at least 1".into());
         }
-        let max_body_bytes = self.server.max_body_bytes.unwrap_or(64 * 1024);
+        let max_body_bytes = self
+            .max_body_bytes
+            .unwrap_or(ServerConfig::DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
             problems.push("server.max_body_bytes must be at least 1".into());
         }
-        let max_connections = self.server.max_connections.unwrap_or(10_000);
+        let max_connections = self
+            .max_connections
+            .unwrap_or(ServerConfig::DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
             problems.push("server.max_connections must be at least 1".into());
         }
-        let max_header_bytes = self.server.max_header_bytes.unwrap_or(32 * 1024);
+        let max_header_bytes = self
+            .max_header_bytes
+            .unwrap_or(ServerConfig::DEFAULT_MAX_HEADER_BYTES);
         if max_header_bytes < 8192 {
             problems.push("server.max_header_bytes must be at least 8192".into());
         }
-        let max_uri_bytes = self.server.max_uri_bytes.unwrap_or(8 * 1024);
+        let max_uri_bytes = self
+            .max_uri_bytes
+            .unwrap_or(ServerConfig::DEFAULT_MAX_URI_BYTES);
         if max_uri_bytes < 256 {
             problems.push("server.max_uri_bytes must be at least 256".into());
         }
-        let header_read_timeout =
-            Duration::from_millis(self.server.header_read_timeout_ms.unwrap_or(10_000));
+        let header_read_timeout = millis_or(
+            self.header_read_timeout_ms,
+            ServerConfig::DEFAULT_HEADER_READ_TIMEOUT,
+        );
         if header_read_timeout.is_zero() {
             problems.push("server.header_read_timeout_ms must be at least 1".into());
         }
+        Some(ServerConfig {
+            listen: listen?,
+            admin_listen,
+            worker_threads: self.worker_threads,
+            drain_timeout: millis_or(self.drain_timeout_ms, ServerConfig::DEFAULT_DRAIN_TIMEOUT),
+            max_body_bytes,
+            max_connections,
+            max_header_bytes,
+            max_uri_bytes,
+            header_read_timeout,
+        })
+    }
+}
 
-        let base_url = match validate_base_url(&self.upstream.base_url) {
+impl FileUpstream {
+    /// `[upstream]`; `None` when `base_url` or the admin key's source is unusable.
+    fn validate(self, problems: &mut Vec<String>) -> Option<UpstreamConfig> {
+        let base_url = match validate_base_url(&self.base_url) {
             Ok(uri) => Some(uri),
             Err(why) => {
                 problems.push(format!("upstream.base_url: {why}"));
                 None
             }
         };
-        let admin_key = match (self.upstream.admin_key_env, self.upstream.admin_key_file) {
-            (Some(_), Some(_)) => {
-                problems.push("upstream: set admin_key_env or admin_key_file, not both".into());
-                None
-            }
-            (None, Some(file)) => Some(KeySource::File(file)),
-            (Some(env), None) if env.is_empty() => {
-                problems.push("upstream.admin_key_env is empty".into());
-                None
-            }
-            (env, None) => Some(KeySource::Env(
-                env.unwrap_or_else(|| DEFAULT_ADMIN_KEY_ENV.into()),
-            )),
-        };
-        let request_timeout =
-            Duration::from_millis(self.upstream.request_timeout_ms.unwrap_or(10_000));
-        let connect_timeout =
-            Duration::from_millis(self.upstream.connect_timeout_ms.unwrap_or(2_000));
+        let admin_key = admin_key_source(self.admin_key_env, self.admin_key_file, problems);
+        let request_timeout = millis_or(
+            self.request_timeout_ms,
+            UpstreamConfig::DEFAULT_REQUEST_TIMEOUT,
+        );
+        let connect_timeout = millis_or(
+            self.connect_timeout_ms,
+            UpstreamConfig::DEFAULT_CONNECT_TIMEOUT,
+        );
         if request_timeout.is_zero() {
             problems.push("upstream.request_timeout_ms must be at least 1".into());
         }
         if connect_timeout.is_zero() {
             problems.push("upstream.connect_timeout_ms must be at least 1".into());
         }
-        let max_concurrency = self.upstream.max_concurrency.unwrap_or(64);
+        let max_concurrency = self
+            .max_concurrency
+            .unwrap_or(UpstreamConfig::DEFAULT_MAX_CONCURRENCY);
         if max_concurrency == 0 {
             problems.push("upstream.max_concurrency must be at least 1".into());
         }
-        let retry_base_delay =
-            Duration::from_millis(self.upstream.retry_base_delay_ms.unwrap_or(100));
-        let retry_max_delay =
-            Duration::from_millis(self.upstream.retry_max_delay_ms.unwrap_or(2_000));
+        let retry_base_delay = millis_or(
+            self.retry_base_delay_ms,
+            UpstreamConfig::DEFAULT_RETRY_BASE_DELAY,
+        );
+        let retry_max_delay = millis_or(
+            self.retry_max_delay_ms,
+            UpstreamConfig::DEFAULT_RETRY_MAX_DELAY,
+        );
         if retry_max_delay < retry_base_delay {
             problems
                 .push("upstream.retry_max_delay_ms must be at least retry_base_delay_ms".into());
         }
+        Some(UpstreamConfig {
+            base_url: base_url?,
+            admin_key: admin_key?,
+            request_timeout,
+            connect_timeout,
+            ca_file: self.ca_file,
+            max_retries: self
+                .max_retries
+                .unwrap_or(UpstreamConfig::DEFAULT_MAX_RETRIES),
+            retry_base_delay,
+            retry_max_delay,
+            max_concurrency,
+            queue_timeout: millis_or(self.queue_timeout_ms, UpstreamConfig::DEFAULT_QUEUE_TIMEOUT),
+            breaker_threshold: self
+                .breaker_threshold
+                .unwrap_or(UpstreamConfig::DEFAULT_BREAKER_THRESHOLD),
+            breaker_open: millis_or(self.breaker_open_ms, UpstreamConfig::DEFAULT_BREAKER_OPEN),
+            admin_key_poll: millis_or(
+                self.admin_key_poll_ms,
+                UpstreamConfig::DEFAULT_ADMIN_KEY_POLL,
+            )
+            .max(UpstreamConfig::MIN_ADMIN_KEY_POLL),
+        })
+    }
+}
 
+/// Where the admin key comes from: at most one of `admin_key_env` and `admin_key_file`,
+/// [`DEFAULT_ADMIN_KEY_ENV`] when neither is set.
+fn admin_key_source(
+    env: Option<String>,
+    file: Option<PathBuf>,
+    problems: &mut Vec<String>,
+) -> Option<KeySource> {
+    match (env, file) {
+        (Some(_), Some(_)) => {
+            problems.push("upstream: set admin_key_env or admin_key_file, not both".into());
+            None
+        }
+        (None, Some(file)) => Some(KeySource::File(file)),
+        (Some(env), None) if env.is_empty() => {
+            problems.push("upstream.admin_key_env is empty".into());
+            None
+        }
+        (env, None) => Some(KeySource::Env(
+            env.unwrap_or_else(|| DEFAULT_ADMIN_KEY_ENV.into()),
+        )),
+    }
+}
+
+impl FileCache {
+    /// `[cache]`: every key has a default, so there is always a config to return.
+    fn validate(self, problems: &mut Vec<String>) -> CacheConfig {
         let cache = CacheConfig {
-            ttl: Duration::from_secs(self.cache.ttl_seconds.unwrap_or(60)),
-            max_bytes: self.cache.max_bytes.unwrap_or(64 * 1024 * 1024),
-            stale_while_revalidate: Duration::from_secs(
-                self.cache.stale_while_revalidate_seconds.unwrap_or(10),
+            ttl: seconds_or(self.ttl_seconds, CacheConfig::DEFAULT_TTL),
+            max_bytes: self.max_bytes.unwrap_or(CacheConfig::DEFAULT_MAX_BYTES),
+            stale_while_revalidate: seconds_or(
+                self.stale_while_revalidate_seconds,
+                CacheConfig::DEFAULT_STALE_WHILE_REVALIDATE,
             ),
-            stale_if_error: Duration::from_secs(self.cache.stale_if_error_seconds.unwrap_or(300)),
-            negative_ttl: Duration::from_secs(self.cache.negative_ttl_seconds.unwrap_or(5)),
+            stale_if_error: seconds_or(
+                self.stale_if_error_seconds,
+                CacheConfig::DEFAULT_STALE_IF_ERROR,
+            ),
+            negative_ttl: seconds_or(self.negative_ttl_seconds, CacheConfig::DEFAULT_NEGATIVE_TTL),
         };
         if cache.ttl.is_zero() {
             problems.push("cache.ttl_seconds must be at least 1".into());
@@ -431,153 +596,167 @@ impl FileConfig {
         if cache.max_bytes < 1024 {
             problems.push("cache.max_bytes must be at least 1024".into());
         }
+        cache
+    }
+}
 
-        if self.clients.is_empty() {
+/// `[[clients]]`: at least one, and no two sharing a name or a token.
+fn validate_clients(clients: Vec<FileClient>, problems: &mut Vec<String>) -> Vec<ClientConfig> {
+    if clients.is_empty() {
+        problems.push(
+            "no [[clients]]: permgate has no anonymous mode, configure at least one client".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut digests = HashSet::new();
+    let mut validated = Vec::with_capacity(clients.len());
+    for (i, client) in clients.into_iter().enumerate() {
+        let at = format!("clients[{i}]");
+        validated.push(client.validate(&at, &mut names, &mut digests, problems));
+    }
+    validated
+}
+
+impl FileClient {
+    /// One `[[clients]]` entry, found at `at`; `names` and `digests` hold those of the
+    /// entries before it.
+    fn validate(
+        self,
+        at: &str,
+        names: &mut HashSet<String>,
+        digests: &mut HashSet<[u8; 32]>,
+        problems: &mut Vec<String>,
+    ) -> ClientConfig {
+        if self.name.trim().is_empty() {
+            problems.push(format!("{at}.name is empty"));
+        } else if !names.insert(self.name.clone()) {
+            problems.push(format!("{at}.name '{}' is used twice", self.name));
+        }
+        let digest = parse_digest(&self.token_sha256);
+        match digest {
+            None => problems.push(format!(
+                "{at}.token_sha256 must be 64 hex characters (see `permgate hash-token`)"
+            )),
+            Some(d) if !digests.insert(d) => {
+                problems.push(format!("{at}.token_sha256 is shared with another client"))
+            }
+            Some(_) => {}
+        }
+        for (j, pattern) in self.checkpoints.iter().enumerate() {
+            if let Err(e) = glob::Pattern::new(pattern) {
+                problems.push(format!(
+                    "{at}.checkpoints[{j}]: bad glob '{pattern}': {}",
+                    e.msg
+                ));
+            }
+        }
+        let rate = match (self.rate_per_second, self.burst) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                problems.push(format!("{at}.burst needs {at}.rate_per_second"));
+                None
+            }
+            (Some(per_second), burst) => {
+                let per_second = NonZeroU32::new(per_second);
+                let burst = burst.map_or(per_second, NonZeroU32::new);
+                match (per_second, burst) {
+                    (Some(r), Some(b)) => Some((r, b)),
+                    _ => {
+                        problems.push(format!("{at}.rate_per_second and burst must be at least 1"));
+                        None
+                    }
+                }
+            }
+        };
+        ClientConfig {
+            name: self.name,
+            token_sha256: digest.unwrap_or_default(),
+            checkpoints: self.checkpoints,
+            can_write: self.can_write,
+            rate,
+        }
+    }
+}
+
+impl FileRedis {
+    /// `[redis]`; `None` when the URL is unusable. A password is only named by its source.
+    fn validate(self, problems: &mut Vec<String>) -> Option<RedisConfig> {
+        let ok_url = self.url.starts_with("redis://") || self.url.starts_with("rediss://");
+        if !ok_url {
+            problems.push("redis.url must start with redis:// or rediss://".into());
+        }
+        // A password in the URL would sit in the config file: refuse it.
+        let has_password = self
+            .url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .is_some_and(|authority| authority.contains('@'));
+        if has_password {
             problems.push(
-                "no [[clients]]: permgate has no anonymous mode, configure at least one client"
+                "redis.url may not carry credentials: use redis.password_env or redis.password_file"
                     .into(),
             );
         }
-        let mut names = HashSet::new();
-        let mut digests = HashSet::new();
-        let mut clients = Vec::with_capacity(self.clients.len());
-        for (i, c) in self.clients.into_iter().enumerate() {
-            let at = format!("clients[{i}]");
-            if c.name.trim().is_empty() {
-                problems.push(format!("{at}.name is empty"));
-            } else if !names.insert(c.name.clone()) {
-                problems.push(format!("{at}.name '{}' is used twice", c.name));
+        let password = match (self.password_env, self.password_file) {
+            (Some(_), Some(_)) => {
+                problems.push("redis: set password_env or password_file, not both".into());
+                None
             }
-            let digest = parse_digest(&c.token_sha256);
-            match digest {
-                None => problems.push(format!(
-                    "{at}.token_sha256 must be 64 hex characters (see `permgate hash-token`)"
-                )),
-                Some(d) if !digests.insert(d) => {
-                    problems.push(format!("{at}.token_sha256 is shared with another client"))
-                }
-                Some(_) => {}
-            }
-            for (j, pattern) in c.checkpoints.iter().enumerate() {
-                if let Err(e) = glob::Pattern::new(pattern) {
-                    problems.push(format!(
-                        "{at}.checkpoints[{j}]: bad glob '{pattern}': {}",
-                        e.msg
-                    ));
-                }
-            }
-            let rate = match (c.rate_per_second, c.burst) {
-                (None, None) => None,
-                (None, Some(_)) => {
-                    problems.push(format!("{at}.burst needs {at}.rate_per_second"));
-                    None
-                }
-                (Some(per_second), burst) => {
-                    let per_second = NonZeroU32::new(per_second);
-                    let burst = burst.map_or(per_second, NonZeroU32::new);
-                    match (per_second, burst) {
-                        (Some(r), Some(b)) => Some((r, b)),
-                        _ => {
-                            problems
-                                .push(format!("{at}.rate_per_second and burst must be at least 1"));
-                            None
-                        }
-                    }
-                }
-            };
-            clients.push(ClientConfig {
-                name: c.name,
-                token_sha256: digest.unwrap_or_default(),
-                checkpoints: c.checkpoints,
-                can_write: c.can_write,
-                rate,
-            });
+            (Some(env), None) => Some(KeySource::Env(env)),
+            (None, Some(file)) => Some(KeySource::File(file)),
+            (None, None) => None,
+        };
+        let timeout = millis_or(self.timeout_ms, RedisConfig::DEFAULT_TIMEOUT);
+        if timeout.is_zero() || timeout > Duration::from_secs(10) {
+            problems.push("redis.timeout_ms must be 1 to 10000".into());
         }
+        (ok_url && !has_password).then(|| RedisConfig {
+            url: self.url,
+            password,
+            key_prefix: self
+                .key_prefix
+                .unwrap_or_else(|| RedisConfig::DEFAULT_KEY_PREFIX.into()),
+            timeout,
+            // Out-of-range values are clamped, not refused.
+            degraded_ttl: seconds_or(self.degraded_ttl_seconds, RedisConfig::DEFAULT_DEGRADED_TTL)
+                .min(Duration::from_secs(MAX_WINDOW_SECONDS)),
+            reconnect_max: millis_or(self.reconnect_max_ms, RedisConfig::DEFAULT_RECONNECT_MAX)
+                .clamp(
+                    RedisConfig::MIN_RECONNECT_MAX,
+                    Duration::from_millis(MAX_TIMEOUT_MS),
+                ),
+        })
+    }
+}
 
-        let redis = self.redis.and_then(|r| {
-            let ok_url = r.url.starts_with("redis://") || r.url.starts_with("rediss://");
-            if !ok_url {
-                problems.push("redis.url must start with redis:// or rediss://".into());
-            }
-            // A password in the URL would sit in the config file: refuse it.
-            let has_password = r
-                .url
-                .split_once("://")
-                .and_then(|(_, rest)| rest.split('/').next())
-                .is_some_and(|authority| authority.contains('@'));
-            if has_password {
-                problems.push(
-                    "redis.url may not carry credentials: use redis.password_env or redis.password_file"
-                        .into(),
-                );
-            }
-            let password = match (r.password_env, r.password_file) {
-                (Some(_), Some(_)) => {
-                    problems.push("redis: set password_env or password_file, not both".into());
-                    None
-                }
-                (Some(env), None) => Some(KeySource::Env(env)),
-                (None, Some(file)) => Some(KeySource::File(file)),
-                (None, None) => None,
-            };
-            let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(100));
-            if timeout.is_zero() || timeout > Duration::from_secs(10) {
-                problems.push("redis.timeout_ms must be 1 to 10000".into());
-            }
-            (ok_url && !has_password).then(|| RedisConfig {
-                url: r.url,
-                password,
-                key_prefix: r.key_prefix.unwrap_or_else(|| "permgate:".into()),
-                timeout,
-                degraded_ttl: Duration::from_secs(r.degraded_ttl_seconds.unwrap_or(5).min(MAX_WINDOW_SECONDS)),
-                reconnect_max: Duration::from_millis(r.reconnect_max_ms.unwrap_or(30_000).clamp(100, MAX_TIMEOUT_MS)),
-            })
-        });
+impl FileAudit {
+    /// `[audit]`: nothing to check here; `audit` opens the file at startup.
+    fn validate(self) -> AuditConfig {
+        AuditConfig { path: self.path }
+    }
+}
 
-        match (problems.is_empty(), listen, base_url, admin_key) {
-            (true, Some(listen), Some(base_url), Some(admin_key)) => Ok(Config {
-                server: ServerConfig {
-                    listen,
-                    admin_listen,
-                    worker_threads: self.server.worker_threads,
-                    drain_timeout: Duration::from_millis(
-                        self.server.drain_timeout_ms.unwrap_or(10_000),
-                    ),
-                    max_body_bytes,
-                    max_connections,
-                    max_header_bytes,
-                    max_uri_bytes,
-                    header_read_timeout,
-                },
-                upstream: UpstreamConfig {
-                    base_url,
-                    admin_key,
-                    request_timeout,
-                    connect_timeout,
-                    ca_file: self.upstream.ca_file,
-                    max_retries: self.upstream.max_retries.unwrap_or(2),
-                    retry_base_delay,
-                    retry_max_delay,
-                    max_concurrency,
-                    queue_timeout: Duration::from_millis(
-                        self.upstream.queue_timeout_ms.unwrap_or(1_000),
-                    ),
-                    breaker_threshold: self.upstream.breaker_threshold.unwrap_or(5),
-                    breaker_open: Duration::from_millis(
-                        self.upstream.breaker_open_ms.unwrap_or(5_000),
-                    ),
-                    admin_key_poll: Duration::from_millis(
-                        self.upstream.admin_key_poll_ms.unwrap_or(5_000).max(100),
-                    ),
-                },
-                cache,
-                audit: self.audit.map(|a| AuditConfig { path: a.path }),
-                redis,
-                clients,
-            }),
-            _ => Err(ConfigError(problems)),
+/// A listen address, or `None` and a problem naming `key`.
+fn parse_addr(key: &str, value: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
+    match value.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            problems.push(format!(
+                "{key}: '{value}' is not an address like 127.0.0.1:8080"
+            ));
+            None
         }
     }
+}
+
+/// A `*_ms` key's value, or `default` when it is omitted.
+fn millis_or(value: Option<u64>, default: Duration) -> Duration {
+    value.map_or(default, Duration::from_millis)
+}
+
+/// A `*_seconds` key's value, or `default` when it is omitted.
+fn seconds_or(value: Option<u64>, default: Duration) -> Duration {
+    value.map_or(default, Duration::from_secs)
 }
 
 fn validate_base_url(raw: &str) -> Result<Uri, String> {
