@@ -16,11 +16,22 @@
 //! run on a one-thread runtime owned here ([`Guard`]), apart from the gateway's runtime. TLS
 //! is rustls with Mozilla's roots (plus `OTEL_EXPORTER_OTLP_CERTIFICATE`), as for upstream.
 //!
-//! Configuration comes through the injected environment lookup like everything else. The
-//! OpenTelemetry crates also read a few variables from the process environment themselves
-//! (the `OTEL_EXPORTER_OTLP_*HEADERS` again, `OTEL_SPAN_*_LIMIT`, and `OTEL_BSP_*` that are
-//! not set here); in `permgate serve` that is the same environment, so it makes no
-//! difference there, but a test's injected environment cannot switch those off.
+//! Configuration: [`settings`] reads the standard `OTEL_*` variables itself, through the
+//! injected environment lookup like everything else, rather than letting the OpenTelemetry
+//! crates read them. It exists because those crates (0.33) read only `std::env`, so a test's
+//! injected environment would not reach them; they silently ignore or replace bad values
+//! (an unparsable timeout, batch size or sampler argument, an unknown sampler or protocol, a
+//! malformed header entry), where permgate refuses to start; they do not read
+//! `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER` or `OTEL_PROPAGATORS` at all, nor
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE` (their hyper client is plain HTTP); and they do not
+//! percent-decode `OTEL_RESOURCE_ATTRIBUTES`. Each of these has a test below.
+//!
+//! Every resolved value is set on the builders explicitly, so the process environment cannot
+//! override it. What the crates still read from the process environment: the
+//! `OTEL_EXPORTER_OTLP_*HEADERS` (merged over the ones set here), `OTEL_SPAN_*_LIMIT`, and
+//! `OTEL_EXPORTER_OTLP_*COMPRESSION` (which this build can only ignore, with a warning). In
+//! `permgate serve` that is the same environment, so it makes no difference there, but a
+//! test's injected environment cannot switch those off.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -42,6 +53,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::resource::TelemetryResourceDetector;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE_DEFAULT, OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT,
+    OTEL_BSP_SCHEDULE_DELAY_DEFAULT,
 };
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt};
@@ -154,25 +167,52 @@ fn parse_pairs(name: &str, text: &str) -> Result<Vec<(String, String)>, String> 
 }
 
 /// Resolves the standard variables. `Ok(None)`: export is off (the default).
-///
-/// On when `OTEL_TRACES_EXPORTER=otlp`, or when it is unset and an OTLP endpoint variable is
-/// set; off when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
 pub fn settings(env: &Env) -> Result<Option<Settings>, String> {
-    if var(env, "OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+    if !export_on(env)? {
         return Ok(None);
     }
-    match var(env, "OTEL_TRACES_EXPORTER").map(|v| v.trim().to_ascii_lowercase()) {
-        Some(v) if v == "none" => return Ok(None),
-        Some(v) if v == "otlp" => {}
-        Some(v) => {
-            return Err(format!(
-                "OTEL_TRACES_EXPORTER: '{v}' is not supported (otlp or none)"
-            ))
-        }
-        None if signal_var(env, "ENDPOINT").is_none() => return Ok(None),
-        None => {}
-    }
+    check_transport(env)?;
+    let endpoint = endpoint(env)?;
+    let headers = headers(env)?;
+    let timeout = timeout(env)?;
+    let ca_file = signal_var(env, "CERTIFICATE").map(|(_, path)| PathBuf::from(path));
+    let (service_name, resource) = resource(env)?;
+    let sampler = sampler(env)?;
+    let batch = batch(env)?;
+    Ok(Some(Settings {
+        endpoint,
+        headers,
+        timeout,
+        ca_file,
+        service_name,
+        resource,
+        sampler,
+        schedule_delay: batch.schedule_delay,
+        max_queue_size: batch.max_queue_size,
+        max_export_batch_size: batch.max_export_batch_size,
+        continue_traces: continue_traces(env),
+    }))
+}
 
+/// On when `OTEL_TRACES_EXPORTER=otlp`, or when it is unset and an OTLP endpoint variable is
+/// set; off when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+fn export_on(env: &Env) -> Result<bool, String> {
+    if var(env, "OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return Ok(false);
+    }
+    match var(env, "OTEL_TRACES_EXPORTER").map(|v| v.trim().to_ascii_lowercase()) {
+        Some(v) if v == "none" => Ok(false),
+        Some(v) if v == "otlp" => Ok(true),
+        Some(v) => Err(format!(
+            "OTEL_TRACES_EXPORTER: '{v}' is not supported (otlp or none)"
+        )),
+        None => Ok(signal_var(env, "ENDPOINT").is_some()),
+    }
+}
+
+/// What this build cannot do is an error: only http/protobuf, uncompressed, without client
+/// certificates.
+fn check_transport(env: &Env) -> Result<(), String> {
     if let Some((name, protocol)) = signal_var(env, "PROTOCOL") {
         if protocol.trim() != "http/protobuf" {
             return Err(format!(
@@ -185,38 +225,65 @@ pub fn settings(env: &Env) -> Result<Option<Settings>, String> {
             return Err(format!("{name}: '{c}' is not supported (none)"));
         }
     }
-    let endpoint = match (
-        var(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-        var(env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
-    ) {
-        // The signal-specific URL is used as is; the generic one is a base.
-        (Some(url), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.trim().to_string()),
-        (None, base) => {
-            let base = base.unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+    for suffix in ["CLIENT_CERTIFICATE", "CLIENT_KEY"] {
+        if let Some((name, _)) = signal_var(env, suffix) {
+            return Err(format!("{name}: client certificates are not supported"));
+        }
+    }
+    Ok(())
+}
+
+/// The signal-specific URL is used as is; the generic one is a base for `/v1/traces`.
+fn endpoint(env: &Env) -> Result<Uri, String> {
+    let (name, url) = match var(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        Some(url) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.trim().to_string()),
+        None => {
+            let base = var(env, "OTEL_EXPORTER_OTLP_ENDPOINT");
+            let base = base.as_deref().unwrap_or(DEFAULT_ENDPOINT);
             let url = format!("{}{TRACES_PATH}", base.trim().trim_end_matches('/'));
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url)
         }
     };
-    let endpoint = endpoint
-        .1
-        .parse::<Uri>()
+    url.parse::<Uri>()
         .ok()
         .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some())
-        .ok_or_else(|| format!("{}: not an http:// or https:// URL", endpoint.0))?;
-    let headers = match signal_var(env, "HEADERS") {
-        Some((name, text)) => parse_pairs(&name, &text)?.into_iter().collect(),
-        None => HashMap::new(),
-    };
-    let timeout = match signal_var(env, "TIMEOUT") {
-        Some((name, ms)) => Duration::from_millis(
-            ms.trim()
-                .parse()
-                .map_err(|_| format!("{name}: '{ms}' is not a number of milliseconds"))?,
-        ),
-        None => DEFAULT_TIMEOUT,
-    };
-    let ca_file = signal_var(env, "CERTIFICATE").map(|(_, path)| PathBuf::from(path));
+        .ok_or_else(|| format!("{name}: not an http:// or https:// URL"))
+}
 
+/// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, each a valid HTTP header (the exporter would drop
+/// an invalid one silently). Errors never quote values.
+fn headers(env: &Env) -> Result<HashMap<String, String>, String> {
+    let Some((name, text)) = signal_var(env, "HEADERS") else {
+        return Ok(HashMap::new());
+    };
+    parse_pairs(&name, &text)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, v))| {
+            // Not quoted: `Authorization: Basic dXNlcjpwYXNz=` would be all key.
+            HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| format!("{name}: entry {} is not a valid header name", i + 1))?;
+            HeaderValue::from_str(&v)
+                .map_err(|_| format!("{name}: the value of '{k}' is not a valid header value"))?;
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn timeout(env: &Env) -> Result<Duration, String> {
+    match signal_var(env, "TIMEOUT") {
+        Some((name, ms)) => ms
+            .trim()
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("{name}: '{ms}' is not a number of milliseconds")),
+        None => Ok(DEFAULT_TIMEOUT),
+    }
+}
+
+/// The service name (`OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`,
+/// else `permgate`) and the other resource attributes.
+fn resource(env: &Env) -> Result<(String, Vec<(String, String)>), String> {
     let mut resource = match var(env, "OTEL_RESOURCE_ATTRIBUTES") {
         Some(text) => parse_pairs("OTEL_RESOURCE_ATTRIBUTES", &text)?,
         None => Vec::new(),
@@ -228,48 +295,75 @@ pub fn settings(env: &Env) -> Result<Option<Settings>, String> {
     let service_name = var(env, "OTEL_SERVICE_NAME")
         .or(from_attributes)
         .unwrap_or_else(|| DEFAULT_SERVICE_NAME.to_string());
+    Ok((service_name, resource))
+}
 
-    let ratio = || -> Result<f64, String> {
-        match var(env, "OTEL_TRACES_SAMPLER_ARG") {
-            None => Ok(1.0),
-            Some(v) => v
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|r| (0.0..=1.0).contains(r))
-                .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG: '{v}' is not a ratio in 0..=1")),
+/// `OTEL_TRACES_SAMPLER`; `parentbased_always_on` when unset.
+fn sampler(env: &Env) -> Result<SamplerChoice, String> {
+    let Some(name) = var(env, "OTEL_TRACES_SAMPLER") else {
+        return Ok(SamplerChoice::ParentBasedAlwaysOn);
+    };
+    Ok(match name.trim().to_ascii_lowercase().as_str() {
+        "always_on" => SamplerChoice::AlwaysOn,
+        "always_off" => SamplerChoice::AlwaysOff,
+        "traceidratio" => SamplerChoice::Ratio(ratio(env)?),
+        "parentbased_always_on" => SamplerChoice::ParentBasedAlwaysOn,
+        "parentbased_always_off" => SamplerChoice::ParentBasedAlwaysOff,
+        "parentbased_traceidratio" => SamplerChoice::ParentBasedRatio(ratio(env)?),
+        other => return Err(format!("OTEL_TRACES_SAMPLER: '{other}' is not supported")),
+    })
+}
+
+/// `OTEL_TRACES_SAMPLER_ARG` for the ratio samplers; 1 when unset.
+fn ratio(env: &Env) -> Result<f64, String> {
+    match var(env, "OTEL_TRACES_SAMPLER_ARG") {
+        None => Ok(1.0),
+        Some(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|r| (0.0..=1.0).contains(r))
+            .ok_or_else(|| format!("OTEL_TRACES_SAMPLER_ARG: '{v}' is not a ratio in 0..=1")),
+    }
+}
+
+/// The `OTEL_BSP_*` values that are set.
+struct Batch {
+    schedule_delay: Option<Duration>,
+    max_queue_size: Option<usize>,
+    max_export_batch_size: Option<usize>,
+}
+
+/// A zero queue would drop every span, so sizes must be positive; an explicit batch size
+/// larger than the queue is an error (the SDK would shrink it silently).
+fn batch(env: &Env) -> Result<Batch, String> {
+    let size = |name: &str| -> Result<Option<usize>, String> {
+        match parse_num::<usize>(env, name)? {
+            Some(0) => Err(format!("{name}: must be at least 1")),
+            n => Ok(n),
         }
     };
-    let sampler = match var(env, "OTEL_TRACES_SAMPLER").map(|v| v.trim().to_ascii_lowercase()) {
-        None => SamplerChoice::ParentBasedAlwaysOn,
-        Some(s) => match s.as_str() {
-            "always_on" => SamplerChoice::AlwaysOn,
-            "always_off" => SamplerChoice::AlwaysOff,
-            "traceidratio" => SamplerChoice::Ratio(ratio()?),
-            "parentbased_always_on" => SamplerChoice::ParentBasedAlwaysOn,
-            "parentbased_always_off" => SamplerChoice::ParentBasedAlwaysOff,
-            "parentbased_traceidratio" => SamplerChoice::ParentBasedRatio(ratio()?),
-            other => return Err(format!("OTEL_TRACES_SAMPLER: '{other}' is not supported")),
-        },
-    };
-    let continue_traces = match var(env, "OTEL_PROPAGATORS") {
+    let max_queue_size = size("OTEL_BSP_MAX_QUEUE_SIZE")?;
+    let max_export_batch_size = size("OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?;
+    let queue = max_queue_size.unwrap_or(OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT);
+    if let Some(n) = max_export_batch_size.filter(|n| *n > queue) {
+        return Err(format!(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE: {n} is larger than the queue ({queue})"
+        ));
+    }
+    Ok(Batch {
+        schedule_delay: parse_num(env, "OTEL_BSP_SCHEDULE_DELAY")?.map(Duration::from_millis),
+        max_queue_size,
+        max_export_batch_size,
+    })
+}
+
+/// `OTEL_PROPAGATORS` includes `tracecontext` (the default).
+fn continue_traces(env: &Env) -> bool {
+    match var(env, "OTEL_PROPAGATORS") {
         None => true,
         Some(list) => list.split(',').any(|p| p.trim() == "tracecontext"),
-    };
-
-    Ok(Some(Settings {
-        endpoint,
-        headers,
-        timeout,
-        ca_file,
-        service_name,
-        resource,
-        sampler,
-        schedule_delay: parse_num(env, "OTEL_BSP_SCHEDULE_DELAY")?.map(Duration::from_millis),
-        max_queue_size: parse_num(env, "OTEL_BSP_MAX_QUEUE_SIZE")?,
-        max_export_batch_size: parse_num(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?,
-        continue_traces,
-    }))
+    }
 }
 
 /// Keeps the exporter running; dropping it flushes the spans still queued (bounded by the
@@ -328,22 +422,12 @@ fn provider(s: &Settings) -> Result<(SdkTracerProvider, tokio::runtime::Runtime)
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(s.endpoint.to_string())
         .with_timeout(s.timeout)
-        .with_headers(s.headers.clone())
+        .with_headers(escape_percent(&s.headers))
         .with_http_client(client)
         .build()
         .map_err(|e| format!("OpenTelemetry exporter: {e}"))?;
-    let mut batch = BatchConfigBuilder::default();
-    if let Some(d) = s.schedule_delay {
-        batch = batch.with_scheduled_delay(d);
-    }
-    if let Some(n) = s.max_queue_size {
-        batch = batch.with_max_queue_size(n);
-    }
-    if let Some(n) = s.max_export_batch_size {
-        batch = batch.with_max_export_batch_size(n);
-    }
     let processor = BatchSpanProcessor::builder(exporter)
-        .with_batch_config(batch.build())
+        .with_batch_config(batch_config(s))
         .build();
     // Not `Resource::builder()`: its detectors read OTEL_SERVICE_NAME and
     // OTEL_RESOURCE_ATTRIBUTES from the process environment, not the injected one.
@@ -371,6 +455,28 @@ fn provider(s: &Settings) -> Result<(SdkTracerProvider, tokio::runtime::Runtime)
         "OpenTelemetry span export on"
     );
     Ok((provider, runtime))
+}
+
+/// Every value set, defaults included: `BatchConfigBuilder::default()` reads `OTEL_BSP_*`
+/// from the process environment, and the injected one must be the only source.
+fn batch_config(s: &Settings) -> opentelemetry_sdk::trace::BatchConfig {
+    BatchConfigBuilder::default()
+        .with_scheduled_delay(s.schedule_delay.unwrap_or(OTEL_BSP_SCHEDULE_DELAY_DEFAULT))
+        .with_max_queue_size(s.max_queue_size.unwrap_or(OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT))
+        .with_max_export_batch_size(
+            s.max_export_batch_size
+                .unwrap_or(OTEL_BSP_MAX_EXPORT_BATCH_SIZE_DEFAULT),
+        )
+        .build()
+}
+
+/// The exporter's `with_headers` percent-decodes values again: escaping `%` makes that an
+/// identity, so a decoded value such as `p%41ss` reaches the collector as is.
+fn escape_percent(headers: &HashMap<String, String>) -> HashMap<String, String> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.replace('%', "%25")))
+        .collect()
 }
 
 /// HTTPS (rustls, ring, Mozilla roots plus the configured CA file) or plain HTTP.
@@ -592,6 +698,214 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("entry 2"), "{e}");
         assert!(!e.contains("secret-token-value"), "{e}");
+    }
+
+    /// Each of these the OpenTelemetry crates would accept silently, falling back or dropping
+    /// the value (opentelemetry_sdk trace/config.rs, span_processor.rs `init_from_env_vars`;
+    /// opentelemetry-otlp exporter/mod.rs `resolve_timeout`, `parse_header_key_value_string`,
+    /// exporter/http/mod.rs `add_header_from_string`).
+    #[test]
+    fn values_the_sdk_would_ignore_are_errors() {
+        let on = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318");
+        let ratio = ("OTEL_TRACES_SAMPLER", "traceidratio");
+        for bad in [
+            vec![ratio, ("OTEL_TRACES_SAMPLER_ARG", "half")],
+            vec![ratio, ("OTEL_TRACES_SAMPLER_ARG", "5")],
+            vec![("OTEL_BSP_MAX_QUEUE_SIZE", "lots")],
+            vec![("OTEL_BSP_MAX_QUEUE_SIZE", "0")],
+            vec![("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096")],
+            vec![("OTEL_EXPORTER_OTLP_HEADERS", "x tenant=acme")],
+            vec![("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=a%0Ab")],
+            vec![("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/key.pem")],
+            vec![
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+                ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "soon"),
+            ],
+        ] {
+            let name = bad.last().unwrap().0;
+            let mut pairs = vec![on];
+            pairs.extend(bad.iter().copied());
+            let e = resolve(&pairs).unwrap_err();
+            assert!(e.starts_with(name), "{bad:?}: {e}");
+        }
+        // A smaller queue alone shrinks the default batch, as the spec's defaults imply.
+        let small = resolve(&[on, ("OTEL_BSP_MAX_QUEUE_SIZE", "100")]).unwrap();
+        assert_eq!(small.unwrap().max_queue_size, Some(100));
+        let big = resolve(&[
+            on,
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "8192"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096"),
+        ]);
+        assert_eq!(big.unwrap().unwrap().max_export_batch_size, Some(4096));
+    }
+
+    #[test]
+    fn a_header_name_error_never_quotes_the_entry() {
+        let e = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-tenant=acme,Authorization: Basic dXNlcjpwYXNz=",
+            ),
+        ])
+        .unwrap_err();
+        assert!(e.contains("entry 2"), "{e}");
+        assert!(!e.contains("dXNlcjpwYXNz"), "{e}");
+    }
+
+    /// The SDK's `EnvResourceDetector` keeps `%2C` as is (resource/env.rs
+    /// `construct_otel_resources`); the spec says the values are percent-encoded.
+    #[test]
+    fn resource_attributes_are_percent_decoded() {
+        let s = resolve(&[
+            ("OTEL_TRACES_EXPORTER", "otlp"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "region=eu%2Cwest,team=a%20b"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            s.resource,
+            vec![
+                ("region".into(), "eu,west".into()),
+                ("team".into(), "a b".into())
+            ]
+        );
+    }
+
+    /// opentelemetry-otlp has no CERTIFICATE variable; a CA file that cannot be used stops
+    /// the start, naming the variable.
+    #[test]
+    fn an_unusable_ca_file_is_a_startup_error() {
+        let dir = std::env::temp_dir().join(format!("permgate-otel-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        for path in [dir.join("missing.pem"), empty] {
+            let s = resolve(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c.example:4318"),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", path.to_str().unwrap()),
+            ])
+            .unwrap()
+            .unwrap();
+            let e = provider(&s).map(|_| ()).unwrap_err();
+            assert!(e.starts_with("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What one export request looked like at the collector.
+    struct Seen {
+        path: String,
+        content_type: String,
+        key: String,
+        body_len: usize,
+    }
+
+    /// An OTLP/HTTP collector over TLS whose certificate only `ca_pem` vouches for.
+    async fn tls_collector() -> (u16, String, std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+        use http_body_util::BodyExt;
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use std::sync::{Arc, Mutex};
+
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf_cert.der().clone()], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let store = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, store) = (acceptor.clone(), store.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let store = store.clone();
+                            async move {
+                                let header = |n: &str| {
+                                    let v = req.headers().get(n).map(|v| v.to_str().unwrap());
+                                    v.unwrap_or_default().to_string()
+                                };
+                                let (path, content_type) =
+                                    (req.uri().path().to_string(), header("content-type"));
+                                let key = header("x-key");
+                                let body = req.into_body().collect().await?.to_bytes();
+                                store.lock().unwrap().push(Seen {
+                                    path,
+                                    content_type,
+                                    key,
+                                    body_len: body.len(),
+                                });
+                                Ok::<_, hyper::Error>(hyper::Response::new(
+                                    http_body_util::Full::new(Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (port, ca_cert.pem(), seen)
+    }
+
+    /// The whole configuration comes from the injected environment (the process has no
+    /// `OTEL_*`): an `https` collector trusted only through `OTEL_EXPORTER_OTLP_CERTIFICATE`
+    /// gets the span over the hyper client, with the configured header exactly as decoded
+    /// once (`p%2541ss` is `p%41ss`, not `pAss`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_export_trusts_the_certificate_variable() {
+        use opentelemetry::trace::Tracer as _;
+
+        let (port, ca_pem, seen) = tls_collector().await;
+        let dir = std::env::temp_dir().join(format!("permgate-otel-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, ca_pem).unwrap();
+        let endpoint = format!("https://localhost:{port}");
+        let s = resolve(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca_path.to_str().unwrap()),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-key=p%2541ss"),
+        ])
+        .unwrap()
+        .unwrap();
+        tokio::task::spawn_blocking(move || {
+            let (provider, runtime) = provider(&s).unwrap();
+            provider.tracer("test").in_span("probe", |_| {});
+            let flushed = provider.shutdown();
+            runtime.shutdown_background();
+            flushed.unwrap();
+        })
+        .await
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "one export request");
+        assert_eq!(seen[0].path, "/v1/traces");
+        assert_eq!(seen[0].content_type, "application/x-protobuf");
+        assert_eq!(seen[0].key, "p%41ss");
+        assert!(seen[0].body_len > 0);
     }
 
     #[test]
