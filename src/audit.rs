@@ -6,7 +6,7 @@
 //! target `permgate::audit`. The line is written before the response leaves. Records hold
 //! client names, never tokens or key material.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -37,20 +37,47 @@ pub struct Record<'a> {
 
 /// The append-only audit file.
 pub struct AuditLog {
+    path: PathBuf,
     file: Mutex<tokio::fs::File>,
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("audit.path {}: {}", path.display(), e.kind()))
 }
 
 impl AuditLog {
     /// Opens (creating if needed) `path` for appending.
     pub fn open(path: &Path) -> Result<AuditLog, String> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("audit.path {}: {e}", path.display()))?;
         Ok(AuditLog {
-            file: Mutex::new(tokio::fs::File::from_std(file)),
+            path: path.to_owned(),
+            file: Mutex::new(tokio::fs::File::from_std(open_append(path)?)),
         })
+    }
+
+    /// Opens `audit.path` again (after log rotation moved the old file away); records written
+    /// meanwhile go to the old file. A failure keeps the old file, is logged and counted.
+    pub async fn reopen(&self, metrics: &Metrics) {
+        let path = self.path.clone();
+        let opened = crate::secret::off_runtime(move || open_append(&path))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match opened {
+            Ok(file) => {
+                let mut current = self.file.lock().await;
+                let _ = current.flush().await;
+                *current = tokio::fs::File::from_std(file);
+                tracing::info!(target: "permgate::audit", path = %self.path.display(), "audit file reopened");
+            }
+            Err(why) => {
+                tracing::error!(target: "permgate::audit", reason = %why, "cannot reopen the audit file; still writing to the old one");
+                metrics.audit_failure();
+            }
+        }
     }
 
     /// Appends one line and waits until it has been handed to the OS.

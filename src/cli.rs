@@ -98,7 +98,7 @@ fn serve(path: &Path) -> Result<(), String> {
         Some(redis) => fleet::password(redis, &env)?,
         None => None,
     };
-    for warning in config.warnings() {
+    for warning in config.warnings().into_iter().chain(key_file_warning(&config)) {
         tracing::warn!("{warning}");
     }
     runtime(config.server.worker_threads)?.block_on(async {
@@ -222,12 +222,17 @@ fn check_config(path: &Path) -> Result<(), String> {
         fleet::password(redis, &env)?;
     }
     Upstream::new(&config.upstream, key, Clock::default(), Default::default())?;
-    for warning in config.warnings() {
+    for warning in config.warnings().into_iter().chain(key_file_warning(&config)) {
         println!("# warning: {warning}");
     }
     println!("# admin key: present (redacted)");
     println!("# config OK");
     Ok(())
+}
+
+/// A warning when the admin key file is readable by every user.
+fn key_file_warning(config: &Config) -> Option<String> {
+    crate::secret::permission_warning(&config.upstream.admin_key, "upstream.admin_key")
 }
 
 fn hash_token() -> Result<(), String> {

@@ -17,7 +17,7 @@ use hyper::Uri;
 use serde::{Deserialize, Serialize};
 
 use crate::env::Env;
-use crate::secret::KeySource;
+use crate::secret::{self, KeySource};
 
 /// A config that cannot be used, with one line per problem, each naming its key.
 #[derive(Debug)]
@@ -220,6 +220,9 @@ pub struct UpstreamConfig {
 }
 
 /// The admin key's environment variable when neither `admin_key_env` nor `admin_key_file` is set.
+/// A config file larger than this is surely not one.
+const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
 pub const DEFAULT_ADMIN_KEY_ENV: &str = "OPENAI_ADMIN_KEY";
 
 impl UpstreamConfig {
@@ -329,7 +332,9 @@ impl Config {
 
     /// Reads and parses a config file.
     pub fn load(path: &std::path::Path, env: &Env) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        // Never waits on a FIFO at the path (see `secret::read_regular_file`).
+        let text = secret::read_regular_file(path, MAX_CONFIG_BYTES)
+            .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
             .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
         Self::parse(&text, env)
     }

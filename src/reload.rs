@@ -5,7 +5,11 @@
 //! A bad new file (unparsable config, missing or empty key) keeps the old state, logs why and
 //! counts a failed reload. Requests in flight finish with the key and clients they started
 //! with. Only the client list and the key are reloaded; every other setting applies at the
-//! next restart.
+//! next restart. SIGHUP also reopens the audit file (log rotation).
+//!
+//! Files are read off the runtime with a deadline (`secret::off_runtime`), and never waited on
+//! when they are not regular files: a FIFO, a device or a hung filesystem at a watched path
+//! stalls no request and no shutdown; it is logged and counted as a failed reload.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::env::SharedEnv;
-use crate::secret::{AdminKey, KeySource};
+use crate::secret::{self, AdminKey, KeySource};
 use crate::state::AppState;
 
 /// Re-reads `path` and the admin key and applies them, or keeps the old state.
@@ -29,6 +33,9 @@ pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), Stri
         });
     match result {
         Ok((config, key)) => {
+            if let Some(warning) = secret::permission_warning(&config.upstream.admin_key, "upstream.admin_key") {
+                warn!("{warning}");
+            }
             state.apply_reload(&config, key);
             state.metrics.key_reload(true);
             info!(
@@ -42,6 +49,16 @@ pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), Stri
             error!(reason = %why, "reload failed; keeping the previous admin key and clients");
             Err(why)
         }
+    }
+}
+
+/// [`reload`] off the runtime, within `secret::FILE_READ_TIMEOUT`.
+async fn reload_off_runtime(state: &Arc<AppState>, path: &Path, env: &SharedEnv) {
+    let (state, path, env) = (state.clone(), path.to_owned(), env.clone());
+    let metrics = state.metrics.clone();
+    if let Err(e) = secret::off_runtime(move || reload(&state, &path, &env)).await {
+        metrics.key_reload(false);
+        error!(reason = %e, "reload failed; keeping the previous admin key and clients");
     }
 }
 
@@ -63,7 +80,9 @@ pub fn watch(
         },
         Err(_) => None,
     };
-    let mut last_seen = key_file.as_deref().and_then(|f| std::fs::read(f).ok());
+    let mut last_seen = key_file
+        .as_deref()
+        .and_then(|f| secret::read_regular_file(f, KEY_FILE_LIMIT).ok());
     let mut hangups = if sighup {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(signal) => Some(signal),
@@ -78,6 +97,7 @@ pub fn watch(
     async move {
         let mut ticks = tokio::time::interval(poll);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error = None;
         loop {
             let hangup = async {
                 match hangups.as_mut() {
@@ -87,16 +107,32 @@ pub fn watch(
             };
             tokio::select! {
                 _ = hangup => {
-                    info!("SIGHUP: reloading");
-                    let _ = reload(&state, &path, &env);
+                    info!("SIGHUP: reloading, reopening the audit file");
+                    if let Some(audit) = &state.audit {
+                        audit.reopen(&state.metrics).await;
+                    }
+                    reload_off_runtime(&state, &path, &env).await;
                 }
                 _ = ticks.tick() => {
                     let Some(file) = key_file.as_deref() else { continue };
-                    let now = std::fs::read(file).ok();
+                    let now = match secret::read_regular_file_bounded(file, KEY_FILE_LIMIT).await {
+                        Ok(bytes) => {
+                            last_error = None;
+                            Some(bytes)
+                        }
+                        Err(e) => {
+                            let why = e.to_string();
+                            if last_error.as_ref() != Some(&why) {
+                                warn!(reason = %why, "cannot read the admin key file; keeping the current key");
+                                last_error = Some(why);
+                            }
+                            None
+                        }
+                    };
                     if now.is_some() && now != last_seen {
                         info!(file = %file.display(), "admin key file changed: reloading");
                         // A failure (say, a half-written file) is retried at the next change.
-                        let _ = reload(&state, &path, &env);
+                        reload_off_runtime(&state, &path, &env).await;
                         last_seen = now;
                     }
                 }
@@ -104,3 +140,6 @@ pub fn watch(
         }
     }
 }
+
+/// The most of the key file the watcher compares between polls.
+const KEY_FILE_LIMIT: u64 = 64 * 1024;

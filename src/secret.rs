@@ -6,6 +6,8 @@
 //! header value it returns is marked sensitive, so hyper's HPACK encoder never indexes it.
 
 use std::fmt;
+use std::path::Path;
+use std::time::Duration;
 
 use crate::env::Env;
 
@@ -33,19 +35,95 @@ impl KeySource {
 pub fn read(source: &KeySource, key: &str, env: &Env) -> Result<String, KeyError> {
     let value = match source {
         KeySource::Env(name) => env(name).ok_or_else(|| {
-            KeyError(format!(
-                "environment variable {name} ({key}_env) is not set"
-            ))
+            KeyError(format!("environment variable {name} ({key}_env) is not set"))
         })?,
-        KeySource::File(path) => std::fs::read_to_string(path).map_err(|e| {
-            KeyError(format!(
-                "cannot read {key}_file {}: {}",
-                path.display(),
-                e.kind()
-            ))
-        })?,
+        KeySource::File(path) => {
+            let bytes = read_regular_file(path, MAX_SECRET_FILE_BYTES).map_err(|e| {
+                KeyError(format!("cannot read {key}_file {}: {e}", path.display()))
+            })?;
+            String::from_utf8(bytes).map_err(|_| {
+                KeyError(format!("{key}_file {} is not UTF-8 text", path.display()))
+            })?
+        }
     };
     Ok(value.trim().to_owned())
+}
+
+/// A secret file larger than this is not a key.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads at most `limit` bytes of a regular file, without ever waiting on what is at the path:
+/// it is opened non-blocking, so a FIFO or a device opens at once (instead of waiting for a
+/// writer) and is then refused because it is not a regular file. A hung filesystem can still
+/// block the calling thread: code on the runtime calls this through
+/// [`read_regular_file_bounded`].
+pub fn read_regular_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if metadata.len() > limit {
+        return Err(std::io::Error::other("the file is too large"));
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// How long reading a watched file may take on the runtime before it is given up.
+pub const FILE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs `read` (blocking file I/O: a key or config file) on a thread of its own and waits at
+/// most [`FILE_READ_TIMEOUT`], so a hung filesystem stalls no request and no shutdown: the
+/// thread is left behind, and the process can still exit.
+pub async fn off_runtime<T: Send + 'static>(
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, KeyError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("permgate-file-read".into())
+        .spawn(move || {
+            let _ = tx.send(read());
+        })
+        .map_err(|e| KeyError(format!("cannot start a file reader: {}", e.kind())))?;
+    match tokio::time::timeout(FILE_READ_TIMEOUT, rx).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(_)) => Err(KeyError("the file reader stopped without an answer".into())),
+        Err(_) => Err(KeyError(format!(
+            "reading the file took longer than {} ms; is the filesystem hung?",
+            FILE_READ_TIMEOUT.as_millis()
+        ))),
+    }
+}
+
+/// [`read_regular_file`] on the runtime: never blocks it.
+pub async fn read_regular_file_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, KeyError> {
+    let owned = path.to_owned();
+    off_runtime(move || read_regular_file(&owned, limit))
+        .await?
+        .map_err(|e| KeyError(format!("cannot read {}: {e}", path.display())))
+}
+
+/// A warning when a secret file can be read by every user of the machine.
+pub fn permission_warning(source: &KeySource, key: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let KeySource::File(path) = source else {
+        return None;
+    };
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "{key}_file {} is readable by every user (mode {:o}); make it 0400 or 0440",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }
 
 /// Why the key could not be loaded. Never contains key material.
