@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::cache::CacheStatus;
 use crate::route::Operation;
@@ -201,129 +201,127 @@ impl Default for Metrics {
     }
 }
 
+/// A registered metric's name and help text. Dashboards and tests depend on the names; a
+/// counter is exposed with `_total` appended.
+type Desc = (&'static str, &'static str);
+
+const REQUESTS: Desc = (
+    "permgate_requests",
+    "Requests on the data listener by route, status class, cache status and client",
+);
+const REQUEST_DURATION: Desc = (
+    "permgate_request_duration_seconds",
+    "Time to answer a request on the data listener",
+);
+const UPSTREAM_REQUESTS: Desc = (
+    "permgate_upstream_requests",
+    "Upstream attempts by status (or error kind) and attempt number",
+);
+const UPSTREAM_DURATION: Desc = (
+    "permgate_upstream_duration_seconds",
+    "Time of one upstream attempt",
+);
+const CACHE_EVICTIONS: Desc = (
+    "permgate_cache_evictions",
+    "Pages evicted from the cache to stay within cache.max_bytes",
+);
+const COALESCED_WAITS: Desc = (
+    "permgate_cache_coalesced_waits",
+    "Requests that waited on another request's identical upstream fetch",
+);
+const CACHE_ENTRIES: Desc = (
+    "permgate_cache_entries",
+    "Pages in the cache (including dead generations not yet dropped)",
+);
+const CACHE_BYTES: Desc = (
+    "permgate_cache_bytes",
+    "Weighed bytes of the cached pages (bounded by cache.max_bytes)",
+);
+const RATE_LIMITED: Desc = (
+    "permgate_rate_limited",
+    "Requests refused with 429 by a client's rate limit",
+);
+const SHED: Desc = (
+    "permgate_shed",
+    "Requests answered 503 without calling upstream (queue full, circuit open)",
+);
+const CIRCUIT_STATE: Desc = (
+    "permgate_upstream_circuit_state",
+    "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
+);
+const IN_FLIGHT: Desc = (
+    "permgate_in_flight_requests",
+    "Requests on the data listener being answered now",
+);
+const KEY_RELOADS: Desc = (
+    "permgate_admin_key_reloads",
+    "Reloads of the admin key and client list, by result",
+);
+const AUDIT_FAILURES: Desc = (
+    "permgate_audit_write_failures",
+    "Audit records that could not be written to audit.path",
+);
+const FLEET_REDIS_UP: Desc = (
+    "permgate_fleet_redis_up",
+    "1 while Redis answers ([redis] only), 0 in degraded mode",
+);
+const FLEET_DEGRADED: Desc = (
+    "permgate_fleet_degraded",
+    "Times Redis became unreachable and the gateway fell back to its local cache",
+);
+const FLEET_CONNECTS: Desc = (
+    "permgate_fleet_connects",
+    "Connections (and reconnections) to Redis; each drops the local cache",
+);
+const FLEET_SHARED_HITS: Desc = (
+    "permgate_fleet_shared_hits",
+    "Local misses answered from the fleet's shared cache in Redis",
+);
+const BUILD: Desc = ("permgate_build", "Build information");
+
+/// Registers `metric` under a name and help text and returns it: a clone shares the registered
+/// series.
+fn register<M: Metric + Clone>(registry: &mut Registry, (name, help): Desc, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        let r = &mut registry;
+        // Fields are evaluated in the order written, which is the order of exposition. The
+        // build info comes last, then the filled registry replaces this placeholder.
         let m = Metrics {
-            requests: Family::default(),
-            request_duration: Family::new_with_constructor(latency_buckets),
+            requests: register(r, REQUESTS, Family::default()),
+            request_duration: register(
+                r,
+                REQUEST_DURATION,
+                Family::new_with_constructor(latency_buckets),
+            ),
             durations: Default::default(),
             anonymous: ClientSeries::new(ClientLabel(Arc::from("-"))),
-            upstream_requests: Family::default(),
-            upstream_duration: latency_buckets(),
-            cache_evictions: Counter::default(),
-            coalesced_waits: Counter::default(),
-            cache_entries: Gauge::default(),
-            cache_bytes: Gauge::default(),
-            rate_limited: Family::default(),
-            shed: Family::default(),
-            circuit_open: Gauge::default(),
-            in_flight: Gauge::default(),
-            key_reloads: Family::default(),
-            audit_failures: Counter::default(),
-            fleet_up: Gauge::default(),
-            fleet_degraded: Counter::default(),
-            fleet_connects: Counter::default(),
-            fleet_shared_hits: Counter::default(),
+            upstream_requests: register(r, UPSTREAM_REQUESTS, Family::default()),
+            upstream_duration: register(r, UPSTREAM_DURATION, latency_buckets()),
+            cache_evictions: register(r, CACHE_EVICTIONS, Counter::default()),
+            coalesced_waits: register(r, COALESCED_WAITS, Counter::default()),
+            cache_entries: register(r, CACHE_ENTRIES, Gauge::default()),
+            cache_bytes: register(r, CACHE_BYTES, Gauge::default()),
+            rate_limited: register(r, RATE_LIMITED, Family::default()),
+            shed: register(r, SHED, Family::default()),
+            circuit_open: register(r, CIRCUIT_STATE, Gauge::default()),
+            in_flight: register(r, IN_FLIGHT, Gauge::default()),
+            key_reloads: register(r, KEY_RELOADS, Family::default()),
+            audit_failures: register(r, AUDIT_FAILURES, Counter::default()),
+            fleet_up: register(r, FLEET_REDIS_UP, Gauge::default()),
+            fleet_degraded: register(r, FLEET_DEGRADED, Counter::default()),
+            fleet_connects: register(r, FLEET_CONNECTS, Counter::default()),
+            fleet_shared_hits: register(r, FLEET_SHARED_HITS, Counter::default()),
             registry: Registry::default(),
         };
-        registry.register(
-            "permgate_requests",
-            "Requests on the data listener by route, status class, cache status and client",
-            m.requests.clone(),
-        );
-        registry.register(
-            "permgate_request_duration_seconds",
-            "Time to answer a request on the data listener",
-            m.request_duration.clone(),
-        );
-        registry.register(
-            "permgate_upstream_requests",
-            "Upstream attempts by status (or error kind) and attempt number",
-            m.upstream_requests.clone(),
-        );
-        registry.register(
-            "permgate_upstream_duration_seconds",
-            "Time of one upstream attempt",
-            m.upstream_duration.clone(),
-        );
-        registry.register(
-            "permgate_cache_evictions",
-            "Pages evicted from the cache to stay within cache.max_bytes",
-            m.cache_evictions.clone(),
-        );
-        registry.register(
-            "permgate_cache_coalesced_waits",
-            "Requests that waited on another request's identical upstream fetch",
-            m.coalesced_waits.clone(),
-        );
-        registry.register(
-            "permgate_cache_entries",
-            "Pages in the cache (including dead generations not yet dropped)",
-            m.cache_entries.clone(),
-        );
-        registry.register(
-            "permgate_cache_bytes",
-            "Weighed bytes of the cached pages (bounded by cache.max_bytes)",
-            m.cache_bytes.clone(),
-        );
-        registry.register(
-            "permgate_rate_limited",
-            "Requests refused with 429 by a client's rate limit",
-            m.rate_limited.clone(),
-        );
-        registry.register(
-            "permgate_shed",
-            "Requests answered 503 without calling upstream (queue full, circuit open)",
-            m.shed.clone(),
-        );
-        registry.register(
-            "permgate_upstream_circuit_state",
-            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
-            m.circuit_open.clone(),
-        );
-        registry.register(
-            "permgate_in_flight_requests",
-            "Requests on the data listener being answered now",
-            m.in_flight.clone(),
-        );
-        registry.register(
-            "permgate_admin_key_reloads",
-            "Reloads of the admin key and client list, by result",
-            m.key_reloads.clone(),
-        );
-        registry.register(
-            "permgate_audit_write_failures",
-            "Audit records that could not be written to audit.path",
-            m.audit_failures.clone(),
-        );
-        registry.register(
-            "permgate_fleet_redis_up",
-            "1 while Redis answers ([redis] only), 0 in degraded mode",
-            m.fleet_up.clone(),
-        );
-        registry.register(
-            "permgate_fleet_degraded",
-            "Times Redis became unreachable and the gateway fell back to its local cache",
-            m.fleet_degraded.clone(),
-        );
-        registry.register(
-            "permgate_fleet_connects",
-            "Connections (and reconnections) to Redis; each drops the local cache",
-            m.fleet_connects.clone(),
-        );
-        registry.register(
-            "permgate_fleet_shared_hits",
-            "Local misses answered from the fleet's shared cache in Redis",
-            m.fleet_shared_hits.clone(),
-        );
-        registry.register(
-            "permgate_build",
-            "Build information",
-            Info::new(BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            }),
-        );
+        let (name, help) = BUILD;
+        let version = env!("CARGO_PKG_VERSION");
+        registry.register(name, help, Info::new(BuildLabels { version }));
         Metrics { registry, ..m }
     }
 

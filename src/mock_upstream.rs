@@ -108,6 +108,71 @@ impl Permission {
     }
 }
 
+/// The query of a list request, read as OpenAI reads it.
+struct ListParams {
+    limit: usize,
+    descending: bool,
+    after: Option<String>,
+    project_id: Option<String>,
+}
+
+impl ListParams {
+    /// OpenAI's defaults (10, descending) for what is absent; unknown parameters are ignored.
+    /// A bad `limit` or `order` is an error: its message and the parameter's name.
+    fn parse(query: &str) -> Result<ListParams, (&'static str, &'static str)> {
+        let mut params = ListParams {
+            limit: 10,
+            descending: true,
+            after: None,
+            project_id: None,
+        };
+        for (k, v) in query.split('&').filter_map(|p| p.split_once('=')) {
+            let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
+            match k {
+                "limit" => match v.parse::<usize>() {
+                    Ok(n) if (1..=100).contains(&n) => params.limit = n,
+                    _ => return Err(("Invalid limit", "limit")),
+                },
+                "order" => match v.as_str() {
+                    "ascending" => params.descending = false,
+                    "descending" => params.descending = true,
+                    _ => return Err(("Invalid order", "order")),
+                },
+                "after" => params.after = Some(v),
+                "project_id" => params.project_id = Some(v),
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+
+    /// The page of `all` (oldest first) these parameters select, and whether more follow it.
+    /// An `after` that names no listed permission gives an empty page.
+    fn page<'a>(&self, all: &'a [Permission]) -> (Vec<&'a Permission>, bool) {
+        let mut items: Vec<&Permission> = all
+            .iter()
+            .filter(|p| {
+                self.project_id
+                    .as_ref()
+                    .is_none_or(|id| &p.project_id == id)
+            })
+            .collect();
+        if self.descending {
+            items.reverse();
+        }
+        let start = match &self.after {
+            Some(id) => items
+                .iter()
+                .position(|p| &p.id == id)
+                .map_or(items.len(), |i| i + 1),
+            None => 0,
+        };
+        let page: Vec<&Permission> = items.iter().skip(start).take(self.limit).copied().collect();
+        let has_more = start + page.len() < items.len();
+        (page, has_more)
+    }
+}
+
 struct Inner {
     /// Keys upstream accepts (more than one while a rotation overlaps).
     admin_keys: Mutex<Vec<String>>,
@@ -361,74 +426,18 @@ impl MockUpstream {
     }
 
     fn list(&self, checkpoint: &str, query: &str) -> Response<Full<Bytes>> {
-        let mut limit = 10usize;
-        let mut descending = true;
-        let mut after = None;
-        let mut project_id = None;
-        for (k, v) in query.split('&').filter_map(|p| p.split_once('=')) {
-            let v = percent_decode_str(v).decode_utf8_lossy().into_owned();
-            match k {
-                "limit" => match v.parse::<usize>() {
-                    Ok(n) if (1..=100).contains(&n) => limit = n,
-                    _ => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "Invalid limit",
-                            Some("limit"),
-                            None,
-                        )
-                    }
-                },
-                "order" => match v.as_str() {
-                    "ascending" => descending = false,
-                    "descending" => descending = true,
-                    _ => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "Invalid order",
-                            Some("order"),
-                            None,
-                        )
-                    }
-                },
-                "after" => after = Some(v),
-                "project_id" => project_id = Some(v),
-                _ => {}
+        let params = match ListParams::parse(query) {
+            Ok(params) => params,
+            Err((message, param)) => {
+                return error(StatusCode::BAD_REQUEST, message, Some(param), None)
             }
-        }
+        };
         let data = lock(&self.inner.data);
         let Some(all) = data.get(checkpoint) else {
             return not_found_checkpoint(checkpoint);
         };
-        let mut items: Vec<&Permission> = all
-            .iter()
-            .filter(|p| project_id.as_ref().is_none_or(|id| &p.project_id == id))
-            .collect();
-        if descending {
-            items.reverse();
-        }
-        let start = match &after {
-            Some(id) => items
-                .iter()
-                .position(|p| &p.id == id)
-                .map_or(items.len(), |i| i + 1),
-            None => 0,
-        };
-        let page: Vec<&Permission> = items.iter().skip(start).take(limit).copied().collect();
-        let has_more = start + page.len() < items.len();
-        json_response(
-            StatusCode::OK,
-            Bytes::from(
-                json!({
-                    "object": "list",
-                    "data": page.iter().map(|p| p.to_json()).collect::<Vec<_>>(),
-                    "first_id": page.first().map(|p| p.id.clone()),
-                    "last_id": page.last().map(|p| p.id.clone()),
-                    "has_more": has_more,
-                })
-                .to_string(),
-            ),
-        )
+        let (page, has_more) = params.page(all);
+        list_object(&page, has_more)
     }
 
     fn create(&self, checkpoint: &str, body: &[u8]) -> Response<Full<Bytes>> {
@@ -460,19 +469,7 @@ impl MockUpstream {
             })
             .collect();
         list.extend(created.iter().cloned());
-        json_response(
-            StatusCode::OK,
-            Bytes::from(
-                json!({
-                    "object": "list",
-                    "data": created.iter().map(Permission::to_json).collect::<Vec<_>>(),
-                    "first_id": created.first().map(|p| p.id.clone()),
-                    "last_id": created.last().map(|p| p.id.clone()),
-                    "has_more": false,
-                })
-                .to_string(),
-            ),
-        )
+        list_object(&created.iter().collect::<Vec<_>>(), false)
     }
 
     fn delete(&self, checkpoint: &str, id: &str) -> Response<Full<Bytes>> {
@@ -506,6 +503,23 @@ fn error(
 ) -> Response<Full<Bytes>> {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}});
     json_response(status, Bytes::from(body.to_string()))
+}
+
+/// OpenAI's list object, the answer to a list and to a create.
+fn list_object(page: &[&Permission], has_more: bool) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::OK,
+        Bytes::from(
+            json!({
+                "object": "list",
+                "data": page.iter().map(|p| p.to_json()).collect::<Vec<_>>(),
+                "first_id": page.first().map(|p| p.id.clone()),
+                "last_id": page.last().map(|p| p.id.clone()),
+                "has_more": has_more,
+            })
+            .to_string(),
+        ),
+    )
 }
 
 fn not_found_checkpoint(checkpoint: &str) -> Response<Full<Bytes>> {

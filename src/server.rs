@@ -13,7 +13,9 @@
 //! past that the listener stops accepting until one closes (the kernel's backlog queues).
 
 use std::convert::Infallible;
+use std::fmt::Display;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +26,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::admin;
@@ -130,6 +133,28 @@ pub async fn serve_http<H, F, B>(
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let server = Listener {
+        listener,
+        handler,
+        builder: connection_builder(&limits),
+        graceful: GracefulShutdown::new(),
+        connections: Arc::new(Semaphore::new(limits.max_connections)),
+        header_read_timeout: limits.header_read_timeout,
+    };
+    server.run(&mut stop).await;
+    // Closing the socket refuses new connections while the open ones drain.
+    drop(server.listener);
+    tokio::select! {
+        _ = server.graceful.shutdown() => {}
+        _ = tokio::time::sleep(limits.drain_timeout) => {
+            let timeout_ms = limits.drain_timeout.as_millis() as u64;
+            warn!(timeout_ms, "drain timeout passed; closing remaining connections");
+        }
+    }
+}
+
+/// hyper-util's auto builder (HTTP/1.1 and h2c) with the header size and time limits.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -142,87 +167,117 @@ pub async fn serve_http<H, F, B>(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    loop {
-        let slot = tokio::select! {
-            slot = connections.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            _ = stop.changed() => break,
-        };
-        tokio::select! {
-                    accepted = listener.accept() => {
-                        let (stream, peer) = match accepted {
-                            Ok(pair) => pair,
-                            Err(e) => {
-                                // EMFILE and friends: back off instead of spinning.
-                                warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        };
-        let _ = stream.set_nodelay(true);
-                        let handler = handler.clone();
-                        let first_request = Arc::new(Notify::new());
-                        let arrived = first_request.clone();
-                        let service = service_fn(move |req| {
-                    arrived.notify_one();
-                    // Boxed: the request future is large, and hyper would otherwise move it.
-                    let response = Box::pin(handler(req));
-                    async move { Ok::<_, Infallible>(response.await) }
-                });
-                        let connection = builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned();
-                        let connection = graceful.watch(connection);
-                        let first_request_deadline = limits.header_read_timeout;
-                        tokio::spawn(async move {
-                            // hyper-util reads the protocol preface with no timeout, and hyper's header
-                            // timer only starts after it: a peer that never completes a first request
-                            // is disconnected here.
-                            tokio::pin!(connection);
-        let result = tokio::select! {
-                                biased;
-                                result = &mut connection => Some(result),
-                                _ = tokio::time::sleep(first_request_deadline) => None,
-                                _ = first_request.notified() => Some(connection.await),
-                            };
-                            match result {
-                                Some(Err(e)) => debug!(%peer, error = %e, "connection ended with an error"),
-                                None => debug!(%peer, "no request within the header read timeout; closed"),
-                                Some(Ok(())) => {}
-                            }
-                            drop(slot);
-                        });
-                    }
-                    _ = stop.changed() => break,
-                }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(limits.drain_timeout) => {
-            warn!(timeout_ms = limits.drain_timeout.as_millis() as u64, "drain timeout passed; closing remaining connections");
+    builder
+}
+
+/// One listener and what its connections share.
+struct Listener<H> {
+    listener: TcpListener,
+    handler: H,
+    builder: auto::Builder<TokioExecutor>,
+    /// Tells every open connection to finish when the loop stops.
+    graceful: GracefulShutdown,
+    /// One permit per open connection (`max_connections` in all).
+    connections: Arc<Semaphore>,
+    /// Also bounds the wait for a connection's first request (see [`serve_connection`]).
+    header_read_timeout: Duration,
+}
+
+impl<H, F, B> Listener<H>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Accepts until `stop` changes or its sender is gone. Each connection holds a permit, so
+    /// with `max_connections` open the loop stops accepting until one closes.
+    async fn run(&self, stop: &mut watch::Receiver<bool>) {
+        loop {
+            let slot = tokio::select! {
+                slot = self.connections.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => return,
+                },
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = tokio::select! {
+                accepted = self.accept() => accepted,
+                _ = stop.changed() => return,
+            };
+            self.spawn(stream, peer, slot);
         }
+    }
+
+    /// The next connection. A failed accept (EMFILE and friends) is logged and retried after a
+    /// pause instead of spinning.
+    async fn accept(&self) -> (TcpStream, SocketAddr) {
+        loop {
+            match self.listener.accept().await {
+                Ok(pair) => return pair,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves `stream` on its own task, watched for graceful shutdown; `slot` is released when
+    /// the connection ends.
+    fn spawn(&self, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
+        let _ = stream.set_nodelay(true);
+        let handler = self.handler.clone();
+        let first_request = Arc::new(Notify::new());
+        let arrived = first_request.clone();
+        let service = service_fn(move |req| {
+            arrived.notify_one();
+            // Boxed: the request future is large, and hyper would otherwise move it.
+            let response = Box::pin(handler(req));
+            async move { Ok::<_, Infallible>(response.await) }
+        });
+        let connection = self
+            .builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = self.graceful.watch(connection);
+        let deadline = self.header_read_timeout;
+        tokio::spawn(async move {
+            serve_connection(connection, &first_request, deadline, peer).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Drives one connection to its end. hyper-util reads the protocol preface with no timeout, and
+/// hyper's header timer only starts after it: a peer that never completes a first request
+/// within `deadline` is disconnected here.
+async fn serve_connection<E: Display>(
+    connection: impl Future<Output = Result<(), E>>,
+    first_request: &Notify,
+    deadline: Duration,
+    peer: SocketAddr,
+) {
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        biased;
+        result = &mut connection => Some(result),
+        _ = tokio::time::sleep(deadline) => None,
+        _ = first_request.notified() => Some(connection.await),
+    };
+    match result {
+        Some(Err(e)) => debug!(%peer, error = %e, "connection ended with an error"),
+        None => debug!(%peer, "no request within the header read timeout; closed"),
+        Some(Ok(())) => {}
     }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
     }
 }

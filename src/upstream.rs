@@ -28,11 +28,12 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 use tracing::{field, info, warn, Instrument};
 
-use crate::breaker::Breaker;
+use crate::breaker::{Breaker, Permit};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::{Error, Passthrough};
@@ -70,12 +71,54 @@ pub struct Upstream {
     user_agent: HeaderValue,
 }
 
+/// One request to upstream, fixed for all its attempts.
+struct Call<'a> {
+    /// The key the request started with; a reload does not change it between attempts.
+    key: Arc<AdminKey>,
+    method: Method,
+    uri: Uri,
+    /// `Some` for a create (sent as JSON), `None` otherwise.
+    body: Option<Bytes>,
+    request_id: &'a HeaderValue,
+    /// Every attempt, wait and backoff ends by this instant.
+    deadline: Instant,
+}
+
+impl Call<'_> {
+    /// The request id as log text (empty if it is not visible ASCII).
+    fn id(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+}
+
+/// Upstream's reply to one attempt, its body read in full.
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// How an attempt's exchange ended: a reply, a transport failure (already logged), or the
+/// deadline passing.
+type Exchanged = Result<Result<Reply, ()>, Elapsed>;
+
 /// One attempt's result, and whether another attempt may help.
 struct Attempt {
     status: Option<StatusCode>,
     result: Result<Passthrough, Error>,
     /// `Some` when the failure is transient; the delay upstream asked for, if any.
     retry: Option<Option<Duration>>,
+}
+
+impl Attempt {
+    /// A failure that another attempt would not help.
+    fn fatal(error: Error) -> Attempt {
+        Attempt {
+            status: None,
+            result: Err(error),
+            retry: None,
+        }
+    }
 }
 
 impl Upstream {
@@ -158,29 +201,25 @@ impl Upstream {
             Ok(uri) => uri,
             Err(e) => return (None, Err(e)),
         };
-        let key = self.key.load_full();
+        let call = Call {
+            key: self.key.load_full(),
+            method,
+            uri,
+            body,
+            request_id,
+            deadline,
+        };
         let mut attempt = 1;
         loop {
             let span = tracing::info_span!(
                 "upstream",
-                request_id = request_id.to_str().unwrap_or_default(),
-                method = method.as_str(),
+                request_id = call.id(),
+                method = call.method.as_str(),
                 attempt,
                 status = field::Empty,
                 duration_ms = field::Empty,
             );
-            let outcome = self
-                .attempt(
-                    &key,
-                    &method,
-                    &uri,
-                    body.clone(),
-                    request_id,
-                    deadline,
-                    attempt,
-                )
-                .instrument(span)
-                .await;
+            let outcome = self.attempt(&call, attempt).instrument(span).await;
             let Some(asked) = outcome
                 .retry
                 .filter(|_| idempotent && attempt <= self.max_retries)
@@ -192,7 +231,7 @@ impl Upstream {
                 return (outcome.status, outcome.result);
             }
             info!(
-                request_id = request_id.to_str().unwrap_or_default(),
+                request_id = call.id(),
                 attempt,
                 delay_ms = delay.as_millis() as u64,
                 status = outcome.status.map(|s| s.as_u16()),
@@ -216,94 +255,127 @@ impl Upstream {
         ceiling.mul_f64(fastrand::f64())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn attempt(
-        &self,
-        key: &AdminKey,
-        method: &Method,
-        uri: &Uri,
-        body: Option<Bytes>,
-        request_id: &HeaderValue,
-        deadline: Instant,
-        attempt: u32,
-    ) -> Attempt {
-        let id = request_id.to_str().unwrap_or_default();
-        let fail = |result: Error| Attempt {
-            status: None,
-            result: Err(result),
-            retry: None,
+    /// One attempt, run inside its `upstream` span (which it fills with status and duration).
+    async fn attempt(&self, call: &Call<'_>, attempt: u32) -> Attempt {
+        let (permit, slot) = match self.admit(call, attempt).await {
+            Ok(admitted) => admitted,
+            Err(shed) => return Attempt::fatal(shed),
         };
+        let request = self.request(call);
+        let started = Instant::now();
+        let exchange = self.exchange(request, call, attempt);
+        let outcome = tokio::time::timeout_at(call.deadline, exchange).await;
+        drop(slot);
+        self.record(&outcome, attempt, started);
+        self.judge(outcome, permit, call, attempt)
+    }
+
+    /// The breaker's leave, then a concurrency slot within `queue_timeout` (and the deadline);
+    /// otherwise the 503 that sheds the attempt without calling upstream.
+    async fn admit(
+        &self,
+        call: &Call<'_>,
+        attempt: u32,
+    ) -> Result<(Permit<'_>, SemaphorePermit<'_>), Error> {
         let Some(permit) = self.breaker.try_acquire() else {
             warn!(
-                request_id = id,
+                request_id = call.id(),
                 attempt, "circuit open: answering without calling upstream"
             );
             self.metrics.shed(Shed::CircuitOpen);
-            return fail(Error::Unavailable {
+            return Err(Error::Unavailable {
                 reason: "The upstream API is failing; the gateway is not calling it for a moment.",
                 retry_after: None,
             });
         };
-        let wait_until = deadline.min(Instant::now() + self.queue_timeout);
-        let slot = match tokio::time::timeout_at(wait_until, self.slots.acquire()).await {
-            Ok(Ok(slot)) => slot,
+        let wait_until = call.deadline.min(Instant::now() + self.queue_timeout);
+        match tokio::time::timeout_at(wait_until, self.slots.acquire()).await {
+            Ok(Ok(slot)) => Ok((permit, slot)),
             _ => {
                 warn!(
-                    request_id = id,
+                    request_id = call.id(),
                     attempt,
                     limit = self.max_concurrency,
                     "upstream concurrency limit reached; shedding the request"
                 );
+                // Without a verdict: a shed probe lets the next request probe instead.
                 drop(permit);
                 self.metrics.shed(Shed::QueueFull);
-                return fail(Error::Unavailable {
+                Err(Error::Unavailable {
                     reason: "Too many requests are waiting for the upstream API. Retry shortly.",
                     retry_after: Some(1),
-                });
+                })
             }
-        };
+        }
+    }
 
-        let mut request = Request::new(Full::new(body.clone().unwrap_or_default()));
-        *request.method_mut() = method.clone();
-        *request.uri_mut() = uri.clone();
+    /// Built from scratch: upstream sees only the allow-listed headers, never the caller's.
+    fn request(&self, call: &Call<'_>) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(call.body.clone().unwrap_or_default()));
+        *request.method_mut() = call.method.clone();
+        *request.uri_mut() = call.uri.clone();
         let headers = request.headers_mut();
-        headers.insert(AUTHORIZATION, key.authorization().clone());
-        headers.insert(X_CLIENT_REQUEST_ID, request_id.clone());
+        headers.insert(AUTHORIZATION, call.key.authorization().clone());
+        headers.insert(X_CLIENT_REQUEST_ID, call.request_id.clone());
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         headers.insert(USER_AGENT, self.user_agent.clone());
-        if body.is_some() {
+        if call.body.is_some() {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
+        request
+    }
 
-        let span = tracing::Span::current();
-        let started = Instant::now();
-        let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                let source = std::error::Error::source(&e);
-                warn!(request_id = id, attempt, error = %e, ?source, "upstream unreachable");
-            })?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_UPSTREAM_BODY)
-                .collect()
-                .await
-                .map_err(|e| {
-                    let status = parts.status.as_u16();
-                    warn!(request_id = id, attempt, status, error = %e, "upstream body unreadable");
-                })?
-                .to_bytes();
-            Ok::<_, ()>((parts.status, parts.headers, body))
-        };
-        let outcome = tokio::time::timeout_at(deadline, exchange).await;
-        drop(slot);
+    /// Sends `request` and reads the whole reply. `Err` is a transport or body failure, logged
+    /// here where its cause is known.
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        call: &Call<'_>,
+        attempt: u32,
+    ) -> Result<Reply, ()> {
+        let id = call.id();
+        let response = self.client.request(request).await.map_err(|e| {
+            let source = std::error::Error::source(&e);
+            warn!(request_id = id, attempt, error = %e, ?source, "upstream unreachable");
+        })?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_UPSTREAM_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                let status = parts.status.as_u16();
+                warn!(request_id = id, attempt, status, error = %e, "upstream body unreadable");
+            })?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// The attempt's duration in its span, and its status (or `error` / `timeout`) in metrics.
+    fn record(&self, outcome: &Exchanged, attempt: u32, started: Instant) {
         let seconds = started.elapsed().as_secs_f64();
-        span.record("duration_ms", seconds * 1000.0);
-        let status = match &outcome {
-            Ok(Ok((status, _, _))) => Some(status.as_u16()),
+        tracing::Span::current().record("duration_ms", seconds * 1000.0);
+        let status = match outcome {
+            Ok(Ok(reply)) => Some(reply.status.as_u16()),
             _ => None,
         };
         self.metrics
             .upstream_attempt(status, outcome.is_err(), attempt, seconds);
-        let (status, headers, body) = match outcome {
+    }
+
+    /// Gives the breaker its verdict and classifies the answer. Transport errors and transient
+    /// statuses may be retried; a passed deadline may not.
+    fn judge(
+        &self,
+        outcome: Exchanged,
+        permit: Permit<'_>,
+        call: &Call<'_>,
+        attempt: u32,
+    ) -> Attempt {
+        let reply = match outcome {
             Ok(Ok(reply)) => reply,
             Ok(Err(())) => {
                 permit.failure();
@@ -315,16 +387,17 @@ impl Upstream {
             }
             Err(_) => {
                 warn!(
-                    request_id = id,
+                    request_id = call.id(),
                     attempt,
                     timeout_ms = self.timeout.as_millis() as u64,
                     "upstream deadline passed"
                 );
                 permit.failure();
-                return fail(Error::UpstreamTimeout);
+                return Attempt::fatal(Error::UpstreamTimeout);
             }
         };
-        span.record("status", status.as_u16());
+        let status = reply.status;
+        tracing::Span::current().record("status", status.as_u16());
         let transient = matches!(status.as_u16(), 429 | 502 | 503 | 504);
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             permit.failure();
@@ -333,8 +406,8 @@ impl Upstream {
         }
         Attempt {
             status: Some(status),
-            retry: transient.then(|| retry_after(&headers)),
-            result: classify(status, &headers, body, id, attempt),
+            retry: transient.then(|| retry_after(&reply.headers)),
+            result: classify(status, &reply.headers, reply.body, call.id(), attempt),
         }
     }
 }
