@@ -98,7 +98,11 @@ fn serve(path: &Path) -> Result<(), String> {
         Some(redis) => fleet::password(redis, &env)?,
         None => None,
     };
-    for warning in config.warnings().into_iter().chain(key_file_warning(&config)) {
+    for warning in config
+        .warnings()
+        .into_iter()
+        .chain(key_file_warning(&config))
+    {
         tracing::warn!("{warning}");
     }
     runtime(config.server.worker_threads)?.block_on(async {
@@ -222,7 +226,11 @@ fn check_config(path: &Path) -> Result<(), String> {
         fleet::password(redis, &env)?;
     }
     Upstream::new(&config.upstream, key, Clock::default(), Default::default())?;
-    for warning in config.warnings().into_iter().chain(key_file_warning(&config)) {
+    for warning in config
+        .warnings()
+        .into_iter()
+        .chain(key_file_warning(&config))
+    {
         println!("# warning: {warning}");
     }
     println!("# admin key: present (redacted)");

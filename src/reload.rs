@@ -33,7 +33,9 @@ pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), Stri
         });
     match result {
         Ok((config, key)) => {
-            if let Some(warning) = secret::permission_warning(&config.upstream.admin_key, "upstream.admin_key") {
+            if let Some(warning) =
+                secret::permission_warning(&config.upstream.admin_key, "upstream.admin_key")
+            {
                 warn!("{warning}");
             }
             state.apply_reload(&config, key);

@@ -35,15 +35,15 @@ impl KeySource {
 pub fn read(source: &KeySource, key: &str, env: &Env) -> Result<String, KeyError> {
     let value = match source {
         KeySource::Env(name) => env(name).ok_or_else(|| {
-            KeyError(format!("environment variable {name} ({key}_env) is not set"))
+            KeyError(format!(
+                "environment variable {name} ({key}_env) is not set"
+            ))
         })?,
         KeySource::File(path) => {
-            let bytes = read_regular_file(path, MAX_SECRET_FILE_BYTES).map_err(|e| {
-                KeyError(format!("cannot read {key}_file {}: {e}", path.display()))
-            })?;
-            String::from_utf8(bytes).map_err(|_| {
-                KeyError(format!("{key}_file {} is not UTF-8 text", path.display()))
-            })?
+            let bytes = read_regular_file(path, MAX_SECRET_FILE_BYTES)
+                .map_err(|e| KeyError(format!("cannot read {key}_file {}: {e}", path.display())))?;
+            String::from_utf8(bytes)
+                .map_err(|_| KeyError(format!("{key}_file {} is not UTF-8 text", path.display())))?
         }
     };
     Ok(value.trim().to_owned())
