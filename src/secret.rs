@@ -233,4 +233,34 @@ mod tests {
         assert_eq!(key.authorization(), &format!("Bearer {KEY}")[..]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_and_loose_permissions_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("permgate-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("key");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        // Opening a FIFO for reading blocks until a writer comes; this must not.
+        let err = read(
+            &KeySource::File(fifo.clone()),
+            "upstream.admin_key",
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        std::fs::remove_file(&fifo).unwrap();
+
+        let file = dir.join("key2");
+        std::fs::write(&file, KEY).unwrap();
+        let source = KeySource::File(file.clone());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = permission_warning(&source, "upstream.admin_key").unwrap();
+        assert!(warning.contains("readable by every user") && !warning.contains("TESTKEY"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert_eq!(permission_warning(&source, "upstream.admin_key"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -363,3 +363,54 @@ async fn json_access_lines_carry_the_request_fields_and_are_all_written_by_exit(
     assert!(denied_line.get("checkpoint").is_none(), "{denied_line}");
     assert_eq!(denied_line["cache_status"], "bypass");
 }
+
+/// SPEC "Hygiene rules": a FIFO at the admin key file's path (or anything else that is not a
+/// regular file) stalls nothing: the key poll and a SIGHUP reload refuse it, keep the key in
+/// use and log why, requests keep being answered, and SIGTERM still exits within the drain
+/// timeout. One worker thread, so a blocked runtime thread would stall everything.
+#[tokio::test]
+async fn a_fifo_at_the_key_file_path_stalls_nothing() {
+    let mock = MockUpstream::new(ADMIN_KEY);
+    let (mock_addr, _stop) = serve_mock(&mock).await;
+    let files = files("fifo", mock_addr, "");
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    std::fs::write(
+        &files.config,
+        text.replace("[server]\n", "[server]\nworker_threads = 1\n"),
+    )
+    .unwrap();
+    let (child, addr) = spawn_serve(&files.config, &[]).await;
+    let client = TestClient::new(addr);
+    assert_eq!(client.get(&list_path(CP), READER).await.status, 200);
+
+    std::fs::remove_file(&files.key).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&files.key)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    // The key file is polled every 100 ms: give the poll several chances to hit the FIFO,
+    // then reload on SIGHUP too. Every request must still be answered promptly.
+    signal(&child, "HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+    while tokio::time::Instant::now() < deadline {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get(&format!("{}?limit=2", list_path(CP)), READER),
+        )
+        .await
+        .expect("a request was answered within 2 s while the key file is a FIFO");
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(&child, "TERM");
+    let mut child = child;
+    let exited = tokio::time::timeout(
+        Duration::from_secs(8),
+        tokio::task::spawn_blocking(move || child.0.wait().unwrap()),
+    )
+    .await
+    .expect("serve exits within the drain timeout on SIGTERM")
+    .unwrap();
+    assert!(exited.success(), "{exited:?}");
+}
