@@ -414,3 +414,41 @@ async fn a_fifo_at_the_key_file_path_stalls_nothing() {
     .unwrap();
     assert!(exited.success(), "{exited:?}");
 }
+
+/// SPEC "Hygiene rules": on SIGHUP the audit file is reopened, so log rotation (`mv`, then
+/// SIGHUP) loses no record and leaves none in the moved file.
+#[tokio::test]
+async fn sighup_reopens_the_audit_file_after_rotation() {
+    let mock = MockUpstream::new(ADMIN_KEY);
+    let (mock_addr, _stop) = serve_mock(&mock).await;
+    let files = files("rotate-audit", mock_addr, "");
+    let audit = files.dir.join("audit.jsonl");
+    let rotated = files.dir.join("audit.jsonl.1");
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    std::fs::write(
+        &files.config,
+        format!("{text}\n[audit]\npath = \"{}\"\n", audit.display()),
+    )
+    .unwrap();
+    let (child, addr) = spawn_serve(&files.config, &[]).await;
+    let client = TestClient::new(addr);
+    let create = |body: &'static str| {
+        let (client, path) = (&client, list_path(CP));
+        async move { client.post(&path, WRITER, body).await.status }
+    };
+    assert_eq!(create(r#"{"project_ids":["proj_before"]}"#).await, 200);
+    std::fs::rename(&audit, &rotated).unwrap();
+    signal(&child, "HUP");
+    eventually("the audit file is reopened", || async { audit.exists() }).await;
+    assert_eq!(create(r#"{"project_ids":["proj_after"]}"#).await, 200);
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        old.contains("proj_before") && !old.contains("proj_after"),
+        "{old}"
+    );
+    assert!(
+        new.contains("proj_after") && !new.contains("proj_before"),
+        "{new}"
+    );
+}
