@@ -73,6 +73,14 @@ impl Breaker {
         })
     }
 
+    /// While open: how long until a probe may go. Callers are told to wait that long.
+    pub fn open_remaining(&self) -> Option<Duration> {
+        match *self.lock() {
+            State::Open { until } => Some(until.saturating_duration_since(self.clock.now())),
+            State::Closed { .. } | State::HalfOpen { .. } => None,
+        }
+    }
+
     /// "closed", "open" or "half_open".
     pub fn state_name(&self) -> &'static str {
         match *self.lock() {

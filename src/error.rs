@@ -6,10 +6,11 @@
 //! upstream, and so no piece of the admin key, can reach a caller through an error.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 pub type Body = Full<Bytes>;
@@ -48,8 +49,8 @@ pub enum Error {
     RequestTooLarge,
     /// 414: request URI over `server.max_uri_bytes`.
     UriTooLong,
-    /// 429: this client's rate limit; `retry_after` in whole seconds.
-    RateLimitExceeded { retry_after: u64 },
+    /// 429: this client's rate limit; `retry_after`: until a request would be let through.
+    RateLimitExceeded { retry_after: Duration },
     /// 502: upstream unreachable or its answer unusable.
     UpstreamError,
     /// 502: upstream rejected the admin key. Upstream's message is never echoed.
@@ -57,7 +58,7 @@ pub enum Error {
     /// 503: not ready, overloaded, or upstream refusing work; `retry_after` when known.
     Unavailable {
         reason: &'static str,
-        retry_after: Option<u64>,
+        retry_after: Option<Duration>,
     },
     /// 504: the upstream deadline passed.
     UpstreamTimeout,
@@ -166,25 +167,51 @@ impl Error {
         Bytes::from(serde_json::to_vec(&body).expect("a json! value always serializes"))
     }
 
-    /// The full response: status, JSON body, and `Allow` / `Retry-After` where they apply.
+    /// The full response: status, JSON body, `Allow` where it applies, and what the OpenAI
+    /// SDKs decide retries from: `x-should-retry: false` when a retry cannot help, `true` with
+    /// `retry-after-ms` and `Retry-After` (whole seconds, at least 1) when waiting can.
     pub fn into_response(self) -> Response<Body> {
         let mut response = json_response(self.status(), self.body());
         let headers = response.headers_mut();
+        if let Error::MethodNotAllowed { allow } = self {
+            headers.insert(ALLOW, HeaderValue::from_static(allow));
+        }
         match self {
-            Error::MethodNotAllowed { allow } => {
-                headers.insert(ALLOW, HeaderValue::from_static(allow));
+            Error::RateLimitExceeded { retry_after } => retry_later(headers, retry_after),
+            Error::Unavailable { retry_after, .. } => {
+                retry_later(headers, retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
             }
-            Error::RateLimitExceeded { retry_after }
-            | Error::Unavailable {
-                retry_after: Some(retry_after),
-                ..
-            } => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
+            Error::InvalidParameter { .. }
+            | Error::InvalidApiKey
+            | Error::PermissionDenied
+            | Error::NotFound
+            | Error::MethodNotAllowed { .. }
+            | Error::RequestTooLarge
+            | Error::UriTooLong
+            | Error::UpstreamAuthFailed => {
+                headers.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
             }
-            _ => {}
+            // Retryable for a read (the SDKs retry 5xx); the request log marks a write's
+            // unknown outcome as not retryable.
+            Error::UpstreamError | Error::UpstreamTimeout => {}
         }
         response
     }
+}
+
+/// The OpenAI SDKs' retry switch: `true`, `false`, or absent (they decide by status).
+pub static X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+static RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+/// What a 503 without a better estimate asks callers to wait.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// `x-should-retry: true`, `retry-after-ms` and `Retry-After` (rounded up, at least 1 s).
+fn retry_later(headers: &mut hyper::HeaderMap, wait: Duration) {
+    let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    let seconds = millis.div_ceil(1000);
+    headers.insert(&X_SHOULD_RETRY, HeaderValue::from_static("true"));
+    headers.insert(&RETRY_AFTER_MS, HeaderValue::from(millis));
+    headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
 }
 
 /// A JSON response: every body permgate sends is JSON.
@@ -220,7 +247,9 @@ mod tests {
             (Error::RequestTooLarge, 413, "request_too_large"),
             (Error::UriTooLong, 414, "request_too_large"),
             (
-                Error::RateLimitExceeded { retry_after: 2 },
+                Error::RateLimitExceeded {
+                    retry_after: Duration::from_secs(2),
+                },
                 429,
                 "rate_limit_exceeded",
             ),
@@ -254,9 +283,56 @@ mod tests {
 
     #[test]
     fn retry_after_and_allow_headers() {
-        let r = Error::RateLimitExceeded { retry_after: 3 }.into_response();
+        let r = Error::RateLimitExceeded {
+            retry_after: Duration::from_secs(3),
+        }
+        .into_response();
         assert_eq!(r.headers()[RETRY_AFTER], "3");
         let r = Error::MethodNotAllowed { allow: "GET, POST" }.into_response();
         assert_eq!(r.headers()[ALLOW], "GET, POST");
+    }
+
+    #[test]
+    fn every_error_tells_the_sdks_whether_a_retry_can_help() {
+        let wait = |retry_after| Error::Unavailable {
+            reason: "circuit open",
+            retry_after,
+        };
+        for (err, should, ms, secs) in [
+            (wait(Some(Duration::from_millis(1500))), "true", "1500", "2"),
+            (wait(Some(Duration::ZERO)), "true", "1", "1"),
+            (wait(None), "true", "1000", "1"),
+            (
+                Error::RateLimitExceeded {
+                    retry_after: Duration::from_millis(250),
+                },
+                "true",
+                "250",
+                "1",
+            ),
+        ] {
+            let r = err.into_response();
+            assert_eq!(r.headers()["x-should-retry"], should);
+            assert_eq!(r.headers()["retry-after-ms"], ms);
+            assert_eq!(r.headers()[RETRY_AFTER], secs);
+        }
+        for err in [
+            Error::invalid("limit", "bad"),
+            Error::InvalidApiKey,
+            Error::PermissionDenied,
+            Error::NotFound,
+            Error::MethodNotAllowed { allow: "GET" },
+            Error::RequestTooLarge,
+            Error::UriTooLong,
+            Error::UpstreamAuthFailed,
+        ] {
+            let status = err.status();
+            let r = err.into_response();
+            assert_eq!(r.headers()["x-should-retry"], "false", "{status}");
+            assert!(!r.headers().contains_key(RETRY_AFTER), "{status}");
+        }
+        for err in [Error::UpstreamError, Error::UpstreamTimeout] {
+            assert!(!err.into_response().headers().contains_key("x-should-retry"));
+        }
     }
 }

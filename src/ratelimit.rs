@@ -21,21 +21,20 @@ impl RateLimit {
         }
     }
 
-    /// Takes one token, or says how many whole seconds (at least 1) until one is free.
+    /// Takes one token, or says how long until one is free.
     pub fn check(&self) -> Result<(), Error> {
-        self.limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let whole_seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            Error::RateLimitExceeded {
-                retry_after: whole_seconds.max(1),
-            }
-        })
+        self.limiter
+            .check()
+            .map_err(|not_until| Error::RateLimitExceeded {
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn burst_then_429_with_retry_after() {
@@ -45,7 +44,7 @@ mod tests {
         }
         match limit.check() {
             Err(Error::RateLimitExceeded { retry_after }) => {
-                assert!((1..=1).contains(&retry_after))
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1))
             }
             other => panic!("{other:?}"),
         }

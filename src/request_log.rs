@@ -14,7 +14,7 @@ use tracing::{field, info, info_span, Instrument, Span};
 use crate::audit;
 use crate::auth::Client;
 use crate::cache::CacheStatus;
-use crate::error::{Body, Error};
+use crate::error::{Body, Error, X_SHOULD_RETRY};
 use crate::metrics::RequestOutcome;
 use crate::observability;
 use crate::route::{Checkpoint, Operation};
@@ -113,6 +113,8 @@ impl RequestLog {
             }
         };
         let status = response.status();
+        let write = matches!(self.operation, Some(Operation::Create | Operation::Delete));
+        advise_retry(&mut response, status, write);
         let cache_status =
             (self.method == Method::GET).then(|| self.cache_status.unwrap_or(CacheStatus::Bypass));
         if let Some(cs) = cache_status {
@@ -120,7 +122,7 @@ impl RequestLog {
                 .headers_mut()
                 .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cs.as_str()));
         }
-        if matches!(self.operation, Some(Operation::Create | Operation::Delete)) {
+        if write {
             let span = self.span.clone();
             self.audit(state, status, error_code).instrument(span).await;
         }
@@ -185,6 +187,26 @@ impl RequestLog {
 
     fn client_name(&self) -> Option<&str> {
         self.client.as_deref().map(|c| &*c.name.0)
+    }
+}
+
+/// `x-should-retry: false` where the error itself did not say and a retry cannot help: an
+/// upstream 4xx passed through (400, 404, 409, 422: the same request gets the same answer),
+/// and a write answered 502/504, whose outcome is unknown (upstream may have applied it, so a
+/// retried create could conflict with itself).
+fn advise_retry(response: &mut Response<Body>, status: StatusCode, write: bool) {
+    let headers = response.headers_mut();
+    if headers.contains_key(&X_SHOULD_RETRY) {
+        return;
+    }
+    let futile = match status.as_u16() {
+        408 | 429 => false,
+        400..=499 => true,
+        502 | 504 => write,
+        _ => false,
+    };
+    if futile {
+        headers.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
 }
 

@@ -285,7 +285,7 @@ impl Upstream {
             self.metrics.shed(Shed::CircuitOpen);
             return Err(Error::Unavailable {
                 reason: "The upstream API is failing; the gateway is not calling it for a moment.",
-                retry_after: None,
+                retry_after: self.breaker.open_remaining(),
             });
         };
         let wait_until = call.deadline.min(Instant::now() + self.queue_timeout);
@@ -303,7 +303,7 @@ impl Upstream {
                 self.metrics.shed(Shed::QueueFull);
                 Err(Error::Unavailable {
                     reason: "Too many requests are waiting for the upstream API. Retry shortly.",
-                    retry_after: Some(1),
+                    retry_after: Some(self.queue_timeout),
                 })
             }
         }
@@ -453,7 +453,7 @@ fn classify(
             Err(Error::UpstreamAuthFailed)
         }
         429 => {
-            let retry_after = retry_after(headers).map(|d| d.as_secs());
+            let retry_after = retry_after(headers);
             warn!(
                 request_id,
                 attempt,

@@ -9,6 +9,7 @@ mod hostile;
 mod operations;
 mod resilience;
 mod responses;
+mod retries;
 mod routes;
 mod soak;
 mod support;
