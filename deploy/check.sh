@@ -7,9 +7,17 @@
 # tools) no network: Kubernetes objects are validated with the PyPI package
 # kubernetes-validate, which bundles the Kubernetes OpenAPI JSON schemas.
 # On a fresh Debian machine as root it installs what is missing: python3-venv,
-# systemd (for systemd-analyze) and procps (/bin/kill) with apt-get,
-# kubernetes-validate with pip into a throw-away virtualenv. Prints one line per check (PASS/FAIL/SKIP) and
+# systemd (for systemd-analyze), procps (/bin/kill) and prometheus (for promtool;
+# its service is never started) with apt-get, kubernetes-validate with pip into a
+# throw-away virtualenv. Prints one line per check (PASS/FAIL/SKIP) and
 # exits non-zero if any check failed.
+#
+# Monitoring (deploy/prometheus/, deploy/grafana/): `promtool check rules` and
+# `promtool test rules deploy/prometheus/tests/*.yaml`, the generated
+# PrometheusRule is up to date (deploy/prometheus/generate.sh --check), and
+# deploy/prometheus/check.py's checks of the rules, the PrometheusRule, the
+# PodMonitor and the Grafana dashboard. Without promtool these are SKIPs, or
+# FAILs when CI is set.
 #
 # Environment:
 #   K8S_VERSIONS                 Kubernetes versions to validate against
@@ -82,6 +90,25 @@ else
     fail "tools: pip install kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
 fi
 
+# Debian's prometheus package starts a prometheus service when installed: a
+# temporary policy-rc.d (when there is none) denies that, and under a running
+# systemd the unit is stopped and disabled as well. Only promtool is used here.
+install_prometheus() {
+    local policy=/usr/sbin/policy-rc.d ours=0 rc=0
+    if [[ "$(id -u)" == 0 && ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && ours=1
+    fi
+    apt_install prometheus || rc=$?
+    if [[ $ours == 1 ]]; then rm -f "$policy"; fi
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    fi
+    return $rc
+}
+if ! command -v promtool >/dev/null 2>&1; then
+    install_prometheus || true
+fi
+
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     apt_install systemd || true
 fi
@@ -115,6 +142,66 @@ if [[ -x "$work/venv/bin/kubernetes-validate" ]]; then
     fi
 else
     skip "yaml, kubernetes, dockerfile checks: kubernetes-validate is not installed"
+fi
+
+# ------------------------------- Prometheus rules, alerts tests, Grafana dashboard
+
+promtool_bin="$(command -v promtool || true)"
+no_promtool() { # no_promtool CHECK: a SKIP, or a FAIL under CI
+    if [[ -n "${CI:-}" && "${CI}" != 0 && "${CI}" != false ]]; then
+        fail "$1: promtool not found (apt-get install prometheus) and CI is set"
+    else
+        skip "$1: promtool not found (apt-get install --no-install-recommends prometheus)"
+    fi
+}
+if [[ -n "$promtool_bin" ]]; then
+    if promtool check rules "$here/prometheus/permgate.rules.yaml" >"$work/promtool.out" 2>&1; then
+        pass "prometheus: promtool check rules deploy/prometheus/permgate.rules.yaml ($(grep -o '[0-9]* rules found' "$work/promtool.out"); $(promtool --version 2>&1 | head -n 1 | cut -d' ' -f1-3))"
+    else
+        fail "prometheus: promtool check rules: $(tr '\n' ' ' <"$work/promtool.out" | tail -c 600)"
+    fi
+    shopt -s nullglob
+    rule_tests=("$here"/prometheus/tests/*.yaml)
+    shopt -u nullglob
+    if ((${#rule_tests[@]} == 0)); then
+        fail "prometheus: no unit tests in deploy/prometheus/tests/"
+    elif promtool test rules "${rule_tests[@]}" >"$work/promtool-test.out" 2>&1; then
+        pass "prometheus: promtool test rules (${#rule_tests[@]} file(s): every alert fires and stays silent as expected)"
+    else
+        cat "$work/promtool-test.out"
+        fail "prometheus: promtool test rules deploy/prometheus/tests/*.yaml (output above)"
+    fi
+else
+    no_promtool "prometheus: promtool check rules"
+    no_promtool "prometheus: promtool test rules"
+fi
+if bash "$here/prometheus/generate.sh" --check >"$work/generate.out" 2>&1; then
+    pass "prometheus: kubernetes/optional/prometheusrule.yaml is generated from prometheus/permgate.rules.yaml"
+else
+    cat "$work/generate.out"
+    fail "prometheus: kubernetes/optional/prometheusrule.yaml is out of date: bash deploy/prometheus/generate.sh"
+fi
+if [[ -x "$work/venv/bin/python" ]]; then
+    set +e
+    "$work/venv/bin/python" "$here/prometheus/check.py" "$root" "$promtool_bin" >"$work/mon.out" 2>&1
+    mon_rc=$?
+    set -e
+    mon_result=""
+    while IFS= read -r line; do
+        if [[ "$line" == RESULT\ * ]]; then mon_result="$line"; else echo "$line"; fi
+    done <"$work/mon.out"
+    if [[ -n "$mon_result" ]]; then
+        read -r _ p f s <<<"$mon_result"
+        passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    fi
+    if [[ $mon_rc != 0 && ( -z "$mon_result" || "${f:-0}" == 0 ) ]]; then
+        fail "deploy/prometheus/check.py exited $mon_rc"
+    fi
+    if [[ -z "$promtool_bin" ]]; then
+        no_promtool "grafana: dashboard queries are valid PromQL"
+    fi
+else
+    skip "monitoring: rules, PrometheusRule, PodMonitor and dashboard checks need the virtualenv"
 fi
 
 # ------------------------------------- permgate check-config (if built)
