@@ -35,7 +35,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
             let mut response = Response::new(Full::new(Bytes::from(state.render_metrics().await)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                // OpenMetrics, which the encoder writes: the older text format has no `info` type,
+                // and Prometheus refuses the scrape if told it is that format.
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             Ok(response)
         }

@@ -153,6 +153,16 @@ pub enum Shed {
     CircuitOpen,
 }
 
+impl Shed {
+    /// The `reason` label.
+    fn reason(self) -> &'static str {
+        match self {
+            Shed::QueueFull => "upstream_queue_full",
+            Shed::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -286,8 +296,29 @@ fn register<M: Metric + Clone>(registry: &mut Registry, (name, help): Desc, metr
     metric
 }
 
+/// [`register`] when `exposed`; otherwise the metric still counts, unseen.
+fn register_if<M: Metric + Clone>(
+    exposed: bool,
+    registry: &mut Registry,
+    desc: Desc,
+    metric: M,
+) -> M {
+    if exposed {
+        register(registry, desc, metric)
+    } else {
+        metric
+    }
+}
+
 impl Metrics {
+    /// A gateway's metrics, without the fleet's.
     pub fn new() -> Metrics {
+        Self::build(false)
+    }
+
+    /// With `fleet`, the `permgate_fleet_*` series are exposed too (a gateway with `[redis]`);
+    /// without, they are not, so no dashboard or alert reads a Redis that is not there.
+    pub fn build(fleet: bool) -> Metrics {
         let mut registry = Registry::default();
         let r = &mut registry;
         // Fields are evaluated in the order written, which is the order of exposition. The
@@ -313,15 +344,24 @@ impl Metrics {
             in_flight: register(r, IN_FLIGHT, Gauge::default()),
             key_reloads: register(r, KEY_RELOADS, Family::default()),
             audit_failures: register(r, AUDIT_FAILURES, Counter::default()),
-            fleet_up: register(r, FLEET_REDIS_UP, Gauge::default()),
-            fleet_degraded: register(r, FLEET_DEGRADED, Counter::default()),
-            fleet_connects: register(r, FLEET_CONNECTS, Counter::default()),
-            fleet_shared_hits: register(r, FLEET_SHARED_HITS, Counter::default()),
+            fleet_up: register_if(fleet, r, FLEET_REDIS_UP, Gauge::default()),
+            fleet_degraded: register_if(fleet, r, FLEET_DEGRADED, Counter::default()),
+            fleet_connects: register_if(fleet, r, FLEET_CONNECTS, Counter::default()),
+            fleet_shared_hits: register_if(fleet, r, FLEET_SHARED_HITS, Counter::default()),
             registry: Registry::default(),
         };
         let (name, help) = BUILD;
         let version = env!("CARGO_PKG_VERSION");
         registry.register(name, help, Info::new(BuildLabels { version }));
+        // Series that alerts watch for their first increment exist from the start, at 0.
+        for result in ["success", "failure"] {
+            drop(m.key_reloads.get_or_create(&Outcome { result }));
+        }
+        for why in [Shed::QueueFull, Shed::CircuitOpen] {
+            drop(m.shed.get_or_create(&Reason {
+                reason: why.reason(),
+            }));
+        }
         Metrics { registry, ..m }
     }
 
@@ -383,10 +423,7 @@ impl Metrics {
     }
 
     pub fn shed(&self, why: Shed) {
-        let reason = match why {
-            Shed::QueueFull => "upstream_queue_full",
-            Shed::CircuitOpen => "circuit_open",
-        };
+        let reason = why.reason();
         self.shed.get_or_create(&Reason { reason }).inc();
     }
 
@@ -508,5 +545,20 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
         }
+        assert!(
+            !text.contains("permgate_fleet_"),
+            "fleet series without [redis]"
+        );
+        assert!(text.contains("permgate_shed_total{reason=\"circuit_open\"} 0"));
+        assert!(text.contains("permgate_admin_key_reloads_total{result=\"success\"} 0"));
+        let snapshot = Snapshot {
+            cache_entries: 0,
+            cache_bytes: 0,
+            circuit: 0,
+            in_flight: 0,
+            redis_up: Some(false),
+        };
+        let fleet = Metrics::build(true).render(snapshot);
+        assert!(fleet.contains("permgate_fleet_redis_up 0"), "{fleet}");
     }
 }

@@ -60,7 +60,7 @@ impl AppState {
             .as_ref()
             .map(|a| AuditLog::open(&a.path))
             .transpose()?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::build(config.redis.is_some()));
         let fleet = config
             .redis
             .as_ref()

@@ -51,6 +51,9 @@ async fn rules_and_dashboard_name_only_metrics_and_labels_a_gateway_exports() {
             "checkpoints = [\"ft:gpt-4o-mini-2024-07-18:acme:*\"]\nrate_per_second = 1\nburst = 1",
             1,
         );
+        // The permgate_fleet_* series exist only with [redis]; nothing listens there, and
+        // the fleet's tasks are not started: its series exist, reading "not connected".
+        c.push_str("\n[redis]\nurl = \"redis://127.0.0.1:9\"\n");
     })
     .await;
     // Traffic that creates the labelled series: a miss, a hit, a 429, an upstream 500, a shed,

@@ -30,7 +30,9 @@ async fn metrics_describe_traffic_cache_and_upstream() {
         .send(Method::GET, "/metrics", None, &[], None)
         .await;
     assert_eq!(metrics.status, 200);
-    assert!(metrics.header("content-type").starts_with("text/plain"));
+    assert!(metrics
+        .header("content-type")
+        .starts_with("application/openmetrics-text; version=1.0.0"));
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
     for needle in [
         r#"permgate_requests_total{route="list_permissions",status_class="2xx",cache_status="miss_stored",client="reader"} 1"#,
