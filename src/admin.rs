@@ -64,7 +64,11 @@ async fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, 
         .ok_or_else(|| Error::invalid("checkpoint", "The only parameter is checkpoint=ID."))?;
     let checkpoint = Checkpoint::parse(raw)?;
     state.invalidate(Scope::Checkpoint(&checkpoint)).await;
-    tracing::info!(target: "permgate::admin", checkpoint = checkpoint.as_str(), "purged one checkpoint");
+    tracing::info!(
+        target: "permgate::admin",
+        checkpoint = checkpoint.as_str(),
+        "purged one checkpoint"
+    );
     Ok(json_response(
         StatusCode::OK,
         json!({"purged": "checkpoint", "checkpoint": checkpoint.as_str()}),

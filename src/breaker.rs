@@ -57,7 +57,10 @@ impl Breaker {
             State::Closed { .. } => false,
             State::Open { until } if self.clock.now() >= until => {
                 *state = State::HalfOpen { probing: true };
-                tracing::warn!(target: "permgate::breaker", "circuit half-open: sending one probe upstream");
+                tracing::warn!(
+                    target: "permgate::breaker",
+                    "circuit half-open: sending one probe upstream"
+                );
                 true
             }
             State::HalfOpen { probing: false } => {
@@ -100,7 +103,12 @@ impl Breaker {
                     *state = State::Open {
                         until: self.clock.now() + self.open_for,
                     };
-                    tracing::warn!(target: "permgate::breaker", failures, open_ms = self.open_for.as_millis() as u64, "circuit opened: upstream keeps failing");
+                    tracing::warn!(
+                        target: "permgate::breaker",
+                        failures,
+                        open_ms = self.open_for.as_millis() as u64,
+                        "circuit opened: upstream keeps failing"
+                    );
                 } else {
                     *state = State::Closed { failures };
                 }

@@ -125,7 +125,10 @@ pub fn watch(
                         Err(e) => {
                             let why = e.to_string();
                             if last_error.as_ref() != Some(&why) {
-                                warn!(reason = %why, "cannot read the admin key file; keeping the current key");
+                                warn!(
+                                    reason = %why,
+                                    "cannot read the admin key file; keeping the current key"
+                                );
                                 last_error = Some(why);
                             }
                             None
