@@ -72,6 +72,7 @@ struct FileServer {
     max_header_bytes: Option<usize>,
     max_uri_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +176,9 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     #[serde(serialize_with = "millis")]
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is shut down (HTTP/2: GOAWAY).
+    #[serde(serialize_with = "millis")]
+    pub idle_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -188,8 +192,10 @@ impl ServerConfig {
     pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
     /// Longer request URIs are refused with 414.
     pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
-    /// Slow-loris guard; also the HTTP/1 idle keep-alive timeout.
+    /// Slow-loris guard; hyper also applies it to an HTTP/1 keep-alive connection's wait.
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// Connections (HTTP/1 and HTTP/2) with no request in flight this long are shut down.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(30_000);
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -473,6 +479,12 @@ impl FileServer {
         if header_read_timeout.is_zero() {
             problems.push("server.header_read_timeout_ms must be at least 1".into());
         }
+        let idle_timeout = millis_or(self.idle_timeout_ms, ServerConfig::DEFAULT_IDLE_TIMEOUT);
+        if idle_timeout.is_zero() || idle_timeout > Duration::from_millis(MAX_TIMEOUT_MS) {
+            problems.push(format!(
+                "server.idle_timeout_ms must be 1 to {MAX_TIMEOUT_MS} (1 hour)"
+            ));
+        }
         Some(ServerConfig {
             listen: listen?,
             admin_listen,
@@ -483,6 +495,7 @@ impl FileServer {
             max_header_bytes,
             max_uri_bytes,
             header_read_timeout,
+            idle_timeout,
         })
     }
 }
@@ -973,6 +986,23 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         assert!(problems(&text).contains("cache.ttl_seconds may be at most"));
         let text = MINIMAL.replace("[upstream]", "[upstream]\nrequest_timeout_ms = 99999999999");
         assert!(problems(&text).contains("upstream.request_timeout_ms may be at most"));
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_30_seconds_and_is_bounded() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(30));
+        let with = |ms: &str| {
+            MINIMAL.replace("[upstream]", &format!("idle_timeout_ms = {ms}\n[upstream]"))
+        };
+        let c = Config::parse(&with("250"), &no_env).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_millis(250));
+        for bad in ["0", "3600001"] {
+            assert!(
+                problems(&with(bad)).contains("server.idle_timeout_ms must be 1 to 3600000"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
