@@ -333,6 +333,22 @@ impl Config {
                     .to_string(),
             );
         }
+        for (i, client) in self.clients.iter().enumerate() {
+            for (j, pattern) in client.checkpoints.iter().enumerate() {
+                // Named by position only: a pattern or a name could be a secret pasted by
+                // mistake.
+                let at = format!("clients[{i}].checkpoints[{j}]");
+                match organisation_reach(pattern) {
+                    OrganisationReach::Pinned => {}
+                    OrganisationReach::Every => warnings.push(format!(
+                        "{at} matches every organisation's checkpoints: a `*` stands in for the organisation (the third `:`-separated field of ft:{{base_model}}:{{org}}:{{suffix}}:{{id}}), and `*` also matches `:`; write the organisation out, as in ft:gpt-4o-mini-2024-07-18:acme:*"
+                    )),
+                    OrganisationReach::Prefix => warnings.push(format!(
+                        "{at} also matches other organisations whose name starts the same way: its organisation field ends in `*` (acme* matches acme-labs); put a `:` after the organisation, as in ft:gpt-4o-mini-2024-07-18:acme:*"
+                    )),
+                }
+            }
+        }
         warnings
     }
 
@@ -344,6 +360,52 @@ impl Config {
             .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
         Self::parse(&text, env)
     }
+}
+
+/// Which organisations a checkpoint pattern can reach. Checkpoint ids read
+/// `ft:{base_model}:{org}:{suffix}:{id}`, and glob wildcards match `:` too (see `auth`).
+#[derive(Debug, PartialEq, Eq)]
+enum OrganisationReach {
+    /// No `*` before the organisation's closing `:` (a `?` or class in it still varies one
+    /// character).
+    Pinned,
+    /// A `*` before the organisation field, or making up all of it: that `*` can stand for
+    /// `base_model:any-org` or `any-org`.
+    Every,
+    /// The organisation field is text then `*`: every organisation whose name starts so.
+    Prefix,
+}
+
+fn organisation_reach(pattern: &str) -> OrganisationReach {
+    let mut colons = 0;
+    let mut org_text = false;
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ':' if colons == 2 => return OrganisationReach::Pinned,
+            ':' => colons += 1,
+            '*' if colons == 2 && org_text => return OrganisationReach::Prefix,
+            '*' => return OrganisationReach::Every,
+            '?' => {}
+            '[' => {
+                skip_class(&mut chars);
+                org_text |= colons == 2;
+            }
+            _ => org_text |= colons == 2,
+        }
+    }
+    OrganisationReach::Pinned
+}
+
+/// Consumes a glob character class after its `[`: one character of the checkpoint, whatever
+/// it holds (`[*]` is a literal `*`). A `]` first in the class, after an optional `!`, is a
+/// member.
+fn skip_class(chars: &mut std::str::Chars<'_>) {
+    if chars.as_str().starts_with('!') {
+        chars.next();
+    }
+    chars.next();
+    let _ = chars.find(|&c| c == ']');
 }
 
 impl FileConfig {
@@ -1003,6 +1065,65 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn patterns_whose_wildcards_reach_the_organisation_are_warned_about() {
+        use OrganisationReach::*;
+        let cases = [
+            ("ft:gpt-4o-mini-2024-07-18:acme:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:acme:weather:B7R9VjQd", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:acme:*:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:ac?e:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:[*]:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:[]*]:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:[!:]:*", Pinned),
+            ("*", Every),
+            ("ft:*", Every),
+            ("ft:gpt-4o*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:*:weather:*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:?*", Every),
+            // `*` swallows `model:other-org`: matches ft:m:other:acme:x.
+            ("ft:*:acme:*", Every),
+            ("*:acme:*", Every),
+            ("ft:[!:]*:acme:*", Every),
+            // `?` may be a `:`: the organisation field starts at the `*`.
+            ("ft:m?acme:*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:acme*", Prefix),
+            ("ft:gpt-4o-mini-2024-07-18:[ab]*", Prefix),
+        ];
+        for (pattern, reach) in cases {
+            assert_eq!(organisation_reach(pattern), reach, "{pattern}");
+        }
+        let text = MINIMAL.replace(
+            "name = \"a\"",
+            "name = \"a\"\ncheckpoints = [\"ft:m:acme:*\", \"ft:*:acme:*\", \"ft:m:acme*\"]",
+        );
+        let warnings = Config::parse(&text, &no_env).unwrap().warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0]
+                .starts_with("clients[0].checkpoints[1] matches every organisation's checkpoints"),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[1].starts_with("clients[0].checkpoints[2] also matches other organisations")
+        );
+        for warning in &warnings {
+            assert!(
+                !warning.contains("ft:*:acme:*") && !warning.contains("ft:m:acme*"),
+                "{warning}"
+            );
+        }
+        let env = |k: &str| (k == "OPENAI_ADMIN_KEY").then(|| "x".to_string());
+        let shipped = Config::parse(include_str!("../config/permgate.toml"), &env).unwrap();
+        assert_eq!(
+            shipped.warnings(),
+            Vec::<String>::new(),
+            "the production example"
+        );
     }
 
     #[test]
