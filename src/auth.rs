@@ -69,6 +69,11 @@ impl Grant {
     }
 }
 
+/// Checkpoint ids are not paths: `require_literal_separator` only concerns `/`, which they never
+/// contain, so `*` (any run of characters) and `?` (any one) also match `:`. A `*` is not
+/// confined to one `:`-separated field: `ft:*:acme:*` matches `ft:m:other:acme:x`, a checkpoint
+/// of organisation `other` whose suffix is `acme`. `Config::warnings` flags patterns whose
+/// wildcards reach the organisation field.
 const MATCH: MatchOptions = MatchOptions {
     case_sensitive: true,
     require_literal_separator: false,
@@ -262,6 +267,48 @@ mod tests {
                 .unwrap()
                 .matches_with(checkpoint, MATCH);
             assert_eq!(glob, expected, "the glob agrees: {pattern} vs {checkpoint}");
+        }
+    }
+
+    /// `*` and `?` match `:` like any other character, so a wildcard is not confined to one
+    /// field of `ft:{base_model}:{org}:{suffix}:{id}`: only a literal `:` right after the
+    /// organisation pins it.
+    #[test]
+    fn wildcards_cross_colons() {
+        let cases = [
+            // A trailing `*` after the organisation's `:` stays within that organisation, any
+            // depth (checkpoint ids may carry a further `:ckpt-step-N`).
+            ("ft:m:acme:*", "ft:m:acme:team:x", true),
+            ("ft:m:acme:*", "ft:m:acme:s:x:ckpt-step-88", true),
+            ("ft:m:acme:*", "ft:m:acme-labs:s:x", false),
+            // Without that `:` the organisation is only a prefix.
+            ("ft:m:acme*", "ft:m:acme-labs:s:x", true),
+            // A `*` in the base-model field swallows the organisation: any organisation's
+            // checkpoint whose suffix (or id) is `acme` matches.
+            ("ft:*:acme:*", "ft:m:acme:s:x", true),
+            ("ft:*:acme:*", "ft:m:other:acme:x", true),
+            ("*:acme:*", "ft:m:other:acme:x", true),
+            ("ft:m:*:weather:*", "ft:m:anyone:weather:x", true),
+            // `?` is one character, `:` included; a class pins one character only.
+            ("ft:m:acme:?", "ft:m:acme::", true),
+            ("ft:[!:]*:acme:*", "ft:m:other:acme:x", true),
+            // `[*]` is a literal `*`.
+            ("ft:m:[*]:*", "ft:m:*:s:x", true),
+            ("ft:m:[*]:*", "ft:m:acme:s:x", false),
+        ];
+        for (pattern, checkpoint, expected) in cases {
+            let grant = Grant::new(pattern).unwrap();
+            assert_eq!(
+                grant.matches(checkpoint),
+                expected,
+                "{pattern} vs {checkpoint}"
+            );
+            let glob = Pattern::new(pattern).unwrap();
+            assert_eq!(
+                glob.matches_with(checkpoint, MATCH),
+                expected,
+                "glob {pattern}"
+            );
         }
     }
 

@@ -72,6 +72,7 @@ struct FileServer {
     max_header_bytes: Option<usize>,
     max_uri_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +176,9 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     #[serde(serialize_with = "millis")]
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is shut down (HTTP/2: GOAWAY).
+    #[serde(serialize_with = "millis")]
+    pub idle_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -188,8 +192,10 @@ impl ServerConfig {
     pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
     /// Longer request URIs are refused with 414.
     pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
-    /// Slow-loris guard; also the HTTP/1 idle keep-alive timeout.
+    /// Slow-loris guard; hyper also applies it to an HTTP/1 keep-alive connection's wait.
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_millis(10_000);
+    /// Connections (HTTP/1 and HTTP/2) with no request in flight this long are shut down.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_millis(30_000);
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -327,6 +333,22 @@ impl Config {
                     .to_string(),
             );
         }
+        for (i, client) in self.clients.iter().enumerate() {
+            for (j, pattern) in client.checkpoints.iter().enumerate() {
+                // Named by position only: a pattern or a name could be a secret pasted by
+                // mistake.
+                let at = format!("clients[{i}].checkpoints[{j}]");
+                match organisation_reach(pattern) {
+                    OrganisationReach::Pinned => {}
+                    OrganisationReach::Every => warnings.push(format!(
+                        "{at} matches every organisation's checkpoints: a `*` stands in for the organisation (the third `:`-separated field of ft:{{base_model}}:{{org}}:{{suffix}}:{{id}}), and `*` also matches `:`; write the organisation out, as in ft:gpt-4o-mini-2024-07-18:acme:*"
+                    )),
+                    OrganisationReach::Prefix => warnings.push(format!(
+                        "{at} also matches other organisations whose name starts the same way: its organisation field ends in `*` (acme* matches acme-labs); put a `:` after the organisation, as in ft:gpt-4o-mini-2024-07-18:acme:*"
+                    )),
+                }
+            }
+        }
         warnings
     }
 
@@ -338,6 +360,52 @@ impl Config {
             .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
         Self::parse(&text, env)
     }
+}
+
+/// Which organisations a checkpoint pattern can reach. Checkpoint ids read
+/// `ft:{base_model}:{org}:{suffix}:{id}`, and glob wildcards match `:` too (see `auth`).
+#[derive(Debug, PartialEq, Eq)]
+enum OrganisationReach {
+    /// No `*` before the organisation's closing `:` (a `?` or class in it still varies one
+    /// character).
+    Pinned,
+    /// A `*` before the organisation field, or making up all of it: that `*` can stand for
+    /// `base_model:any-org` or `any-org`.
+    Every,
+    /// The organisation field is text then `*`: every organisation whose name starts so.
+    Prefix,
+}
+
+fn organisation_reach(pattern: &str) -> OrganisationReach {
+    let mut colons = 0;
+    let mut org_text = false;
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ':' if colons == 2 => return OrganisationReach::Pinned,
+            ':' => colons += 1,
+            '*' if colons == 2 && org_text => return OrganisationReach::Prefix,
+            '*' => return OrganisationReach::Every,
+            '?' => {}
+            '[' => {
+                skip_class(&mut chars);
+                org_text |= colons == 2;
+            }
+            _ => org_text |= colons == 2,
+        }
+    }
+    OrganisationReach::Pinned
+}
+
+/// Consumes a glob character class after its `[`: one character of the checkpoint, whatever
+/// it holds (`[*]` is a literal `*`). A `]` first in the class, after an optional `!`, is a
+/// member.
+fn skip_class(chars: &mut std::str::Chars<'_>) {
+    if chars.as_str().starts_with('!') {
+        chars.next();
+    }
+    chars.next();
+    let _ = chars.find(|&c| c == ']');
 }
 
 impl FileConfig {
@@ -473,6 +541,12 @@ impl FileServer {
         if header_read_timeout.is_zero() {
             problems.push("server.header_read_timeout_ms must be at least 1".into());
         }
+        let idle_timeout = millis_or(self.idle_timeout_ms, ServerConfig::DEFAULT_IDLE_TIMEOUT);
+        if idle_timeout.is_zero() || idle_timeout > Duration::from_millis(MAX_TIMEOUT_MS) {
+            problems.push(format!(
+                "server.idle_timeout_ms must be 1 to {MAX_TIMEOUT_MS} (1 hour)"
+            ));
+        }
         Some(ServerConfig {
             listen: listen?,
             admin_listen,
@@ -483,6 +557,7 @@ impl FileServer {
             max_header_bytes,
             max_uri_bytes,
             header_read_timeout,
+            idle_timeout,
         })
     }
 }
@@ -973,6 +1048,82 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         assert!(problems(&text).contains("cache.ttl_seconds may be at most"));
         let text = MINIMAL.replace("[upstream]", "[upstream]\nrequest_timeout_ms = 99999999999");
         assert!(problems(&text).contains("upstream.request_timeout_ms may be at most"));
+    }
+
+    #[test]
+    fn idle_timeout_defaults_to_30_seconds_and_is_bounded() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(30));
+        let with = |ms: &str| {
+            MINIMAL.replace("[upstream]", &format!("idle_timeout_ms = {ms}\n[upstream]"))
+        };
+        let c = Config::parse(&with("250"), &no_env).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_millis(250));
+        for bad in ["0", "3600001"] {
+            assert!(
+                problems(&with(bad)).contains("server.idle_timeout_ms must be 1 to 3600000"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn patterns_whose_wildcards_reach_the_organisation_are_warned_about() {
+        use OrganisationReach::*;
+        let cases = [
+            ("ft:gpt-4o-mini-2024-07-18:acme:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:acme:weather:B7R9VjQd", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:acme:*:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:ac?e:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:[*]:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:[]*]:*", Pinned),
+            ("ft:gpt-4o-mini-2024-07-18:[!:]:*", Pinned),
+            ("*", Every),
+            ("ft:*", Every),
+            ("ft:gpt-4o*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:*:weather:*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:?*", Every),
+            // `*` swallows `model:other-org`: matches ft:m:other:acme:x.
+            ("ft:*:acme:*", Every),
+            ("*:acme:*", Every),
+            ("ft:[!:]*:acme:*", Every),
+            // `?` may be a `:`: the organisation field starts at the `*`.
+            ("ft:m?acme:*", Every),
+            ("ft:gpt-4o-mini-2024-07-18:acme*", Prefix),
+            ("ft:gpt-4o-mini-2024-07-18:[ab]*", Prefix),
+        ];
+        for (pattern, reach) in cases {
+            assert_eq!(organisation_reach(pattern), reach, "{pattern}");
+        }
+        let text = MINIMAL.replace(
+            "name = \"a\"",
+            "name = \"a\"\ncheckpoints = [\"ft:m:acme:*\", \"ft:*:acme:*\", \"ft:m:acme*\"]",
+        );
+        let warnings = Config::parse(&text, &no_env).unwrap().warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0]
+                .starts_with("clients[0].checkpoints[1] matches every organisation's checkpoints"),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[1].starts_with("clients[0].checkpoints[2] also matches other organisations")
+        );
+        for warning in &warnings {
+            assert!(
+                !warning.contains("ft:*:acme:*") && !warning.contains("ft:m:acme*"),
+                "{warning}"
+            );
+        }
+        let env = |k: &str| (k == "OPENAI_ADMIN_KEY").then(|| "x".to_string());
+        let shipped = Config::parse(include_str!("../config/permgate.toml"), &env).unwrap();
+        assert_eq!(
+            shipped.warnings(),
+            Vec::<String>::new(),
+            "the production example"
+        );
     }
 
     #[test]

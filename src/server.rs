@@ -7,28 +7,39 @@
 //!
 //! Limits per connection: request headers larger than `server.max_header_bytes` are refused
 //! (431) by hyper; a caller that does not finish sending its headers within
-//! `server.header_read_timeout_ms` is disconnected (slow loris), and since hyper arms that
-//! timer as soon as an HTTP/1 keep-alive connection waits for its next request, it is also the
-//! idle keep-alive timeout. At most `server.max_connections` connections are open at once;
+//! `server.header_read_timeout_ms` is disconnected (slow loris), and so is a new connection that
+//! starts no request within it. At most `server.max_connections` connections are open at once;
 //! past that the listener stops accepting until one closes (the kernel's backlog queues).
+//!
+//! Idle connections (SPEC "Hygiene rules"): a connection with no request in flight for
+//! `server.idle_timeout_ms` is shut down gracefully: an HTTP/2 one gets a GOAWAY, an HTTP/1 one
+//! is closed. hyper's HTTP/2 server has no idle timeout (its keep-alive pings only catch dead
+//! peers, and a peer that answers them holds its slot forever), so each connection counts its
+//! open requests here: the service counts a request from its headers until its response body
+//! is sent or dropped. A peer that ignores the GOAWAY is dropped after one more idle period.
+//! Authentication plays no part: an unauthenticated connection is held exactly as long as an
+//! authenticated one. hyper also arms `header_read_timeout` while an HTTP/1 keep-alive
+//! connection waits for its next request, so HTTP/1 closes after the smaller of the two.
 
 use std::convert::Infallible;
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::admin;
@@ -42,6 +53,8 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight this long is shut down (HTTP/2: GOAWAY).
+    pub idle_timeout: Duration,
     pub drain_timeout: Duration,
 }
 
@@ -51,6 +64,7 @@ impl From<&ServerConfig> for Limits {
             max_connections: c.max_connections,
             max_header_bytes: c.max_header_bytes,
             header_read_timeout: c.header_read_timeout,
+            idle_timeout: c.idle_timeout,
             drain_timeout: c.drain_timeout,
         }
     }
@@ -63,6 +77,7 @@ impl Limits {
             max_connections: 4096,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
             drain_timeout,
         }
     }
@@ -121,7 +136,7 @@ pub async fn serve(
 }
 
 /// One accept loop: serves `handler` on every connection until `stop` turns true, then gives
-/// open connections `limits.drain_timeout` to finish their requests.
+/// open connections `limits.drain_timeout` to finish their requests and drops the rest.
 pub async fn serve_http<H, F, B>(
     listener: TcpListener,
     handler: H,
@@ -130,27 +145,32 @@ pub async fn serve_http<H, F, B>(
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let server = Listener {
         listener,
         handler,
         builder: connection_builder(&limits),
-        graceful: GracefulShutdown::new(),
+        drain: watch::channel(()).0,
         connections: Arc::new(Semaphore::new(limits.max_connections)),
-        header_read_timeout: limits.header_read_timeout,
+        limits,
     };
     server.run(&mut stop).await;
+    let Listener {
+        listener, drain, ..
+    } = server;
     // Closing the socket refuses new connections while the open ones drain.
-    drop(server.listener);
+    drop(listener);
+    let _ = drain.send(());
     tokio::select! {
-        _ = server.graceful.shutdown() => {}
+        _ = drain.closed() => {}
         _ = tokio::time::sleep(limits.drain_timeout) => {
             let timeout_ms = limits.drain_timeout.as_millis() as u64;
             warn!(timeout_ms, "drain timeout passed; closing remaining connections");
         }
     }
+    // Dropping `drain` here tells every connection still open to close now.
 }
 
 /// hyper-util's auto builder (HTTP/1.1 and h2c) with the header size and time limits.
@@ -175,19 +195,20 @@ struct Listener<H> {
     listener: TcpListener,
     handler: H,
     builder: auto::Builder<TokioExecutor>,
-    /// Tells every open connection to finish when the loop stops.
-    graceful: GracefulShutdown,
+    /// Sent once when the loop stops (each connection shuts down gracefully), dropped when the
+    /// drain timeout passes (each connection still open is closed); `closed()` resolves once
+    /// every connection has ended.
+    drain: watch::Sender<()>,
     /// One permit per open connection (`max_connections` in all).
     connections: Arc<Semaphore>,
-    /// Also bounds the wait for a connection's first request (see [`serve_connection`]).
-    header_read_timeout: Duration,
+    limits: Limits,
 }
 
 impl<H, F, B> Listener<H>
 where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// Accepts until `stop` changes or its sender is gone. Each connection holds a permit, so
@@ -223,52 +244,161 @@ where
         }
     }
 
-    /// Serves `stream` on its own task, watched for graceful shutdown; `slot` is released when
-    /// the connection ends.
+    /// Serves `stream` on its own task; `slot` is released when the connection ends.
     fn spawn(&self, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
         let handler = self.handler.clone();
-        let first_request = Arc::new(Notify::new());
-        let arrived = first_request.clone();
+        let (activity, requests) = watch::channel(Activity::default());
+        let activity = Arc::new(activity);
         let service = service_fn(move |req| {
-            arrived.notify_one();
+            let open = OpenRequest::start(&activity);
             // Boxed: the request future is large, and hyper would otherwise move it.
             let response = Box::pin(handler(req));
-            async move { Ok::<_, Infallible>(response.await) }
+            async move {
+                let response = response.await.map(|body| Counted { body, _open: open });
+                Ok::<_, Infallible>(response)
+            }
         });
         let connection = self
             .builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
-        let connection = self.graceful.watch(connection);
-        let deadline = self.header_read_timeout;
+        let watched = ConnectionWatch {
+            requests: Requests(requests),
+            drain: self.drain.subscribe(),
+            first_request: self.limits.header_read_timeout,
+            idle: self.limits.idle_timeout,
+        };
         tokio::spawn(async move {
-            serve_connection(connection, &first_request, deadline, peer).await;
+            serve_connection(connection, watched, peer).await;
             drop(slot);
         });
     }
 }
 
-/// Drives one connection to its end. hyper-util reads the protocol preface with no timeout, and
-/// hyper's header timer only starts after it: a peer that never completes a first request
-/// within `deadline` is disconnected here.
-async fn serve_connection<E: Display>(
-    connection: impl Future<Output = Result<(), E>>,
-    first_request: &Notify,
-    deadline: Duration,
-    peer: SocketAddr,
-) {
+/// What a connection's task watches besides the connection itself.
+struct ConnectionWatch {
+    requests: Requests,
+    /// See [`Listener::drain`].
+    drain: watch::Receiver<()>,
+    /// hyper-util reads the protocol preface with no timeout, and hyper's header timer only
+    /// starts after it: a connection that starts no request within this is dropped.
+    first_request: Duration,
+    idle: Duration,
+}
+
+/// Drives one connection to its end: shuts it down gracefully on drain or once idle, and drops
+/// it when it never starts a request, when it outlives the drain timeout, or when it is still
+/// open (and still idle) one idle period after its graceful shutdown began.
+async fn serve_connection<C>(connection: C, mut watched: ConnectionWatch, peer: SocketAddr)
+where
+    C: GracefulConnection,
+    C::Error: Display,
+{
     tokio::pin!(connection);
-    let result = tokio::select! {
-        biased;
-        result = &mut connection => Some(result),
-        _ = tokio::time::sleep(deadline) => None,
-        _ = first_request.notified() => Some(connection.await),
+    let mut closing = false;
+    let dropped = loop {
+        tokio::select! {
+            biased;
+            result = &mut connection => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection failed");
+                }
+                return;
+            }
+            changed = watched.drain.changed() => match changed {
+                Ok(()) => connection.as_mut().graceful_shutdown(),
+                Err(_) => break "still open when the drain timeout passed",
+            },
+            started = watched.requests.quiet(watched.first_request, watched.idle) => {
+                if !started {
+                    break "no request within the header read timeout";
+                }
+                if closing {
+                    break "still open one idle timeout after its shutdown began";
+                }
+                debug!(%peer, "no request in flight for the idle timeout; shutting down");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
     };
-    match result {
-        Some(Err(e)) => debug!(%peer, error = %e, "connection ended with an error"),
-        None => debug!(%peer, "no request within the header read timeout; closed"),
-        Some(Ok(())) => {}
+    debug!(%peer, reason = dropped, "connection closed");
+}
+
+/// Requests on one connection: how many are open, and how many ever started.
+#[derive(Debug, Clone, Copy, Default)]
+struct Activity {
+    open: usize,
+    started: u64,
+}
+
+/// One request, counted open until dropped; the service moves it into the response body, so
+/// hyper drops it once the response is sent, or when the request is cancelled.
+struct OpenRequest(Arc<watch::Sender<Activity>>);
+
+impl OpenRequest {
+    fn start(activity: &Arc<watch::Sender<Activity>>) -> OpenRequest {
+        activity.send_modify(|a| {
+            a.open += 1;
+            a.started += 1;
+        });
+        OpenRequest(activity.clone())
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.send_modify(|a| a.open -= 1);
+    }
+}
+
+/// The connection task's view of its [`Activity`].
+struct Requests(watch::Receiver<Activity>);
+
+impl Requests {
+    /// Resolves once no request has been open for `idle` (for `first_request` while none has
+    /// started), with whether one ever started. Any request starting or ending restarts the
+    /// wait, and no change is missed (`watch` tracks versions), even a request that starts and
+    /// ends between two looks at the count.
+    async fn quiet(&mut self, first_request: Duration, idle: Duration) -> bool {
+        loop {
+            let started = match self.0.wait_for(|a| a.open == 0).await {
+                Ok(activity) => activity.started > 0,
+                Err(_) => return true, // The service is gone: no request can start.
+            };
+            let period = if started { idle } else { first_request };
+            match tokio::time::timeout(period, self.0.changed()).await {
+                Err(_) | Ok(Err(_)) => return started,
+                Ok(Ok(())) => continue,
+            }
+        }
+    }
+}
+
+/// A response body that keeps its request counted open until hyper has sent or dropped it.
+struct Counted<B> {
+    body: B,
+    _open: OpenRequest,
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -279,5 +409,63 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    const FIRST: Duration = Duration::from_millis(40);
+    const IDLE: Duration = Duration::from_millis(300);
+
+    fn connection() -> (Arc<watch::Sender<Activity>>, Requests) {
+        let (activity, requests) = watch::channel(Activity::default());
+        (Arc::new(activity), Requests(requests))
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_request_is_quiet_after_the_first_request_deadline() {
+        let (_activity, mut requests) = connection();
+        let started = Instant::now();
+        assert!(!requests.quiet(FIRST, Duration::from_secs(60)).await);
+        assert!(started.elapsed() >= FIRST);
+    }
+
+    #[tokio::test]
+    async fn an_open_request_is_never_idle() {
+        let (activity, mut requests) = connection();
+        let open = OpenRequest::start(&activity);
+        let quiet = requests.quiet(FIRST, IDLE);
+        tokio::pin!(quiet);
+        // Bounded: several idle periods pass with the request open.
+        let waited = tokio::time::timeout(2 * IDLE, &mut quiet).await;
+        assert!(waited.is_err(), "idle with a request open");
+        let closed = Instant::now();
+        drop(open);
+        assert!(quiet.await, "a request had started");
+        assert!(
+            closed.elapsed() >= IDLE,
+            "a full idle period after it ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_request_restarts_the_idle_period() {
+        let (activity, mut requests) = connection();
+        drop(OpenRequest::start(&activity));
+        let started = Instant::now();
+        let quiet = requests.quiet(FIRST, IDLE);
+        tokio::pin!(quiet);
+        // A third of the period: a stalled machine still leaves the idle timer far behind.
+        assert!(tokio::time::timeout(IDLE / 3, &mut quiet).await.is_err());
+        // Starts and ends before the waiting side looks again: still seen as activity.
+        drop(OpenRequest::start(&activity));
+        assert!(quiet.await);
+        assert!(started.elapsed() >= IDLE / 3 + IDLE);
+        assert_eq!(activity.borrow().open, 0);
+        assert_eq!(activity.borrow().started, 2);
     }
 }

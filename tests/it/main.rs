@@ -6,6 +6,7 @@ mod caching;
 mod cli;
 mod fleet;
 mod hostile;
+mod idle;
 mod monitoring;
 mod operations;
 mod resilience;
