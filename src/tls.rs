@@ -59,3 +59,11 @@ pub fn https_connector(
         Alpn::Http1And2 => builder.enable_http2().wrap_connector(http),
     }
 }
+
+/// The names a caller's verified client certificate carries (its URI and DNS
+/// subject-alternative names, e.g. a SPIFFE ID), put in each request's extensions by the TLS
+/// listener. Present only when the certificate chained to `server.tls.client_ca_file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub names: Vec<String>,
+}
