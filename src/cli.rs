@@ -188,6 +188,7 @@ fn print_demo_banner(listen: SocketAddr, admin: Option<SocketAddr>, mock: Socket
     println!("client tokens:");
     println!("  {DEMO_READER_TOKEN}   read-only, checkpoints ft:gpt-4o-mini-2024-07-18:acme:*");
     println!("  {DEMO_WRITER_TOKEN}   read and write, every checkpoint");
+    println!("  demo-limited-token  as the reader, 1 request/s, burst 1 (shows 429 and retries)");
     println!();
     println!("try it (run it twice: the second answer has 'Cache-Status: permgate; hit'):");
     let url = format!("http://{listen}/v1/fine_tuning/checkpoints/{checkpoint}/permissions");
