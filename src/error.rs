@@ -217,7 +217,10 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// `x-should-retry: true`, `retry-after-ms` and `Retry-After` (rounded up, at least 1 s).
 fn retry_later(headers: &mut hyper::HeaderMap, wait: Duration) {
-    let millis = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+    // Rounded up: a retry a fraction of a millisecond early would be refused again.
+    let millis = u64::try_from(wait.as_micros().div_ceil(1000))
+        .unwrap_or(u64::MAX)
+        .max(1);
     let seconds = millis.div_ceil(1000);
     headers.insert(&X_SHOULD_RETRY, HeaderValue::from_static("true"));
     headers.insert(&RETRY_AFTER_MS, HeaderValue::from(millis));
