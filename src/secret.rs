@@ -5,14 +5,18 @@
 //! the bytes is [`AdminKey::authorization`], which `upstream` uses to build its request. The
 //! header value it returns is marked sensitive, so hyper's HPACK encoder never indexes it.
 //!
-//! It also owns [`looks_like_api_key`], the one rule for text that must never be printed (an
-//! admin key pasted into the wrong config key, SPEC "Hygiene rules"), with [`redact_api_keys`]
-//! applying it to text on its way out.
+//! It also owns the two guards of SPEC "Hygiene rules": [`looks_like_api_key`], the one rule
+//! for text that must never be printed (an admin key pasted into the wrong config key), with
+//! [`redact_api_keys`] applying it to text on its way out; and [`AdminKey::appears_in`], which
+//! finds any 6-character piece of the loaded key in an upstream body.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use aho_corasick::AhoCorasick;
 
 use crate::env::Env;
 
@@ -250,7 +254,12 @@ impl std::error::Error for KeyError {}
 pub struct AdminKey {
     /// `Bearer <key>`, prebuilt once so the request path does no formatting.
     authorization: HeaderValue,
+    /// Finds any [`PIECE`]-byte piece of the key; built once per key (load, reload).
+    pieces: Arc<AhoCorasick>,
 }
+
+/// The length of the key pieces [`AdminKey::appears_in`] looks for (SPEC "Hygiene rules").
+pub const PIECE: usize = 6;
 
 impl AdminKey {
     /// Validates and wraps a key. The error message never repeats the key.
@@ -267,7 +276,10 @@ impl AdminKey {
         let mut authorization = HeaderValue::try_from(format!("Bearer {key}"))
             .map_err(|_| KeyError("the admin key is not a valid header value".into()))?;
         authorization.set_sensitive(true);
-        Ok(AdminKey { authorization })
+        Ok(AdminKey {
+            authorization,
+            pieces: Arc::new(piece_matcher(key)?),
+        })
     }
 
     /// Reads the key from its source. `env` is the injected environment lookup.
@@ -277,11 +289,31 @@ impl AdminKey {
         Self::new(&value).map_err(|e| KeyError(format!("{}: {e}", source.describe(KEY))))
     }
 
+    /// Whether `bytes` hold any [`PIECE`]-byte piece of the key: such text is never passed on,
+    /// stored or logged. Every window is a pattern, so a masked form showing only the key's
+    /// start and end (`sk-XXXXX****…YYYYYY`) is found too. A key shorter than a piece is
+    /// matched whole.
+    pub fn appears_in(&self, bytes: &[u8]) -> bool {
+        self.pieces.is_match(bytes)
+    }
+
     /// The `Authorization` header for upstream requests (marked sensitive). Only `upstream`
     /// calls this.
     pub fn authorization(&self) -> &HeaderValue {
         &self.authorization
     }
+}
+
+/// One automaton over every [`PIECE`]-byte window of `key` (the whole key if shorter).
+fn piece_matcher(key: &str) -> Result<AhoCorasick, KeyError> {
+    let bytes = key.as_bytes();
+    let windows: Vec<&[u8]> = if bytes.len() < PIECE {
+        vec![bytes]
+    } else {
+        bytes.windows(PIECE).collect()
+    };
+    AhoCorasick::new(windows)
+        .map_err(|_| KeyError("cannot prepare the admin key's leak check".into()))
 }
 
 impl fmt::Debug for AdminKey {
@@ -432,5 +464,28 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("TESTKEY"), "{err}");
+    }
+
+    #[test]
+    fn appears_in_finds_any_six_character_piece_of_the_key() {
+        let key = AdminKey::new(KEY).unwrap();
+        let masked = format!("{}{}{}", &KEY[..8], "*".repeat(12), &KEY[KEY.len() - 6..]);
+        for leaking in [
+            KEY.to_string(),
+            format!("{{\"error\":{{\"message\":\"Incorrect API key: {masked}\"}}}}"),
+            format!("...{}...", &KEY[10..16]),
+            KEY[KEY.len() - 6..].to_string(),
+        ] {
+            assert!(key.appears_in(leaking.as_bytes()), "{leaking}");
+        }
+        for clean in [
+            &KEY[10..15],
+            r#"{"object":"list","data":[],"has_more":false}"#,
+            "",
+        ] {
+            assert!(!key.appears_in(clean.as_bytes()), "{clean}");
+        }
+        let short = AdminKey::new("sk-1").unwrap();
+        assert!(short.appears_in(b"x sk-1 y") && !short.appears_in(b"sk-2"));
     }
 }

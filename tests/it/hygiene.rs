@@ -1,5 +1,6 @@
 //! SPEC "Hygiene rules": the admin key never leaves permgate, whichever config key it was
-//! pasted into by mistake (check-config, serve, a SIGHUP reload).
+//! pasted into by mistake (check-config, serve, a SIGHUP reload), and whatever upstream sends
+//! back (an answer holding a piece of it is a 502, never passed on, never cached).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -7,9 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
 use permgate::env::SharedEnv;
+use permgate::mock_upstream::Fault;
 use permgate::reload;
 use permgate::secret::AdminKey;
 use permgate::state::AppState;
@@ -229,4 +232,127 @@ async fn a_failed_reload_never_logs_a_pasted_key() {
         "the failures were logged"
     );
     assert_no_key_piece(&logs, "the logs");
+}
+
+/// OpenAI's way of quoting a key: its start and end around asterisks.
+fn masked_key() -> String {
+    let n = ADMIN_KEY.len();
+    format!(
+        "{}{}{}",
+        &ADMIN_KEY[..8],
+        "*".repeat(n - 14),
+        &ADMIN_KEY[n - 6..]
+    )
+}
+
+fn answer(status: u16, body: String) -> Fault {
+    Fault::Status {
+        status,
+        body,
+        retry_after: None,
+    }
+}
+
+/// A valid permission list whose only permission's project is the admin key itself.
+fn list_holding_the_key() -> String {
+    serde_json::json!({
+        "object": "list",
+        "data": [{
+            "object": "checkpoint.permission",
+            "id": "cp_leak",
+            "created_at": 1721764867,
+            "project_id": ADMIN_KEY,
+        }],
+        "first_id": "cp_leak",
+        "last_id": "cp_leak",
+        "has_more": false,
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_404_quoting_the_masked_key_is_a_502_and_is_not_remembered() {
+    let gw = start().await;
+    let message = format!("No such checkpoint for the key {}.", masked_key());
+    let body = serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
+        "param": null, "code": "model_not_found"}});
+    gw.mock.push_fault(answer(404, body.to_string()));
+    let r = gw.client.get(&list_path(CP), READER).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error().0, "upstream_error");
+    // Not stored as a negative (404) page either: the next read asks upstream again.
+    let r = gw.client.get(&list_path(CP), READER).await;
+    assert_eq!(r.status, 200);
+    assert!(r.cache_status().starts_with("permgate; fwd=miss"), "{r:?}");
+    assert_eq!(gw.upstream_gets(), 2);
+    assert!(
+        logs().contains("contains a piece of the admin key"),
+        "it was logged"
+    );
+}
+
+#[tokio::test]
+async fn a_200_holding_the_key_is_a_502_never_cached_nor_served_to_another_client() {
+    let gw = start().await;
+    gw.mock.push_fault(answer(200, list_holding_the_key()));
+    gw.mock.push_fault(answer(200, list_holding_the_key()));
+    for _ in 0..2 {
+        let r = gw.client.get(&list_path(CP), READER).await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.error().0, "upstream_error");
+    }
+    assert_eq!(
+        gw.upstream_gets(),
+        2,
+        "nothing was cached: both reads went upstream"
+    );
+    // Another client reading the same page gets upstream's real answer, fetched afresh.
+    let r = gw.client.get(&list_path(CP), WRITER).await;
+    assert_eq!(r.status, 200);
+    assert!(r.cache_status().starts_with("permgate; fwd=miss"), "{r:?}");
+    assert_eq!(gw.upstream_gets(), 3);
+    // A write's answer is scanned the same way.
+    gw.mock.push_fault(answer(200, list_holding_the_key()));
+    let r = gw
+        .client
+        .post(&list_path(CP), WRITER, r#"{"project_ids":["p1"]}"#)
+        .await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.error().0, "upstream_error");
+}
+
+#[tokio::test]
+async fn a_2xx_that_is_not_the_endpoints_shape_is_a_502() {
+    let gw = start().await;
+    let deleted = r#"{"object":"checkpoint.permission","id":"cp_x","deleted":true}"#;
+    let list = r#"{"object":"list","data":[],"has_more":false}"#;
+    let cases = [
+        (Method::GET, r#"{"object":"list"}"#),
+        (Method::GET, r#"{"hello":"world"}"#),
+        (Method::GET, deleted),
+        (Method::POST, deleted),
+        (Method::DELETE, list),
+    ];
+    for (method, body) in cases {
+        gw.mock.push_fault(answer(200, body.to_string()));
+        let r = match method {
+            Method::GET => gw.client.get(&list_path(CP), READER).await,
+            Method::POST => {
+                gw.client
+                    .post(&list_path(CP), WRITER, r#"{"project_ids":["p1"]}"#)
+                    .await
+            }
+            _ => {
+                gw.client
+                    .delete(&format!("{}/cp_x", list_path(CP)), WRITER)
+                    .await
+            }
+        };
+        assert_eq!(r.status, 502, "{method} answered {body}");
+        assert_eq!(r.error().0, "upstream_error");
+    }
+    // Nothing of that was stored.
+    let r = gw.client.get(&list_path(CP), READER).await;
+    assert_eq!(r.status, 200);
+    assert!(r.cache_status().starts_with("permgate; fwd=miss"), "{r:?}");
 }
