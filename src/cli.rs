@@ -63,14 +63,17 @@ enum Command {
     HashToken,
 }
 
+/// Runs a command. Its error is what `main` prints: redacted as a last guard (SPEC "Hygiene
+/// rules"), since messages should never quote a key-shaped value in the first place.
 pub fn run(cli: Cli) -> Result<(), String> {
-    match cli.command {
+    let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Demo => demo(),
         Command::MockUpstream { listen, admin_key } => mock_upstream(listen, &admin_key),
         Command::CheckConfig { config } => check_config(&config),
         Command::HashToken => hash_token(),
-    }
+    };
+    result.map_err(|e| crate::secret::redact_api_keys(&e).into_owned())
 }
 
 fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
@@ -220,8 +223,7 @@ fn mock_upstream(listen: SocketAddr, admin_key: &str) -> Result<(), String> {
 
 fn check_config(path: &Path) -> Result<(), String> {
     let config = Config::load(path, &env).map_err(|e| e.to_string())?;
-    let resolved = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
-    println!("{resolved}");
+    println!("{}", config.resolved_view()?);
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
     if let Some(redis) = &config.redis {
         fleet::password(redis, &env)?;

@@ -5,8 +5,12 @@
 //! key path. The environment is injected as a lookup function, so tests never touch the
 //! process environment. The admin key itself is not read here (see `secret`); this module
 //! only records where it comes from.
+//!
+//! No message and no view of the config ever holds a value from the file (SPEC "Hygiene
+//! rules"): problems name the key and what is wrong, and a value that looks like an API key
+//! (`secret::looks_like_api_key`), whichever key it was pasted into, is refused outright.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -24,10 +28,11 @@ use crate::secret::{self, KeySource};
 pub struct ConfigError(pub Vec<String>);
 
 impl fmt::Display for ConfigError {
+    /// Each problem is redacted as a last guard: problems should never quote values at all.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "invalid configuration:")?;
         for problem in &self.0 {
-            write!(f, "\n  - {problem}")?;
+            write!(f, "\n  - {}", secret::redact_api_keys(problem))?;
         }
         Ok(())
     }
@@ -352,6 +357,15 @@ impl Config {
         warnings
     }
 
+    /// The resolved config as `check-config` prints it (TOML). Secrets are only named by their
+    /// source, and any run of text that looks like an API key is replaced by `<redacted>`
+    /// (validation refuses such values, so this is a last guard).
+    pub fn resolved_view(&self) -> Result<String, String> {
+        let text = toml::to_string_pretty(self)
+            .map_err(|_| "cannot render the resolved configuration".to_string())?;
+        Ok(secret::redact_api_keys(&text).into_owned())
+    }
+
     /// Reads and parses a config file.
     pub fn load(path: &std::path::Path, env: &Env) -> Result<Config, ConfigError> {
         // Never waits on a FIFO at the path (see `secret::read_regular_file`).
@@ -412,6 +426,7 @@ impl FileConfig {
     /// Validates table by table, collecting every problem before giving up.
     fn validate(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
+        self.check_pasted_keys(&mut problems);
         self.check_duration_bounds(&mut problems);
         let server = self.server.validate(&mut problems);
         let upstream = self.upstream.validate(&mut problems);
@@ -430,6 +445,85 @@ impl FileConfig {
             }),
             _ => Err(ConfigError(problems)),
         }
+    }
+
+    /// Refuses every text value that looks like an API key (`secret::looks_like_api_key`),
+    /// naming its key and never its value: such a value is the admin key pasted into the wrong
+    /// place, and would otherwise be printed (check-config, errors, logs, metric labels).
+    fn check_pasted_keys(&self, problems: &mut Vec<String>) {
+        for (key, value) in self.text_values() {
+            if !secret::looks_like_api_key(&value) {
+                continue;
+            }
+            let hint = if key.ends_with("_env") {
+                ", not a variable's name: put the key in the environment, name the variable here"
+            } else if key.ends_with("_file") {
+                ", not a path: put the key in a file and give its path here"
+            } else {
+                ": did you paste the admin key here? It goes in the environment or a key file"
+            };
+            problems.push(format!(
+                "{key} looks like an API key (its value is not shown){hint}"
+            ));
+        }
+    }
+
+    /// Every free-text value of the file (after environment overrides), with its key path.
+    fn text_values(&self) -> Vec<(String, String)> {
+        let text = |key: &str, value: &str| (key.to_owned(), value.to_owned());
+        let path = |key: &str, value: &PathBuf| (key.to_owned(), value.to_string_lossy().into());
+        let (server, upstream) = (&self.server, &self.upstream);
+        let mut values = vec![
+            text("server.listen", &server.listen),
+            text("upstream.base_url", &upstream.base_url),
+        ];
+        values.extend(
+            server
+                .admin_listen
+                .iter()
+                .map(|v| text("server.admin_listen", v)),
+        );
+        values.extend(
+            upstream
+                .admin_key_env
+                .iter()
+                .map(|v| text("upstream.admin_key_env", v)),
+        );
+        values.extend(
+            upstream
+                .admin_key_file
+                .iter()
+                .map(|v| path("upstream.admin_key_file", v)),
+        );
+        values.extend(upstream.ca_file.iter().map(|v| path("upstream.ca_file", v)));
+        values.extend(self.audit.iter().map(|a| path("audit.path", &a.path)));
+        if let Some(redis) = &self.redis {
+            values.push(text("redis.url", &redis.url));
+            values.extend(
+                redis
+                    .password_env
+                    .iter()
+                    .map(|v| text("redis.password_env", v)),
+            );
+            values.extend(
+                redis
+                    .password_file
+                    .iter()
+                    .map(|v| path("redis.password_file", v)),
+            );
+            values.extend(redis.key_prefix.iter().map(|v| text("redis.key_prefix", v)));
+        }
+        for (i, client) in self.clients.iter().enumerate() {
+            values.push(text(&format!("clients[{i}].name"), &client.name));
+            values.push(text(
+                &format!("clients[{i}].token_sha256"),
+                &client.token_sha256,
+            ));
+            for (j, pattern) in client.checkpoints.iter().enumerate() {
+                values.push(text(&format!("clients[{i}].checkpoints[{j}]"), pattern));
+            }
+        }
+        values
     }
 
     /// Refuses absurd durations in `[server]`, `[upstream]` and `[cache]` before any table is
@@ -687,7 +781,7 @@ fn validate_clients(clients: Vec<FileClient>, problems: &mut Vec<String>) -> Vec
             "no [[clients]]: permgate has no anonymous mode, configure at least one client".into(),
         );
     }
-    let mut names = HashSet::new();
+    let mut names = HashMap::new();
     let mut digests = HashSet::new();
     let mut validated = Vec::with_capacity(clients.len());
     for (i, client) in clients.into_iter().enumerate() {
@@ -698,19 +792,21 @@ fn validate_clients(clients: Vec<FileClient>, problems: &mut Vec<String>) -> Vec
 }
 
 impl FileClient {
-    /// One `[[clients]]` entry, found at `at`; `names` and `digests` hold those of the
-    /// entries before it.
+    /// One `[[clients]]` entry, found at `at`; `names` (each with where it was first used) and
+    /// `digests` hold those of the entries before it. Problems never quote the values.
     fn validate(
         self,
         at: &str,
-        names: &mut HashSet<String>,
+        names: &mut HashMap<String, String>,
         digests: &mut HashSet<[u8; 32]>,
         problems: &mut Vec<String>,
     ) -> ClientConfig {
         if self.name.trim().is_empty() {
             problems.push(format!("{at}.name is empty"));
-        } else if !names.insert(self.name.clone()) {
-            problems.push(format!("{at}.name '{}' is used twice", self.name));
+        } else if let Some(first) = names.get(&self.name) {
+            problems.push(format!("{at}.name is already the name of {first}"));
+        } else {
+            names.insert(self.name.clone(), at.to_owned());
         }
         let digest = parse_digest(&self.token_sha256);
         match digest {
@@ -725,8 +821,9 @@ impl FileClient {
         for (j, pattern) in self.checkpoints.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(pattern) {
                 problems.push(format!(
-                    "{at}.checkpoints[{j}]: bad glob '{pattern}': {}",
-                    e.msg
+                    "{at}.checkpoints[{j}] is not a valid glob: {} (at character {})",
+                    e.msg,
+                    e.pos + 1
                 ));
             }
         }
@@ -765,17 +862,17 @@ impl FileRedis {
         if !ok_url {
             problems.push("redis.url must start with redis:// or rediss://".into());
         }
-        // A password in the URL would sit in the config file: refuse it.
-        let has_password = self
-            .url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split('/').next())
-            .is_some_and(|authority| authority.contains('@'));
+        // A password in the URL would sit in the config file (and in every message quoting
+        // it): refuse it, in the user-info or in the query.
+        let (has_password, odd_query) = redis_url_credentials(&self.url);
         if has_password {
             problems.push(
                 "redis.url may not carry credentials: use redis.password_env or redis.password_file"
                     .into(),
             );
+        }
+        if odd_query {
+            problems.push("redis.url: protocol is the only query parameter permgate uses".into());
         }
         let password = match (self.password_env, self.password_file) {
             (Some(_), Some(_)) => {
@@ -790,7 +887,7 @@ impl FileRedis {
         if timeout.is_zero() || timeout > Duration::from_secs(10) {
             problems.push("redis.timeout_ms must be 1 to 10000".into());
         }
-        (ok_url && !has_password).then(|| RedisConfig {
+        (ok_url && !has_password && !odd_query).then(|| RedisConfig {
             url: self.url,
             password,
             key_prefix: self
@@ -816,14 +913,39 @@ impl FileAudit {
     }
 }
 
+/// Whether a Redis URL carries credentials (user-info, or a query parameter named like
+/// `password`, `pass`, `user`, `token`...), and whether its query has any other parameter than
+/// `protocol` (the only one redis-rs reads for `redis://`, so anything else is a mistake).
+fn redis_url_credentials(url: &str) -> (bool, bool) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split('#').next().unwrap_or_default();
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let mut credentials = authority.contains('@');
+    let mut odd = false;
+    for name in query.split('&').filter(|p| !p.is_empty()) {
+        let name = name
+            .split('=')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let secret = [
+            "pass", "pwd", "user", "auth", "token", "secret", "key", "cred",
+        ]
+        .iter()
+        .any(|word| name.contains(word));
+        credentials |= secret;
+        odd |= !secret && name != "protocol";
+    }
+    (credentials, odd)
+}
+
 /// A listen address, or `None` and a problem naming `key`.
 fn parse_addr(key: &str, value: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
     match value.parse::<SocketAddr>() {
         Ok(a) => Some(a),
         Err(_) => {
-            problems.push(format!(
-                "{key}: '{value}' is not an address like 127.0.0.1:8080"
-            ));
+            problems.push(format!("{key} is not an address like 127.0.0.1:8080"));
             None
         }
     }
@@ -859,17 +981,47 @@ fn validate_base_url(raw: &str) -> Result<Uri, String> {
 }
 
 /// A TOML error as "line L, column C: message", without the source line toml's `Display`
-/// quotes: that line could be an admin key an operator pasted into the file.
+/// quotes and without the value serde's messages quote: either could be an admin key an
+/// operator pasted into the file.
 fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = without_values(e.message());
     match e.span() {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {}", e.message())
+            format!("line {line}, column {column}: {message}")
         }
-        None => e.message().to_owned(),
+        None => message,
     }
+}
+
+/// A serde or toml message with the offending value left out: `invalid type: string "…",
+/// expected usize` becomes `invalid type: string, expected usize`, and `unknown variant `…``
+/// loses its variant. Field names stay (`unknown field `retry``), key-shaped ones redacted.
+fn without_values(message: &str) -> String {
+    let kept = ["invalid type: ", "invalid value: ", "invalid length "]
+        .iter()
+        .find_map(|prefix| {
+            let rest = message.strip_prefix(prefix)?;
+            let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
+            let kind = found
+                .split(|c| "`'\"".contains(c))
+                .next()
+                .unwrap_or_default()
+                .trim();
+            Some(match expected {
+                "" => format!("{prefix}{kind}"),
+                _ => format!("{prefix}{kind}, expected {expected}"),
+            })
+        })
+        .or_else(|| {
+            let rest = message.strip_prefix("unknown variant `")?;
+            let expected = rest.split_once("`, ").map_or("", |(_, e)| e);
+            Some(format!("unknown variant, {expected}"))
+        })
+        .unwrap_or_else(|| message.to_owned());
+    secret::redact_api_keys(&kept).into_owned()
 }
 
 /// Durations beyond these are surely typos, and would overflow `Instant` arithmetic.
@@ -1176,5 +1328,170 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         ] {
             Config::parse(text, &env).unwrap();
         }
+    }
+
+    /// A recognizable fake key; no 6-character piece of it may appear in any problem.
+    const PASTED: &str = "sk-Zq9XvLk2PmW7tR4yB8nC3dF6hJ1wQ5eT";
+
+    fn assert_no_piece(text: &str) {
+        for i in 0..=PASTED.len() - 6 {
+            let piece = &PASTED[i..i + 6];
+            assert!(
+                !text.contains(piece),
+                "piece {piece:?} of the key in:\n{text}"
+            );
+        }
+    }
+
+    /// `MINIMAL` with `line` added at the top of `[upstream]`.
+    fn upstream_with(line: &str) -> String {
+        MINIMAL.replace("[upstream]", &format!("[upstream]\n{line}"))
+    }
+
+    /// `MINIMAL` with a `[redis]` table holding `lines`.
+    fn redis_with(lines: &str) -> String {
+        format!("{MINIMAL}[redis]\nurl = \"redis://h\"\n{lines}\n")
+    }
+
+    #[test]
+    fn a_key_pasted_into_any_text_key_is_refused_by_name_and_never_echoed() {
+        let k = PASTED;
+        let digest = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let second = format!("name = \"b\"\ntoken_sha256 = \"{}\"", "ab".repeat(32));
+        let cases = [
+            (
+                "upstream.admin_key_env",
+                upstream_with(&format!("admin_key_env = \"{k}\"")),
+            ),
+            (
+                "upstream.admin_key_file",
+                upstream_with(&format!("admin_key_file = \"/s/{k}\"")),
+            ),
+            (
+                "upstream.ca_file",
+                upstream_with(&format!("ca_file = \"{k}\"")),
+            ),
+            (
+                "upstream.base_url",
+                MINIMAL.replace("/v1", &format!("/{k}/v1")),
+            ),
+            ("server.listen", MINIMAL.replace("127.0.0.1:8080", k)),
+            (
+                "server.admin_listen",
+                MINIMAL.replace("[upstream]", &format!("admin_listen = \"{k}\"\n[upstream]")),
+            ),
+            (
+                "audit.path",
+                format!("{MINIMAL}[audit]\npath = \"/var/log/{k}.jsonl\"\n"),
+            ),
+            (
+                "redis.url",
+                format!("{MINIMAL}[redis]\nurl = \"redis://h:6379/?password={k}\"\n"),
+            ),
+            (
+                "redis.password_env",
+                redis_with(&format!("password_env = \"{k}\"")),
+            ),
+            (
+                "redis.password_file",
+                redis_with(&format!("password_file = \"{k}\"")),
+            ),
+            (
+                "redis.key_prefix",
+                redis_with(&format!("key_prefix = \"{k}:\"")),
+            ),
+            (
+                "clients[0].name",
+                MINIMAL.replace("name = \"a\"", &format!("name = \"{k}\"")),
+            ),
+            (
+                "clients[1].checkpoints[0]",
+                format!("{MINIMAL}[[clients]]\n{second}\ncheckpoints = [\"[{k}\"]\n"),
+            ),
+            ("clients[0].token_sha256", MINIMAL.replace(digest, k)),
+        ];
+        for (key, text) in cases {
+            let err = problems(&text);
+            let expected = format!("{key} looks like an API key");
+            assert!(err.contains(&expected), "{expected} missing from:\n{err}");
+            assert_no_piece(&err);
+        }
+        let err = problems(&upstream_with(&format!("admin_key_env = \"{k}\"")));
+        assert!(err.contains("put the key in the environment"), "{err}");
+        // Environment overrides are checked like the file.
+        let env = |name: &str| (name == "PERMGATE_LISTEN").then(|| k.to_string());
+        let err = Config::parse(MINIMAL, &env).unwrap_err().to_string();
+        assert!(err.contains("server.listen looks like an API key"), "{err}");
+        assert_no_piece(&err);
+    }
+
+    #[test]
+    fn problems_name_the_key_never_the_value() {
+        let secretish = "hunter2-not-a-key";
+        let twice = format!(
+            "{MINIMAL}[[clients]]\nname = \"a\"\ntoken_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        );
+        let cases = [
+            ("server.listen is not an address", MINIMAL.replace("127.0.0.1:8080", secretish)),
+            ("clients[0].checkpoints[0] is not a valid glob", MINIMAL.replace("name = \"a\"", &format!("name = \"a\"\ncheckpoints = [\"[{secretish}\"]"))),
+            ("clients[1].name is already the name of clients[0]", twice.replace("name = \"a\"", &format!("name = \"{secretish}\""))),
+            ("line 3, column 18: invalid type: string, expected usize", MINIMAL.replace("listen", &format!("worker_threads = \"{secretish}\"\nlisten"))),
+            ("redis.url may not carry credentials", format!("{MINIMAL}[redis]\nurl = \"redis://h/?pass={secretish}\"\n")),
+            ("redis.url may not carry credentials", format!("{MINIMAL}[redis]\nurl = \"rediss://h:6380/0?protocol=resp3&Password={secretish}\"\n")),
+            ("redis.url: protocol is the only query parameter", format!("{MINIMAL}[redis]\nurl = \"redis://h/?db=0&x={secretish}\"\n")),
+        ];
+        for (expected, text) in cases {
+            let err = problems(&text);
+            assert!(err.contains(expected), "{expected} missing from:\n{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let ok = format!("{MINIMAL}[redis]\nurl = \"rediss://h:6380/0?protocol=resp3\"\n");
+        Config::parse(&ok, &no_env).unwrap();
+    }
+
+    #[test]
+    fn toml_messages_lose_their_values_and_key_shaped_names() {
+        let k = PASTED;
+        for (text, expected) in [
+            (
+                MINIMAL.replace("listen", &format!("max_body_bytes = \"{k}\"\nlisten")),
+                "invalid type: string, expected usize",
+            ),
+            (
+                MINIMAL.replace("listen", &format!("{k} = 1\nlisten")),
+                "unknown field `<redacted>`, expected one of",
+            ),
+            (format!("[{k}]\n{MINIMAL}"), "unknown field `<redacted>`"),
+            (
+                MINIMAL.replace("listen", &format!("max_body_bytes = {k}\nlisten")),
+                "invalid string",
+            ),
+        ] {
+            let err = problems(&text);
+            assert!(err.contains(expected), "{expected} missing from:\n{err}");
+            assert_no_piece(&err);
+        }
+        assert_eq!(
+            without_values("unknown variant `sk-x`, expected `json` or `pretty`"),
+            "unknown variant, expected `json` or `pretty`"
+        );
+        assert_eq!(
+            without_values("invalid value: integer `-1`, expected usize"),
+            "invalid value: integer, expected usize"
+        );
+    }
+
+    #[test]
+    fn the_resolved_view_redacts_key_shaped_text() {
+        let mut c = Config::parse(MINIMAL, &no_env).unwrap();
+        c.clients[0].name = format!("x {PASTED}");
+        c.upstream.admin_key = KeySource::Env(PASTED.into());
+        let view = c.resolved_view().unwrap();
+        assert!(
+            view.contains("<redacted>") && view.contains("token_sha256"),
+            "{view}"
+        );
+        assert_no_piece(&view);
     }
 }

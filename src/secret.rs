@@ -4,10 +4,19 @@
 //! `Display` print a fixed placeholder, it does not implement `Serialize`, and the only way to
 //! the bytes is [`AdminKey::authorization`], which `upstream` uses to build its request. The
 //! header value it returns is marked sensitive, so hyper's HPACK encoder never indexes it.
+//!
+//! It also owns the two guards of SPEC "Hygiene rules": [`looks_like_api_key`], the one rule
+//! for text that must never be printed (an admin key pasted into the wrong config key), with
+//! [`redact_api_keys`] applying it to text on its way out; and [`AdminKey::appears_in`], which
+//! finds any 6-character piece of the loaded key in an upstream body.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use aho_corasick::AhoCorasick;
 
 use crate::env::Env;
 
@@ -21,13 +30,114 @@ pub enum KeySource {
 }
 
 impl KeySource {
-    /// Where the secret comes from, for messages: the variable's name or the file's path.
-    fn describe(&self) -> String {
+    /// Where the secret comes from, for messages: the variable's name or the file's path, or,
+    /// when that looks like an API key, only the config key (`key` without `_env`/`_file`).
+    fn describe(&self, key: &str) -> String {
+        let hidden = self.looks_like_api_key();
         match self {
+            KeySource::Env(_) if hidden => format!("the environment variable named by {key}_env"),
+            KeySource::File(_) if hidden => format!("the file named by {key}_file"),
             KeySource::Env(name) => format!("environment variable {name}"),
             KeySource::File(path) => format!("file {}", path.display()),
         }
     }
+
+    /// Whether the variable's name or the file's path looks like an API key: someone pasted
+    /// the key itself where its name belongs.
+    pub fn looks_like_api_key(&self) -> bool {
+        match self {
+            KeySource::Env(name) => looks_like_api_key(name),
+            KeySource::File(path) => looks_like_api_key(&path.to_string_lossy()),
+        }
+    }
+}
+
+/// [`read`], except that its errors never name a variable or path that looks like an API key
+/// (see [`looks_like_api_key`]); they name the config key and the likely mistake instead.
+pub fn read_secret(source: &KeySource, key: &str, env: &Env) -> Result<String, KeyError> {
+    read(source, key, env).map_err(|e| {
+        if !source.looks_like_api_key() {
+            return e;
+        }
+        let what = match source {
+            KeySource::Env(_) => "is not set (its name looks like an API key",
+            KeySource::File(_) => "cannot be read (its path looks like an API key",
+        };
+        KeyError(format!(
+            "{} {what}: did you paste the key itself?)",
+            source.describe(key)
+        ))
+    })
+}
+
+/// The one rule for text that must never be printed because it may be an API key. A *run* is
+/// a maximal stretch of the characters API keys are made of (ASCII letters, digits, `-`, `_`);
+/// text looks like an API key when one of its runs
+///
+/// - contains `sk-` (not preceded by a letter or digit) followed by at least 20 more run
+///   characters, some of them upper case or digits: every OpenAI key (`sk-admin-…`,
+///   `sk-proj-…`, `sk-…`) starts so and has a random body, while a lower-case name such as
+///   `sk-learn-model-server-…` does not; or
+/// - contains at least 32 consecutive letters and digits that mix upper case, lower case and
+///   digits: the random body of a key (or any token) pasted without its prefix.
+///
+/// OpenAI object ids (`cp_…`, `proj_…`, `ft:…:B7R9VjQd`), hex digests, environment variable
+/// names, paths and host names do not match.
+pub fn looks_like_api_key(text: &str) -> bool {
+    runs(text).any(run_looks_like_key)
+}
+
+/// `text` with every run (see [`looks_like_api_key`]) that looks like an API key replaced by
+/// `<redacted>`: the last guard on text that leaves the process (errors, the resolved config).
+pub fn redact_api_keys(text: &str) -> Cow<'_, str> {
+    if !looks_like_api_key(text) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    for run in runs(text).filter(|r| run_looks_like_key(r)) {
+        let start = run.as_ptr() as usize - text.as_ptr() as usize;
+        out.push_str(&text[copied..start]);
+        out.push_str(REDACTED);
+        copied = start + run.len();
+    }
+    out.push_str(&text[copied..]);
+    Cow::Owned(out)
+}
+
+/// What [`redact_api_keys`] puts in place of a key-shaped run.
+pub const REDACTED: &str = "<redacted>";
+
+fn is_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+/// The maximal runs of key characters in `text`, as slices of it.
+fn runs(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !is_key_char(c))
+        .filter(|run| !run.is_empty())
+}
+
+fn run_looks_like_key(run: &str) -> bool {
+    let bytes = run.as_bytes();
+    let prefixed = run.match_indices("sk-").any(|(i, _)| {
+        let boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric();
+        let rest = &bytes[i + "sk-".len()..];
+        boundary
+            && rest.len() >= 20
+            && rest
+                .iter()
+                .any(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    });
+    prefixed
+        || run
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|stretch| {
+                stretch.len() >= 32
+                    && stretch.bytes().any(|b| b.is_ascii_uppercase())
+                    && stretch.bytes().any(|b| b.is_ascii_lowercase())
+                    && stretch.bytes().any(|b| b.is_ascii_digit())
+            })
 }
 
 /// Reads a secret (the admin key, the Redis password) from its source, trimmed. `key` is its
@@ -131,8 +241,9 @@ pub fn permission_warning(source: &KeySource, key: &str) -> Option<String> {
 pub struct KeyError(pub String);
 
 impl fmt::Display for KeyError {
+    /// Redacted as a last guard: a message should never hold key-shaped text in the first place.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&redact_api_keys(&self.0))
     }
 }
 
@@ -143,7 +254,12 @@ impl std::error::Error for KeyError {}
 pub struct AdminKey {
     /// `Bearer <key>`, prebuilt once so the request path does no formatting.
     authorization: HeaderValue,
+    /// Finds any [`PIECE`]-byte piece of the key; built once per key (load, reload).
+    pieces: Arc<AhoCorasick>,
 }
+
+/// The length of the key pieces [`AdminKey::appears_in`] looks for (SPEC "Hygiene rules").
+pub const PIECE: usize = 6;
 
 impl AdminKey {
     /// Validates and wraps a key. The error message never repeats the key.
@@ -160,13 +276,25 @@ impl AdminKey {
         let mut authorization = HeaderValue::try_from(format!("Bearer {key}"))
             .map_err(|_| KeyError("the admin key is not a valid header value".into()))?;
         authorization.set_sensitive(true);
-        Ok(AdminKey { authorization })
+        Ok(AdminKey {
+            authorization,
+            pieces: Arc::new(piece_matcher(key)?),
+        })
     }
 
     /// Reads the key from its source. `env` is the injected environment lookup.
     pub fn load(source: &KeySource, env: &Env) -> Result<Self, KeyError> {
-        let value = read(source, "upstream.admin_key", env)?;
-        Self::new(&value).map_err(|e| KeyError(format!("{}: {e}", source.describe())))
+        const KEY: &str = "upstream.admin_key";
+        let value = read_secret(source, KEY, env)?;
+        Self::new(&value).map_err(|e| KeyError(format!("{}: {e}", source.describe(KEY))))
+    }
+
+    /// Whether `bytes` hold any [`PIECE`]-byte piece of the key: such text is never passed on,
+    /// stored or logged. Every window is a pattern, so a masked form showing only the key's
+    /// start and end (`sk-XXXXX****…YYYYYY`) is found too. A key shorter than a piece is
+    /// matched whole.
+    pub fn appears_in(&self, bytes: &[u8]) -> bool {
+        self.pieces.is_match(bytes)
     }
 
     /// The `Authorization` header for upstream requests (marked sensitive). Only `upstream`
@@ -174,6 +302,18 @@ impl AdminKey {
     pub fn authorization(&self) -> &HeaderValue {
         &self.authorization
     }
+}
+
+/// One automaton over every [`PIECE`]-byte window of `key` (the whole key if shorter).
+fn piece_matcher(key: &str) -> Result<AhoCorasick, KeyError> {
+    let bytes = key.as_bytes();
+    let windows: Vec<&[u8]> = if bytes.len() < PIECE {
+        vec![bytes]
+    } else {
+        bytes.windows(PIECE).collect()
+    };
+    AhoCorasick::new(windows)
+        .map_err(|_| KeyError("cannot prepare the admin key's leak check".into()))
 }
 
 impl fmt::Debug for AdminKey {
@@ -262,5 +402,120 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440)).unwrap();
         assert_eq!(permission_warning(&source, "upstream.admin_key"), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_api_key_rule_catches_pasted_keys_and_spares_ordinary_values() {
+        let body = "Zq9XvLk2PmW7tR4yB8nC3dF6hJ1wQ5eT";
+        for key_like in [
+            KEY,
+            "sk-Zq9XvLk2PmW7tR4yB8nC3dF6hJ1wQ5eT",
+            "sk-proj-Ab_cD-ef01234567890123456789",
+            "Bearer sk-admin-abcdefghijklmnopqrs7u",
+            "/run/secrets/sk-admin-abcdefghijklmnopqrs7u",
+            "redis://cache:6379/0?password=sk-admin-abcdefghijklmnopqrs7u",
+            "OPENAI_ADMIN_KEY=sk-admin-abcdefghijklmnopqrs7u",
+            "task_sk-admin-abcdefghijklmnopqrs7u",
+            body,
+            "prefix:Zq9XvLk2PmW7tR4yB8nC3dF6hJ1wQ5eT:suffix",
+            // The price of the rule: a long unbroken mixed-case name with digits is refused
+            // too. A refused config costs a rename; a printed key costs a rotation.
+            "DataPipelineWorkerEuropeWest2024",
+        ] {
+            assert!(looks_like_api_key(key_like), "{key_like}");
+        }
+        for ordinary in [
+            "OPENAI_ADMIN_KEY",
+            "/run/secrets/openai-admin-key",
+            "billing-service",
+            "my-sk-learn-model-server",
+            "sk-learn-model-server-europe-west",
+            "ask-me-anything-about-anything-at-all",
+            "sk-short",
+            "ft:gpt-4o-mini-2024-07-18:acme:*",
+            "ft:gpt-4o-mini-2024-07-18:acme:weather:B7R9VjQd",
+            "ft-AF1WoRqd3aJAHsqc9NY7iL8F",
+            "cp_zc4Q7MP6XxulcVzj4MZdwsAB",
+            "proj_abGMw1llN8IrBb6SvvY5A1iH",
+            "system:serviceaccount:billing:api",
+            "spiffe://cluster.local/ns/billing/sa/api",
+            "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8",
+            "rediss://redis.internal:6380",
+            "permgate:",
+            "127.0.0.1:8080",
+            "DataPipelineWorkerEurope2024",
+            "",
+        ] {
+            assert!(!looks_like_api_key(ordinary), "{ordinary}");
+        }
+    }
+
+    #[test]
+    fn redaction_replaces_each_key_shaped_run_and_keeps_the_rest() {
+        let text = format!("unknown field `{KEY}`, and \"{KEY}\" again; OPENAI_ADMIN_KEY");
+        assert_eq!(
+            redact_api_keys(&text),
+            "unknown field `<redacted>`, and \"<redacted>\" again; OPENAI_ADMIN_KEY"
+        );
+        assert!(matches!(
+            redact_api_keys("nothing to see"),
+            Cow::Borrowed("nothing to see")
+        ));
+        assert_eq!(KeyError(format!("x {KEY}")).to_string(), "x <redacted>");
+    }
+
+    #[test]
+    fn a_key_pasted_as_its_own_source_is_never_named() {
+        let env = |_: &str| None;
+        let err = AdminKey::load(&KeySource::Env(KEY.into()), &env)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the environment variable named by upstream.admin_key_env is not set (its name \
+             looks like an API key: did you paste the key itself?)"
+        );
+        let path = std::path::PathBuf::from(format!("/nonexistent/{KEY}"));
+        let err = AdminKey::load(&KeySource::File(path), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.admin_key_file"), "{err}");
+        assert!(
+            !err.contains("TESTKEY") && !err.contains("sk-admin"),
+            "{err}"
+        );
+        // A key-shaped variable that is set, but holds no usable key, is not named either.
+        let env = |_: &str| Some(" ".to_string());
+        let err = AdminKey::load(&KeySource::Env(KEY.into()), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("the environment variable named by"),
+            "{err}"
+        );
+        assert!(!err.contains("TESTKEY"), "{err}");
+    }
+
+    #[test]
+    fn appears_in_finds_any_six_character_piece_of_the_key() {
+        let key = AdminKey::new(KEY).unwrap();
+        let masked = format!("{}{}{}", &KEY[..8], "*".repeat(12), &KEY[KEY.len() - 6..]);
+        for leaking in [
+            KEY.to_string(),
+            format!("{{\"error\":{{\"message\":\"Incorrect API key: {masked}\"}}}}"),
+            format!("...{}...", &KEY[10..16]),
+            KEY[KEY.len() - 6..].to_string(),
+        ] {
+            assert!(key.appears_in(leaking.as_bytes()), "{leaking}");
+        }
+        for clean in [
+            &KEY[10..15],
+            r#"{"object":"list","data":[],"has_more":false}"#,
+            "",
+        ] {
+            assert!(!key.appears_in(clean.as_bytes()), "{clean}");
+        }
+        let short = AdminKey::new("sk-1").unwrap();
+        assert!(short.appears_in(b"x sk-1 y") && !short.appears_in(b"sk-2"));
     }
 }

@@ -14,7 +14,10 @@
 //! - **Circuit breaker** (see `breaker`): fail fast while upstream is down.
 //! - **Classification**: a [`Passthrough`] (2xx, 400, 404, 409, 422 with a JSON body) or an
 //!   [`Error`]. Upstream's own text for anything else is never returned, since OpenAI's 401
-//!   message quotes part of the key; only its status is logged.
+//!   message quotes part of the key; only its status is logged. A body that would be passed
+//!   on but holds any 6-character piece of the admin key (a 404 quoting the masked key, say)
+//!   is a 502 instead, and so is a 2xx that is not the shape the endpoint answers (a permission
+//!   list, or a deletion result): what is never passed on is never stored either.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::error::Elapsed;
 use tokio::time::Instant;
@@ -407,7 +411,15 @@ impl Upstream {
         Attempt {
             status: Some(status),
             retry: transient.then(|| retry_after(&reply.headers)),
-            result: classify(status, &reply.headers, reply.body, call.id(), attempt),
+            result: classify(
+                status,
+                &reply.headers,
+                reply.body,
+                Shape::of(&call.method),
+                &call.key,
+                call.id(),
+                attempt,
+            ),
         }
     }
 }
@@ -421,22 +433,36 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// Turns upstream's final answer into what the caller gets. `shape` is what a 2xx must look
+/// like; `key` is the admin key the request was sent with. A passthrough never holds a piece
+/// of `key` (SPEC "Hygiene rules"); bodies are never logged, only their status and size.
 fn classify(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
+    shape: Shape,
+    key: &AdminKey,
     request_id: &str,
     attempt: u32,
 ) -> Result<Passthrough, Error> {
     let passthrough = status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 422);
     if passthrough {
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+        let refused = if key.appears_in(&body) {
+            Some("upstream's answer contains a piece of the admin key; answering 502 instead")
+        } else if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+            Some("upstream sent a body that is not JSON")
+        } else if status.is_success() && !shape.matches(&body) {
+            Some(shape.mismatch())
+        } else {
+            None
+        };
+        if let Some(why) = refused {
             warn!(
                 request_id,
                 attempt,
                 status = status.as_u16(),
                 bytes = body.len(),
-                "upstream sent a body that is not JSON"
+                "{why}"
             );
             return Err(Error::UpstreamError);
         }
@@ -474,5 +500,190 @@ fn classify(
             );
             Err(Error::UpstreamError)
         }
+    }
+}
+
+/// The body a 2xx must have (openai-checkpoint-permissions.openapi.yaml). Anything else is not
+/// a page to cache or an answer to pass on, whatever its status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `ListFineTuningCheckpointPermissionResponse`: the answer to a list, and to a create.
+    List,
+    /// `DeleteFineTuningCheckpointPermissionResponse`.
+    Deleted,
+}
+
+impl Shape {
+    /// Which endpoint was called, from the method: `send` picks the method from the `Target`.
+    fn of(method: &Method) -> Shape {
+        if method == Method::DELETE {
+            Shape::Deleted
+        } else {
+            Shape::List
+        }
+    }
+
+    fn matches(self, body: &[u8]) -> bool {
+        match self {
+            Shape::List => serde_json::from_slice::<PermissionList>(body).is_ok(),
+            Shape::Deleted => serde_json::from_slice::<Deletion>(body).is_ok(),
+        }
+    }
+
+    fn mismatch(self) -> &'static str {
+        match self {
+            Shape::List => "upstream answered 2xx with a body that is not a permission list",
+            Shape::Deleted => "upstream answered 2xx with a body that is not a deletion result",
+        }
+    }
+}
+
+/// `"object": "list"`.
+#[derive(Deserialize)]
+enum ListTag {
+    #[serde(rename = "list")]
+    List,
+}
+
+/// `"object": "checkpoint.permission"`.
+#[derive(Deserialize)]
+enum PermissionTag {
+    #[serde(rename = "checkpoint.permission")]
+    Permission,
+}
+
+// The fields below are read by serde only: deserializing is the check. Unknown fields are
+// allowed, as OpenAI adds fields without notice.
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct PermissionList {
+    object: ListTag,
+    data: Vec<Permission>,
+    has_more: bool,
+    #[serde(default)]
+    first_id: Option<String>,
+    #[serde(default)]
+    last_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct Permission {
+    object: PermissionTag,
+    id: String,
+    created_at: u64,
+    project_id: String,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct Deletion {
+    object: PermissionTag,
+    id: String,
+    deleted: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "sk-Zq9XvLk2PmW7tR4yB8nC3dF6hJ1wQ5eT";
+    const LIST: &str = r#"{"object":"list","data":[{"object":"checkpoint.permission","id":"cp_1","created_at":1721764867,"project_id":"proj_1"}],"first_id":"cp_1","last_id":"cp_1","has_more":false}"#;
+    const DELETED: &str = r#"{"object":"checkpoint.permission","id":"cp_1","deleted":true}"#;
+
+    fn classified(status: u16, method: Method, body: &str) -> Result<Passthrough, Error> {
+        let key = AdminKey::new(KEY).unwrap();
+        classify(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            Bytes::from(body.to_owned()),
+            Shape::of(&method),
+            &key,
+            "test",
+            1,
+        )
+    }
+
+    #[test]
+    fn answers_holding_a_piece_of_the_key_are_never_passed_on() {
+        let masked = format!("{}{}{}", &KEY[..8], "*".repeat(21), &KEY[KEY.len() - 6..]);
+        let not_found = format!(
+            r#"{{"error":{{"message":"No checkpoint for key {masked}","type":"invalid_request_error","param":null,"code":null}}}}"#
+        );
+        let list = LIST.replace("proj_1", KEY);
+        for (status, method, body) in [
+            (404, Method::GET, not_found.as_str()),
+            (400, Method::POST, not_found.as_str()),
+            (200, Method::GET, list.as_str()),
+            (200, Method::POST, list.as_str()),
+            (200, Method::DELETE, &DELETED.replace("cp_1", &KEY[4..14])),
+        ] {
+            let result = classified(status, method, body);
+            assert!(
+                matches!(result, Err(Error::UpstreamError)),
+                "{status} {body}"
+            );
+        }
+        let clean_404 = not_found.replace(&masked, "sk-...");
+        assert_eq!(
+            classified(404, Method::GET, &clean_404).unwrap().status,
+            404
+        );
+    }
+
+    #[test]
+    fn a_2xx_must_have_the_endpoints_shape() {
+        for (method, body, ok) in [
+            (Method::GET, LIST, true),
+            (Method::POST, LIST, true),
+            (Method::DELETE, DELETED, true),
+            (
+                Method::GET,
+                r#"{"object":"list","data":[],"has_more":false}"#,
+                true,
+            ),
+            (
+                Method::GET,
+                r#"{"object":"list","data":[],"has_more":false,"new":1}"#,
+                true,
+            ),
+            (Method::GET, DELETED, false),
+            (Method::DELETE, LIST, false),
+            (Method::POST, DELETED, false),
+            (Method::GET, "{}", false),
+            (Method::GET, "[]", false),
+            (Method::GET, r#"{"object":"list","data":[]}"#, false),
+            (
+                Method::GET,
+                r#"{"object":"page","data":[],"has_more":false}"#,
+                false,
+            ),
+            (
+                Method::GET,
+                r#"{"object":"list","data":[{"id":"cp_1"}],"has_more":false}"#,
+                false,
+            ),
+            (
+                Method::DELETE,
+                r#"{"object":"checkpoint.permission","id":"cp_1"}"#,
+                false,
+            ),
+        ] {
+            let result = classified(200, method.clone(), body);
+            assert_eq!(result.is_ok(), ok, "{method} {body}");
+            if !ok {
+                assert!(matches!(result, Err(Error::UpstreamError)));
+            }
+        }
+        // Error statuses passed through are not held to a 2xx shape.
+        assert!(classified(409, Method::POST, r#"{"error":{}}"#).is_ok());
+    }
+
+    #[test]
+    fn a_rejected_key_stays_an_auth_failure_and_is_never_echoed() {
+        let body = format!(r#"{{"error":{{"message":"Incorrect API key provided: {KEY}"}}}}"#);
+        let result = classified(401, Method::GET, &body);
+        assert!(matches!(result, Err(Error::UpstreamAuthFailed)));
     }
 }

@@ -6,6 +6,7 @@ mod caching;
 mod cli;
 mod fleet;
 mod hostile;
+mod hygiene;
 mod idle;
 mod monitoring;
 mod operations;
