@@ -25,7 +25,7 @@ use crate::fleet::Fleet;
 use crate::request_log::RequestLog;
 use crate::route::{self, Call, Checkpoint, CreateBody};
 use crate::state::{AppState, Scope};
-use crate::upstream::Target;
+use crate::upstream::{Attempted, Target};
 
 /// How often a replica waiting on another's fetch looks for the shared page.
 const SHARED_POLL: Duration = Duration::from_millis(20);
@@ -62,6 +62,7 @@ async fn handle_inner(
     let (parts, body) = req.into_parts();
     let uri_bytes = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if uri_bytes > state.max_uri_bytes {
+        log.set_unrouted();
         return Err(Error::UriTooLong);
     }
     let matched = route::match_route(&parts.method, parts.uri.path())?;
@@ -251,12 +252,13 @@ async fn fetch_upstream(
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
-    let (status, result) = state
+    let target = Target::List(&key.query);
+    let sent = state
         .upstream
-        .send(&key.checkpoint, Target::List(&key.query), None, request_id)
+        .send(&key.checkpoint, target, None, request_id)
         .await;
-    *upstream_status = status;
-    let reply = result.map_err(FillError::Failed)?;
+    *upstream_status = sent.status;
+    let reply = sent.result.map_err(FillError::Failed)?;
     let fresh_cap = match (&state.fleet, key.fleet) {
         (Some(fleet), View::Degraded) => Some(fleet.degraded_ttl),
         _ => None,
@@ -334,9 +336,9 @@ async fn fetch_shared(
 
 /// Create or delete. Whatever upstream answered, the checkpoint's pages are dropped before the
 /// response is returned (a bump is cheap, and a 404 on a retried delete or a 5xx may still mean
-/// the write applied). When the outcome is unknown (timeout, broken connection) upstream may
-/// still apply the write after we answered, so the pages are dropped once more when that can no
-/// longer happen.
+/// the write applied). When any attempt's outcome is unknown (timeout, broken connection)
+/// upstream may still apply the write after we answered, so the pages are dropped once more
+/// when that can no longer happen. Every attempt goes into the audit record.
 async fn write(
     state: &Arc<AppState>,
     checkpoint: &Checkpoint,
@@ -349,16 +351,22 @@ async fn write(
             .begin_write(checkpoint, state.upstream_deadline + Duration::from_secs(1))
             .await;
     }
-    let (status, result) = state
+    let sent = state
         .upstream
         .send(checkpoint, target, body, &log.request_id)
         .await;
-    log.upstream_status = status;
     state.cache.invalidate_checkpoint(checkpoint);
     if let Some(fleet) = &state.fleet {
         fleet.end_write(checkpoint).await;
     }
-    if status.is_none() {
+    let unsure = sent.status.is_none()
+        || sent
+            .attempts
+            .iter()
+            .any(|a| !matches!(a, Attempted::Status(_)));
+    log.upstream_status = sent.status;
+    log.attempts = sent.attempts;
+    if unsure {
         let state = state.clone();
         let checkpoint = checkpoint.clone();
         tokio::spawn(async move {
@@ -366,7 +374,7 @@ async fn write(
             state.invalidate(Scope::Checkpoint(&checkpoint)).await;
         });
     }
-    result.map(Passthrough::into_response)
+    sent.result.map(Passthrough::into_response)
 }
 
 fn wants_no_cache(headers: &hyper::HeaderMap) -> bool {

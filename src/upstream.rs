@@ -15,6 +15,8 @@
 //! - **Classification**: a [`Passthrough`] (2xx, 400, 404, 409, 422 with a JSON body) or an
 //!   [`Error`]. Upstream's own text for anything else is never returned, since OpenAI's 401
 //!   message quotes part of the key; only its status is logged.
+//! - **Attempts**: a write's answer lists what upstream did with each attempt, for the audit
+//!   trail; a read collects none and allocates nothing for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +86,41 @@ struct Call<'a> {
     deadline: Instant,
 }
 
+/// What upstream did with one attempt that was sent: answered with a status, failed in
+/// transport (refused, reset, unreadable body), or was still going at the deadline. An
+/// attempt shed before reaching upstream is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempted {
+    Status(StatusCode),
+    Error,
+    Timeout,
+}
+
+/// The audit trail's form: `{"status": 200}`, `{"error": "error"}` or `{"error": "timeout"}`.
+impl serde::Serialize for Attempted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            Attempted::Status(status) => map.serialize_entry("status", &status.as_u16())?,
+            Attempted::Error => map.serialize_entry("error", "error")?,
+            Attempted::Timeout => map.serialize_entry("error", "timeout")?,
+        }
+        map.end()
+    }
+}
+
+/// The answer to [`Upstream::send`].
+#[derive(Debug)]
+pub struct Sent {
+    /// Upstream's last status, when one arrived (for the audit trail and logs).
+    pub status: Option<StatusCode>,
+    pub result: Result<Passthrough, Error>,
+    /// Each attempt that reached upstream, in order: filled for a create or delete (the audit
+    /// trail), empty for a list.
+    pub attempts: Vec<Attempted>,
+}
+
 impl Call<'_> {
     /// The request id as log text (empty if it is not visible ASCII).
     fn id(&self) -> &str {
@@ -104,6 +141,8 @@ type Exchanged = Result<Result<Reply, ()>, Elapsed>;
 
 /// One attempt's result, and whether another attempt may help.
 struct Attempt {
+    /// `None` when the attempt never reached upstream (shed).
+    sent: Option<Attempted>,
     status: Option<StatusCode>,
     result: Result<Passthrough, Error>,
     /// `Some` when the failure is transient; the delay upstream asked for, if any.
@@ -114,6 +153,7 @@ impl Attempt {
     /// A failure that another attempt would not help.
     fn fatal(error: Error) -> Attempt {
         Attempt {
+            sent: None,
             status: None,
             result: Err(error),
             retry: None,
@@ -183,23 +223,30 @@ impl Upstream {
     }
 
     /// Sends the request (retrying where that is safe) and classifies the final answer.
-    /// Also returns upstream's last status when one arrived (for the audit trail and logs).
     pub async fn send(
         &self,
         checkpoint: &Checkpoint,
         target: Target<'_>,
         body: Option<Bytes>,
         request_id: &HeaderValue,
-    ) -> (Option<StatusCode>, Result<Passthrough, Error>) {
+    ) -> Sent {
         let deadline = Instant::now() + self.timeout;
         let (method, idempotent) = match target {
             Target::List(_) => (Method::GET, true),
             Target::Create => (Method::POST, false),
             Target::Delete(_) => (Method::DELETE, true),
         };
+        let mut sent = Sent {
+            status: None,
+            result: Err(Error::UpstreamError),
+            attempts: Vec::new(),
+        };
         let uri = match self.uri(checkpoint, &target) {
             Ok(uri) => uri,
-            Err(e) => return (None, Err(e)),
+            Err(e) => {
+                sent.result = Err(e);
+                return sent;
+            }
         };
         let call = Call {
             key: self.key.load_full(),
@@ -209,6 +256,7 @@ impl Upstream {
             request_id,
             deadline,
         };
+        let audited = !matches!(target, Target::List(_));
         let mut attempt = 1;
         loop {
             let span = tracing::info_span!(
@@ -220,21 +268,26 @@ impl Upstream {
                 duration_ms = field::Empty,
             );
             let outcome = self.attempt(&call, attempt).instrument(span).await;
+            if let Some(attempted) = outcome.sent.filter(|_| audited) {
+                sent.attempts.push(attempted);
+            }
+            sent.status = outcome.status;
+            sent.result = outcome.result;
             let Some(asked) = outcome
                 .retry
                 .filter(|_| idempotent && attempt <= self.max_retries)
             else {
-                return (outcome.status, outcome.result);
+                return sent;
             };
             let delay = self.backoff(attempt, asked);
             if Instant::now() + delay >= deadline {
-                return (outcome.status, outcome.result);
+                return sent;
             }
             info!(
                 request_id = call.id(),
                 attempt,
                 delay_ms = delay.as_millis() as u64,
-                status = outcome.status.map(|s| s.as_u16()),
+                status = sent.status.map(|s| s.as_u16()),
                 "retrying upstream request"
             );
             tokio::time::sleep(delay).await;
@@ -380,6 +433,7 @@ impl Upstream {
             Ok(Err(())) => {
                 permit.failure();
                 return Attempt {
+                    sent: Some(Attempted::Error),
                     status: None,
                     result: Err(Error::UpstreamError),
                     retry: Some(None),
@@ -393,7 +447,10 @@ impl Upstream {
                     "upstream deadline passed"
                 );
                 permit.failure();
-                return Attempt::fatal(Error::UpstreamTimeout);
+                return Attempt {
+                    sent: Some(Attempted::Timeout),
+                    ..Attempt::fatal(Error::UpstreamTimeout)
+                };
             }
         };
         let status = reply.status;
@@ -405,6 +462,7 @@ impl Upstream {
             permit.success();
         }
         Attempt {
+            sent: Some(Attempted::Status(status)),
             status: Some(status),
             retry: transient.then(|| retry_after(&reply.headers)),
             result: classify(status, &reply.headers, reply.body, call.id(), attempt),
