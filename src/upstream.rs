@@ -9,8 +9,11 @@
 //! - **Retries**: idempotent requests (list, delete; never a create) are retried on transport
 //!   errors, 502, 503, 504 and 429, with exponential backoff and full jitter, honouring
 //!   `Retry-After` up to `retry_max_delay_ms`, at most `max_retries` times.
-//! - **Concurrency cap**: at most `max_concurrency` requests in flight; a request waits at
-//!   most `queue_timeout_ms` for a slot, then is shed with a 503.
+//! - **Concurrency cap**: at most `max_concurrency` requests in flight, and at most
+//!   `max_concurrency_per_client` of them for one client, so one client cannot take every slot
+//!   (SPEC "Hygiene rules"). A request waits at most `queue_timeout_ms` for its client's slot
+//!   and then a global one, or is shed with a 503. A background refresh (stale-while-
+//!   revalidate) serves the page, not a client: it takes only a global slot.
 //! - **Circuit breaker** (see `breaker`): fail fast while upstream is down.
 //! - **Classification**: a [`Passthrough`] (2xx, 400, 404, 409, 422 with a JSON body) or an
 //!   [`Error`]. Upstream's own text for anything else is never returned, since OpenAI's 401
@@ -18,7 +21,8 @@
 //! - **Attempts**: a write's answer lists what upstream did with each attempt, for the audit
 //!   trail; a read collects none and allocates nothing for it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -30,7 +34,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 use tracing::{field, info, warn, Instrument};
@@ -39,7 +43,7 @@ use crate::breaker::{Breaker, Permit};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::{Error, Passthrough};
-use crate::metrics::{Metrics, Shed};
+use crate::metrics::{ClientLabel, Metrics, Shed};
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret::AdminKey;
 use crate::tls::{self, Alpn};
@@ -67,6 +71,11 @@ pub struct Upstream {
     retry_max_delay: Duration,
     slots: Semaphore,
     max_concurrency: usize,
+    /// One semaphore of `max_per_client` permits per client name, made on its first upstream
+    /// request. Keyed by name, so a reload (which rebuilds every `Client`) keeps a client's
+    /// permits in flight counted; one small entry per name ever configured.
+    client_slots: Mutex<HashMap<ClientLabel, Arc<Semaphore>, foldhash::fast::RandomState>>,
+    max_per_client: usize,
     queue_timeout: Duration,
     breaker: Breaker,
     metrics: Arc<Metrics>,
@@ -82,6 +91,8 @@ struct Call<'a> {
     /// `Some` for a create (sent as JSON), `None` otherwise.
     body: Option<Bytes>,
     request_id: &'a HeaderValue,
+    /// Whose slots it takes; `None` (a background refresh): only a global slot.
+    client: Option<&'a ClientLabel>,
     /// Every attempt, wait and backoff ends by this instant.
     deadline: Instant,
 }
@@ -119,6 +130,13 @@ pub struct Sent {
     /// Each attempt that reached upstream, in order: filled for a create or delete (the audit
     /// trail), empty for a list.
     pub attempts: Vec<Attempted>,
+}
+
+/// The slots one attempt holds while it talks to upstream.
+struct Admitted<'a> {
+    breaker: Permit<'a>,
+    slot: SemaphorePermit<'a>,
+    client_slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Call<'_> {
@@ -184,6 +202,8 @@ impl Upstream {
             retry_max_delay: config.retry_max_delay,
             slots: Semaphore::new(config.max_concurrency),
             max_concurrency: config.max_concurrency,
+            client_slots: Mutex::default(),
+            max_per_client: config.max_concurrency_per_client,
             queue_timeout: config.queue_timeout,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_open, clock),
             metrics,
@@ -223,12 +243,15 @@ impl Upstream {
     }
 
     /// Sends the request (retrying where that is safe) and classifies the final answer.
+    /// `client` is whose upstream slots it takes; `None` (a background refresh) takes only a
+    /// global slot.
     pub async fn send(
         &self,
         checkpoint: &Checkpoint,
         target: Target<'_>,
         body: Option<Bytes>,
         request_id: &HeaderValue,
+        client: Option<&ClientLabel>,
     ) -> Sent {
         let deadline = Instant::now() + self.timeout;
         let (method, idempotent) = match target {
@@ -254,6 +277,7 @@ impl Upstream {
             uri,
             body,
             request_id,
+            client,
             deadline,
         };
         let audited = !matches!(target, Target::List(_));
@@ -310,7 +334,7 @@ impl Upstream {
 
     /// One attempt, run inside its `upstream` span (which it fills with status and duration).
     async fn attempt(&self, call: &Call<'_>, attempt: u32) -> Attempt {
-        let (permit, slot) = match self.admit(call, attempt).await {
+        let admitted = match self.admit(call, attempt).await {
             Ok(admitted) => admitted,
             Err(shed) => return Attempt::fatal(shed),
         };
@@ -318,19 +342,22 @@ impl Upstream {
         let started = Instant::now();
         let exchange = self.exchange(request, call, attempt);
         let outcome = tokio::time::timeout_at(call.deadline, exchange).await;
-        drop(slot);
+        let Admitted {
+            breaker,
+            slot,
+            client_slot,
+        } = admitted;
+        drop((slot, client_slot));
         self.record(&outcome, attempt, started);
-        self.judge(outcome, permit, call, attempt)
+        self.judge(outcome, breaker, call, attempt)
     }
 
-    /// The breaker's leave, then a concurrency slot within `queue_timeout` (and the deadline);
-    /// otherwise the 503 that sheds the attempt without calling upstream.
-    async fn admit(
-        &self,
-        call: &Call<'_>,
-        attempt: u32,
-    ) -> Result<(Permit<'_>, SemaphorePermit<'_>), Error> {
-        let Some(permit) = self.breaker.try_acquire() else {
+    /// The breaker's leave, then the client's slot and a global one, each within
+    /// `queue_timeout` (and the deadline); otherwise the 503 that sheds the attempt without
+    /// calling upstream. The client's slot comes first, so a client past its share waits
+    /// without holding a global slot that another client could use.
+    async fn admit(&self, call: &Call<'_>, attempt: u32) -> Result<Admitted<'_>, Error> {
+        let Some(breaker) = self.breaker.try_acquire() else {
             warn!(
                 request_id = call.id(),
                 attempt, "circuit open: answering without calling upstream"
@@ -342,8 +369,24 @@ impl Upstream {
             });
         };
         let wait_until = call.deadline.min(Instant::now() + self.queue_timeout);
+        // Shedding drops the breaker's leave without a verdict: a shed probe lets the next
+        // request probe instead.
+        let client_slot = match call.client {
+            Some(client) => {
+                let slots = self.client_slots(client);
+                match tokio::time::timeout_at(wait_until, slots.acquire_owned()).await {
+                    Ok(Ok(slot)) => Some(slot),
+                    _ => return Err(self.shed_client(call, client, attempt)),
+                }
+            }
+            None => None,
+        };
         match tokio::time::timeout_at(wait_until, self.slots.acquire()).await {
-            Ok(Ok(slot)) => Ok((permit, slot)),
+            Ok(Ok(slot)) => Ok(Admitted {
+                breaker,
+                slot,
+                client_slot,
+            }),
             _ => {
                 warn!(
                     request_id = call.id(),
@@ -351,14 +394,45 @@ impl Upstream {
                     limit = self.max_concurrency,
                     "upstream concurrency limit reached; shedding the request"
                 );
-                // Without a verdict: a shed probe lets the next request probe instead.
-                drop(permit);
                 self.metrics.shed(Shed::QueueFull);
                 Err(Error::Unavailable {
                     reason: "Too many requests are waiting for the upstream API. Retry shortly.",
                     retry_after: Some(1),
                 })
             }
+        }
+    }
+
+    /// `client`'s semaphore, made on its first upstream request.
+    fn client_slots(&self, client: &ClientLabel) -> Arc<Semaphore> {
+        let mut slots = self
+            .client_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slots.get(client) {
+            Some(semaphore) => semaphore.clone(),
+            None => {
+                let semaphore = Arc::new(Semaphore::new(self.max_per_client));
+                slots.insert(client.clone(), semaphore.clone());
+                semaphore
+            }
+        }
+    }
+
+    /// The 503 for a client that held all its upstream slots for the whole wait.
+    fn shed_client(&self, call: &Call<'_>, client: &ClientLabel, attempt: u32) -> Error {
+        warn!(
+            request_id = call.id(),
+            attempt,
+            client = &*client.0,
+            limit = self.max_per_client,
+            "client's upstream concurrency limit reached; shedding the request"
+        );
+        self.metrics.shed(Shed::ClientConcurrency);
+        Error::Unavailable {
+            reason:
+                "This client has too many requests waiting for the upstream API. Retry shortly.",
+            retry_after: Some(1),
         }
     }
 
