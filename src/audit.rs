@@ -1,9 +1,11 @@
 //! The attributed audit trail of writes (issue: "Attributed audit trail").
 //!
 //! Under one admin key OpenAI's own records cannot tell which internal service changed what;
-//! permgate can. Every create or delete attempt, allowed or denied, becomes one JSON line
-//! appended to `audit.path` (opened in append mode, never truncated) and one tracing event on
-//! target `permgate::audit`. The line is written before the response leaves. Records hold
+//! permgate can. Every create or delete attempt, allowed or denied (a POST or DELETE refused
+//! before routing, 414, included), becomes one JSON line appended to `audit.path` (opened in
+//! append mode, never truncated) and one tracing event on target `permgate::audit`. A record
+//! lists each upstream attempt (`attempts`), since a retry's answer alone can hide that an
+//! earlier attempt applied the write (SPEC "Hygiene rules"). The line is written before the response leaves. Records hold
 //! client names, never tokens or key material.
 
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::metrics::Metrics;
+use crate::upstream::Attempted;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
@@ -21,17 +24,22 @@ pub struct Record<'a> {
     pub request_id: &'a str,
     pub client: Option<&'a str>,
     pub method: &'a str,
-    pub route: &'a str,
+    /// `None` for a write refused before routing (a URI too long, 414).
+    pub route: Option<&'a str>,
     pub checkpoint: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub project_ids: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub permission_id: Option<&'a str>,
-    /// `succeeded`, `denied` (401/403), `rejected` (bad input, 413), `failed` (upstream said
+    /// `succeeded`, `denied` (401/403), `rejected` (bad input, 413, 414), `failed` (upstream said
     /// no or could not be reached).
     pub outcome: &'static str,
     pub status: u16,
+    /// Upstream's last status, when one arrived.
     pub upstream_status: Option<u16>,
+    /// Each attempt that reached upstream, in order: an earlier attempt that failed in
+    /// transport may have applied the write that a retry then answers 404.
+    pub attempts: &'a [Attempted],
     pub error_code: Option<&'static str>,
 }
 
@@ -103,6 +111,7 @@ pub async fn record(log: Option<&AuditLog>, metrics: &Metrics, record: Record<'_
         outcome = record.outcome,
         status = record.status,
         upstream_status = record.upstream_status,
+        attempts = ?record.attempts,
         "write attempt"
     );
     if let Some(log) = log {

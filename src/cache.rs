@@ -15,6 +15,9 @@
 //! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
 //!   separate map of fills in flight (`fills`), not by removing the page, so when upstream
 //!   fails every waiter can still answer with the stale page inside `stale_if_error`.
+//! - **A `no-cache` read never gets an answer older than itself**: concurrent refreshes of one
+//!   key share one fetch (`refreshes`), but a read joins only a fetch that has not started
+//!   yet; the one running may have asked upstream before the read arrived.
 //!
 //! A key is hashed once, when it is made ([`PageCache::key`]); moka and the fill map reuse that
 //! hash. The hasher is foldhash with a per-process random seed: fast, and only authenticated
@@ -169,6 +172,8 @@ pub enum CacheStatus {
     RefreshStored,
     /// `Cache-Control: no-cache`: fetched, not storable.
     Refresh,
+    /// `Cache-Control: no-cache`: shared a refresh that started after this request arrived.
+    RefreshCollapsed,
     /// Rejected before the cache was consulted (bad route, token, input).
     Bypass,
 }
@@ -184,6 +189,7 @@ impl CacheStatus {
             CacheStatus::Collapsed => "permgate; fwd=miss; collapsed",
             CacheStatus::RefreshStored => "permgate; fwd=request; stored",
             CacheStatus::Refresh => "permgate; fwd=request",
+            CacheStatus::RefreshCollapsed => "permgate; fwd=request; collapsed",
             CacheStatus::Bypass => "permgate; fwd=bypass",
         }
     }
@@ -199,6 +205,7 @@ impl CacheStatus {
             CacheStatus::Collapsed => "collapsed",
             CacheStatus::RefreshStored => "refresh_stored",
             CacheStatus::Refresh => "refresh",
+            CacheStatus::RefreshCollapsed => "refresh_collapsed",
             CacheStatus::Bypass => "bypass",
         }
     }
@@ -280,11 +287,81 @@ impl Leading<'_> {
     }
 }
 
+/// A key's `no-cache` refreshes in flight: the one fetching, and the one that starts when it
+/// ends. Reads may join only `next`: `running` may have asked upstream before they arrived.
+#[derive(Default)]
+struct Refreshes {
+    running: Option<Arc<Fill>>,
+    next: Option<Arc<Fill>>,
+}
+
+type RefreshMap = Mutex<HashMap<PageKey, Refreshes, ByKeyHash>>;
+
+/// The leader of one refresh: waiting as `next`, then (after [`Refreshing::start`]) as
+/// `running`. Leaves the map when it finishes or is dropped (cancelled), then wakes its
+/// waiters, who take over if it left without an outcome.
+struct Refreshing<'a> {
+    refreshes: &'a RefreshMap,
+    key: &'a PageKey,
+    fill: Arc<Fill>,
+}
+
+impl Refreshing<'_> {
+    /// The running refresh has ended: this one is the key's running refresh from now on, and
+    /// no later read joins it.
+    fn start(&self) {
+        let mut refreshes = self
+            .refreshes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = refreshes.get_mut(self.key) {
+            if slot
+                .next
+                .as_ref()
+                .is_some_and(|f| Arc::ptr_eq(f, &self.fill))
+            {
+                slot.next = None;
+            }
+            slot.running = Some(self.fill.clone());
+        }
+    }
+
+    fn publish(self, outcome: FillOutcome) {
+        let _ = self.fill.outcome.set(outcome);
+    }
+}
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        let mut refreshes = self
+            .refreshes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = refreshes.get_mut(self.key) {
+            let mine =
+                |f: &Option<Arc<Fill>>| f.as_ref().is_some_and(|f| Arc::ptr_eq(f, &self.fill));
+            if mine(&slot.running) {
+                slot.running = None;
+            }
+            if mine(&slot.next) {
+                slot.next = None;
+            }
+            if slot.running.is_none() && slot.next.is_none() {
+                refreshes.remove(self.key);
+            }
+        }
+        drop(refreshes);
+        self.fill.done.notify_waiters();
+    }
+}
+
 pub struct PageCache {
     pages: Cache<PageKey, Arc<Page>, ByKeyHash>,
     /// Fills in flight, for coalescing only (never read as a cache). Bounded by the requests
     /// in flight: an entry lives exactly as long as its leading request's fill.
     fills: Mutex<HashMap<PageKey, Arc<Fill>, ByKeyHash>>,
+    /// `no-cache` refreshes in flight, bounded the same way.
+    refreshes: RefreshMap,
     generations: Box<[AtomicU64]>,
     hasher: foldhash::fast::RandomState,
     clock: Clock,
@@ -327,6 +404,7 @@ impl PageCache {
         PageCache {
             pages,
             fills: Mutex::default(),
+            refreshes: Mutex::default(),
             generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             hasher: foldhash::fast::RandomState::default(),
             clock,
@@ -518,7 +596,89 @@ impl PageCache {
         (outcome, true)
     }
 
-    /// Stores a page fetched outside `fill` (a `no-cache` or background refresh). The key's
+    /// Fetches `key` afresh for a `no-cache` read and stores a cacheable answer. Concurrent
+    /// refreshes of one key share one fetch that started after each of them arrived: a read
+    /// never joins a fetch already under way; it joins (or leads) the next one, which starts
+    /// when the running one ends. So a key has at most one refresh fetching and one waiting,
+    /// however many reads arrive. The bool is true for the caller whose `fetch` ran. If that
+    /// caller is cancelled, a waiter takes over.
+    pub async fn refresh<F>(&self, key: &PageKey, fetch: F) -> (FillOutcome, bool)
+    where
+        F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
+    {
+        let leading = loop {
+            // The fill to wait for: the one to join, or the running one this leader follows.
+            let wait_on;
+            let follows: Option<Refreshing<'_>>;
+            let done;
+            {
+                let mut refreshes = self
+                    .refreshes
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let slot = refreshes.entry(key.clone()).or_default();
+                if let Some(next) = &slot.next {
+                    wait_on = next.clone();
+                    follows = None;
+                } else if let Some(running) = slot.running.clone() {
+                    let fill = Arc::new(Fill::default());
+                    slot.next = Some(fill.clone());
+                    wait_on = running;
+                    follows = Some(Refreshing {
+                        refreshes: &self.refreshes,
+                        key,
+                        fill,
+                    });
+                } else {
+                    let fill = Arc::new(Fill::default());
+                    slot.running = Some(fill.clone());
+                    break Refreshing {
+                        refreshes: &self.refreshes,
+                        key,
+                        fill,
+                    };
+                }
+                // Made under the lock, as in `fill`: the wake-up cannot be missed.
+                done = wait_on.done.notified();
+            }
+            if wait_on.outcome.get().is_none() {
+                done.await;
+            }
+            if let Some(leading) = follows {
+                leading.start();
+                break leading;
+            }
+            match wait_on.outcome.get() {
+                Some(outcome) => return (outcome.clone(), false),
+                // Its leader was cancelled; join or lead another (it starts after this read).
+                None => continue,
+            }
+        };
+        let outcome = match fetch.await {
+            Ok(page) => {
+                self.pages.insert(key.clone(), page.clone()).await;
+                Ok(page)
+            }
+            Err(e) => Err(Arc::new(e)),
+        };
+        leading.publish(outcome.clone());
+        (outcome, true)
+    }
+
+    /// How many `no-cache` reads of `key` wait for its next refresh to start (tests and
+    /// debugging): the holders of that fill other than the map, one each.
+    pub fn refresh_waiters(&self, key: &PageKey) -> usize {
+        let refreshes = self
+            .refreshes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        refreshes
+            .get(key)
+            .and_then(|slot| slot.next.as_ref())
+            .map_or(0, |next| Arc::strong_count(next) - 1)
+    }
+
+    /// Stores a page fetched outside `fill` (a background refresh). The key's
     /// generation was taken before the fetch, so a write in between makes this a dead entry.
     pub async fn insert(&self, key: PageKey, page: Arc<Page>) {
         self.pages.insert(key, page).await;
@@ -713,6 +873,120 @@ mod tests {
             assert!(matches!(*failure, FillError::Uncacheable(_)));
         }
         assert!(cache.fills.lock().unwrap().is_empty());
+    }
+
+    /// Yields until `cond` holds (other tasks on this runtime drive it); bounded.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..100_000 {
+            if cond() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// A refresh of `key` whose fetch tells `started` and then waits for `release`.
+    fn gated_refresh(
+        cache: &Arc<PageCache>,
+        key: &PageKey,
+        body: &'static [u8],
+    ) -> (
+        tokio::task::JoinHandle<(FillOutcome, bool)>,
+        tokio::sync::oneshot::Receiver<()>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (cache, key) = (cache.clone(), key.clone());
+        let task = tokio::spawn(async move {
+            let page = cache.page(StatusCode::OK, body).unwrap();
+            let fetch = async {
+                let _ = started_tx.send(());
+                let _ = released.await;
+                Fill::Ok(page)
+            };
+            cache.refresh(&key, fetch).await
+        });
+        (task, started, release)
+    }
+
+    #[tokio::test]
+    async fn a_no_cache_refresh_never_joins_a_fetch_already_under_way() {
+        let cache = Arc::new(PageCache::new(
+            &config(),
+            Clock::default(),
+            Counter::default(),
+        ));
+        let key = cache.key(cp("ft:q"), ListQuery::default(), View::Alone);
+        let (first, started, release_first) = gated_refresh(&cache, &key, b"before");
+        started.await.unwrap();
+        // Arriving while the first fetch runs: they share one fetch of their own.
+        let fetches = Arc::new(AtomicU64::new(0));
+        let later: Vec<_> = (0..5)
+            .map(|_| {
+                let (cache, key, fetches) = (cache.clone(), key.clone(), fetches.clone());
+                tokio::spawn(async move {
+                    let page = cache.page(StatusCode::OK, b"second").unwrap();
+                    let fetch = async {
+                        fetches.fetch_add(1, Ordering::Relaxed);
+                        Fill::Ok(page)
+                    };
+                    cache.refresh(&key, fetch).await
+                })
+            })
+            .collect();
+        until("five reads wait for the next refresh", || {
+            cache.refresh_waiters(&key) == 5
+        })
+        .await;
+        assert_eq!(fetches.load(Ordering::Relaxed), 0, "it waits for the first");
+        release_first.send(()).unwrap();
+        let (outcome, fetched) = first.await.unwrap();
+        assert!(fetched);
+        assert_eq!(&outcome.unwrap().body[..], b"before");
+        let mut fetched = 0;
+        for task in later {
+            let (outcome, leader) = task.await.unwrap();
+            assert_eq!(&outcome.unwrap().body[..], b"second");
+            fetched += usize::from(leader);
+        }
+        assert_eq!((fetched, fetches.load(Ordering::Relaxed)), (1, 1));
+        assert_eq!(&cache.get(&key).await.unwrap().body[..], b"second");
+        assert!(cache.refreshes.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiting_refresh_is_taken_over_by_a_joiner() {
+        let cache = Arc::new(PageCache::new(
+            &config(),
+            Clock::default(),
+            Counter::default(),
+        ));
+        let key = cache.key(cp("ft:s"), ListQuery::default(), View::Alone);
+        let (first, started, release_first) = gated_refresh(&cache, &key, b"first");
+        started.await.unwrap();
+        // The next refresh's leader, then one read that joins it.
+        let (next, _, _release_next) = gated_refresh(&cache, &key, b"unused");
+        until("the next refresh is led", || {
+            cache.refresh_waiters(&key) == 1
+        })
+        .await;
+        let joiner = tokio::spawn({
+            let (cache, key) = (cache.clone(), key.clone());
+            async move {
+                let page = cache.page(StatusCode::OK, b"joined").unwrap();
+                cache.refresh(&key, async { Fill::Ok(page) }).await
+            }
+        });
+        until("a read joined it", || cache.refresh_waiters(&key) == 2).await;
+        next.abort();
+        release_first.send(()).unwrap();
+        assert!(first.await.unwrap().1);
+        let (outcome, fetched) = joiner.await.unwrap();
+        assert!(fetched, "the joiner led once the leader was gone");
+        assert_eq!(&outcome.unwrap().body[..], b"joined");
+        assert!(cache.refreshes.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

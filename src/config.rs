@@ -93,6 +93,7 @@ struct FileUpstream {
     retry_base_delay_ms: Option<u64>,
     retry_max_delay_ms: Option<u64>,
     max_concurrency: Option<usize>,
+    max_concurrency_per_client: Option<usize>,
     queue_timeout_ms: Option<u64>,
     breaker_threshold: Option<u32>,
     breaker_open_ms: Option<u64>,
@@ -220,6 +221,8 @@ pub struct UpstreamConfig {
     #[serde(serialize_with = "millis")]
     pub retry_max_delay: Duration,
     pub max_concurrency: usize,
+    /// Upstream slots one client may hold at once (at most `max_concurrency`).
+    pub max_concurrency_per_client: usize,
     #[serde(serialize_with = "millis")]
     pub queue_timeout: Duration,
     pub breaker_threshold: u32,
@@ -687,6 +690,8 @@ impl FileUpstream {
         if max_concurrency == 0 {
             problems.push("upstream.max_concurrency must be at least 1".into());
         }
+        let max_concurrency_per_client =
+            per_client_concurrency(self.max_concurrency_per_client, max_concurrency, problems);
         let retry_base_delay = millis_or(
             self.retry_base_delay_ms,
             UpstreamConfig::DEFAULT_RETRY_BASE_DELAY,
@@ -711,6 +716,7 @@ impl FileUpstream {
             retry_base_delay,
             retry_max_delay,
             max_concurrency,
+            max_concurrency_per_client,
             queue_timeout: millis_or(self.queue_timeout_ms, UpstreamConfig::DEFAULT_QUEUE_TIMEOUT),
             breaker_threshold: self
                 .breaker_threshold
@@ -723,6 +729,26 @@ impl FileUpstream {
             .max(UpstreamConfig::MIN_ADMIN_KEY_POLL),
         })
     }
+}
+
+/// `upstream.max_concurrency_per_client`: by default half of `max_concurrency` (at least 1), so
+/// one client can never take every upstream slot; never more than `max_concurrency`.
+fn per_client_concurrency(
+    configured: Option<usize>,
+    max_concurrency: usize,
+    problems: &mut Vec<String>,
+) -> usize {
+    let Some(per_client) = configured else {
+        return (max_concurrency / 2).max(1);
+    };
+    if per_client == 0 {
+        problems.push("upstream.max_concurrency_per_client must be at least 1".into());
+    } else if per_client > max_concurrency {
+        problems.push(format!(
+            "upstream.max_concurrency_per_client must be at most upstream.max_concurrency ({max_concurrency})"
+        ));
+    }
+    per_client
 }
 
 /// Where the admin key comes from: at most one of `admin_key_env` and `admin_key_file`,
@@ -1275,6 +1301,30 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
             shipped.warnings(),
             Vec::<String>::new(),
             "the production example"
+        );
+    }
+
+    #[test]
+    fn per_client_concurrency_defaults_to_half_and_stays_within_the_total() {
+        let with = |keys: &str| MINIMAL.replace("[upstream]", &format!("[upstream]\n{keys}"));
+        let per_client = |keys: &str| {
+            Config::parse(&with(keys), &no_env)
+                .unwrap()
+                .upstream
+                .max_concurrency_per_client
+        };
+        assert_eq!(per_client(""), 32);
+        assert_eq!(per_client("max_concurrency = 9"), 4);
+        assert_eq!(per_client("max_concurrency = 1"), 1);
+        assert_eq!(
+            per_client("max_concurrency = 8\nmax_concurrency_per_client = 8"),
+            8
+        );
+        assert!(problems(&with("max_concurrency_per_client = 0"))
+            .contains("upstream.max_concurrency_per_client must be at least 1"));
+        assert!(
+            problems(&with("max_concurrency = 4\nmax_concurrency_per_client = 5"))
+                .contains("upstream.max_concurrency_per_client must be at most")
         );
     }
 

@@ -39,8 +39,9 @@ struct RequestLabels {
     client: ClientLabel,
 }
 
-/// Route (3 + unmatched) x status class (5) x cache status (9 + none).
-const REQUEST_SLOTS: usize = 4 * 5 * 10;
+/// Route (3 + unmatched) x status class (5) x cache status (10 + none).
+const REQUEST_SLOTS: usize = 4 * 5 * CACHE_SLOTS;
+const CACHE_SLOTS: usize = 11;
 
 /// One client's `permgate_requests_total` series, each resolved from the family the first
 /// time it is used: after that a request costs an index and an atomic add, not a hash lookup
@@ -92,8 +93,9 @@ impl RequestOutcome {
             Some(CacheStatus::RefreshStored) => 7,
             Some(CacheStatus::Refresh) => 8,
             Some(CacheStatus::Bypass) => 9,
+            Some(CacheStatus::RefreshCollapsed) => 10,
         };
-        (route * 5 + class) * 10 + cache
+        (route * 5 + class) * CACHE_SLOTS + cache
     }
 
     fn route_index(self) -> usize {
@@ -151,6 +153,8 @@ struct BuildLabels {
 pub enum Shed {
     QueueFull,
     CircuitOpen,
+    /// The client already held `max_concurrency_per_client` upstream slots.
+    ClientConcurrency,
 }
 
 impl Shed {
@@ -159,6 +163,7 @@ impl Shed {
         match self {
             Shed::QueueFull => "upstream_queue_full",
             Shed::CircuitOpen => "circuit_open",
+            Shed::ClientConcurrency => "client_concurrency",
         }
     }
 }
@@ -237,7 +242,7 @@ const CACHE_EVICTIONS: Desc = (
 );
 const COALESCED_WAITS: Desc = (
     "permgate_cache_coalesced_waits",
-    "Requests that waited on another request's identical upstream fetch",
+    "Requests that waited on another request's identical upstream fetch (a miss, or a no-cache refresh)",
 );
 const CACHE_ENTRIES: Desc = (
     "permgate_cache_entries",
@@ -253,7 +258,7 @@ const RATE_LIMITED: Desc = (
 );
 const SHED: Desc = (
     "permgate_shed",
-    "Requests answered 503 without calling upstream (queue full, circuit open)",
+    "Requests answered 503 without calling upstream (queue full, client over its share, circuit open)",
 );
 const CIRCUIT_STATE: Desc = (
     "permgate_upstream_circuit_state",
@@ -357,7 +362,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             drop(m.key_reloads.get_or_create(&Outcome { result }));
         }
-        for why in [Shed::QueueFull, Shed::CircuitOpen] {
+        for why in [Shed::QueueFull, Shed::CircuitOpen, Shed::ClientConcurrency] {
             drop(m.shed.get_or_create(&Reason {
                 reason: why.reason(),
             }));

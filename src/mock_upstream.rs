@@ -70,6 +70,9 @@ pub enum Fault {
         arrived: oneshot::Sender<()>,
         release: oneshot::Receiver<()>,
     },
+    /// Apply the request as usual (a create or delete takes effect), then answer 200, send
+    /// part of the body and reset the connection: the caller cannot tell that it applied.
+    AppliedThenReset,
 }
 
 /// A request held by [`MockUpstream::hold_next`].
@@ -377,9 +380,13 @@ impl MockUpstream {
                 return Response::new(MockBody::Broken(Some(piece)));
             }
             Some(Fault::Delay(d)) => tokio::time::sleep(d).await,
-            Some(Fault::Hold { .. }) | None => {}
+            Some(Fault::Hold { .. } | Fault::AppliedThenReset) | None => {}
         }
         let response = self.answer(&parts.method, &parts.uri, &parts.headers, &body);
+        if let Some(Fault::AppliedThenReset) = fault {
+            let piece = Bytes::from_static(b"{\"object\": \"checkpoint.perm");
+            return Response::new(MockBody::Broken(Some(piece)));
+        }
         if let Some(Fault::Hold { arrived, release }) = fault {
             let _ = arrived.send(());
             let _ = release.await;

@@ -22,10 +22,11 @@ use crate::auth::Client;
 use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey, View};
 use crate::error::{json_response, Body, Error, Passthrough};
 use crate::fleet::Fleet;
+use crate::metrics::ClientLabel;
 use crate::request_log::RequestLog;
 use crate::route::{self, Call, Checkpoint, CreateBody};
 use crate::state::{AppState, Scope};
-use crate::upstream::Target;
+use crate::upstream::{Attempted, Target};
 
 /// How often a replica waiting on another's fetch looks for the shared page.
 const SHARED_POLL: Duration = Duration::from_millis(20);
@@ -62,6 +63,7 @@ async fn handle_inner(
     let (parts, body) = req.into_parts();
     let uri_bytes = parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if uri_bytes > state.max_uri_bytes {
+        log.set_unrouted();
         return Err(Error::UriTooLong);
     }
     let matched = route::match_route(&parts.method, parts.uri.path())?;
@@ -87,9 +89,9 @@ async fn handle_inner(
             };
             let key = state.cache.key(checkpoint, query, view);
             if wants_no_cache(&parts.headers) {
-                Box::pin(refresh(state, key, log)).await
+                Box::pin(refresh(state, key, &client, log)).await
             } else {
-                list(state, key, log).await
+                list(state, key, &client, log).await
             }
         }
         Call::Create => {
@@ -99,6 +101,7 @@ async fn handle_inner(
             log.project_ids = Some(create.project_ids);
             Box::pin(write(
                 state,
+                &client,
                 &checkpoint,
                 Target::Create,
                 Some(forwarded),
@@ -107,7 +110,8 @@ async fn handle_inner(
             .await
         }
         Call::Delete(id) => {
-            Box::pin(write(state, &checkpoint, Target::Delete(&id), None, log)).await
+            let target = Target::Delete(&id);
+            Box::pin(write(state, &client, &checkpoint, target, None, log)).await
         }
     }
 }
@@ -124,6 +128,7 @@ fn check_rate(state: &AppState, client: &Client) -> Result<(), Error> {
 async fn list(
     state: &Arc<AppState>,
     key: PageKey,
+    client: &Client,
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
     let cache = &state.cache;
@@ -149,8 +154,8 @@ async fn list(
 
     let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
     // The miss path is boxed so that a hit's future stays small.
-    let (result, fetched) =
-        Box::pin(cache.fill(&key, fetch(state, &key, request_id, upstream_status))).await;
+    let fetch = fetch(state, &key, Some(&client.name), request_id, upstream_status);
+    let (result, fetched) = Box::pin(cache.fill(&key, fetch)).await;
     let status = if fetched {
         CacheStatus::MissStored
     } else {
@@ -182,26 +187,37 @@ async fn list(
     }
 }
 
-/// `Cache-Control: no-cache`: always ask upstream, store a cacheable answer.
+/// `Cache-Control: no-cache`: an answer fetched after this request arrived, stored when
+/// cacheable. Concurrent ones share a fetch (see `PageCache::refresh`), so one client's burst
+/// of `no-cache` reads costs a key at most two upstream requests at a time.
 async fn refresh(
     state: &Arc<AppState>,
     key: PageKey,
+    client: &Client,
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
-    let result = fetch(state, &key, &log.request_id, &mut log.upstream_status).await;
-    log.cache_status = Some(CacheStatus::Refresh);
-    match result {
-        Ok(page) => {
-            state.cache.insert(key, page.clone()).await;
-            log.cache_status = Some(CacheStatus::RefreshStored);
-            Ok(page_response(&page, None))
+    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
+    let fetch = fetch(state, &key, Some(&client.name), request_id, upstream_status);
+    let (result, fetched) = state.cache.refresh(&key, fetch).await;
+    log.cache_status = Some(match (fetched, &result) {
+        (true, Ok(_)) => CacheStatus::RefreshStored,
+        (true, Err(_)) => CacheStatus::Refresh,
+        (false, _) => {
+            state.metrics.coalesced_wait();
+            CacheStatus::RefreshCollapsed
         }
-        Err(FillError::Uncacheable(reply)) => Ok(reply.into_response()),
-        Err(FillError::Failed(e)) => Err(e),
+    });
+    match result {
+        Ok(page) => Ok(page_response(&page, None)),
+        Err(failure) => match &*failure {
+            FillError::Uncacheable(reply) => Ok(reply.clone().into_response()),
+            FillError::Failed(e) => Err(e.clone()),
+        },
     }
 }
 
-/// The one background refresh of a page served stale-while-revalidate.
+/// The one background refresh of a page served stale-while-revalidate. It serves every client
+/// of the page, so it takes a global upstream slot but no client's.
 fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_id: HeaderValue) {
     let state = state.clone();
     let span = info_span!(
@@ -211,7 +227,7 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
     tokio::spawn(
         async move {
             let mut status = None;
-            match fetch(&state, &key, &request_id, &mut status).await {
+            match fetch(&state, &key, None, &request_id, &mut status).await {
                 Ok(fresh) => state.cache.insert(key, fresh).await,
                 Err(FillError::Uncacheable(_)) => state.cache.remove_if_same(&key, &stale).await,
                 Err(FillError::Failed(e)) => {
@@ -230,33 +246,37 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
 
 type Fetched = Result<Arc<Page>, FillError>;
 
-/// A miss: from the fleet's shared cache if there is one, else from upstream.
+/// A miss: from the fleet's shared cache if there is one, else from upstream, in `client`'s
+/// upstream slots (`None`: a background refresh).
 async fn fetch(
     state: &AppState,
     key: &PageKey,
+    client: Option<&ClientLabel>,
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
     match (&state.fleet, key.fleet) {
         (Some(fleet), View::Shared { .. }) => {
-            fetch_shared(state, fleet, key, request_id, upstream_status).await
+            fetch_shared(state, fleet, key, client, request_id, upstream_status).await
         }
-        _ => fetch_upstream(state, key, request_id, upstream_status).await,
+        _ => fetch_upstream(state, key, client, request_id, upstream_status).await,
     }
 }
 
 async fn fetch_upstream(
     state: &AppState,
     key: &PageKey,
+    client: Option<&ClientLabel>,
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
-    let (status, result) = state
+    let target = Target::List(&key.query);
+    let sent = state
         .upstream
-        .send(&key.checkpoint, Target::List(&key.query), None, request_id)
+        .send(&key.checkpoint, target, None, request_id, client)
         .await;
-    *upstream_status = status;
-    let reply = result.map_err(FillError::Failed)?;
+    *upstream_status = sent.status;
+    let reply = sent.result.map_err(FillError::Failed)?;
     let fresh_cap = match (&state.fleet, key.fleet) {
         (Some(fleet), View::Degraded) => Some(fleet.degraded_ttl),
         _ => None,
@@ -273,6 +293,7 @@ async fn fetch_shared(
     state: &AppState,
     fleet: &Fleet,
     key: &PageKey,
+    client: Option<&ClientLabel>,
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
@@ -297,7 +318,7 @@ async fn fetch_shared(
             .await
         {
             Some(true) => {
-                let fetched = fetch_upstream(state, key, request_id, upstream_status).await;
+                let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
                 let result = match fetched {
                     Ok(page) if fleet.write_pending(checkpoint).await => {
                         Err(FillError::Uncacheable(Passthrough {
@@ -327,18 +348,19 @@ async fn fetch_shared(
                 tokio::time::sleep(SHARED_POLL).await;
             }
             // Redis failed, or the fetching replica is taking too long: ask upstream ourselves.
-            _ => return fetch_upstream(state, key, request_id, upstream_status).await,
+            _ => return fetch_upstream(state, key, client, request_id, upstream_status).await,
         }
     }
 }
 
 /// Create or delete. Whatever upstream answered, the checkpoint's pages are dropped before the
 /// response is returned (a bump is cheap, and a 404 on a retried delete or a 5xx may still mean
-/// the write applied). When the outcome is unknown (timeout, broken connection) upstream may
-/// still apply the write after we answered, so the pages are dropped once more when that can no
-/// longer happen.
+/// the write applied). When any attempt's outcome is unknown (timeout, broken connection)
+/// upstream may still apply the write after we answered, so the pages are dropped once more
+/// when that can no longer happen. Every attempt goes into the audit record.
 async fn write(
     state: &Arc<AppState>,
+    client: &Client,
     checkpoint: &Checkpoint,
     target: Target<'_>,
     body: Option<Bytes>,
@@ -349,16 +371,28 @@ async fn write(
             .begin_write(checkpoint, state.upstream_deadline + Duration::from_secs(1))
             .await;
     }
-    let (status, result) = state
+    let sent = state
         .upstream
-        .send(checkpoint, target, body, &log.request_id)
+        .send(
+            checkpoint,
+            target,
+            body,
+            &log.request_id,
+            Some(&client.name),
+        )
         .await;
-    log.upstream_status = status;
     state.cache.invalidate_checkpoint(checkpoint);
     if let Some(fleet) = &state.fleet {
         fleet.end_write(checkpoint).await;
     }
-    if status.is_none() {
+    let unsure = sent.status.is_none()
+        || sent
+            .attempts
+            .iter()
+            .any(|a| !matches!(a, Attempted::Status(_)));
+    log.upstream_status = sent.status;
+    log.attempts = sent.attempts;
+    if unsure {
         let state = state.clone();
         let checkpoint = checkpoint.clone();
         tokio::spawn(async move {
@@ -366,7 +400,7 @@ async fn write(
             state.invalidate(Scope::Checkpoint(&checkpoint)).await;
         });
     }
-    result.map(Passthrough::into_response)
+    sent.result.map(Passthrough::into_response)
 }
 
 fn wants_no_cache(headers: &hyper::HeaderMap) -> bool {

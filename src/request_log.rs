@@ -19,6 +19,7 @@ use crate::metrics::RequestOutcome;
 use crate::observability;
 use crate::route::{Checkpoint, Operation};
 use crate::state::AppState;
+use crate::upstream::Attempted;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -37,7 +38,11 @@ pub struct RequestLog {
     pub project_ids: Option<Vec<String>>,
     pub permission_id: Option<Box<str>>,
     pub upstream_status: Option<StatusCode>,
+    /// What upstream did with each attempt of a write.
+    pub attempts: Vec<Attempted>,
     pub cache_status: Option<CacheStatus>,
+    /// A POST or DELETE refused before routing (414): audited although it has no route.
+    unrouted_write: bool,
 }
 
 impl RequestLog {
@@ -70,7 +75,9 @@ impl RequestLog {
             project_ids: None,
             permission_id: None,
             upstream_status: None,
+            attempts: Vec::new(),
             cache_status: None,
+            unrouted_write: false,
         }
     }
 
@@ -86,6 +93,12 @@ impl RequestLog {
     pub fn set_operation(&mut self, operation: Operation) {
         self.span.record("route", operation.as_str());
         self.operation = Some(operation);
+    }
+
+    /// The request is refused before routing (414). A POST or DELETE is still a write
+    /// attempt, so it is audited, with no route.
+    pub fn set_unrouted(&mut self) {
+        self.unrouted_write = matches!(self.method, Method::POST | Method::DELETE);
     }
 
     pub fn set_client(&mut self, client: &Arc<Client>) {
@@ -122,7 +135,7 @@ impl RequestLog {
                 .headers_mut()
                 .insert(CACHE_STATUS.clone(), HeaderValue::from_static(cs.as_str()));
         }
-        if write {
+        if write || self.unrouted_write {
             let span = self.span.clone();
             self.audit(state, status, error_code).instrument(span).await;
         }
@@ -139,13 +152,14 @@ impl RequestLog {
             request_id: self.id(),
             client: self.client_name(),
             method: self.method.as_str(),
-            route: self.operation.map_or("", Operation::as_str),
+            route: self.operation.map(Operation::as_str),
             checkpoint: self.checkpoint.as_ref().map(Checkpoint::as_str),
             project_ids: self.project_ids.as_deref(),
             permission_id: self.permission_id.as_deref(),
             outcome: outcome(status),
             status: status.as_u16(),
             upstream_status: self.upstream_status.map(|s| s.as_u16()),
+            attempts: &self.attempts,
             error_code,
         };
         audit::record(state.audit.as_ref(), &state.metrics, record).await;

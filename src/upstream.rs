@@ -9,8 +9,11 @@
 //! - **Retries**: idempotent requests (list, delete; never a create) are retried on transport
 //!   errors, 502, 503, 504 and 429, with exponential backoff and full jitter, honouring
 //!   `Retry-After` up to `retry_max_delay_ms`, at most `max_retries` times.
-//! - **Concurrency cap**: at most `max_concurrency` requests in flight; a request waits at
-//!   most `queue_timeout_ms` for a slot, then is shed with a 503.
+//! - **Concurrency cap**: at most `max_concurrency` requests in flight, and at most
+//!   `max_concurrency_per_client` of them for one client, so one client cannot take every slot
+//!   (SPEC "Hygiene rules"). A request waits at most `queue_timeout_ms` for its client's slot
+//!   and then a global one, or is shed with a 503. A background refresh (stale-while-
+//!   revalidate) serves the page, not a client: it takes only a global slot.
 //! - **Circuit breaker** (see `breaker`): fail fast while upstream is down.
 //! - **Classification**: a [`Passthrough`] (2xx, 400, 404, 409, 422 with a JSON body) or an
 //!   [`Error`]. Upstream's own text for anything else is never returned, since OpenAI's 401
@@ -18,8 +21,11 @@
 //!   on but holds any 6-character piece of the admin key (a 404 quoting the masked key, say)
 //!   is a 502 instead, and so is a 2xx that is not the shape the endpoint answers (a permission
 //!   list, or a deletion result): what is never passed on is never stored either.
+//! - **Attempts**: a write's answer lists what upstream did with each attempt, for the audit
+//!   trail; a read collects none and allocates nothing for it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -32,7 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio::time::error::Elapsed;
 use tokio::time::Instant;
 use tracing::{field, info, warn, Instrument};
@@ -41,7 +47,7 @@ use crate::breaker::{Breaker, Permit};
 use crate::clock::Clock;
 use crate::config::UpstreamConfig;
 use crate::error::{Error, Passthrough};
-use crate::metrics::{Metrics, Shed};
+use crate::metrics::{ClientLabel, Metrics, Shed};
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret::AdminKey;
 use crate::tls::{self, Alpn};
@@ -69,6 +75,11 @@ pub struct Upstream {
     retry_max_delay: Duration,
     slots: Semaphore,
     max_concurrency: usize,
+    /// One semaphore of `max_per_client` permits per client name, made on its first upstream
+    /// request. Keyed by name, so a reload (which rebuilds every `Client`) keeps a client's
+    /// permits in flight counted; one small entry per name ever configured.
+    client_slots: Mutex<HashMap<ClientLabel, Arc<Semaphore>, foldhash::fast::RandomState>>,
+    max_per_client: usize,
     queue_timeout: Duration,
     breaker: Breaker,
     metrics: Arc<Metrics>,
@@ -84,8 +95,52 @@ struct Call<'a> {
     /// `Some` for a create (sent as JSON), `None` otherwise.
     body: Option<Bytes>,
     request_id: &'a HeaderValue,
+    /// Whose slots it takes; `None` (a background refresh): only a global slot.
+    client: Option<&'a ClientLabel>,
     /// Every attempt, wait and backoff ends by this instant.
     deadline: Instant,
+}
+
+/// What upstream did with one attempt that was sent: answered with a status, failed in
+/// transport (refused, reset, unreadable body), or was still going at the deadline. An
+/// attempt shed before reaching upstream is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempted {
+    Status(StatusCode),
+    Error,
+    Timeout,
+}
+
+/// The audit trail's form: `{"status": 200}`, `{"error": "error"}` or `{"error": "timeout"}`.
+impl serde::Serialize for Attempted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            Attempted::Status(status) => map.serialize_entry("status", &status.as_u16())?,
+            Attempted::Error => map.serialize_entry("error", "error")?,
+            Attempted::Timeout => map.serialize_entry("error", "timeout")?,
+        }
+        map.end()
+    }
+}
+
+/// The answer to [`Upstream::send`].
+#[derive(Debug)]
+pub struct Sent {
+    /// Upstream's last status, when one arrived (for the audit trail and logs).
+    pub status: Option<StatusCode>,
+    pub result: Result<Passthrough, Error>,
+    /// Each attempt that reached upstream, in order: filled for a create or delete (the audit
+    /// trail), empty for a list.
+    pub attempts: Vec<Attempted>,
+}
+
+/// The slots one attempt holds while it talks to upstream.
+struct Admitted<'a> {
+    breaker: Permit<'a>,
+    slot: SemaphorePermit<'a>,
+    client_slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Call<'_> {
@@ -108,6 +163,8 @@ type Exchanged = Result<Result<Reply, ()>, Elapsed>;
 
 /// One attempt's result, and whether another attempt may help.
 struct Attempt {
+    /// `None` when the attempt never reached upstream (shed).
+    sent: Option<Attempted>,
     status: Option<StatusCode>,
     result: Result<Passthrough, Error>,
     /// `Some` when the failure is transient; the delay upstream asked for, if any.
@@ -118,6 +175,7 @@ impl Attempt {
     /// A failure that another attempt would not help.
     fn fatal(error: Error) -> Attempt {
         Attempt {
+            sent: None,
             status: None,
             result: Err(error),
             retry: None,
@@ -148,6 +206,8 @@ impl Upstream {
             retry_max_delay: config.retry_max_delay,
             slots: Semaphore::new(config.max_concurrency),
             max_concurrency: config.max_concurrency,
+            client_slots: Mutex::default(),
+            max_per_client: config.max_concurrency_per_client,
             queue_timeout: config.queue_timeout,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_open, clock),
             metrics,
@@ -187,23 +247,33 @@ impl Upstream {
     }
 
     /// Sends the request (retrying where that is safe) and classifies the final answer.
-    /// Also returns upstream's last status when one arrived (for the audit trail and logs).
+    /// `client` is whose upstream slots it takes; `None` (a background refresh) takes only a
+    /// global slot.
     pub async fn send(
         &self,
         checkpoint: &Checkpoint,
         target: Target<'_>,
         body: Option<Bytes>,
         request_id: &HeaderValue,
-    ) -> (Option<StatusCode>, Result<Passthrough, Error>) {
+        client: Option<&ClientLabel>,
+    ) -> Sent {
         let deadline = Instant::now() + self.timeout;
         let (method, idempotent) = match target {
             Target::List(_) => (Method::GET, true),
             Target::Create => (Method::POST, false),
             Target::Delete(_) => (Method::DELETE, true),
         };
+        let mut sent = Sent {
+            status: None,
+            result: Err(Error::UpstreamError),
+            attempts: Vec::new(),
+        };
         let uri = match self.uri(checkpoint, &target) {
             Ok(uri) => uri,
-            Err(e) => return (None, Err(e)),
+            Err(e) => {
+                sent.result = Err(e);
+                return sent;
+            }
         };
         let call = Call {
             key: self.key.load_full(),
@@ -211,8 +281,10 @@ impl Upstream {
             uri,
             body,
             request_id,
+            client,
             deadline,
         };
+        let audited = !matches!(target, Target::List(_));
         let mut attempt = 1;
         loop {
             let span = tracing::info_span!(
@@ -224,21 +296,26 @@ impl Upstream {
                 duration_ms = field::Empty,
             );
             let outcome = self.attempt(&call, attempt).instrument(span).await;
+            if let Some(attempted) = outcome.sent.filter(|_| audited) {
+                sent.attempts.push(attempted);
+            }
+            sent.status = outcome.status;
+            sent.result = outcome.result;
             let Some(asked) = outcome
                 .retry
                 .filter(|_| idempotent && attempt <= self.max_retries)
             else {
-                return (outcome.status, outcome.result);
+                return sent;
             };
             let delay = self.backoff(attempt, asked);
             if Instant::now() + delay >= deadline {
-                return (outcome.status, outcome.result);
+                return sent;
             }
             info!(
                 request_id = call.id(),
                 attempt,
                 delay_ms = delay.as_millis() as u64,
-                status = outcome.status.map(|s| s.as_u16()),
+                status = sent.status.map(|s| s.as_u16()),
                 "retrying upstream request"
             );
             tokio::time::sleep(delay).await;
@@ -261,7 +338,7 @@ impl Upstream {
 
     /// One attempt, run inside its `upstream` span (which it fills with status and duration).
     async fn attempt(&self, call: &Call<'_>, attempt: u32) -> Attempt {
-        let (permit, slot) = match self.admit(call, attempt).await {
+        let admitted = match self.admit(call, attempt).await {
             Ok(admitted) => admitted,
             Err(shed) => return Attempt::fatal(shed),
         };
@@ -269,19 +346,22 @@ impl Upstream {
         let started = Instant::now();
         let exchange = self.exchange(request, call, attempt);
         let outcome = tokio::time::timeout_at(call.deadline, exchange).await;
-        drop(slot);
+        let Admitted {
+            breaker,
+            slot,
+            client_slot,
+        } = admitted;
+        drop((slot, client_slot));
         self.record(&outcome, attempt, started);
-        self.judge(outcome, permit, call, attempt)
+        self.judge(outcome, breaker, call, attempt)
     }
 
-    /// The breaker's leave, then a concurrency slot within `queue_timeout` (and the deadline);
-    /// otherwise the 503 that sheds the attempt without calling upstream.
-    async fn admit(
-        &self,
-        call: &Call<'_>,
-        attempt: u32,
-    ) -> Result<(Permit<'_>, SemaphorePermit<'_>), Error> {
-        let Some(permit) = self.breaker.try_acquire() else {
+    /// The breaker's leave, then the client's slot and a global one, each within
+    /// `queue_timeout` (and the deadline); otherwise the 503 that sheds the attempt without
+    /// calling upstream. The client's slot comes first, so a client past its share waits
+    /// without holding a global slot that another client could use.
+    async fn admit(&self, call: &Call<'_>, attempt: u32) -> Result<Admitted<'_>, Error> {
+        let Some(breaker) = self.breaker.try_acquire() else {
             warn!(
                 request_id = call.id(),
                 attempt, "circuit open: answering without calling upstream"
@@ -293,8 +373,24 @@ impl Upstream {
             });
         };
         let wait_until = call.deadline.min(Instant::now() + self.queue_timeout);
+        // Shedding drops the breaker's leave without a verdict: a shed probe lets the next
+        // request probe instead.
+        let client_slot = match call.client {
+            Some(client) => {
+                let slots = self.client_slots(client);
+                match tokio::time::timeout_at(wait_until, slots.acquire_owned()).await {
+                    Ok(Ok(slot)) => Some(slot),
+                    _ => return Err(self.shed_client(call, client, attempt)),
+                }
+            }
+            None => None,
+        };
         match tokio::time::timeout_at(wait_until, self.slots.acquire()).await {
-            Ok(Ok(slot)) => Ok((permit, slot)),
+            Ok(Ok(slot)) => Ok(Admitted {
+                breaker,
+                slot,
+                client_slot,
+            }),
             _ => {
                 warn!(
                     request_id = call.id(),
@@ -302,14 +398,45 @@ impl Upstream {
                     limit = self.max_concurrency,
                     "upstream concurrency limit reached; shedding the request"
                 );
-                // Without a verdict: a shed probe lets the next request probe instead.
-                drop(permit);
                 self.metrics.shed(Shed::QueueFull);
                 Err(Error::Unavailable {
                     reason: "Too many requests are waiting for the upstream API. Retry shortly.",
                     retry_after: Some(self.queue_timeout),
                 })
             }
+        }
+    }
+
+    /// `client`'s semaphore, made on its first upstream request.
+    fn client_slots(&self, client: &ClientLabel) -> Arc<Semaphore> {
+        let mut slots = self
+            .client_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slots.get(client) {
+            Some(semaphore) => semaphore.clone(),
+            None => {
+                let semaphore = Arc::new(Semaphore::new(self.max_per_client));
+                slots.insert(client.clone(), semaphore.clone());
+                semaphore
+            }
+        }
+    }
+
+    /// The 503 for a client that held all its upstream slots for the whole wait.
+    fn shed_client(&self, call: &Call<'_>, client: &ClientLabel, attempt: u32) -> Error {
+        warn!(
+            request_id = call.id(),
+            attempt,
+            client = &*client.0,
+            limit = self.max_per_client,
+            "client's upstream concurrency limit reached; shedding the request"
+        );
+        self.metrics.shed(Shed::ClientConcurrency);
+        Error::Unavailable {
+            reason:
+                "This client has too many requests waiting for the upstream API. Retry shortly.",
+            retry_after: Some(self.queue_timeout),
         }
     }
 
@@ -384,6 +511,7 @@ impl Upstream {
             Ok(Err(())) => {
                 permit.failure();
                 return Attempt {
+                    sent: Some(Attempted::Error),
                     status: None,
                     result: Err(Error::UpstreamError),
                     retry: Some(None),
@@ -397,7 +525,10 @@ impl Upstream {
                     "upstream deadline passed"
                 );
                 permit.failure();
-                return Attempt::fatal(Error::UpstreamTimeout);
+                return Attempt {
+                    sent: Some(Attempted::Timeout),
+                    ..Attempt::fatal(Error::UpstreamTimeout)
+                };
             }
         };
         let status = reply.status;
@@ -409,6 +540,7 @@ impl Upstream {
             permit.success();
         }
         Attempt {
+            sent: Some(Attempted::Status(status)),
             status: Some(status),
             retry: transient.then(|| retry_after(&reply.headers)),
             result: classify(

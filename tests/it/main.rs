@@ -4,6 +4,7 @@
 mod admin;
 mod caching;
 mod cli;
+mod fairness;
 mod fleet;
 mod hostile;
 mod hygiene;

@@ -288,7 +288,8 @@ async fn past_the_upstream_concurrency_cap_requests_are_shed_with_503() {
     };
     held.arrived().await;
     let started = Instant::now();
-    let shed = gw.client.get(&list_path(CP2), READER).await;
+    // Another client: the global cap, not the reader's own share, sheds it.
+    let shed = gw.client.get(&list_path(CP2), WRITER).await;
     assert_eq!(shed.status, 503);
     assert_eq!(shed.error().0, "unavailable");
     assert_eq!(shed.header("retry-after"), "1");

@@ -195,9 +195,10 @@ async fn a_full_upstream_queue_says_to_retry_after_the_queue_wait() {
         tokio::spawn(async move { client.get(&list_path(CP), READER).await })
     };
     held.arrived().await;
+    // Another client: the global queue, not the reader's own share, is what is full.
     let r = gw
         .client
-        .get(&format!("{}?limit=3", list_path(CP)), READER)
+        .get(&format!("{}?limit=3", list_path(CP)), WRITER)
         .await;
     assert_eq!(r.status, 503);
     assert_eq!(advice(&r), (Some("true"), Some(50), Some(1)));

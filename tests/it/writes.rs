@@ -194,3 +194,94 @@ async fn every_write_attempt_is_audited_with_its_client_and_outcome() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A fresh audit file for one test, and the config text that turns it on.
+fn audit_file(test: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("permgate-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let config = format!("\n[audit]\npath = \"{}\"\n", path.display());
+    (path, config)
+}
+
+fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_delete_applied_before_the_connection_dropped_lists_both_attempts() {
+    let (path, audit) = audit_file("audit-attempts");
+    let gw = start_with(|c| {
+        c.push_str(&audit);
+        *c = c.replace(
+            "request_timeout_ms = 3000",
+            "request_timeout_ms = 3000\nretry_base_delay_ms = 10\nretry_max_delay_ms = 50",
+        );
+    })
+    .await;
+    let id = gw.mock.permission_ids(CP)[0].clone();
+    gw.mock.push_fault(Fault::AppliedThenReset);
+    let r = gw
+        .client
+        .delete(&format!("{}/{id}", list_path(CP)), WRITER)
+        .await;
+    // The first attempt deleted it; the retry finds nothing to delete.
+    assert_eq!(r.status, 404);
+    assert_eq!(gw.mock.count(&Method::DELETE), 2);
+    assert!(!gw.mock.permission_ids(CP).contains(&id));
+    let lines = audit_lines(&path);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let record = &lines[0];
+    assert_eq!(record["request_id"], r.header("x-request-id"));
+    assert_eq!(record["permission_id"], id.as_str());
+    assert_eq!(record["upstream_status"], 404);
+    assert_eq!(
+        record["attempts"],
+        serde_json::json!([{"error": "error"}, {"status": 404}]),
+        "{record}"
+    );
+    // A plain write lists its one attempt.
+    let created = gw
+        .client
+        .post(&list_path(CP), WRITER, r#"{"project_ids":["p"]}"#)
+        .await;
+    assert_eq!(created.status, 200);
+    let lines = audit_lines(&path);
+    assert_eq!(lines[1]["attempts"], serde_json::json!([{"status": 200}]));
+}
+
+#[tokio::test]
+async fn a_write_refused_for_its_uri_length_is_audited_without_a_route() {
+    let (path, audit) = audit_file("audit-414");
+    let gw = start_with(|c| c.push_str(&audit)).await;
+    let long = format!("{}?pad={}", list_path(CP), "a".repeat(9 * 1024));
+    let r = gw
+        .client
+        .post(&long, WRITER, r#"{"project_ids":["p"]}"#)
+        .await;
+    assert_eq!(r.status, 414);
+    let r_get = gw.client.get(&long, READER).await;
+    assert_eq!(r_get.status, 414, "reads are not audited");
+    let long_delete = format!("{}/cp_x?pad={}", list_path(CP), "a".repeat(9 * 1024));
+    let deleted = gw.client.delete(&long_delete, WRITER).await;
+    assert_eq!(deleted.status, 414);
+    assert!(gw.mock.requests().is_empty());
+    let lines = audit_lines(&path);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, method, response) in [(&lines[0], "POST", &r), (&lines[1], "DELETE", &deleted)] {
+        assert_eq!(line["method"], method);
+        assert_eq!(line["request_id"], response.header("x-request-id"));
+        assert!(line["route"].is_null(), "{line}");
+        assert!(line["client"].is_null() && line["checkpoint"].is_null());
+        assert_eq!(line["status"], 414);
+        assert_eq!(line["outcome"], "rejected");
+        assert_eq!(line["error_code"], "request_too_large");
+        assert_eq!(line["attempts"], serde_json::json!([]));
+    }
+    assert!(!std::fs::read_to_string(&path).unwrap().contains(WRITER));
+}

@@ -1,0 +1,166 @@
+//! SPEC "Hygiene rules": one client cannot take all upstream capacity. Each client holds at
+//! most `upstream.max_concurrency_per_client` upstream slots, and concurrent `no-cache` reads
+//! of one key share one upstream fetch that started after they arrived. Upstream replies are
+//! held at the mock to park requests; nothing here waits on a timer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hyper::Method;
+use permgate::cache::View;
+use permgate::config::Config;
+use permgate::route::{Checkpoint, ListQuery};
+use permgate::secret::AdminKey;
+
+use crate::support::*;
+
+const READS: usize = 70;
+
+#[tokio::test]
+async fn a_burst_of_no_cache_reads_shares_fetches_and_a_writer_still_gets_through() {
+    // Defaults: 64 upstream slots, 32 per client.
+    let gw = start().await;
+    let path = list_path(CP);
+    let key = gw.state.cache.key(
+        Checkpoint::parse(CP).unwrap(),
+        ListQuery::default(),
+        View::Alone,
+    );
+    // Every upstream request is held, in the order it reaches the mock, until released.
+    let mut held: Vec<_> = (0..=READS).map(|_| gw.mock.hold_next()).collect();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let reads: Vec<_> = (0..READS)
+        .map(|_| {
+            let (client, path, answered) = (gw.client.clone(), path.clone(), answered.clone());
+            tokio::spawn(async move {
+                let no_cache = [("cache-control", "no-cache")];
+                let r = client
+                    .send(Method::GET, &path, Some(READER), &no_cache, None)
+                    .await;
+                answered.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    held[0].arrived().await;
+    eventually("every read is in the gateway (or answered)", || async {
+        gw.state.in_flight() + answered.load(Ordering::SeqCst) == READS
+    })
+    .await;
+
+    // The first read's fetch is held upstream; the others wait for one fetch of their own, so
+    // the writer's create is the next request to reach upstream.
+    let create = {
+        let client = TestClient::new(gw.addr);
+        tokio::spawn(async move {
+            let body = r#"{"project_ids":["proj_fair"]}"#;
+            client.post(&list_path(CP2), WRITER, body).await
+        })
+    };
+    held[1].arrived().await;
+    held.remove(1).release();
+    let created = create.await.unwrap();
+    assert_eq!(
+        created.status,
+        200,
+        "the writer's create during a burst that made {} upstream reads: {:?}",
+        gw.upstream_gets(),
+        created.body
+    );
+
+    eventually("69 reads wait for the next refresh", || async {
+        gw.state.cache.refresh_waiters(&key) == READS - 1
+    })
+    .await;
+    assert_eq!(gw.upstream_gets(), 1);
+    held.remove(0).release();
+    held[0].arrived().await;
+    held.remove(0).release();
+    drop(held);
+    let mut statuses = Vec::new();
+    for read in reads {
+        let r = read.await.unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        statuses.push(r.cache_status().to_string());
+    }
+    assert_eq!(gw.upstream_gets(), 2, "one fetch running, then one shared");
+    let stored = statuses
+        .iter()
+        .filter(|s| *s == "permgate; fwd=request; stored")
+        .count();
+    let collapsed = statuses
+        .iter()
+        .filter(|s| *s == "permgate; fwd=request; collapsed")
+        .count();
+    assert_eq!((stored, collapsed), (2, READS - 2), "{statuses:?}");
+}
+
+fn two_slots_per_client(c: &mut String) {
+    *c = c.replace(
+        "request_timeout_ms = 3000",
+        "request_timeout_ms = 3000\nmax_concurrency = 4\nmax_concurrency_per_client = 2\nqueue_timeout_ms = 200",
+    );
+}
+
+#[tokio::test]
+async fn a_client_holding_its_share_of_upstream_slots_is_shed_and_others_are_not() {
+    let gw = start_with(two_slots_per_client).await;
+    let mut held = [gw.mock.hold_next(), gw.mock.hold_next()];
+    let parked: Vec<_> = (1..=2)
+        .map(|limit| {
+            let client = TestClient::new(gw.addr);
+            let path = format!("{}?limit={limit}", list_path(CP));
+            tokio::spawn(async move { client.get(&path, READER).await })
+        })
+        .collect();
+    for h in &mut held {
+        h.arrived().await;
+    }
+    // Two global slots are free, but the reader holds both of its own.
+    let shed = gw
+        .client
+        .get(&format!("{}?limit=3", list_path(CP)), READER)
+        .await;
+    assert_eq!(shed.status, 503, "{:?}", shed.body);
+    assert_eq!(shed.error().0, "unavailable");
+    assert_eq!(shed.header("retry-after"), "1");
+    let other = gw
+        .client
+        .get(&format!("{}?limit=4", list_path(CP)), WRITER)
+        .await;
+    assert_eq!(other.status, 200, "another client is not held back");
+
+    // A reload rebuilds every client; the reader's slots in flight still count.
+    let text = base_config("127.0.0.1:9".parse().unwrap());
+    let config = Config::parse(&text, &|_| None).unwrap();
+    gw.state
+        .apply_reload(&config, AdminKey::new(ADMIN_KEY).unwrap());
+    let shed = gw
+        .client
+        .get(&format!("{}?limit=5", list_path(CP)), READER)
+        .await;
+    assert_eq!(shed.status, 503, "after a reload: {:?}", shed.body);
+
+    let metrics = gw.state.render_metrics().await;
+    assert!(
+        metrics.contains("permgate_shed_total{reason=\"client_concurrency\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        gw.upstream_gets(),
+        3,
+        "the shed reads never reached upstream"
+    );
+    for h in held {
+        h.release();
+    }
+    for r in parked {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    // Its slots are back.
+    let r = gw
+        .client
+        .get(&format!("{}?limit=3", list_path(CP)), READER)
+        .await;
+    assert_eq!(r.status, 200);
+}
