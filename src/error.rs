@@ -134,23 +134,13 @@ impl Error {
             Error::PermissionDenied => {
                 "This client token is not granted this checkpoint or this operation."
             }
-            Error::NotFound => {
-                "Unknown route. permgate serves only the fine-tuning checkpoint permission endpoints."
-            }
+            Error::NotFound => "Unknown route. permgate serves only the fine-tuning checkpoint permission endpoints.",
             Error::MethodNotAllowed { .. } => "Method not allowed on this route.",
             Error::RequestTooLarge => "Request body is larger than this gateway accepts.",
             Error::UriTooLong => "Request URI is longer than this gateway accepts.",
-            Error::RateLimitExceeded { .. } => {
-                "Rate limit exceeded for this client token. Retry after the time in the \
-                 Retry-After header."
-            }
-            Error::UpstreamError => {
-                "The upstream API could not be reached or returned an unusable response."
-            }
-            Error::UpstreamAuthFailed => {
-                "The upstream API rejected the gateway's credentials. Operators have been told \
-                 in the gateway logs."
-            }
+            Error::RateLimitExceeded { .. } => "Rate limit exceeded for this client token. Retry after the time in the Retry-After header.",
+            Error::UpstreamError => "The upstream API could not be reached or returned an unusable response.",
+            Error::UpstreamAuthFailed => "The upstream API rejected the gateway's credentials. Operators have been told in the gateway logs.",
             Error::Unavailable { reason, .. } => reason,
             Error::UpstreamTimeout => "The upstream API did not answer in time.",
         };
