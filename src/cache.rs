@@ -39,6 +39,7 @@ use moka::ops::compute::Op;
 use moka::policy::EvictionPolicy;
 use moka::Expiry;
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
@@ -253,6 +254,17 @@ impl Expiry<PageKey, Arc<Page>> for NegativeExpiry {
 struct Fill {
     outcome: OnceLock<FillOutcome>,
     done: Notify,
+}
+
+impl Fill {
+    /// The outcome once the fill is done; `done` must have been made while the fill was still
+    /// in its map, so the wake-up cannot be missed. `None`: its leader went away without one.
+    async fn outcome_after(&self, done: Notified<'_>) -> Option<FillOutcome> {
+        if self.outcome.get().is_none() {
+            done.await;
+        }
+        self.outcome.get().cloned()
+    }
 }
 
 /// What every caller of one fill gets: the stored page, or why nothing was stored.
@@ -570,11 +582,8 @@ impl PageCache {
                 // from a leader cancelled without an outcome.
                 done = fill.done.notified();
             }
-            if fill.outcome.get().is_none() {
-                done.await;
-            }
-            match fill.outcome.get() {
-                Some(outcome) => return (outcome.clone(), false),
+            match fill.outcome_after(done).await {
+                Some(outcome) => return (outcome, false),
                 // No outcome: the leader was cancelled; try to lead.
                 None => continue,
             }
@@ -641,15 +650,13 @@ impl PageCache {
                 // Made under the lock, as in `fill`: the wake-up cannot be missed.
                 done = wait_on.done.notified();
             }
-            if wait_on.outcome.get().is_none() {
-                done.await;
-            }
+            let outcome = wait_on.outcome_after(done).await;
             if let Some(leading) = follows {
                 leading.start();
                 break leading;
             }
-            match wait_on.outcome.get() {
-                Some(outcome) => return (outcome.clone(), false),
+            match outcome {
+                Some(outcome) => return (outcome, false),
                 // Its leader was cancelled; join or lead another (it starts after this read).
                 None => continue,
             }
