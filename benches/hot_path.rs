@@ -38,7 +38,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 use permgate::auth::{digest, Clients};
-use permgate::cache::View;
 use permgate::cache::{CacheStatus, PageCache};
 use permgate::clock::Clock;
 use permgate::config::{ClientConfig, Config};
@@ -193,7 +192,7 @@ fn cache(c: &mut Criterion) {
         rt.block_on(async {
             for i in 0..entries {
                 let cp = Checkpoint::parse(&format!("{CHECKPOINT}-{i}")).expect("checkpoint");
-                let key = cache.key(cp, ListQuery::default(), View::Alone);
+                let key = cache.key(cp, ListQuery::default());
                 let page = cache.page(StatusCode::OK, &body).expect("page");
                 cache.insert(key, page).await;
             }
@@ -204,7 +203,7 @@ fn cache(c: &mut Criterion) {
         let (cache, checkpoint, query) = (&cache, &checkpoint, &query);
         group.bench_with_input(BenchmarkId::new("key_get", entries), &entries, |b, _| {
             b.to_async(&rt).iter(|| async move {
-                let key = cache.key(checkpoint.clone(), query.clone(), View::Alone);
+                let key = cache.key(checkpoint.clone(), query.clone());
                 cache.get(&key).await.expect("a hit")
             })
         });
@@ -213,7 +212,7 @@ fn cache(c: &mut Criterion) {
             &entries,
             |b, _| {
                 b.to_async(&rt).iter(|| async move {
-                    let key = cache.key(checkpoint.clone(), query.clone(), View::Alone);
+                    let key = cache.key(checkpoint.clone(), query.clone());
                     let page = cache.get(&key).await.expect("a hit");
                     (cache.freshness(&page), cache.age_seconds(&page))
                 })
@@ -306,7 +305,7 @@ fn full_hit(c: &mut Criterion) {
         let page = state.cache.page(StatusCode::OK, &body).expect("page");
         state
             .cache
-            .insert(state.cache.key(cp, ListQuery::default(), View::Alone), page)
+            .insert(state.cache.key(cp, ListQuery::default()), page)
             .await;
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

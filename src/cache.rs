@@ -57,17 +57,6 @@ const GENERATION_SHARDS: usize = 4096;
 /// even when pages are small.
 const ENTRY_OVERHEAD: usize = 736;
 
-/// A key's fleet stamp: what a read knew about the other replicas when it was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum View {
-    /// No `[redis]`: a single gateway.
-    Alone,
-    /// Redis answered: the fleet epoch and the checkpoint's generation.
-    Shared { epoch: u64, generation: u64 },
-    /// Redis is unreachable: local cache only, with short freshness.
-    Degraded,
-}
-
 /// A cache key: the checkpoint, its normalized query, and the generation read before the fill.
 /// Carries its own hash (of all the other fields), computed once by [`PageCache::key`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +64,6 @@ pub struct PageKey {
     hash: u64,
     pub checkpoint: Checkpoint,
     pub query: ListQuery,
-    pub fleet: View,
     shard: u16,
     generation: u64,
 }
@@ -133,6 +121,11 @@ impl Page {
 
     /// How long the page can be of use: a 200 through its stale windows, a 404 its
     /// `negative_ttl` (moka's expiry, and the lifetime of the fleet's shared copy).
+    /// How long after it was stored the page counts as fresh.
+    pub fn fresh_for(&self) -> Duration {
+        self.fresh_for
+    }
+
     pub fn keep_for(&self) -> Duration {
         self.keep_for
     }
@@ -177,6 +170,14 @@ pub enum CacheStatus {
     RefreshCollapsed,
     /// Rejected before the cache was consulted (bad route, token, input).
     Bypass,
+    /// No fleet lease: fetched from upstream (a fetch that started after the read arrived).
+    NoLease,
+    /// No fleet lease: shared such a fetch with other reads.
+    NoLeaseCollapsed,
+    /// No fleet lease, yet served from the cache (`redis.degraded_ttl_seconds` > 0).
+    NoLeaseHit,
+    /// A write refused for lack of a fleet lease.
+    NoLeaseWrite,
 }
 
 impl CacheStatus {
@@ -192,6 +193,10 @@ impl CacheStatus {
             CacheStatus::Refresh => "permgate; fwd=request",
             CacheStatus::RefreshCollapsed => "permgate; fwd=request; collapsed",
             CacheStatus::Bypass => "permgate; fwd=bypass",
+            CacheStatus::NoLease => "permgate; fwd=miss; detail=no-lease",
+            CacheStatus::NoLeaseCollapsed => "permgate; fwd=miss; collapsed; detail=no-lease",
+            CacheStatus::NoLeaseHit => "permgate; hit; detail=no-lease",
+            CacheStatus::NoLeaseWrite => "permgate; fwd=bypass; detail=no-lease",
         }
     }
 
@@ -208,6 +213,10 @@ impl CacheStatus {
             CacheStatus::Refresh => "refresh",
             CacheStatus::RefreshCollapsed => "refresh_collapsed",
             CacheStatus::Bypass => "bypass",
+            CacheStatus::NoLease => "no_lease",
+            CacheStatus::NoLeaseCollapsed => "no_lease_collapsed",
+            CacheStatus::NoLeaseHit => "no_lease_hit",
+            CacheStatus::NoLeaseWrite => "no_lease_write",
         }
     }
 }
@@ -438,19 +447,15 @@ impl PageCache {
 
     /// The key for a read, stamped with the checkpoint's current generation. Take it *before*
     /// asking upstream.
-    /// With `[redis]`, `fleet` carries the fleet's generation of the checkpoint too.
-    pub fn key(&self, checkpoint: Checkpoint, query: ListQuery, fleet: View) -> PageKey {
+    pub fn key(&self, checkpoint: Checkpoint, query: ListQuery) -> PageKey {
         let checkpoint_hash = self.hasher.hash_one(checkpoint.as_str());
         let shard = Self::shard_of(checkpoint_hash);
         let generation = self.generations[shard as usize].load(Ordering::Acquire);
-        let hash = self
-            .hasher
-            .hash_one((checkpoint_hash, &query, fleet, generation));
+        let hash = self.hasher.hash_one((checkpoint_hash, &query, generation));
         PageKey {
             hash,
             checkpoint,
             query,
-            fleet,
             shard,
             generation,
         }
@@ -746,12 +751,12 @@ mod tests {
     #[tokio::test]
     async fn a_write_makes_in_flight_fills_unreachable() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let before = cache.key(cp("ft:a"), ListQuery::default(), View::Alone);
+        let before = cache.key(cp("ft:a"), ListQuery::default());
         cache.invalidate_checkpoint(&cp("ft:a"));
         let page = cache.page(StatusCode::OK, b"old").unwrap();
         let (stored, _) = cache.fill(&before, async { Fill::Ok(page) }).await;
         assert!(stored.is_ok());
-        let after = cache.key(cp("ft:a"), ListQuery::default(), View::Alone);
+        let after = cache.key(cp("ft:a"), ListQuery::default());
         assert_ne!(before, after);
         assert!(cache.get(&after).await.is_none());
     }
@@ -759,23 +764,20 @@ mod tests {
     #[tokio::test]
     async fn purge_all_kills_every_generation() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:b"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:b"), ListQuery::default());
         cache
             .insert(key.clone(), cache.page(StatusCode::OK, b"x").unwrap())
             .await;
         cache.purge_all();
         assert!(cache.get(&key).await.is_none());
-        assert_ne!(
-            cache.key(cp("ft:b"), ListQuery::default(), View::Alone),
-            key
-        );
+        assert_ne!(cache.key(cp("ft:b"), ListQuery::default()), key);
     }
 
     #[tokio::test]
     async fn invalidation_frees_dead_pages_and_keeps_others() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let a = cache.key(cp("ft:a"), ListQuery::default(), View::Alone);
-        let b = cache.key(cp("ft:b"), ListQuery::default(), View::Alone);
+        let a = cache.key(cp("ft:a"), ListQuery::default());
+        let b = cache.key(cp("ft:b"), ListQuery::default());
         cache
             .insert(a.clone(), cache.page(StatusCode::OK, b"a").unwrap())
             .await;
@@ -794,7 +796,7 @@ mod tests {
     async fn a_failed_refetch_leaves_the_stale_page_in_place() {
         let clock = Clock::default();
         let cache = PageCache::new(&config(), clock.clone(), Counter::default());
-        let key = cache.key(cp("ft:e"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:e"), ListQuery::default());
         let stale = cache.page(StatusCode::OK, b"stale").unwrap();
         cache.insert(key.clone(), stale.clone()).await;
         clock.advance(Duration::from_secs(100));
@@ -817,7 +819,7 @@ mod tests {
             Clock::default(),
             Counter::default(),
         ));
-        let key = cache.key(cp("ft:f"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:f"), ListQuery::default());
         let (started, leading) = tokio::sync::oneshot::channel();
         let leader = tokio::spawn({
             let (cache, key) = (cache.clone(), key.clone());
@@ -857,7 +859,7 @@ mod tests {
             Clock::default(),
             Counter::default(),
         ));
-        let key = cache.key(cp("ft:g"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:g"), ListQuery::default());
         let fetches = Arc::new(AtomicU64::new(0));
         let fills = (0..20).map(|_| {
             let (cache, key, fetches) = (cache.clone(), key.clone(), fetches.clone());
@@ -925,7 +927,7 @@ mod tests {
             Clock::default(),
             Counter::default(),
         ));
-        let key = cache.key(cp("ft:q"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:q"), ListQuery::default());
         let (first, started, release_first) = gated_refresh(&cache, &key, b"before");
         started.await.unwrap();
         // Arriving while the first fetch runs: they share one fetch of their own.
@@ -970,7 +972,7 @@ mod tests {
             Clock::default(),
             Counter::default(),
         ));
-        let key = cache.key(cp("ft:s"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:s"), ListQuery::default());
         let (first, started, release_first) = gated_refresh(&cache, &key, b"first");
         started.await.unwrap();
         // The next refresh's leader, then one read that joins it.
@@ -1031,7 +1033,7 @@ mod tests {
         let big = vec![b'x'; 10_000];
         let page = cache.page(StatusCode::OK, &big[..100]).unwrap();
         assert_eq!(page.body.len(), 100);
-        let key = cache.key(cp("ft:c"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:c"), ListQuery::default());
         cache.insert(key, page).await;
         cache.run_pending_tasks().await;
         assert_eq!(cache.entry_count(), 1);
@@ -1047,8 +1049,8 @@ mod tests {
             ..config()
         };
         let cache = PageCache::new(&config, Clock::default(), Counter::default());
-        let missing = cache.key(cp("ft:gone"), ListQuery::default(), View::Alone);
-        let present = cache.key(cp("ft:here"), ListQuery::default(), View::Alone);
+        let missing = cache.key(cp("ft:gone"), ListQuery::default());
+        let present = cache.key(cp("ft:here"), ListQuery::default());
         let not_found = cache.page(StatusCode::NOT_FOUND, b"{}").unwrap();
         cache.insert(missing.clone(), not_found).await;
         cache
@@ -1062,7 +1064,7 @@ mod tests {
         );
         assert!(cache.get(&present).await.is_some());
         // A 404 replaced by a 200 takes the 200's lifetime.
-        let flipped = cache.key(cp("ft:back"), ListQuery::default(), View::Alone);
+        let flipped = cache.key(cp("ft:back"), ListQuery::default());
         let not_found = cache.page(StatusCode::NOT_FOUND, b"{}").unwrap();
         cache.insert(flipped.clone(), not_found).await;
         cache
@@ -1075,7 +1077,7 @@ mod tests {
     #[tokio::test]
     async fn remove_if_same_leaves_a_replacement_alone() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:d"), ListQuery::default(), View::Alone);
+        let key = cache.key(cp("ft:d"), ListQuery::default());
         let old = cache.page(StatusCode::OK, b"old").unwrap();
         let new = cache.page(StatusCode::OK, b"new").unwrap();
         cache.insert(key.clone(), new.clone()).await;

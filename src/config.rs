@@ -63,6 +63,7 @@ struct FileRedis {
     timeout_ms: Option<u64>,
     degraded_ttl_seconds: Option<u64>,
     reconnect_max_ms: Option<u64>,
+    lease_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +155,10 @@ pub struct RedisConfig {
     pub degraded_ttl: Duration,
     #[serde(serialize_with = "millis")]
     pub reconnect_max: Duration,
+    /// How long a renewed lease lets this replica serve from its cache (the same on every
+    /// replica: writers wait for it).
+    #[serde(serialize_with = "millis")]
+    pub lease: Duration,
 }
 
 impl RedisConfig {
@@ -161,8 +166,11 @@ impl RedisConfig {
     pub const DEFAULT_KEY_PREFIX: &str = "permgate:";
     /// Deadline of each Redis call; past it the replica degrades to its local cache.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
-    /// Without Redis, local pages count as fresh for at most this long.
-    pub const DEFAULT_DEGRADED_TTL: Duration = Duration::from_secs(5);
+    /// Without a lease, local pages may be served up to this age: 0, never (read-your-writes
+    /// holds); more trades it for fewer upstream calls during an outage.
+    pub const DEFAULT_DEGRADED_TTL: Duration = Duration::ZERO;
+    /// A replica's lease: renewed every third of it, each renewal within `timeout_ms`.
+    pub const DEFAULT_LEASE: Duration = Duration::from_millis(1000);
     /// Cap on the backoff between reconnection attempts.
     pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_millis(30_000);
     /// `reconnect_max_ms` is raised to at least this, the backoff's first step.
@@ -913,6 +921,15 @@ impl FileRedis {
         if timeout.is_zero() || timeout > Duration::from_secs(10) {
             problems.push("redis.timeout_ms must be 1 to 10000".into());
         }
+        let lease = millis_or(self.lease_ms, RedisConfig::DEFAULT_LEASE);
+        if lease < Duration::from_millis(100) || lease > Duration::from_millis(60_000) {
+            problems.push("redis.lease_ms must be 100 to 60000".into());
+        } else if lease < timeout * 3 {
+            problems.push(
+                "redis.lease_ms must be at least 3 x redis.timeout_ms (renewed every third of it)"
+                    .into(),
+            );
+        }
         (ok_url && !has_password && !odd_query).then(|| RedisConfig {
             url: self.url,
             password,
@@ -928,6 +945,7 @@ impl FileRedis {
                     RedisConfig::MIN_RECONNECT_MAX,
                     Duration::from_millis(MAX_TIMEOUT_MS),
                 ),
+            lease,
         })
     }
 }
@@ -1215,6 +1233,17 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         );
         assert!(problems(&with("url = \"http://x\"")).contains("redis.url"));
         assert!(problems(&with("url = \"redis://x\"\npassword = \"p\"")).contains("password"));
+        let lease = |lines: &str| problems(&with(&format!("url = \"redis://x\"\n{lines}")));
+        assert!(lease("lease_ms = 99").contains("redis.lease_ms must be 100 to 60000"));
+        assert!(lease("timeout_ms = 400\nlease_ms = 1000").contains("3 x redis.timeout_ms"));
+        let c = Config::parse(&with("url = \"redis://x\""), &|_| None).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.lease, Duration::from_millis(1000));
+        assert_eq!(
+            r.degraded_ttl,
+            Duration::ZERO,
+            "no serving without a lease by default"
+        );
     }
 
     #[test]

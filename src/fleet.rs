@@ -1,43 +1,64 @@
-//! Fleet coherence through Redis (`[redis]`): many replicas behave like one gateway.
+//! Fleet coherence through Redis (`[redis]`): many replicas behave like one gateway (SPEC
+//! "Many replicas"; README "Many replicas" has the protocol and its failure cases).
 //!
-//! - **Generations in Redis.** Every checkpoint has a generation (`{prefix}gen:{checkpoint}`)
-//!   and the fleet an epoch (`{prefix}epoch`, bumped by a purge of everything). Each read learns
-//!   both with one `MGET` and puts them in its cache key, so a write through any replica makes
-//!   every replica's pages of that checkpoint unreachable before the write's response leaves:
-//!   a caller always reads its own writes, whichever replica it reads from.
-//! - **Writes are bracketed.** Before calling upstream a write bumps the generation and sets
-//!   `{prefix}pending:{checkpoint}` (expiring after the upstream deadline); after, it bumps the
-//!   generation again and clears the marker. Fills never store a page while the marker exists,
-//!   so a replica that dies mid-write leaves no stale page anywhere: existing pages were killed
-//!   by the first bump, and nothing fetched during the write is stored.
-//! - **Shared second tier.** On a local miss a replica reads `{prefix}page:…` (the same
-//!   normalized key, generation included) before going upstream; a fleet-wide lock
-//!   (`SET NX PX`) lets one replica fetch while the others poll for its page, bounded in time.
-//! - **Invalidation fan-out.** Writes and purges are also published on `{prefix}invalidate`;
-//!   subscribers drop their dead pages at once instead of waiting for eviction.
-//! - **Degraded mode.** Every Redis call has `redis.timeout_ms`. On a failure the replica stops
-//!   calling Redis, serves from its local cache with pages fresh for at most
-//!   `redis.degraded_ttl_seconds`, and reconnects in the background with backoff; once back it
-//!   drops its whole local cache (anything may have changed meanwhile). Transitions are logged
-//!   and counted.
+//! - **Leases.** Each replica registers a lease in `{prefix}leases` (a sorted set of Redis-time
+//!   deadlines) every `lease_ms / 3`, and serves from its local cache only while that lease is
+//!   live by its own clock (`CLOCK_BOOTTIME`, counted from before the renewal was sent, minus a
+//!   margin: it ends before Redis' deadline for it). A renewal returns the fleet's invalidation
+//!   sequence number; the lease is extended only once every invalidation up to it is applied.
+//!   A hit makes no Redis call: [`Fleet::lease`] is one atomic load and one clock read.
+//! - **Acknowledged invalidations.** Writes and purges get a sequence number and go on the
+//!   stream `{prefix}inv`; every replica applies the entries in order and acknowledges them in
+//!   `{prefix}acks`. A write publishes one before its upstream call and one after, and each time
+//!   waits until every other live replica has acknowledged it or its lease has run out in Redis
+//!   time (converted once to the writer's clock). So once a write has answered, no replica can
+//!   serve a page from before it.
+//! - **Incarnations.** A Redis that restarted, failed over or lost its keys is a new
+//!   incarnation: every replica drops its cache, and writes wait one lease term (the fence) for
+//!   leases the old Redis granted.
+//! - **Shared second tier.** On a local miss a replica reads `{prefix}page:…` (keyed by the
+//!   fleet epoch and the checkpoint's generation) before going upstream; a fleet-wide lock lets
+//!   one replica fetch while the others poll for its page. Nothing fetched while a write of the
+//!   checkpoint is in flight (`{prefix}pending:…`) is stored there.
+//! - **Without a lease** (Redis unreachable, the replica paused or cut off) the proxy reads
+//!   from upstream and refuses writes; this module only says whether the lease is held.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
+use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
-use crate::cache::{PageCache, View};
+use crate::cache::PageCache;
 use crate::config::RedisConfig;
 use crate::env::Env;
 use crate::metrics::Metrics;
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret;
+
+const RENEW: &str = concat!(
+    include_str!("fleet/ensure.lua"),
+    include_str!("fleet/renew.lua")
+);
+const PUBLISH: &str = concat!(
+    include_str!("fleet/ensure.lua"),
+    include_str!("fleet/publish.lua")
+);
+const ACK: &str = include_str!("fleet/ack.lua");
+const PENDING: &str = include_str!("fleet/pending.lua");
+/// Entries the invalidation stream keeps (approximately); a replica further behind purges.
+const STREAM_MAXLEN: u64 = 10_000;
+/// A writer's allowance for clock rate differences (±0.4 % tolerated, see README).
+const WRITER_FACTOR: f64 = 1.01;
+/// How often a waiting writer looks at the acknowledgements again.
+const ACK_POLL: Duration = Duration::from_millis(1);
+/// Renewals retry this often at most after a failure.
+const RENEW_RETRY: Duration = Duration::from_millis(100);
 
 /// A page as stored in Redis: when it was fetched, its status and body.
 pub struct SharedPage {
@@ -46,16 +67,59 @@ pub struct SharedPage {
     pub body: Bytes,
 }
 
+/// Whether this replica may answer reads from its local cache now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Held,
+    Lapsed,
+}
+
+/// Where this replica stands in the fleet's invalidation sequence.
+#[derive(Default)]
+struct SyncState {
+    /// The Redis incarnation the sequence numbers belong to.
+    incarnation: Option<String>,
+    /// Every invalidation up to this one is applied here.
+    applied: u64,
+    /// Bumped on each resynchronisation: a stream read started before it is discarded.
+    generation: u64,
+}
+
+/// A write in flight: what its END must name.
+pub struct Ticket {
+    checkpoint: Checkpoint,
+    token: String,
+}
+
+/// One published invalidation to wait for.
+struct Fanout {
+    seq: u64,
+    /// Other replicas' ids and, on the lease clock, when their leases are over for sure.
+    waits: Vec<(String, u64)>,
+    /// A new incarnation's fence, on the lease clock: no ack can end it.
+    fence: Option<u64>,
+    published: u64,
+}
+
 pub struct Fleet {
     client: Client,
     metrics: Arc<Metrics>,
     connection: ArcSwapOption<MultiplexedConnection>,
     healthy: AtomicBool,
     prefix: String,
-    channel: String,
     timeout: Duration,
     pub degraded_ttl: Duration,
     reconnect_max: Duration,
+    lease: Duration,
+    id: String,
+    /// Lease clock (ns) until which the local cache may be used; 0: no lease. Stored with
+    /// Release after the invalidations it vouches for were applied, loaded with Acquire.
+    lease_until: AtomicU64,
+    sync: Mutex<SyncState>,
+    /// (sync generation, applied): where the stream reader reads from.
+    position: watch::Sender<(u64, u64)>,
+    replicas_live: AtomicU64,
+    writes: AtomicU64,
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
@@ -67,7 +131,7 @@ pub fn password(config: &RedisConfig, env: &Env) -> Result<Option<String>, Strin
         .transpose()
 }
 
-/// Checkpoints travel percent-encoded on the channel, so any id survives the round trip.
+/// Checkpoints travel percent-encoded on the stream, so any id survives the round trip.
 fn encoded(checkpoint: &Checkpoint) -> String {
     let mut s = String::new();
     checkpoint.write_encoded(&mut s);
@@ -78,6 +142,31 @@ fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The lease clock in nanoseconds: `CLOCK_BOOTTIME`, which keeps counting while the machine or
+/// VM is suspended (`Instant` does not) and is never stepped.
+pub fn lease_clock() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
+/// The lease end for a renewal sent at `sent` (lease clock, ns): `lease` minus the margin
+/// `lease/100 + 2 ms`, which covers clock rates off by up to 0.4 % and Redis' millisecond
+/// truncation, so the replica stops before Redis' deadline for it.
+fn lease_end(sent: u64, lease: Duration) -> u64 {
+    let lease = lease.as_nanos() as u64;
+    sent + lease - (lease / 100 + 2_000_000)
+}
+
+/// When a writer may stop waiting for a deadline `deadline_ms` (Redis ms) reported at Redis
+/// time `now_ms`, the reply having arrived at `arrived` (lease clock, ns): surely after Redis'
+/// clock passed it.
+fn wait_until(arrived: u64, now_ms: u64, deadline_ms: u64) -> u64 {
+    let ahead = deadline_ms.saturating_sub(now_ms) as f64 * WRITER_FACTOR;
+    arrived + (ahead * 1_000_000.0) as u64 + 2_000_000
 }
 
 impl Fleet {
@@ -104,16 +193,49 @@ impl Fleet {
             metrics,
             connection: ArcSwapOption::empty(),
             healthy: AtomicBool::new(false),
-            channel: format!("{}invalidate", config.key_prefix),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             degraded_ttl: config.degraded_ttl,
             reconnect_max: config.reconnect_max,
+            lease: config.lease,
+            id: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
+            lease_until: AtomicU64::new(0),
+            sync: Mutex::new(SyncState::default()),
+            position: watch::Sender::new((0, 0)),
+            replicas_live: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         })
     }
 
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+
+    /// The hit path's check: one Acquire load and one clock read. Call it *before* taking the
+    /// cache key, so the key's generation is read after the invalidations the lease vouches for.
+    pub fn lease(&self) -> Lease {
+        let until = self.lease_until.load(Ordering::Acquire);
+        if until != 0 && lease_clock() < until {
+            Lease::Held
+        } else {
+            Lease::Lapsed
+        }
+    }
+
+    /// Seconds left on the lease (0 without one), for `/metrics`.
+    pub fn lease_remaining(&self) -> f64 {
+        let until = self.lease_until.load(Ordering::Acquire);
+        until.saturating_sub(lease_clock()) as f64 / 1e9
+    }
+
+    /// Live leases in the registry at the last renewal, this one included.
+    pub fn replicas_live(&self) -> u64 {
+        self.replicas_live.load(Ordering::Relaxed)
+    }
+
+    /// How long a refused write's caller should wait before retrying: one lease term.
+    pub fn retry_after(&self) -> Duration {
+        self.lease
     }
 
     fn connection(&self) -> Option<MultiplexedConnection> {
@@ -123,16 +245,12 @@ impl Fleet {
         self.connection.load_full().map(|c| (*c).clone())
     }
 
-    /// Runs one command within the timeout; any failure switches to degraded mode.
+    /// Runs one command within the timeout; any failure drops the connection (reconnected in
+    /// the background).
     async fn run<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> Option<T> {
         let mut connection = self.connection()?;
         self.guarded(command.query_async::<T>(&mut connection))
             .await
-    }
-
-    async fn run_pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Option<T> {
-        let mut connection = self.connection()?;
-        self.guarded(pipe.query_async::<T>(&mut connection)).await
     }
 
     async fn guarded<T>(
@@ -155,8 +273,27 @@ impl Fleet {
     fn degrade(&self, why: &str) {
         if self.healthy.swap(false, Ordering::AcqRel) {
             self.metrics.fleet_degraded();
-            warn!(target: "permgate::fleet", reason = why, degraded_ttl_s = self.degraded_ttl.as_secs(), "redis unavailable: serving from the local cache only");
+            warn!(target: "permgate::fleet", reason = why, "redis connection lost: reconnecting");
         }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// `EVAL` of one of the scripts with the sequence keys first, then `keys`, then `args`.
+    fn script(body: &str, keys: &[String], args: &[&str]) -> redis::Cmd {
+        let mut command = redis::cmd("EVAL");
+        command.arg(body).arg(keys.len()).arg(keys).arg(args);
+        command
+    }
+
+    /// incarnation, acks, epoch, seq, inv, leases: the keys RENEW and PUBLISH start with.
+    fn sequence_keys(&self) -> Vec<String> {
+        ["incarnation", "acks", "epoch", "seq", "inv", "leases"]
+            .iter()
+            .map(|k| self.key(k))
+            .collect()
     }
 
     fn gen_key(&self, checkpoint: &Checkpoint) -> String {
@@ -166,108 +303,366 @@ impl Fleet {
     fn pending_key(&self, checkpoint: &Checkpoint) -> String {
         format!("{}pending:{}", self.prefix, checkpoint.as_str())
     }
+}
 
-    fn page_suffix(
-        epoch: u64,
-        generation: u64,
+/// The lease: renewal, catching up with the invalidation stream, acknowledgements.
+impl Fleet {
+    /// Renews the lease. It is extended only after every invalidation up to the sequence number
+    /// the renewal returned is applied, and only if the reply came back in time to be of use.
+    async fn renew(&self, cache: &PageCache) -> Result<(), ()> {
+        let sent = lease_clock();
+        let (known, applied) = {
+            let s = self.sync.lock().await;
+            (s.incarnation.clone().unwrap_or_default(), s.applied)
+        };
+        let lease_ms = self.lease.as_millis().to_string();
+        let command = Self::script(
+            RENEW,
+            &self.sequence_keys(),
+            &[&self.id, &lease_ms, &known, &applied.to_string()],
+        );
+        let (incarnation, seq, live): (String, u64, u64) = self.run(&command).await.ok_or(())?;
+        self.replicas_live.store(live, Ordering::Relaxed);
+        let mut s = self.sync.lock().await;
+        if s.incarnation.as_deref() != Some(incarnation.as_str()) {
+            // A new Redis (or the first renewal): nothing cached here can be vouched for.
+            cache.purge_all();
+            if s.incarnation.is_some() {
+                self.metrics.fleet_resync_purge("incarnation");
+                info!(target: "permgate::fleet", "new redis incarnation: local cache dropped");
+            }
+            s.incarnation = Some(incarnation);
+            s.applied = seq;
+            s.generation += 1;
+        } else if seq < s.applied {
+            // Cannot happen without a new incarnation; be safe.
+            cache.purge_all();
+            self.metrics.fleet_resync_purge("rollback");
+            s.applied = seq;
+            s.generation += 1;
+        } else if seq > s.applied {
+            let entries = self.entries_after(s.applied, seq).await.ok_or(())?;
+            self.apply_locked(cache, &mut s, &entries, Some(seq));
+        }
+        self.position.send_replace((s.generation, s.applied));
+        let until = lease_end(sent, self.lease);
+        if until <= lease_clock() {
+            return Err(());
+        }
+        // After the generation bumps above: a reader that sees this lease sees them.
+        self.lease_until.fetch_max(until, Ordering::Release);
+        let (now_applied, incarnation) = (s.applied, s.incarnation.clone());
+        drop(s);
+        if now_applied > applied {
+            self.ack(now_applied, incarnation.as_deref().unwrap_or_default())
+                .await;
+        }
+        Ok(())
+    }
+
+    /// `XRANGE inv (after upto`: the entries a replica missed.
+    async fn entries_after(&self, after: u64, upto: u64) -> Option<Vec<(u64, String)>> {
+        let mut command = redis::cmd("XRANGE");
+        command
+            .arg(self.key("inv"))
+            .arg(format!("({after}-0"))
+            .arg(format!("{upto}-0"));
+        let raw: Vec<(String, Vec<String>)> = self.run(&command).await?;
+        Some(parse_entries(raw))
+    }
+
+    /// Applies stream entries in order. A gap (the stream was trimmed past this replica, or it
+    /// ends before `upto`) drops the whole local cache instead.
+    fn apply_locked(
+        &self,
+        cache: &PageCache,
+        s: &mut SyncState,
+        entries: &[(u64, String)],
+        upto: Option<u64>,
+    ) {
+        let last = entries.last().map_or(0, |e| e.0).max(upto.unwrap_or(0));
+        for (seq, target) in entries {
+            if *seq <= s.applied {
+                continue;
+            }
+            if *seq != s.applied + 1 {
+                break;
+            }
+            match target.as_str() {
+                "*" => cache.purge_all(),
+                cp => match Checkpoint::parse(cp) {
+                    Ok(checkpoint) => cache.invalidate_checkpoint(&checkpoint),
+                    Err(_) => cache.purge_all(),
+                },
+            }
+            self.metrics.fleet_invalidation_applied();
+            s.applied = *seq;
+        }
+        if s.applied < last {
+            cache.purge_all();
+            self.metrics.fleet_resync_purge("gap");
+            warn!(target: "permgate::fleet", from = s.applied, to = last, "missed invalidations: local cache dropped");
+            s.applied = last;
+        }
+    }
+
+    /// Tells writers every invalidation up to `seq` is applied here. A lost ack only makes them
+    /// wait longer (the next renewal carries it, or the lease runs out).
+    async fn ack(&self, seq: u64, incarnation: &str) {
+        let keys = [self.key("incarnation"), self.key("acks")];
+        let command = Self::script(ACK, &keys, &[&self.id, &seq.to_string(), incarnation]);
+        self.run::<i64>(&command).await;
+    }
+
+    /// Reads the stream from where this replica stands, on `stream` (a dedicated connection: the
+    /// read blocks), applies what arrived and acknowledges it. `Err` drops the connection.
+    async fn follow(
+        &self,
+        cache: &PageCache,
+        stream: &mut MultiplexedConnection,
+    ) -> Result<(), ()> {
+        let (generation, from) = *self.position.borrow();
+        let block = self.lease / 3;
+        let mut command = redis::cmd("XREAD");
+        command
+            .arg("COUNT")
+            .arg(512)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(self.key("inv"))
+            .arg(format!("{from}-0"));
+        type Reply = Option<Vec<(String, Vec<(String, Vec<String>)>)>>;
+        let read = command.query_async::<Reply>(stream);
+        let reply = match tokio::time::timeout(block + self.timeout, read).await {
+            Ok(Ok(reply)) => reply,
+            _ => return Err(()),
+        };
+        let Some(raw) = reply.into_iter().flatten().next().map(|(_, e)| e) else {
+            return Ok(());
+        };
+        let entries = parse_entries(raw);
+        let mut s = self.sync.lock().await;
+        if s.generation != generation {
+            return Ok(());
+        }
+        let before = s.applied;
+        self.apply_locked(cache, &mut s, &entries, None);
+        self.position.send_replace((s.generation, s.applied));
+        let (applied, incarnation) = (s.applied, s.incarnation.clone());
+        drop(s);
+        if applied > before {
+            self.ack(applied, incarnation.as_deref().unwrap_or_default())
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// Stream entries as (sequence number, target): ids are `<seq>-0`, the field `c` the target.
+fn parse_entries(raw: Vec<(String, Vec<String>)>) -> Vec<(u64, String)> {
+    raw.into_iter()
+        .filter_map(|(id, fields)| {
+            let seq = id.split('-').next()?.parse().ok()?;
+            let target = fields.chunks(2).find(|f| f[0] == "c")?.get(1)?.clone();
+            Some((seq, target))
+        })
+        .collect()
+}
+
+/// Writes and purges: publish an invalidation, then wait for the fleet to have applied it.
+impl Fleet {
+    /// Publishes one invalidation (`op` as PUBLISH takes it) and returns what to wait for;
+    /// `None` if Redis did not answer.
+    async fn publish(
+        &self,
+        target: Option<&Checkpoint>,
+        op: &str,
+        token: &str,
+        pending_ms: u64,
+    ) -> Option<Fanout> {
+        let mut keys = self.sequence_keys();
+        let encoded_target = target.map_or_else(|| "*".to_string(), encoded);
+        keys.push(target.map_or_else(|| self.key("gen:*"), |cp| self.gen_key(cp)));
+        keys.push(target.map_or_else(|| self.key("pending:*"), |cp| self.pending_key(cp)));
+        let lease_ms = self.lease.as_millis().to_string();
+        let pending_ms = pending_ms.to_string();
+        let args = [
+            lease_ms.as_str(),
+            &encoded_target,
+            op,
+            token,
+            &pending_ms,
+            &STREAM_MAXLEN.to_string(),
+        ];
+        let command = Self::script(PUBLISH, &keys, &args);
+        type Reply = (u64, u64, u64, String, Vec<String>);
+        let (seq, now, fence, _incarnation, leases): Reply = self.run(&command).await?;
+        let arrived = lease_clock();
+        let waits = leases
+            .chunks(2)
+            .filter(|pair| pair.len() == 2 && pair[0] != self.id)
+            .map(|pair| {
+                let deadline = pair[1].parse::<f64>().unwrap_or(0.0) as u64;
+                (pair[0].clone(), wait_until(arrived, now, deadline))
+            })
+            .collect();
+        Some(Fanout {
+            seq,
+            waits,
+            fence: (fence > now).then(|| wait_until(arrived, now, fence)),
+            published: arrived,
+        })
+    }
+
+    /// Waits until every replica in the fan-out has acknowledged it or is surely past its lease,
+    /// and the incarnation's fence (if any) has passed. Needs no Redis to end: without answers
+    /// it waits out the deadlines on this replica's clock.
+    async fn await_fanout(&self, mut f: Fanout) {
+        let awaited = f.waits.len() as u64;
+        let (mut missed, mut fenced) = (0u64, false);
+        loop {
+            if !f.waits.is_empty() {
+                let mut command = redis::cmd("ZMSCORE");
+                command.arg(self.key("acks"));
+                for (id, _) in &f.waits {
+                    command.arg(id);
+                }
+                if let Some(scores) = self.run::<Vec<Option<f64>>>(&command).await {
+                    let elapsed = lease_clock().saturating_sub(f.published) as f64 / 1e9;
+                    let mut acked = scores.iter().map(|s| s.is_some_and(|s| s >= f.seq as f64));
+                    f.waits.retain(|_| {
+                        let done = acked.next().unwrap_or(false);
+                        if done {
+                            self.metrics.fleet_ack_latency(elapsed);
+                        }
+                        !done
+                    });
+                }
+            }
+            let now = lease_clock();
+            let before = f.waits.len();
+            f.waits.retain(|(_, until)| *until > now);
+            missed += (before - f.waits.len()) as u64;
+            if f.fence.is_some_and(|until| until <= now) {
+                f.fence = None;
+            } else if f.fence.is_some() {
+                fenced = true;
+            }
+            let next = f.waits.iter().map(|w| w.1).chain(f.fence).min();
+            let Some(next) = next else { break };
+            let wait = Duration::from_nanos(next - now).min(ACK_POLL);
+            tokio::time::sleep(wait).await;
+        }
+        let total = lease_clock().saturating_sub(f.published) as f64 / 1e9;
+        self.metrics.fleet_fanout(awaited, missed, fenced, total);
+    }
+
+    /// Before a write goes upstream: every replica drops the checkpoint's pages (or its lease
+    /// runs out), and the fleet holds off storing pages of it until [`Fleet::end_write`].
+    /// `Err`: Redis did not take it; the write must not go upstream.
+    pub async fn begin_write(
+        &self,
         checkpoint: &Checkpoint,
-        query: &ListQuery,
-    ) -> String {
-        let mut s = format!("{epoch}:{generation}:{}?", checkpoint.as_str());
+        deadline: Duration,
+    ) -> Result<Ticket, ()> {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}-{n}", self.id);
+        // The marker outlives the BEGIN wait, the upstream call and some slack.
+        let lease_ms = self.lease.as_millis() as f64 * WRITER_FACTOR;
+        let pending_ms = lease_ms.ceil() as u64 + 2 + deadline.as_millis() as u64 + 1000;
+        let fanout = self.publish(Some(checkpoint), "begin", &token, pending_ms);
+        let fanout = fanout.await.ok_or(())?;
+        self.await_fanout(fanout).await;
+        Ok(Ticket {
+            checkpoint: checkpoint.clone(),
+            token,
+        })
+    }
+
+    /// After the upstream call: every replica drops the checkpoint's pages again (anything
+    /// fetched meanwhile) or its lease runs out, before the write answers. `known`: upstream
+    /// answered (else the pending marker is left to expire). If Redis stays unreachable, returns
+    /// after `deadline`: by then every fill that could have fetched the old list has ended, and
+    /// none stored it (the marker).
+    pub async fn end_write(&self, ticket: Ticket, known: bool, deadline: Duration) {
+        let give_up = tokio::time::Instant::now() + deadline;
+        let op = if known { "end" } else { "keep" };
+        loop {
+            if let Some(f) = self
+                .publish(Some(&ticket.checkpoint), op, &ticket.token, 0)
+                .await
+            {
+                self.await_fanout(f).await;
+                return;
+            }
+            if tokio::time::Instant::now() + RENEW_RETRY >= give_up {
+                tokio::time::sleep_until(give_up).await;
+                warn!(target: "permgate::fleet", "could not tell the fleet a write ended; answered after upstream_deadline");
+                return;
+            }
+            tokio::time::sleep(RENEW_RETRY).await;
+        }
+    }
+
+    /// Operator purge, fleet-wide: one checkpoint, or everything (`None`). False if the fleet
+    /// could not be told.
+    pub async fn purge(&self, checkpoint: Option<&Checkpoint>) -> bool {
+        match self.publish(checkpoint, "purge", "", 0).await {
+            Some(f) => {
+                self.await_fanout(f).await;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The fleet's generation of a checkpoint as read for one fill: the shared page's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedGeneration {
+    epoch: u64,
+    generation: u64,
+}
+
+/// The shared second tier.
+impl Fleet {
+    fn page_suffix(at: SharedGeneration, checkpoint: &Checkpoint, query: &ListQuery) -> String {
+        let mut s = format!("{}:{}:{}?", at.epoch, at.generation, checkpoint.as_str());
         query.write_canonical(&mut s);
         s
     }
 
-    /// The fleet's view of `checkpoint` for this read.
-    pub async fn view(&self, checkpoint: &Checkpoint) -> View {
-        if !self.is_healthy() {
-            return View::Degraded;
-        }
+    /// The fleet's current generation of `checkpoint` (a miss's first Redis call).
+    pub async fn generation(&self, checkpoint: &Checkpoint) -> Option<SharedGeneration> {
         let mut command = redis::cmd("MGET");
-        command
-            .arg(format!("{}epoch", self.prefix))
-            .arg(self.gen_key(checkpoint));
-        match self.run::<(Option<u64>, Option<u64>)>(&command).await {
-            Some((epoch, generation)) => View::Shared {
-                epoch: epoch.unwrap_or(0),
-                generation: generation.unwrap_or(0),
-            },
-            None => View::Degraded,
-        }
+        command.arg(self.key("epoch")).arg(self.gen_key(checkpoint));
+        let (epoch, generation) = self.run::<(Option<u64>, Option<u64>)>(&command).await?;
+        Some(SharedGeneration {
+            epoch: epoch.unwrap_or(0),
+            generation: generation.unwrap_or(0),
+        })
     }
 
     /// True while a write of `checkpoint` is in flight somewhere in the fleet (or Redis is
     /// unreachable): nothing fetched now may be stored.
     pub async fn write_pending(&self, checkpoint: &Checkpoint) -> bool {
-        let mut command = redis::cmd("EXISTS");
-        command.arg(self.pending_key(checkpoint));
-        self.run::<bool>(&command).await.unwrap_or(true)
-    }
-
-    /// Before a write goes upstream: kill every replica's pages and hold off stores.
-    pub async fn begin_write(&self, checkpoint: &Checkpoint, deadline: Duration) {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .incr(self.gen_key(checkpoint), 1)
-            .ignore()
-            .cmd("SET")
-            .arg(self.pending_key(checkpoint))
-            .arg(1)
-            .arg("PX")
-            .arg(deadline.as_millis() as u64)
-            .ignore()
-            .publish(&self.channel, encoded(checkpoint))
-            .ignore();
-        self.run_pipeline::<()>(&pipe).await;
-    }
-
-    /// After a write's answer: kill anything stored meanwhile, release the marker, tell everyone.
-    pub async fn end_write(&self, checkpoint: &Checkpoint) {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .incr(self.gen_key(checkpoint), 1)
-            .ignore()
-            .del(self.pending_key(checkpoint))
-            .ignore()
-            .publish(&self.channel, encoded(checkpoint))
-            .ignore();
-        self.run_pipeline::<()>(&pipe).await;
-    }
-
-    /// Operator purge, fleet-wide: one checkpoint, or everything (`None`).
-    pub async fn purge(&self, checkpoint: Option<&Checkpoint>) {
-        let mut pipe = redis::pipe();
-        match checkpoint {
-            Some(cp) => pipe
-                .incr(self.gen_key(cp), 1)
-                .ignore()
-                .publish(&self.channel, encoded(cp))
-                .ignore(),
-            None => pipe
-                .incr(format!("{}epoch", self.prefix), 1)
-                .ignore()
-                .publish(&self.channel, "*")
-                .ignore(),
-        };
-        self.run_pipeline::<()>(&pipe).await;
+        let command = Self::script(PENDING, &[self.pending_key(checkpoint)], &[]);
+        self.run::<i64>(&command).await.is_none_or(|n| n != 0)
     }
 
     /// The shared page for this key, if another replica stored it.
     pub async fn get_page(
         &self,
-        view: View,
+        at: SharedGeneration,
         checkpoint: &Checkpoint,
         query: &ListQuery,
     ) -> Option<SharedPage> {
-        let View::Shared { epoch, generation } = view else {
-            return None;
-        };
         let mut command = redis::cmd("GET");
-        command.arg(format!(
-            "{}page:{}",
-            self.prefix,
-            Self::page_suffix(epoch, generation, checkpoint, query)
-        ));
+        command.arg(self.key(&format!(
+            "page:{}",
+            Self::page_suffix(at, checkpoint, query)
+        )));
         let raw: Vec<u8> = self.run::<Option<Vec<u8>>>(&command).await??;
         if raw.len() < 10 {
             return None;
@@ -284,27 +679,23 @@ impl Fleet {
     /// Shares a freshly fetched page with the fleet for `keep_for`.
     pub async fn put_page(
         &self,
-        view: View,
+        at: SharedGeneration,
         checkpoint: &Checkpoint,
         query: &ListQuery,
-        status: u16,
-        body: &[u8],
+        page: (u16, &[u8]),
         keep_for: Duration,
     ) {
-        let View::Shared { epoch, generation } = view else {
-            return;
-        };
+        let (status, body) = page;
         let mut value = BytesMut::with_capacity(10 + body.len());
         value.put_u64(unix_millis());
         value.put_u16(status);
         value.put_slice(body);
         let mut command = redis::cmd("SET");
         command
-            .arg(format!(
-                "{}page:{}",
-                self.prefix,
-                Self::page_suffix(epoch, generation, checkpoint, query)
-            ))
+            .arg(self.key(&format!(
+                "page:{}",
+                Self::page_suffix(at, checkpoint, query)
+            )))
             .arg(value.as_ref())
             .arg("PX")
             .arg(keep_for.as_millis().max(1) as u64);
@@ -315,21 +706,17 @@ impl Fleet {
     /// `Some(false)` if another holds it, `None` if Redis failed.
     pub async fn lock(
         &self,
-        view: View,
+        at: SharedGeneration,
         checkpoint: &Checkpoint,
         query: &ListQuery,
         hold: Duration,
     ) -> Option<bool> {
-        let View::Shared { epoch, generation } = view else {
-            return None;
-        };
         let mut command = redis::cmd("SET");
         command
-            .arg(format!(
-                "{}lock:{}",
-                self.prefix,
-                Self::page_suffix(epoch, generation, checkpoint, query)
-            ))
+            .arg(self.key(&format!(
+                "lock:{}",
+                Self::page_suffix(at, checkpoint, query)
+            )))
             .arg(1)
             .arg("NX")
             .arg("PX")
@@ -339,45 +726,31 @@ impl Fleet {
             .map(|ok| ok.is_some())
     }
 
-    pub async fn unlock(&self, view: View, checkpoint: &Checkpoint, query: &ListQuery) {
-        let View::Shared { epoch, generation } = view else {
-            return;
-        };
+    pub async fn unlock(&self, at: SharedGeneration, checkpoint: &Checkpoint, query: &ListQuery) {
         let mut command = redis::cmd("DEL");
-        command.arg(format!(
-            "{}lock:{}",
-            self.prefix,
-            Self::page_suffix(epoch, generation, checkpoint, query)
-        ));
+        command.arg(self.key(&format!(
+            "lock:{}",
+            Self::page_suffix(at, checkpoint, query)
+        )));
         self.run::<()>(&command).await;
     }
+}
 
-    /// A subscription to the invalidation channel, within the timeout.
-    async fn subscribe(&self) -> Option<redis::aio::PubSub> {
+/// Connections and the background tasks.
+impl Fleet {
+    /// One connection attempt plus a PING, within the timeout; `response` bounds each command.
+    async fn connect(&self, response: Duration) -> Result<MultiplexedConnection, String> {
         let wait = self.timeout.max(Duration::from_millis(500));
-        let mut pubsub = tokio::time::timeout(wait, self.client.get_async_pubsub())
-            .await
-            .ok()?
-            .ok()?;
-        tokio::time::timeout(wait, pubsub.subscribe(&self.channel))
-            .await
-            .ok()?
-            .ok()?;
-        Some(pubsub)
-    }
-
-    /// One connection attempt plus a PING, within the timeout.
-    async fn connect(&self) -> Result<MultiplexedConnection, String> {
         let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
-            .set_response_timeout(Some(self.timeout));
+            .set_connection_timeout(Some(wait))
+            .set_response_timeout(Some(response));
         let mut connection = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| format!("{:?}", e.kind()))?;
         let pong = tokio::time::timeout(
-            self.timeout.max(Duration::from_millis(500)),
+            wait,
             redis::cmd("PING").query_async::<String>(&mut connection),
         )
         .await;
@@ -387,22 +760,60 @@ impl Fleet {
             Err(_) => Err("timed out".into()),
         }
     }
+
+    /// Connects and turns the connection on. The local cache is kept: the next renewal decides
+    /// whether anything was missed (catch-up) or everything must go (new incarnation, gap).
+    async fn establish(&self) -> Result<(), String> {
+        let connection = self.connect(self.timeout).await?;
+        self.connection.store(Some(Arc::new(connection)));
+        self.healthy.store(true, Ordering::Release);
+        self.metrics.fleet_connected();
+        info!(target: "permgate::fleet", "redis connected");
+        Ok(())
+    }
+
+    /// One turn of the lease task: (re)connect if needed, renew; how long to sleep after.
+    async fn lease_turn(&self, cache: &PageCache, backoff: &mut Duration) -> Duration {
+        let renew_every = self.lease / 3;
+        if !self.is_healthy() {
+            if let Err(why) = self.establish().await {
+                warn!(target: "permgate::fleet", reason = %why, retry_ms = backoff.as_millis() as u64, "redis unreachable");
+                let wait = *backoff;
+                *backoff = (*backoff * 2).min(self.reconnect_max);
+                return wait;
+            }
+            *backoff = Duration::from_millis(100);
+        }
+        if self.renew(cache).await.is_ok() {
+            renew_every
+        } else {
+            self.metrics.fleet_renewal_failed();
+            renew_every.min(RENEW_RETRY)
+        }
+    }
 }
 
-/// Connects (one attempt, so that a replica whose Redis is up starts coherent; if it is down
-/// the replica starts degraded), then starts the background tasks: health checks and
-/// reconnects with backoff, and the invalidation subscriber. Both stop once the gateway has
-/// dropped its fleet and cache.
+/// Connects and takes a lease (one attempt, so that a replica whose Redis is up starts able to
+/// serve hits; if it is down the replica starts without a lease), then starts the background
+/// tasks: the lease's renewals and reconnects, and the stream reader. Both stop once the
+/// gateway has dropped its fleet and cache.
 pub async fn start(fleet: &Arc<Fleet>, cache: &Arc<PageCache>) {
-    if let Err(why) = fleet.establish(cache).await {
-        warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: starting degraded");
+    match fleet.establish().await {
+        Ok(()) => {
+            if fleet.renew(cache).await.is_err() {
+                warn!(target: "permgate::fleet", "no lease at startup: reads go upstream, writes are refused");
+            }
+        }
+        Err(why) => {
+            warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: reads go upstream, writes are refused");
+        }
     }
     let handles = Handles {
         fleet: Arc::downgrade(fleet),
         cache: Arc::downgrade(cache),
     };
-    tokio::spawn(health(handles.clone()));
-    tokio::spawn(subscriber(handles));
+    tokio::spawn(lease_task(handles.clone()));
+    tokio::spawn(stream_task(handles));
 }
 
 /// What the background tasks hold: weak, so they end with the gateway.
@@ -418,82 +829,57 @@ impl Handles {
     }
 }
 
-impl Fleet {
-    /// Connects, and on success drops the local cache (it may have missed invalidations) and
-    /// turns coherence on.
-    async fn establish(&self, cache: &PageCache) -> Result<(), String> {
-        let connection = self.connect().await?;
-        self.connection.store(Some(Arc::new(connection)));
-        cache.purge_all();
-        self.healthy.store(true, Ordering::Release);
-        self.metrics.fleet_connected();
-        info!(target: "permgate::fleet", "redis connected: fleet coherence on, local cache dropped");
-        Ok(())
-    }
-}
-
-async fn health(handles: Handles) {
+async fn lease_task(handles: Handles) {
     let mut backoff = Duration::from_millis(100);
+    let mut held = false;
     loop {
         let Some((fleet, cache)) = handles.upgrade() else {
             return;
         };
-        let wait = if fleet.is_healthy() {
-            let mut command = redis::cmd("PING");
-            command.arg("permgate");
-            fleet.run::<String>(&command).await;
-            Duration::from_secs(1)
-        } else {
-            match fleet.establish(&cache).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(100);
-                    Duration::from_secs(1)
-                }
-                Err(why) => {
-                    warn!(target: "permgate::fleet", reason = %why, retry_ms = backoff.as_millis() as u64, "redis unreachable");
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(fleet.reconnect_max);
-                    wait
-                }
-            }
-        };
+        let started = tokio::time::Instant::now();
+        let wait = fleet.lease_turn(&cache, &mut backoff).await;
+        let now_held = fleet.lease() == Lease::Held;
+        if held && !now_held {
+            fleet.metrics.fleet_lease_lapsed();
+            warn!(target: "permgate::fleet", "lease lapsed: reads go upstream, writes are refused");
+        } else if !held && now_held {
+            info!(target: "permgate::fleet", "lease held: serving from the local cache");
+        }
+        held = now_held;
+        // Wake when the lease runs out too, so that a lapse is noted (and counted) on time.
+        let remaining = Duration::from_secs_f64(fleet.lease_remaining());
+        let wait = if held { wait.min(remaining) } else { wait };
         drop((fleet, cache));
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep_until(started + wait).await;
     }
 }
 
-/// Applies the invalidations other replicas publish, for as long as the subscription lasts.
-async fn subscriber(handles: Handles) {
+/// Follows the invalidation stream on its own connection (a blocking read would stall every
+/// other command on a shared one); reconnects after any error or a read that hangs.
+async fn stream_task(handles: Handles) {
+    let mut stream = None;
     loop {
-        let Some((fleet, _)) = handles.upgrade() else {
+        let Some((fleet, cache)) = handles.upgrade() else {
             return;
         };
-        let subscribed = if fleet.is_healthy() {
-            fleet.subscribe().await
-        } else {
-            None
-        };
-        drop(fleet);
-        let Some(pubsub) = subscribed else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        let synced = fleet.position.borrow().0 > 0;
+        if !synced || !fleet.is_healthy() {
+            drop((fleet, cache));
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
-        };
-        let mut messages = pubsub.into_on_message();
-        while let Some(message) = messages.next().await {
-            let Some(cache) = handles.cache.upgrade() else {
-                return;
-            };
-            match std::str::from_utf8(message.get_payload_bytes()) {
-                Ok("*") => cache.purge_all(),
-                Ok(cp) => {
-                    if let Ok(checkpoint) = Checkpoint::parse(cp) {
-                        cache.invalidate_checkpoint(&checkpoint);
-                    }
-                }
-                Err(_) => {}
-            }
         }
-        // The subscription ended (Redis went away): the health task notices and reconnects.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if stream.is_none() {
+            let response = fleet.lease / 3 + fleet.timeout;
+            stream = fleet.connect(response).await.ok();
+        }
+        let followed = match stream.as_mut() {
+            Some(connection) => fleet.follow(&cache, connection).await,
+            None => Err(()),
+        };
+        drop((fleet, cache));
+        if followed.is_err() {
+            stream = None;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }

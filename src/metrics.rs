@@ -41,7 +41,7 @@ struct RequestLabels {
 
 /// Route (3 + unmatched) x status class (5) x cache status (10 + none).
 const REQUEST_SLOTS: usize = 4 * 5 * CACHE_SLOTS;
-const CACHE_SLOTS: usize = 11;
+const CACHE_SLOTS: usize = 15;
 
 /// One client's `permgate_requests_total` series, each resolved from the family the first
 /// time it is used: after that a request costs an index and an atomic add, not a hash lookup
@@ -94,6 +94,10 @@ impl RequestOutcome {
             Some(CacheStatus::Refresh) => 8,
             Some(CacheStatus::Bypass) => 9,
             Some(CacheStatus::RefreshCollapsed) => 10,
+            Some(CacheStatus::NoLease) => 11,
+            Some(CacheStatus::NoLeaseCollapsed) => 12,
+            Some(CacheStatus::NoLeaseHit) => 13,
+            Some(CacheStatus::NoLeaseWrite) => 14,
         };
         (route * 5 + class) * CACHE_SLOTS + cache
     }
@@ -192,6 +196,119 @@ pub struct Metrics {
     fleet_degraded: Counter,
     fleet_connects: Counter,
     fleet_shared_hits: Counter,
+    fleet: FleetMetrics,
+}
+
+/// The lease protocol's series (README "Many replicas"), exposed only with `[redis]`.
+struct FleetMetrics {
+    lease_up: Gauge,
+    lease_remaining: Gauge<f64, std::sync::atomic::AtomicU64>,
+    lease_lapses: Counter,
+    renewal_failures: Counter,
+    resync_purges: Family<Reason, Counter>,
+    invalidations_applied: Counter,
+    replicas_live: Gauge,
+    acks_awaited: Counter,
+    ack_latency: Histogram,
+    ack_wait: Histogram,
+    acks_missed: Counter,
+    lease_expiry_waits: Counter,
+    fence_waits: Counter,
+    writes_refused: Counter,
+    reads_without_lease: Counter,
+}
+
+fn ack_buckets() -> Histogram {
+    // 100 µs .. ~3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+const LEASE_UP: Desc = (
+    "permgate_fleet_lease_up",
+    "1 while this replica holds a live lease (serves hits, accepts writes)",
+);
+const LEASE_REMAINING: Desc = (
+    "permgate_fleet_lease_remaining_seconds",
+    "Time left on this replica's lease; 0 without one",
+);
+const LEASE_LAPSES: Desc = (
+    "permgate_fleet_lease_lapses",
+    "Times this replica's lease ran out (reads go upstream, writes are refused until renewed)",
+);
+const RENEWAL_FAILURES: Desc = (
+    "permgate_fleet_lease_renewal_failures",
+    "Lease renewals that failed or came back too late to use",
+);
+const RESYNC_PURGES: Desc = (
+    "permgate_fleet_resync_purges",
+    "Whole local cache drops on resynchronisation (gap, incarnation, rollback)",
+);
+const INVALIDATIONS_APPLIED: Desc = (
+    "permgate_fleet_invalidations_applied",
+    "Fleet invalidations (stream entries) applied here",
+);
+const REPLICAS_LIVE: Desc = (
+    "permgate_fleet_replicas_live",
+    "Live leases in the registry at the last renewal, this one included",
+);
+const ACKS_AWAITED: Desc = (
+    "permgate_fleet_acks_awaited",
+    "Other replicas' acknowledgements that writes and purges waited for",
+);
+const ACK_LATENCY: Desc = (
+    "permgate_fleet_ack_latency_seconds",
+    "Publish to acknowledgement seen, per acknowledging replica",
+);
+const ACK_WAIT: Desc = (
+    "permgate_fleet_ack_wait_seconds",
+    "Publish to end of the wait, per fan-out, whatever ended it",
+);
+const ACKS_MISSED: Desc = (
+    "permgate_fleet_acks_missed",
+    "Replicas a fan-out stopped waiting for because their lease ran out instead",
+);
+const LEASE_EXPIRY_WAITS: Desc = (
+    "permgate_fleet_writes_waited_for_lease_expiry",
+    "Fan-outs in which at least one replica's lease had to run out",
+);
+const FENCE_WAITS: Desc = (
+    "permgate_fleet_fence_waits",
+    "Fan-outs that waited for a new Redis incarnation's fence",
+);
+const WRITES_REFUSED: Desc = (
+    "permgate_fleet_writes_refused",
+    "Writes answered 503 because this replica held no lease",
+);
+const READS_WITHOUT_LEASE: Desc = (
+    "permgate_fleet_reads_without_lease",
+    "List reads answered without a lease (from upstream, or degraded_ttl_seconds pages)",
+);
+
+impl FleetMetrics {
+    fn build(exposed: bool, r: &mut Registry) -> FleetMetrics {
+        FleetMetrics {
+            lease_up: register_if(exposed, r, LEASE_UP, Gauge::default()),
+            lease_remaining: register_if(exposed, r, LEASE_REMAINING, Gauge::default()),
+            lease_lapses: register_if(exposed, r, LEASE_LAPSES, Counter::default()),
+            renewal_failures: register_if(exposed, r, RENEWAL_FAILURES, Counter::default()),
+            resync_purges: register_if(exposed, r, RESYNC_PURGES, Family::default()),
+            invalidations_applied: register_if(
+                exposed,
+                r,
+                INVALIDATIONS_APPLIED,
+                Counter::default(),
+            ),
+            replicas_live: register_if(exposed, r, REPLICAS_LIVE, Gauge::default()),
+            acks_awaited: register_if(exposed, r, ACKS_AWAITED, Counter::default()),
+            ack_latency: register_if(exposed, r, ACK_LATENCY, ack_buckets()),
+            ack_wait: register_if(exposed, r, ACK_WAIT, ack_buckets()),
+            acks_missed: register_if(exposed, r, ACKS_MISSED, Counter::default()),
+            lease_expiry_waits: register_if(exposed, r, LEASE_EXPIRY_WAITS, Counter::default()),
+            fence_waits: register_if(exposed, r, FENCE_WAITS, Counter::default()),
+            writes_refused: register_if(exposed, r, WRITES_REFUSED, Counter::default()),
+            reads_without_lease: register_if(exposed, r, READS_WITHOUT_LEASE, Counter::default()),
+        }
+    }
 }
 
 /// Values read from elsewhere when `/metrics` is scraped.
@@ -203,6 +320,15 @@ pub struct Snapshot {
     pub in_flight: usize,
     /// `None` without `[redis]`.
     pub redis_up: Option<bool>,
+    /// `None` without `[redis]`.
+    pub lease: Option<LeaseSnapshot>,
+}
+
+/// The lease as seen at a scrape.
+pub struct LeaseSnapshot {
+    pub up: bool,
+    pub remaining_seconds: f64,
+    pub replicas_live: u64,
 }
 
 fn latency_buckets() -> Histogram {
@@ -278,15 +404,15 @@ const AUDIT_FAILURES: Desc = (
 );
 const FLEET_REDIS_UP: Desc = (
     "permgate_fleet_redis_up",
-    "1 while Redis answers ([redis] only), 0 in degraded mode",
+    "1 while the connection to Redis works ([redis] only)",
 );
 const FLEET_DEGRADED: Desc = (
     "permgate_fleet_degraded",
-    "Times Redis became unreachable and the gateway fell back to its local cache",
+    "Times the connection to Redis was lost (the lease then lapses unless it comes back in time)",
 );
 const FLEET_CONNECTS: Desc = (
     "permgate_fleet_connects",
-    "Connections (and reconnections) to Redis; each drops the local cache",
+    "Connections (and reconnections) to Redis",
 );
 const FLEET_SHARED_HITS: Desc = (
     "permgate_fleet_shared_hits",
@@ -353,6 +479,7 @@ impl Metrics {
             fleet_degraded: register_if(fleet, r, FLEET_DEGRADED, Counter::default()),
             fleet_connects: register_if(fleet, r, FLEET_CONNECTS, Counter::default()),
             fleet_shared_hits: register_if(fleet, r, FLEET_SHARED_HITS, Counter::default()),
+            fleet: FleetMetrics::build(fleet, r),
             registry: Registry::default(),
         };
         let (name, help) = BUILD;
@@ -453,6 +580,53 @@ impl Metrics {
         self.fleet_shared_hits.inc();
     }
 
+    pub fn fleet_lease_lapsed(&self) {
+        self.fleet.lease_lapses.inc();
+    }
+
+    pub fn fleet_renewal_failed(&self) {
+        self.fleet.renewal_failures.inc();
+    }
+
+    /// `reason`: `gap`, `incarnation` or `rollback`.
+    pub fn fleet_resync_purge(&self, reason: &'static str) {
+        self.fleet
+            .resync_purges
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn fleet_invalidation_applied(&self) {
+        self.fleet.invalidations_applied.inc();
+    }
+
+    pub fn fleet_ack_latency(&self, seconds: f64) {
+        self.fleet.ack_latency.observe(seconds);
+    }
+
+    /// One fan-out's wait: `awaited` other replicas, `missed` of them by lease expiry instead of
+    /// an ack, whether it waited for a fence, and how long it took in all.
+    pub fn fleet_fanout(&self, awaited: u64, missed: u64, fenced: bool, seconds: f64) {
+        let f = &self.fleet;
+        f.acks_awaited.inc_by(awaited);
+        f.acks_missed.inc_by(missed);
+        if missed > 0 {
+            f.lease_expiry_waits.inc();
+        }
+        if fenced {
+            f.fence_waits.inc();
+        }
+        f.ack_wait.observe(seconds);
+    }
+
+    pub fn fleet_write_refused(&self) {
+        self.fleet.writes_refused.inc();
+    }
+
+    pub fn fleet_read_without_lease(&self) {
+        self.fleet.reads_without_lease.inc();
+    }
+
     /// The Prometheus text exposition, with scrape-time gauges set from `snapshot`.
     pub fn render(&self, snapshot: Snapshot) -> String {
         self.cache_entries
@@ -464,6 +638,13 @@ impl Metrics {
             .set(i64::try_from(snapshot.in_flight).unwrap_or(i64::MAX));
         if let Some(up) = snapshot.redis_up {
             self.fleet_up.set(i64::from(up));
+        }
+        if let Some(lease) = snapshot.lease {
+            self.fleet.lease_up.set(i64::from(lease.up));
+            self.fleet.lease_remaining.set(lease.remaining_seconds);
+            self.fleet
+                .replicas_live
+                .set(i64::try_from(lease.replicas_live).unwrap_or(i64::MAX));
         }
         let mut out = String::with_capacity(8 * 1024);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -534,6 +715,7 @@ mod tests {
             circuit: 0,
             in_flight: 1,
             redis_up: None,
+            lease: None,
         });
         for needle in [
             "permgate_requests_total{route=\"list_permissions\",status_class=\"2xx\",cache_status=\"hit\",client=\"billing\"} 2",
@@ -562,8 +744,19 @@ mod tests {
             circuit: 0,
             in_flight: 0,
             redis_up: Some(false),
+            lease: Some(LeaseSnapshot {
+                up: false,
+                remaining_seconds: 0.0,
+                replicas_live: 2,
+            }),
         };
         let fleet = Metrics::build(true).render(snapshot);
         assert!(fleet.contains("permgate_fleet_redis_up 0"), "{fleet}");
+        assert!(fleet.contains("permgate_fleet_lease_up 0"), "{fleet}");
+        assert!(fleet.contains("permgate_fleet_replicas_live 2"), "{fleet}");
+        assert!(
+            fleet.contains("permgate_fleet_writes_refused_total 0"),
+            "{fleet}"
+        );
     }
 }

@@ -19,9 +19,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use tracing::{info_span, Instrument};
 
 use crate::auth::Client;
-use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey, View};
+use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey};
 use crate::error::{json_response, Body, Error, Passthrough};
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, Lease};
 use crate::metrics::ClientLabel;
 use crate::request_log::RequestLog;
 use crate::route::{self, Call, Checkpoint, CreateBody};
@@ -83,12 +83,12 @@ async fn handle_inner(
     check_rate(state, &client)?;
     match call {
         Call::List(query) => {
-            let view = match &state.fleet {
-                Some(fleet) => fleet.view(&checkpoint).await,
-                None => View::Alone,
-            };
-            let key = state.cache.key(checkpoint, query, view);
-            if wants_no_cache(&parts.headers) {
+            // Before the key: a held lease vouches for the generation the key then reads.
+            let lease = state.fleet.as_ref().map(|f| f.lease());
+            let key = state.cache.key(checkpoint, query);
+            if lease == Some(Lease::Lapsed) {
+                Box::pin(unleased(state, key, &client, log)).await
+            } else if wants_no_cache(&parts.headers) {
                 Box::pin(refresh(state, key, &client, log)).await
             } else {
                 list(state, key, &client, log).await
@@ -216,6 +216,48 @@ async fn refresh(
     }
 }
 
+/// A list read on a replica without a fleet lease: its cache may have missed invalidations, so
+/// the answer comes from an upstream fetch that started after this read arrived (shared with
+/// the other reads waiting for the same key, as `no-cache` reads share). With
+/// `redis.degraded_ttl_seconds` > 0 the operator traded that for pages up to that age.
+async fn unleased(
+    state: &Arc<AppState>,
+    key: PageKey,
+    client: &Client,
+    log: &mut RequestLog,
+) -> Result<Response<Body>, Error> {
+    state.metrics.fleet_read_without_lease();
+    let degraded_ttl = state
+        .fleet
+        .as_ref()
+        .map_or(Duration::ZERO, |f| f.degraded_ttl);
+    if !degraded_ttl.is_zero() {
+        if let Some(page) = state.cache.get(&key).await {
+            let age = state.cache.age(&page);
+            if age < page.fresh_for().min(degraded_ttl) {
+                log.cache_status = Some(CacheStatus::NoLeaseHit);
+                return Ok(page_response(&page, Some(age.as_secs())));
+            }
+        }
+    }
+    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
+    let fetch = fetch_upstream(state, &key, Some(&client.name), request_id, upstream_status);
+    let (result, fetched) = state.cache.refresh(&key, fetch).await;
+    log.cache_status = Some(if fetched {
+        CacheStatus::NoLease
+    } else {
+        state.metrics.coalesced_wait();
+        CacheStatus::NoLeaseCollapsed
+    });
+    match result {
+        Ok(page) => Ok(page_response(&page, None)),
+        Err(failure) => match &*failure {
+            FillError::Uncacheable(reply) => Ok(reply.clone().into_response()),
+            FillError::Failed(e) => Err(e.clone()),
+        },
+    }
+}
+
 /// The one background refresh of a page served stale-while-revalidate. It serves every client
 /// of the page, so it takes a global upstream slot but no client's.
 fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_id: HeaderValue) {
@@ -255,11 +297,9 @@ async fn fetch(
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
-    match (&state.fleet, key.fleet) {
-        (Some(fleet), View::Shared { .. }) => {
-            fetch_shared(state, fleet, key, client, request_id, upstream_status).await
-        }
-        _ => fetch_upstream(state, key, client, request_id, upstream_status).await,
+    match &state.fleet {
+        Some(fleet) => fetch_shared(state, fleet, key, client, request_id, upstream_status).await,
+        None => fetch_upstream(state, key, client, request_id, upstream_status).await,
     }
 }
 
@@ -277,18 +317,16 @@ async fn fetch_upstream(
         .await;
     *upstream_status = sent.status;
     let reply = sent.result.map_err(FillError::Failed)?;
-    let fresh_cap = match (&state.fleet, key.fleet) {
-        (Some(fleet), View::Degraded) => Some(fleet.degraded_ttl),
-        _ => None,
-    };
     state
         .cache
-        .aged_page(reply.status, &reply.body, Duration::ZERO, fresh_cap)
+        .page(reply.status, &reply.body)
         .ok_or(FillError::Uncacheable(reply))
 }
 
 /// One replica of the fleet fetches (holding a short Redis lock) while the others poll for the
-/// page it shares; nothing fetched while a write of the checkpoint is in flight is stored.
+/// page it shares. Nothing fetched while a write of the checkpoint is in flight anywhere (or
+/// while Redis cannot say) is stored, here or in Redis: a writer that died mid-write must not
+/// leave the list from before its write behind.
 async fn fetch_shared(
     state: &AppState,
     fleet: &Fleet,
@@ -297,10 +335,14 @@ async fn fetch_shared(
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
-    let (view, checkpoint, query) = (key.fleet, &key.checkpoint, &key.query);
+    let (checkpoint, query) = (&key.checkpoint, &key.query);
+    let Some(at) = fleet.generation(checkpoint).await else {
+        let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
+        return unstored(fetched);
+    };
     let deadline = tokio::time::Instant::now() + state.upstream_deadline;
     loop {
-        if let Some(shared) = fleet.get_page(view, checkpoint, query).await {
+        if let Some(shared) = fleet.get_page(at, checkpoint, query).await {
             let status = StatusCode::from_u16(shared.status).unwrap_or(StatusCode::OK);
             // Only a copy still fresh by its own age (Redis keeps it through the stale
             // windows); an older one is as good as none: fetch, and share the new page.
@@ -313,44 +355,41 @@ async fn fetch_shared(
                 return Ok(page);
             }
         }
-        match fleet
-            .lock(view, checkpoint, query, state.upstream_deadline)
-            .await
-        {
-            Some(true) => {
-                let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
-                let result = match fetched {
-                    Ok(page) if fleet.write_pending(checkpoint).await => {
-                        Err(FillError::Uncacheable(Passthrough {
-                            status: page.status,
-                            body: page.body.clone(),
-                        }))
-                    }
-                    Ok(page) => {
-                        fleet
-                            .put_page(
-                                view,
-                                checkpoint,
-                                query,
-                                page.status.as_u16(),
-                                &page.body,
-                                page.keep_for(),
-                            )
-                            .await;
-                        Ok(page)
-                    }
-                    other => other,
-                };
-                fleet.unlock(view, checkpoint, query).await;
-                return result;
-            }
-            Some(false) if tokio::time::Instant::now() + SHARED_POLL < deadline => {
-                tokio::time::sleep(SHARED_POLL).await;
-            }
-            // Redis failed, or the fetching replica is taking too long: ask upstream ourselves.
-            _ => return fetch_upstream(state, key, client, request_id, upstream_status).await,
+        let locked = fleet
+            .lock(at, checkpoint, query, state.upstream_deadline)
+            .await;
+        if locked == Some(false) && tokio::time::Instant::now() + SHARED_POLL < deadline {
+            tokio::time::sleep(SHARED_POLL).await;
+            continue;
         }
+        // Ours to fetch; or Redis failed, or the fetching replica is taking too long.
+        let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
+        let result = match fetched {
+            Ok(page) if fleet.write_pending(checkpoint).await => unstored(Ok(page)),
+            Ok(page) if locked == Some(true) => {
+                let shared = (page.status.as_u16(), &page.body[..]);
+                fleet
+                    .put_page(at, checkpoint, query, shared, page.keep_for())
+                    .await;
+                Ok(page)
+            }
+            other => other,
+        };
+        if locked == Some(true) {
+            fleet.unlock(at, checkpoint, query).await;
+        }
+        return result;
     }
+}
+
+/// A fetched page passed through without being stored.
+fn unstored(fetched: Fetched) -> Fetched {
+    fetched.and_then(|page| {
+        Err(FillError::Uncacheable(Passthrough {
+            status: page.status,
+            body: page.body.clone(),
+        }))
+    })
 }
 
 /// Create or delete. Whatever upstream answered, the checkpoint's pages are dropped before the
@@ -366,10 +405,23 @@ async fn write(
     body: Option<Bytes>,
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
+    let mut ticket = None;
     if let Some(fleet) = &state.fleet {
-        fleet
-            .begin_write(checkpoint, state.upstream_deadline + Duration::from_secs(1))
-            .await;
+        // Without a lease this replica cannot tell the others; with one, every replica drops
+        // its pages (or its lease runs out) before upstream sees the write.
+        let begun = match fleet.lease() {
+            Lease::Held => fleet.begin_write(checkpoint, state.upstream_deadline).await,
+            Lease::Lapsed => Err(()),
+        };
+        match begun {
+            Ok(t) => ticket = Some(t),
+            Err(()) => {
+                state.metrics.fleet_write_refused();
+                log.cache_status = Some(CacheStatus::NoLeaseWrite);
+                return Err(no_lease(fleet));
+            }
+        }
+        state.cache.invalidate_checkpoint(checkpoint);
     }
     let sent = state
         .upstream
@@ -382,14 +434,18 @@ async fn write(
         )
         .await;
     state.cache.invalidate_checkpoint(checkpoint);
-    if let Some(fleet) = &state.fleet {
-        fleet.end_write(checkpoint).await;
-    }
     let unsure = sent.status.is_none()
         || sent
             .attempts
             .iter()
             .any(|a| !matches!(a, Attempted::Status(_)));
+    if let (Some(fleet), Some(ticket)) = (&state.fleet, ticket) {
+        // Every replica drops what it fetched during the write, or its lease runs out, before
+        // this write answers.
+        fleet
+            .end_write(ticket, !unsure, state.upstream_deadline)
+            .await;
+    }
     log.upstream_status = sent.status;
     log.attempts = sent.attempts;
     if unsure {
@@ -401,6 +457,14 @@ async fn write(
         });
     }
     sent.result.map(Passthrough::into_response)
+}
+
+/// 503 for a write on a replica without a fleet lease; upstream was not called.
+fn no_lease(fleet: &Fleet) -> Error {
+    Error::Unavailable {
+        reason: "This replica cannot reach the fleet's coordination store; the write was not sent upstream. Retry, possibly through another replica.",
+        retry_after: Some(fleet.retry_after()),
+    }
 }
 
 fn wants_no_cache(headers: &hyper::HeaderMap) -> bool {

@@ -128,8 +128,10 @@ impl RequestLog {
         let status = response.status();
         let write = matches!(self.operation, Some(Operation::Create | Operation::Delete));
         advise_retry(&mut response, status, write);
-        let cache_status =
-            (self.method == Method::GET).then(|| self.cache_status.unwrap_or(CacheStatus::Bypass));
+        // GETs always carry one; a write only when the cache decided it (refused: no lease).
+        let cache_status = self
+            .cache_status
+            .or_else(|| (self.method == Method::GET).then_some(CacheStatus::Bypass));
         if let Some(cs) = cache_status {
             response
                 .headers_mut()

@@ -16,7 +16,7 @@ use crate::cache::PageCache;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::fleet::{self, Fleet};
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::{LeaseSnapshot, Metrics, Snapshot};
 use crate::route::Checkpoint;
 use crate::secret::AdminKey;
 use crate::upstream::Upstream;
@@ -104,7 +104,9 @@ impl AppState {
         self.upstream.set_key(key);
     }
 
-    /// Drops cached pages here and, with `[redis]`, on every replica.
+    /// Drops cached pages here and, with `[redis]`, on every replica (each acknowledges, or its
+    /// lease runs out, before this returns; if Redis is unreachable only here, and the other
+    /// replicas' leases lapse on their own).
     pub async fn invalidate(&self, scope: Scope<'_>) {
         let checkpoint = match scope {
             Scope::All => {
@@ -117,7 +119,9 @@ impl AppState {
             }
         };
         if let Some(fleet) = &self.fleet {
-            fleet.purge(checkpoint).await;
+            if !fleet.purge(checkpoint).await {
+                tracing::warn!(target: "permgate::fleet", "purged on this replica only: the fleet could not be told");
+            }
         }
     }
 
@@ -136,6 +140,11 @@ impl AppState {
             circuit,
             in_flight: self.in_flight(),
             redis_up: self.fleet.as_ref().map(|f| f.is_healthy()),
+            lease: self.fleet.as_ref().map(|f| LeaseSnapshot {
+                up: f.lease() == fleet::Lease::Held,
+                remaining_seconds: f.lease_remaining(),
+                replicas_live: f.replicas_live(),
+            }),
         })
     }
 

@@ -138,11 +138,10 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     held.arrived().await;
     assert_eq!(gw.upstream_gets(), 2, "exactly one background refresh");
     held.release();
-    let key = gw.state.cache.key(
-        Checkpoint::parse(CP2).unwrap(),
-        ListQuery::default(),
-        permgate::cache::View::Alone,
-    );
+    let key = gw
+        .state
+        .cache
+        .key(Checkpoint::parse(CP2).unwrap(), ListQuery::default());
     eventually("refreshed page stored", || async {
         let page = gw.state.cache.get(&key).await;
         page.is_some_and(|p| gw.state.cache.freshness(&p) == Freshness::Fresh)

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hyper::Method;
-use permgate::cache::View;
 use permgate::config::Config;
 use permgate::route::{Checkpoint, ListQuery};
 use permgate::secret::AdminKey;
@@ -21,11 +20,10 @@ async fn a_burst_of_no_cache_reads_shares_fetches_and_a_writer_still_gets_throug
     // Defaults: 64 upstream slots, 32 per client.
     let gw = start().await;
     let path = list_path(CP);
-    let key = gw.state.cache.key(
-        Checkpoint::parse(CP).unwrap(),
-        ListQuery::default(),
-        View::Alone,
-    );
+    let key = gw
+        .state
+        .cache
+        .key(Checkpoint::parse(CP).unwrap(), ListQuery::default());
     // Every upstream request is held, in the order it reaches the mock, until released.
     let mut held: Vec<_> = (0..=READS).map(|_| gw.mock.hold_next()).collect();
     let answered = Arc::new(AtomicUsize::new(0));

@@ -9,10 +9,14 @@ use std::time::Duration;
 use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
+use permgate::fleet::Lease;
 use permgate::mock_upstream::MockUpstream;
 use permgate::secret::AdminKey;
 use permgate::state::AppState;
-use tokio::net::TcpListener;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 
 use crate::support::*;
@@ -98,7 +102,7 @@ impl Redis {
 
     fn section(&self, prefix: &str) -> String {
         format!(
-            "\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nkey_prefix = \"{prefix}\"\ntimeout_ms = 200\nreconnect_max_ms = 300\n",
+            "\n[redis]\nurl = \"redis://127.0.0.1:{}\"\nkey_prefix = \"{prefix}\"\ntimeout_ms = 100\nreconnect_max_ms = 300\nlease_ms = 600\n",
             self.port
         )
     }
@@ -133,8 +137,8 @@ async fn replica(text: &str) -> Replica {
     state.start_fleet().await;
     let (addr, shutdown) = serve_state(&state, &config).await;
     let healthy = state.clone();
-    eventually("the replica connected to redis", || async {
-        healthy.fleet.as_ref().unwrap().is_healthy()
+    eventually("the replica holds a lease", || async {
+        healthy.fleet.as_ref().unwrap().lease() == Lease::Held
     })
     .await;
     Replica {
@@ -247,59 +251,79 @@ async fn replicas_times_concurrent_cold_requests_make_one_upstream_request() {
 }
 
 #[tokio::test]
-async fn losing_redis_degrades_to_local_serving_and_recovers() {
+async fn redis_killed_and_restarted_reads_go_upstream_writes_are_refused_then_all_recovers() {
     let mut redis = Redis::start();
     let (mock, addr, _stop) = mock().await;
     let fleet = fleet_of(2, addr, &redis, "t3:").await;
-    assert_eq!(
-        fleet[0].client.get(&list_path(CP), READER).await.status,
-        200
-    );
-    redis.stop();
-    // Keep serving: hits, misses, and writes, all without errors.
     for r in &fleet {
-        for q in ["", "?limit=3", "?limit=5"] {
-            let resp = r.client.get(&format!("{}{q}", list_path(CP)), READER).await;
-            assert_eq!(resp.status, 200, "{q}");
-        }
+        lease_up(&r.client).await;
     }
-    let w = fleet[0]
+    redis.stop();
+    // Without a lease: reads from upstream (never the local cache), writes refused.
+    for r in &fleet {
+        eventually("reads go upstream without a lease", || async {
+            r.client.get(&list_path(CP), READER).await.cache_status() == NO_LEASE
+        })
+        .await;
+    }
+    let refused = fleet[0]
         .client
         .post(&list_path(CP), WRITER, r#"{"project_ids":["proj_down"]}"#)
         .await;
-    assert_eq!(w.status, 200);
-    assert!(fleet
-        .iter()
-        .all(|r| !r.state.fleet.as_ref().unwrap().is_healthy()));
-    let metrics = fleet[0].state.render_metrics().await;
-    assert!(metrics.contains("permgate_fleet_redis_up 0"), "{metrics}");
-    assert!(
-        metrics.contains("permgate_fleet_degraded_total 1"),
-        "{metrics}"
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.error().0, "unavailable");
+    assert_eq!(refused.header("x-should-retry"), "true");
+    assert_eq!(
+        refused.cache_status(),
+        "permgate; fwd=bypass; detail=no-lease"
     );
-    assert!(logs().contains("redis unavailable: serving from the local cache only"));
+    eventually("the lapse was counted", || async {
+        metric(&fleet[0], "permgate_fleet_lease_lapses_total").await == 1.0
+    })
+    .await;
+    let metrics = fleet[0].state.render_metrics().await;
+    for needle in [
+        "permgate_fleet_redis_up 0",
+        "permgate_fleet_lease_up 0",
+        "permgate_fleet_writes_refused_total 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle}: {metrics}");
+    }
+    assert!(logs().contains("lease lapsed: reads go upstream, writes are refused"));
 
-    // Redis returns: the replicas reconnect, drop their local pages, and are coherent again.
+    // Redis returns empty (a new incarnation): every replica drops its cache and serves hits
+    // again; the first write waits out the fence at most.
     let _redis = Redis::start_on(redis.port);
     for r in &fleet {
         let state = r.state.clone();
-        eventually("reconnected", || async {
-            state.fleet.as_ref().unwrap().is_healthy()
+        eventually("lease again", || async {
+            state.fleet.as_ref().unwrap().lease() == Lease::Held
         })
         .await;
     }
     let before = mock.count(&Method::GET);
     let r = fleet[1].client.get(&list_path(CP), READER).await;
-    assert_eq!(
-        r.cache_status(),
-        "permgate; fwd=miss; stored",
-        "local pages were dropped"
-    );
+    assert_eq!(r.cache_status(), "permgate; fwd=miss; stored");
     assert!(mock.count(&Method::GET) > before);
+    assert_eq!(
+        fleet[1]
+            .client
+            .get(&list_path(CP), READER)
+            .await
+            .cache_status(),
+        "permgate; hit"
+    );
+    let started = Instant::now();
     let created = fleet[0]
         .client
         .post(&list_path(CP), WRITER, r#"{"project_ids":["proj_up"]}"#)
         .await;
+    assert_eq!(created.status, 200);
+    assert!(
+        started.elapsed() <= LEASE + MARGIN,
+        "{:?}",
+        started.elapsed()
+    );
     let id = created.ids()[0].clone();
     assert_eq!(
         fleet[1].client.get(&list_path(CP), READER).await.ids()[0],
@@ -403,4 +427,273 @@ async fn a_shared_page_older_than_its_ttl_is_fetched_again_not_served() {
     let third = replica(&text).await;
     assert_eq!(third.client.get(&list_path(CP), READER).await.status, 200);
     assert_eq!(mock.count(&Method::GET), 2);
+}
+
+const LEASE: Duration = Duration::from_millis(600);
+/// Round trips, scheduling and a write's own upstream call, on a loaded 2-core CI machine.
+const MARGIN: Duration = Duration::from_millis(400);
+const NO_LEASE: &str = "permgate; fwd=miss; detail=no-lease";
+
+/// Waits until the replica behind `client` serves hits (it holds a lease).
+async fn lease_up(client: &TestClient) {
+    eventually("the replica serves hits", || async {
+        client.get(&list_path(CP), WRITER).await;
+        client.get(&list_path(CP), WRITER).await.cache_status() == "permgate; hit"
+    })
+    .await;
+}
+
+/// A fleet metric's value on an in-process replica (0 when the series has no sample yet).
+async fn metric(replica: &Replica, name: &str) -> f64 {
+    let text = replica.state.render_metrics().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `permgate serve` with `text` as its config, as a process (it can be paused).
+async fn serve_process(text: &str, name: &str) -> (Process, TestClient, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("permgate-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("permgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let (process, addr) = spawn_serve(&path, &[("OPENAI_ADMIN_KEY", ADMIN_KEY)]).await;
+    (process, TestClient::new(addr), dir)
+}
+
+async fn create(client: &TestClient, project: &str) -> (TestResponse, Duration) {
+    let started = Instant::now();
+    let body = format!(r#"{{"project_ids":["{project}"]}}"#);
+    let created = client.post(&list_path(CP), WRITER, &body).await;
+    (created, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_paused_replica_never_serves_the_old_list_after_a_write_elsewhere() {
+    let redis = Redis::start();
+    let (_mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t6:");
+    let a = replica(&text).await;
+    let (b, b_client, dir) = serve_process(&text, "paused").await;
+    lease_up(&b_client).await;
+
+    // (a) Paused across the whole write: the write waits for B's lease to run out, no longer.
+    signal(&b, "STOP");
+    let (created, took) = create(&a.client, "proj_paused").await;
+    assert_eq!(created.status, 200);
+    assert!(took <= LEASE + MARGIN, "the write took {took:?}");
+    let expiry = "permgate_fleet_writes_waited_for_lease_expiry_total";
+    assert_eq!(metric(&a, expiry).await, 1.0, "the write waited for B");
+    let id = created.ids()[0].clone();
+    signal(&b, "CONT");
+    for _ in 0..5 {
+        let read = b_client.get(&list_path(CP), WRITER).await;
+        assert_eq!(
+            read.ids()[0],
+            id,
+            "B after its pause: {}",
+            read.cache_status()
+        );
+    }
+    eventually("B resynchronised and serves hits", || async {
+        let read = b_client.get(&list_path(CP), WRITER).await;
+        read.cache_status() == "permgate; hit" && read.ids()[0] == id
+    })
+    .await;
+
+    // (b) Paused briefly during a write: the write waits for B's acknowledgement.
+    signal(&b, "STOP");
+    let writer = a.client.clone();
+    let write = tokio::spawn(async move { create(&writer, "proj_short").await });
+    // The fault's duration, not synchronisation.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !write.is_finished(),
+        "the write did not wait for the paused replica"
+    );
+    signal(&b, "CONT");
+    let (created, took) = write.await.unwrap();
+    assert_eq!(created.status, 200);
+    assert!(took < LEASE, "acknowledged, not waited out: {took:?}");
+    assert_eq!(metric(&a, expiry).await, 1.0);
+    assert!(metric(&a, "permgate_fleet_acks_awaited_total").await >= 2.0);
+    let id = created.ids()[0].clone();
+    assert_eq!(b_client.get(&list_path(CP), WRITER).await.ids()[0], id);
+    drop(b);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A TCP relay that can go silent: it keeps the connections open but stops passing bytes
+/// (no FIN, no RST), like a network that drops packets.
+struct Relay {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, _) = watch::channel(true);
+        let gate = open.clone();
+        tokio::spawn(async move {
+            // Accepts even while stalled: connecting works, nothing answers.
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                tokio::spawn(pump(cr, sw, gate.subscribe()));
+                tokio::spawn(pump(sr, cw, gate.subscribe()));
+            }
+        });
+        Relay { addr, open }
+    }
+
+    fn stall(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn resume(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut open: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if open.wait_for(|o| *o).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        // Read just before a stall: held, delivered late.
+        if open.wait_for(|o| *o).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn through(text: &str, redis: &Redis, relay: &Relay) -> String {
+    text.replace(
+        &format!("redis://127.0.0.1:{}", redis.port),
+        &format!("redis://{}", relay.addr),
+    )
+}
+
+#[tokio::test]
+async fn a_replica_cut_off_silently_never_serves_the_old_list_and_writes_wait_at_most_a_lease() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t7:");
+    let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
+    let a = replica(&text).await;
+    let b = replica(&through(&text, &redis, &relay)).await;
+    lease_up(&b.client).await;
+
+    relay.stall();
+    let (created, took) = create(&a.client, "proj_cut").await;
+    assert_eq!(created.status, 200);
+    println!("write with a replica cut off silently took {took:?}");
+    assert!(took <= LEASE + MARGIN, "the write took {took:?}");
+    let id = created.ids()[0].clone();
+    // A could only answer once B's lease was over: B reads from upstream.
+    let read = b.client.get(&list_path(CP), WRITER).await;
+    assert_eq!(read.ids()[0], id);
+    assert_eq!(read.cache_status(), NO_LEASE);
+
+    // Without a lease, identical reads share only fetches that started after they arrived:
+    // the first is held upstream, the 19 others share one second fetch.
+    let before = mock.count(&Method::GET);
+    let mut held = mock.hold_next();
+    let path = format!("{}?limit=7", list_path(CP));
+    let reads: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, path) = (b.client.clone(), path.clone());
+            tokio::spawn(async move { client.get(&path, WRITER).await })
+        })
+        .collect();
+    held.arrived().await;
+    let key = b.state.cache.key(
+        permgate::route::Checkpoint::parse(CP).unwrap(),
+        permgate::route::ListQuery::parse(Some("limit=7")).unwrap(),
+    );
+    let state = b.state.clone();
+    eventually("19 reads wait for the next fetch", || async {
+        state.cache.refresh_waiters(&key) == 19
+    })
+    .await;
+    held.release();
+    for read in reads {
+        assert_eq!(read.await.unwrap().ids()[0], id);
+    }
+    assert_eq!(mock.count(&Method::GET) - before, 2);
+
+    let refused = b
+        .client
+        .post(&list_path(CP), WRITER, r#"{"project_ids":["proj_no"]}"#)
+        .await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.error().0, "unavailable");
+    assert_eq!(refused.header("x-should-retry"), "true");
+    assert_eq!(metric(&b, "permgate_fleet_lease_up").await, 0.0);
+    assert_eq!(metric(&b, "permgate_fleet_writes_refused_total").await, 1.0);
+
+    relay.resume();
+    eventually("B serves hits again, with the write", || async {
+        let read = b.client.get(&list_path(CP), WRITER).await;
+        read.cache_status() == "permgate; hit" && read.ids()[0] == id
+    })
+    .await;
+    let metrics = b.state.render_metrics().await;
+    assert!(
+        !metrics.contains("permgate_fleet_resync_purges_total{"),
+        "caught up exactly: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_right_after_a_redis_restart_waits_for_leases_the_old_redis_granted() {
+    let mut redis = Redis::start();
+    let (_mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t8:").replace("lease_ms = 600", "lease_ms = 2000");
+    let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
+    let a = replica(&text).await;
+    let b = replica(&through(&text, &redis, &relay)).await;
+    lease_up(&a.client).await;
+    lease_up(&b.client).await;
+
+    relay.stall();
+    redis.stop();
+    let _redis = Redis::start_on(redis.port);
+    let incarnation = "permgate_fleet_resync_purges_total{reason=\"incarnation\"}";
+    eventually("A holds a lease from the new Redis", || async {
+        metric(&a, incarnation).await == 1.0
+    })
+    .await;
+    let (created, took) = create(&a.client, "proj_fence").await;
+    assert_eq!(created.status, 200);
+    println!("the first write after the restart took {took:?}");
+    assert_eq!(metric(&a, "permgate_fleet_fence_waits_total").await, 1.0);
+    let id = created.ids()[0].clone();
+    // B never heard of the new Redis; its old lease is over by now.
+    let read = b.client.get(&list_path(CP), WRITER).await;
+    assert_eq!(read.ids()[0], id);
+    assert_eq!(read.cache_status(), NO_LEASE);
+
+    relay.resume();
+    eventually("B joined the new incarnation", || async {
+        let read = b.client.get(&list_path(CP), WRITER).await;
+        read.cache_status() == "permgate; hit" && read.ids()[0] == id
+    })
+    .await;
+    assert_eq!(metric(&b, incarnation).await, 1.0);
 }

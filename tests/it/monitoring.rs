@@ -86,7 +86,8 @@ async fn rules_and_dashboard_name_only_metrics_and_labels_a_gateway_exports() {
         .client
         .post(&list_path(CP), WRITER, r#"{"project_ids":["proj_a"]}"#)
         .await;
-    assert_eq!(created.status, 200);
+    // Never connected to Redis, so no fleet lease: the write is refused, upstream not called.
+    assert_eq!(created.status, 503);
     let env: SharedEnv = Arc::new(|_| None);
     let missing = std::env::temp_dir().join("permgate-no-such-dir/permgate.toml");
     assert!(permgate::reload::reload(&gw.state, &missing, &env).is_err());
