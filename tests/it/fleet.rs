@@ -474,8 +474,12 @@ async fn a_paused_replica_never_serves_the_old_list_after_a_write_elsewhere() {
     let (_mock, addr, _stop) = mock().await;
     let text = config_text(addr, &redis, "t6:");
     let a = replica(&text).await;
+    // The incarnation began when A took its first lease: its fence is over by then.
+    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
     let (b, b_client, dir) = serve_process(&text, "paused").await;
     lease_up(&b_client).await;
+    // A new Redis fences writes for one lease term; past it only B's lease can hold a write.
+    tokio::time::sleep_until(fence_over.into()).await;
 
     // (a) Paused across the whole write: the write waits for B's lease to run out, no longer.
     signal(&b, "STOP");
@@ -484,6 +488,7 @@ async fn a_paused_replica_never_serves_the_old_list_after_a_write_elsewhere() {
     assert!(took <= LEASE + MARGIN, "the write took {took:?}");
     let expiry = "permgate_fleet_writes_waited_for_lease_expiry_total";
     assert_eq!(metric(&a, expiry).await, 1.0, "the write waited for B");
+    assert_eq!(metric(&a, "permgate_fleet_fence_waits_total").await, 0.0);
     let id = created.ids()[0].clone();
     signal(&b, "CONT");
     for _ in 0..5 {
@@ -596,12 +601,19 @@ async fn a_replica_cut_off_silently_never_serves_the_old_list_and_writes_wait_at
     let text = config_text(addr, &redis, "t7:");
     let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
     let a = replica(&text).await;
+    // The incarnation began when A took its first lease: its fence is over by then.
+    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
     let b = replica(&through(&text, &redis, &relay)).await;
     lease_up(&b.client).await;
+    // A new Redis fences writes for one lease term; past it only B's lease can hold a write.
+    tokio::time::sleep_until(fence_over.into()).await;
 
     relay.stall();
     let (created, took) = create(&a.client, "proj_cut").await;
     assert_eq!(created.status, 200);
+    let expiry = "permgate_fleet_writes_waited_for_lease_expiry_total";
+    assert_eq!(metric(&a, expiry).await, 1.0, "the write waited for B");
+    assert_eq!(metric(&a, "permgate_fleet_fence_waits_total").await, 0.0);
     println!("write with a replica cut off silently took {took:?}");
     assert!(took <= LEASE + MARGIN, "the write took {took:?}");
     let id = created.ids()[0].clone();
