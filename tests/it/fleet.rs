@@ -709,3 +709,234 @@ async fn a_write_right_after_a_redis_restart_waits_for_leases_the_old_redis_gran
     .await;
     assert_eq!(metric(&b, incarnation).await, 1.0);
 }
+
+/// One operation of the randomized history.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A list read that answered 200, with the ids it returned.
+    Read(Vec<String>),
+    Create(String),
+    Delete(String),
+    /// A write that did not answer 200: its id's fate is unknown.
+    FailedDelete(String),
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    start: Instant,
+    end: Instant,
+    replica: usize,
+    checkpoint: usize,
+    op: Op,
+    cache_status: String,
+}
+
+/// Read-your-writes over a history: for every read R and id x, a delete of x that answered
+/// before R started means x is absent; a create of x that answered before R started, with no
+/// delete of x started before R ended, means x is present. Ids of failed deletes are left out.
+fn violations(history: &[Event]) -> Vec<String> {
+    let uncertain: std::collections::HashSet<&str> = history
+        .iter()
+        .filter_map(|e| match &e.op {
+            Op::FailedDelete(id) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut found = Vec::new();
+    for read in history {
+        let Op::Read(ids) = &read.op else { continue };
+        for write in history.iter().filter(|w| w.checkpoint == read.checkpoint) {
+            let (id, deleted) = match &write.op {
+                Op::Create(id) => (id, false),
+                Op::Delete(id) => (id, true),
+                _ => continue,
+            };
+            if write.end >= read.start || uncertain.contains(id.as_str()) {
+                continue;
+            }
+            let present = ids.contains(id);
+            let deleting = history
+                .iter()
+                .any(|d| matches!(&d.op, Op::Delete(x) if x == id) && d.start < read.end);
+            if (deleted && present) || (!deleted && !deleting && !present) {
+                found.push(format!(
+                    "read on replica {} ({}) missed {:?} of replica {}: {read:?} / {write:?}",
+                    read.replica, read.cache_status, write.op, write.replica
+                ));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn the_history_checker_finds_a_stale_read_and_accepts_a_concurrent_one() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let event = |start, end, op| Event {
+        start: at(start),
+        end: at(end),
+        replica: 0,
+        checkpoint: 0,
+        op,
+        cache_status: String::new(),
+    };
+    let created = event(0, 10, Op::Create("a".into()));
+    // Started after the create answered, without it: a violation.
+    let stale = event(20, 30, Op::Read(vec![]));
+    assert_eq!(violations(&[created.clone(), stale]).len(), 1);
+    // Overlapping the create: either answer is fine.
+    let concurrent = event(5, 30, Op::Read(vec![]));
+    assert!(violations(&[created.clone(), concurrent]).is_empty());
+    // A delete that answered before the read: the id must be gone.
+    let deleted = event(40, 50, Op::Delete("a".into()));
+    let after = event(60, 70, Op::Read(vec!["a".into()]));
+    assert_eq!(violations(&[created, deleted, after]).len(), 1);
+}
+
+/// What the history's clients share: the log, and the ids created (and not deleted) per
+/// checkpoint.
+#[derive(Default)]
+struct History {
+    events: Vec<Event>,
+    live: [Vec<String>; 2],
+}
+
+async fn one_operation(
+    clients: &[TestClient],
+    history: &std::sync::Mutex<History>,
+    rng: &mut fastrand::Rng,
+) {
+    let (replica, checkpoint) = (rng.usize(..clients.len()), rng.usize(..2));
+    let path = list_path([CP, CP2][checkpoint]);
+    let client = &clients[replica];
+    let roll = rng.u8(..100);
+    let victim = {
+        let h = history.lock().unwrap();
+        let live = &h.live[checkpoint];
+        let delete = !live.is_empty() && (roll >= 85 || (roll >= 70 && live.len() >= 50));
+        delete.then(|| live[rng.usize(..live.len())].clone())
+    };
+    let start = Instant::now();
+    let (op, cache_status) = if roll < 70 {
+        let read = client.get(&format!("{path}?limit=100"), WRITER).await;
+        if read.status != 200 {
+            return;
+        }
+        (Op::Read(read.ids()), read.cache_status().to_string())
+    } else if let Some(id) = victim {
+        let deleted = client.delete(&format!("{path}/{id}"), WRITER).await;
+        let mut h = history.lock().unwrap();
+        h.live[checkpoint].retain(|x| *x != id);
+        if deleted.status == 200 {
+            (Op::Delete(id), String::new())
+        } else {
+            (Op::FailedDelete(id), String::new())
+        }
+    } else {
+        let created = client
+            .post(&path, WRITER, r#"{"project_ids":["proj_history"]}"#)
+            .await;
+        if created.status != 200 {
+            return;
+        }
+        let id = created.ids()[0].clone();
+        history.lock().unwrap().live[checkpoint].push(id.clone());
+        (Op::Create(id), String::new())
+    };
+    history.lock().unwrap().events.push(Event {
+        start,
+        end: Instant::now(),
+        replica,
+        checkpoint,
+        op,
+        cache_status,
+    });
+}
+
+#[tokio::test]
+async fn randomized_history_never_reads_a_list_older_than_a_completed_write() {
+    let seconds: u64 = std::env::var("HISTORY_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let seed: u64 = std::env::var("HISTORY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("HISTORY_SEED={seed} HISTORY_SECONDS={seconds}");
+    let redis = Redis::start();
+    let (_mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t9:");
+    let mut processes = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        // Each replica reaches Redis through its own relay, which can go silent.
+        let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
+        let text = through(&text, &redis, &relay);
+        let (process, client, dir) = serve_process(&text, &format!("history{i}")).await;
+        lease_up(&client).await;
+        processes.push((process, relay, dir));
+        clients.push(client);
+    }
+    let clients = Arc::new(clients);
+    let history = Arc::new(std::sync::Mutex::new(History::default()));
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let (clients, history) = (clients.clone(), history.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(task));
+            while Instant::now() < until {
+                one_operation(&clients, &history, &mut rng).await;
+                // Think time: pages live long enough between writes for a stale one to show.
+                tokio::time::sleep(Duration::from_millis(rng.u64(10..60))).await;
+            }
+        }));
+    }
+    chaos(&processes, until, seed).await;
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let history = history.lock().unwrap();
+    let reads = history
+        .events
+        .iter()
+        .filter(|e| matches!(e.op, Op::Read(_)))
+        .count();
+    let writes = history.events.len() - reads;
+    println!("{reads} reads, {writes} writes");
+    let found = violations(&history.events);
+    assert!(found.is_empty(), "seed {seed}:\n{}", found.join("\n"));
+    assert!(
+        reads >= 200 && writes >= 30,
+        "seed {seed}: {reads} reads, {writes} writes"
+    );
+    for (_, _, dir) in processes {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// One replica at a time paused, or cut off from Redis silently, for less and more than a
+/// lease, until `until`.
+async fn chaos(processes: &[(Process, Relay, std::path::PathBuf)], until: Instant, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..400))).await;
+        let (victim, relay, _) = &processes[rng.usize(..processes.len())];
+        let pause = rng.bool();
+        let lasts = if pause {
+            signal(victim, "STOP");
+            rng.u64(50..1500)
+        } else {
+            relay.stall();
+            rng.u64(300..1500)
+        };
+        tokio::time::sleep(Duration::from_millis(lasts)).await;
+        if pause {
+            signal(victim, "CONT");
+        } else {
+            relay.resume();
+        }
+    }
+}
