@@ -78,6 +78,17 @@ struct FileServer {
     max_uri_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    tls: Option<FileServerTls>,
+}
+
+/// `[server.tls]`: HTTPS on the data listener (SPEC "The front door").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServerTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+    require_client_cert: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +196,22 @@ pub struct ServerConfig {
     /// A connection with no request in flight this long is shut down (HTTP/2: GOAWAY).
     #[serde(serialize_with = "millis")]
     pub idle_timeout: Duration,
+    /// `[server.tls]`: HTTPS on the data listener; `None` is plain HTTP.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`. The files are read by `tls::ServerTls` (at startup, then again whenever
+/// they change and on SIGHUP), not here.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerTlsConfig {
+    /// PEM: the server certificate first, then its intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the CAs a client certificate must chain to; set, clients are asked for one (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: a handshake without a verified client certificate is refused.
+    pub require_client_cert: bool,
 }
 
 impl ServerConfig {
@@ -644,6 +671,7 @@ impl FileServer {
                 "server.idle_timeout_ms must be 1 to {MAX_TIMEOUT_MS} (1 hour)"
             ));
         }
+        let tls = self.tls.map(|t| t.validate(problems));
         Some(ServerConfig {
             listen: listen?,
             admin_listen,
@@ -655,7 +683,38 @@ impl FileServer {
             max_uri_bytes,
             header_read_timeout,
             idle_timeout,
+            tls,
         })
+    }
+}
+
+impl FileServerTls {
+    /// `[server.tls]`. Paths are never echoed: a value pasted into the wrong key could be a
+    /// secret.
+    fn validate(self, problems: &mut Vec<String>) -> ServerTlsConfig {
+        let paths = [
+            ("cert_file", Some(&self.cert_file)),
+            ("key_file", Some(&self.key_file)),
+            ("client_ca_file", self.client_ca_file.as_ref()),
+        ];
+        for (key, path) in paths {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                problems.push(format!("server.tls.{key} is empty"));
+            }
+        }
+        let require_client_cert = self.require_client_cert.unwrap_or(false);
+        if require_client_cert && self.client_ca_file.is_none() {
+            problems.push(
+                "server.tls.require_client_cert = true needs server.tls.client_ca_file (the CAs client certificates must chain to)"
+                    .into(),
+            );
+        }
+        ServerTlsConfig {
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            client_ca_file: self.client_ca_file,
+            require_client_cert,
+        }
     }
 }
 
@@ -1326,6 +1385,44 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
             problems(&with("max_concurrency = 4\nmax_concurrency_per_client = 5"))
                 .contains("upstream.max_concurrency_per_client must be at most")
         );
+    }
+
+    #[test]
+    fn server_tls_is_optional_and_checked() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert!(c.server.tls.is_none(), "plain HTTP by default");
+        let with = |table: &str| format!("{MINIMAL}\n[server.tls]\n{table}\n");
+        let pair = "cert_file = \"/tls/tls.crt\"\nkey_file = \"/tls/tls.key\"";
+        let tls = Config::parse(&with(pair), &no_env)
+            .unwrap()
+            .server
+            .tls
+            .unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("/tls/tls.crt"));
+        assert_eq!(tls.key_file, PathBuf::from("/tls/tls.key"));
+        assert_eq!(tls.client_ca_file, None);
+        assert!(!tls.require_client_cert);
+        let mtls = format!("{pair}\nclient_ca_file = \"/tls/ca.pem\"\nrequire_client_cert = true");
+        let tls = Config::parse(&with(&mtls), &no_env)
+            .unwrap()
+            .server
+            .tls
+            .unwrap();
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("/tls/ca.pem")));
+        assert!(tls.require_client_cert);
+
+        let secret = "sk-admin-PASTEDBYMISTAKE0123456789";
+        let err = problems(&with(&format!(
+            "cert_file = \"/tls/{secret}\"\nkey_file = \"\"\nrequire_client_cert = true"
+        )));
+        assert!(err.contains("server.tls.key_file is empty"), "{err}");
+        assert!(
+            err.contains("server.tls.require_client_cert = true needs server.tls.client_ca_file"),
+            "{err}"
+        );
+        assert!(!err.contains("PASTEDBYMISTAKE"), "{err}");
+        assert!(problems(&with("cert_file = \"/c\"")).contains("key_file"));
+        assert!(problems(&with(&format!("{pair}\nciphers = \"x\""))).contains("ciphers"));
     }
 
     #[test]

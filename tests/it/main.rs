@@ -18,4 +18,5 @@ mod routes;
 mod soak;
 mod support;
 mod tls;
+mod tls_listener;
 mod writes;
