@@ -3,7 +3,10 @@
 //! otherwise); `/healthz` and `/readyz` never do. Without it, nothing changes.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use hyper::Method;
 
@@ -184,5 +187,125 @@ async fn admin_tokens_never_reach_the_logs() {
                 "piece {piece:?} of a token in the logs"
             );
         }
+    }
+}
+
+/// `prometheus` on PATH; `None` (with a message) when missing outside CI.
+fn prometheus_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("prometheus"))
+            .find(|p| p.is_file())
+    });
+    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(
+        found.is_some() || !ci,
+        "CI is set but `prometheus` is not on PATH (apt-get install prometheus)"
+    );
+    if found.is_none() {
+        eprintln!("skipped: no `prometheus` on PATH (apt-get install prometheus)");
+    }
+    found
+}
+
+/// deploy/prometheus/prometheus.yml as shipped, pointed at `admin` and `token_file`, scraping
+/// every second, plus a job without the token.
+fn shipped_scrape_config(admin: SocketAddr, token_file: &Path) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let shipped = std::fs::read_to_string(format!("{root}/deploy/prometheus/prometheus.yml"))
+        .expect("deploy/prometheus/prometheus.yml");
+    let targets = "[\"10.0.0.5:9090\", \"10.0.0.6:9090\"]";
+    assert!(shipped.contains(targets), "the example targets moved");
+    let text = shipped
+        .replace(targets, &format!("[\"{admin}\"]"))
+        .replace(
+            "/etc/prometheus/secrets/permgate-admin-token",
+            token_file.to_str().unwrap(),
+        )
+        .replace(
+            "/etc/prometheus/rules/permgate.rules.yaml",
+            &format!("{root}/deploy/prometheus/permgate.rules.yaml"),
+        );
+    format!(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n{text}\n  \
+         - job_name: without-token\n    static_configs:\n      - targets: [\"{admin}\"]\n"
+    )
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_with_the_shipped_token_file_config() {
+    let Some(prometheus) = prometheus_binary() else {
+        return;
+    };
+    let mut gw = start_with_admin_token().await;
+    let dir = std::env::temp_dir().join(format!("permgate-admin-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("permgate-admin-token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(&config, shipped_scrape_config(gw.admin_addr, &token_file)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _prometheus = Process(
+        Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus starts"),
+    );
+    let prom = format!("127.0.0.1:{port}").parse().unwrap();
+    let up = until_target(prom, "permgate", |health| health == "up").await;
+    assert_eq!(up, "", "scraped with the token file");
+    let refused = until_target(prom, "without-token", |health| health == "down").await;
+    assert!(refused.contains("401"), "without the token: {refused}");
+    gw.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls Prometheus (at most 30 s: its startup and a few 1 s scrapes) until `job`'s target
+/// health satisfies `done`; returns its last error.
+async fn until_target(prom: SocketAddr, job: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listening = tokio::net::TcpStream::connect(prom).await.is_ok();
+        let r = match listening {
+            true => Some(
+                TestClient::new(prom)
+                    .send(Method::GET, "/api/v1/targets", None, &[], None)
+                    .await,
+            ),
+            false => None,
+        };
+        if let Some(r) = r.filter(|r| r.status == 200) {
+            let v = r.json();
+            let targets = v["data"]["activeTargets"].as_array().cloned();
+            if let Some(t) = targets
+                .unwrap_or_default()
+                .into_iter()
+                .find(|t| t["labels"]["job"] == job)
+            {
+                let (health, error) = (
+                    t["health"].as_str().unwrap_or_default(),
+                    t["lastError"].as_str().unwrap_or_default(),
+                );
+                if done(health) {
+                    return error.to_string();
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for Prometheus' {job} target"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
