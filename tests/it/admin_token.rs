@@ -240,6 +240,7 @@ async fn a_real_prometheus_scrapes_with_the_shipped_token_file_config() {
     let mut gw = start_with_admin_token().await;
     let dir = std::env::temp_dir().join(format!("permgate-admin-prom-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _remove = RemoveOnDrop(dir.clone());
     let token_file = dir.join("permgate-admin-token");
     std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     let config = dir.join("prometheus.yml");
@@ -268,7 +269,15 @@ async fn a_real_prometheus_scrapes_with_the_shipped_token_file_config() {
     let refused = until_target(prom, "without-token", |health| health == "down").await;
     assert!(refused.contains("401"), "without the token: {refused}");
     gw.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Removes a temporary directory when dropped, a failed test's included.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Polls Prometheus (at most 30 s: its startup and a few 1 s scrapes) until `job`'s target
