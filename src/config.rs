@@ -63,6 +63,7 @@ struct FileRedis {
     timeout_ms: Option<u64>,
     degraded_ttl_seconds: Option<u64>,
     reconnect_max_ms: Option<u64>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +71,7 @@ struct FileRedis {
 struct FileServer {
     listen: String,
     admin_listen: Option<String>,
+    admin_token_sha256: Option<String>,
     worker_threads: Option<usize>,
     drain_timeout_ms: Option<u64>,
     max_body_bytes: Option<usize>,
@@ -165,6 +167,9 @@ pub struct RedisConfig {
     pub degraded_ttl: Duration,
     #[serde(serialize_with = "millis")]
     pub reconnect_max: Duration,
+    /// PEM roots for `rediss://`: only certificates chaining to them are trusted (instead of
+    /// the public roots). Read by `fleet`, at startup.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -184,6 +189,9 @@ impl RedisConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// SHA-256 of the token `/metrics` and `POST /cache/purge` require; `None`: no token.
+    #[serde(serialize_with = "optional_hex_digest")]
+    pub admin_token_sha256: Option<[u8; 32]>,
     pub worker_threads: Option<usize>,
     #[serde(serialize_with = "millis")]
     pub drain_timeout: Duration,
@@ -514,6 +522,12 @@ impl FileConfig {
                 .map(|v| text("server.admin_listen", v)),
         );
         values.extend(
+            server
+                .admin_token_sha256
+                .iter()
+                .map(|v| text("server.admin_token_sha256", v)),
+        );
+        values.extend(
             upstream
                 .admin_key_env
                 .iter()
@@ -542,6 +556,7 @@ impl FileConfig {
                     .map(|v| path("redis.password_file", v)),
             );
             values.extend(redis.key_prefix.iter().map(|v| text("redis.key_prefix", v)));
+            values.extend(redis.ca_file.iter().map(|v| path("redis.ca_file", v)));
         }
         for (i, client) in self.clients.iter().enumerate() {
             values.push(text(&format!("clients[{i}].name"), &client.name));
@@ -631,6 +646,16 @@ impl FileServer {
                 problems.push("server.admin_listen must differ from server.listen".into());
             }
         }
+        let admin_token_sha256 = self.admin_token_sha256.as_deref().and_then(|hex_text| {
+            let digest = parse_digest(hex_text);
+            if digest.is_none() {
+                problems.push(
+                    "server.admin_token_sha256 must be 64 hex characters (see `permgate hash-token`)"
+                        .into(),
+                );
+            }
+            digest
+        });
         if self.worker_threads == Some(0) {
             problems.push("server.worker_threads must be at least 1".into());
         }
@@ -675,6 +700,7 @@ impl FileServer {
         Some(ServerConfig {
             listen: listen?,
             admin_listen,
+            admin_token_sha256,
             worker_threads: self.worker_threads,
             drain_timeout: millis_or(self.drain_timeout_ms, ServerConfig::DEFAULT_DRAIN_TIMEOUT),
             max_body_bytes,
@@ -972,6 +998,13 @@ impl FileRedis {
         if timeout.is_zero() || timeout > Duration::from_secs(10) {
             problems.push("redis.timeout_ms must be 1 to 10000".into());
         }
+        if let Some(ca_file) = &self.ca_file {
+            if ca_file.as_os_str().is_empty() {
+                problems.push("redis.ca_file is empty".into());
+            } else if !self.url.starts_with("rediss://") {
+                problems.push("redis.ca_file needs a rediss:// redis.url (TLS to Redis)".into());
+            }
+        }
         (ok_url && !has_password && !odd_query).then(|| RedisConfig {
             url: self.url,
             password,
@@ -987,6 +1020,7 @@ impl FileRedis {
                     RedisConfig::MIN_RECONNECT_MAX,
                     Duration::from_millis(MAX_TIMEOUT_MS),
                 ),
+            ca_file: self.ca_file,
         })
     }
 }
@@ -1133,6 +1167,16 @@ fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, 
 
 fn hex_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&hex::encode(d))
+}
+
+fn optional_hex_digest<S: serde::Serializer>(
+    d: &Option<[u8; 32]>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => hex_digest(d, s),
+        None => s.serialize_str("none"),
+    }
 }
 
 fn rate<S: serde::Serializer>(
@@ -1423,6 +1467,77 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
         assert!(!err.contains("PASTEDBYMISTAKE"), "{err}");
         assert!(problems(&with("cert_file = \"/c\"")).contains("key_file"));
         assert!(problems(&with(&format!("{pair}\nciphers = \"x\""))).contains("ciphers"));
+    }
+
+    #[test]
+    fn the_admin_token_is_a_64_hex_digest_and_optional() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert_eq!(
+            c.server.admin_token_sha256, None,
+            "no admin token by default"
+        );
+        let with = |value: &str| {
+            MINIMAL.replace(
+                "[upstream]",
+                &format!("admin_token_sha256 = \"{value}\"\n[upstream]"),
+            )
+        };
+        let digest = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let c = Config::parse(&with(digest), &no_env).unwrap();
+        assert_eq!(
+            c.server.admin_token_sha256.map(hex::encode).as_deref(),
+            Some(digest)
+        );
+        let view = c.resolved_view().unwrap();
+        assert!(
+            view.contains(&format!("admin_token_sha256 = \"{digest}\"")),
+            "{view}"
+        );
+        for bad in ["", "xyz", &digest[1..], "hunter2-not-a-digest"] {
+            let err = problems(&with(bad));
+            assert!(
+                err.contains("server.admin_token_sha256 must be 64 hex characters"),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = problems(&with(PASTED));
+        assert!(
+            err.contains("server.admin_token_sha256 looks like an API key"),
+            "{err}"
+        );
+        assert_no_piece(&err);
+    }
+
+    #[test]
+    fn redis_ca_file_needs_rediss() {
+        let with = |url: &str, ca: &str| {
+            format!("{MINIMAL}[redis]\nurl = \"{url}\"\nca_file = \"{ca}\"\n")
+        };
+        let c = Config::parse(
+            &with("rediss://h:6380", "/etc/permgate/redis-ca.pem"),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.unwrap().ca_file,
+            Some(PathBuf::from("/etc/permgate/redis-ca.pem"))
+        );
+        let plain = Config::parse(
+            &format!("{MINIMAL}[redis]\nurl = \"rediss://h\"\n"),
+            &no_env,
+        );
+        assert_eq!(plain.unwrap().redis.unwrap().ca_file, None);
+        let err = problems(&with("redis://h:6379", "/secret-ish/hunter2.pem"));
+        assert!(
+            err.contains("redis.ca_file needs a rediss:// redis.url"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(problems(&with("rediss://h", "")).contains("redis.ca_file is empty"));
+        let err = problems(&with("rediss://h", &format!("/etc/{PASTED}.pem")));
+        assert!(err.contains("redis.ca_file looks like an API key"), "{err}");
+        assert_no_piece(&err);
     }
 
     #[test]

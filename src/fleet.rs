@@ -29,7 +29,7 @@ use arc_swap::ArcSwapOption;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
 use tracing::{info, warn};
 
 use crate::cache::{PageCache, View};
@@ -67,6 +67,25 @@ pub fn password(config: &RedisConfig, env: &Env) -> Result<Option<String>, Strin
         .transpose()
 }
 
+/// The PEM of `redis.ca_file`, with at least one certificate. Never waits on a FIFO at the
+/// path (see `secret::read_regular_file`).
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let at = |e: &dyn std::fmt::Display| format!("redis.ca_file {}: {e}", path.display());
+    let pem = secret::read_regular_file(path, MAX_CA_FILE_BYTES).map_err(|e| at(&e))?;
+    let mut certificates = 0;
+    for certificate in rustls_pemfile::certs(&mut pem.as_slice()) {
+        certificate.map_err(|e| at(&e))?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err(at(&"no PEM certificates found"));
+    }
+    Ok(pem)
+}
+
+/// A CA bundle larger than this is surely not one.
+const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Checkpoints travel percent-encoded on the channel, so any id survives the round trip.
 fn encoded(checkpoint: &Checkpoint) -> String {
     let mut s = String::new();
@@ -83,7 +102,10 @@ fn unix_millis() -> u64 {
 impl Fleet {
     /// Prepares the client; connecting happens in the background ([`spawn`]), so a Redis that
     /// is down at startup does not stop the gateway from starting. `password` comes from
-    /// [`password`].
+    /// [`password`]. With `redis.ca_file` (`rediss://` only), the server's certificate must
+    /// chain to that file's certificates, and the public roots are not used; an unreadable file
+    /// or one without a certificate stops startup. A Redis whose certificate does not chain
+    /// leaves the replica degraded, as if Redis were down.
     pub fn new(
         config: &RedisConfig,
         password: Option<&str>,
@@ -98,7 +120,25 @@ impl Fleet {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = Client::open(info).map_err(|_| "redis.url cannot be used".to_string())?;
+        let client = match &config.ca_file {
+            Some(ca_file) => {
+                let root_cert = Some(read_ca_file(ca_file)?);
+                Client::build_with_tls(
+                    info,
+                    TlsCertificates {
+                        client_tls: None,
+                        root_cert,
+                    },
+                )
+                .map_err(|_| {
+                    format!(
+                        "redis.ca_file {}: not usable as trusted roots",
+                        ca_file.display()
+                    )
+                })?
+            }
+            None => Client::open(info).map_err(|_| "redis.url cannot be used".to_string())?,
+        };
         Ok(Fleet {
             client,
             metrics,

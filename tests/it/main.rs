@@ -2,10 +2,12 @@
 //! One module per SPEC section; `support` starts everything.
 
 mod admin;
+mod admin_token;
 mod caching;
 mod cli;
 mod fairness;
 mod fleet;
+mod fleet_tls;
 mod hostile;
 mod hygiene;
 mod idle;
