@@ -44,6 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ServerConfig;
+use crate::framing::FramingGuard;
 use crate::proxy;
 use crate::state::AppState;
 
@@ -259,6 +260,7 @@ where
                 Ok::<_, Infallible>(response)
             }
         });
+        let stream = FramingGuard::new(stream, self.limits.max_header_bytes.max(8192));
         let connection = self
             .builder
             .serve_connection(TokioIo::new(stream), service)
