@@ -5,6 +5,7 @@ mod admin;
 mod caching;
 mod cli;
 mod fleet;
+mod framing;
 mod hostile;
 mod idle;
 mod monitoring;
