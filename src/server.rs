@@ -55,6 +55,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ServerConfig;
+use crate::framing::FramingGuard;
 use crate::proxy;
 use crate::state::AppState;
 use crate::tls::{self, PeerIdentity};
@@ -301,12 +302,15 @@ where
         let builder = self.builder.clone();
         let mut drain = self.drain.subscribe();
         let limits = self.limits;
+        // As `connection_builder`'s buffer: a larger head is hyper's 431, not the guard's.
+        let head_limit = limits.max_header_bytes.max(8192);
         tokio::spawn(async move {
             let _slot = slot; // Held until the connection ends, handshake included.
             match tls {
                 None => {
                     let watched = ConnectionWatch::new(drain, &limits, accepted);
-                    serve_io(&builder, TokioIo::new(stream), handler, None, watched, peer).await;
+                    let io = TokioIo::new(FramingGuard::new(stream, head_limit));
+                    serve_io(&builder, io, handler, None, watched, peer).await;
                 }
                 Some(acceptor) => {
                     let deadline = accepted + limits.header_read_timeout;
@@ -317,7 +321,7 @@ where
                     };
                     let identity = tls::peer_identity(stream.get_ref().1);
                     let watched = ConnectionWatch::new(drain, &limits, accepted);
-                    let io = TokioIo::new(stream);
+                    let io = TokioIo::new(FramingGuard::new(stream, head_limit));
                     serve_io(&builder, io, handler, identity, watched, peer).await;
                 }
             }

@@ -8,6 +8,7 @@ mod cli;
 mod fairness;
 mod fleet;
 mod fleet_tls;
+mod framing;
 mod hostile;
 mod hygiene;
 mod idle;
