@@ -26,7 +26,15 @@
 #   CONNECTIONS=64    wrk connections (keep-alive)
 #   IDLE_SECONDS=30   idle time before the "first second after expiry" check
 #   BOUND_DURATION=20s  length of the flood of new keys in the max_bytes check
-#   SCENARIOS="hit10 hit100 keys10k miss0 miss20"   subset of the throughput scenarios
+#   SCENARIOS="hit10 hit100 keys10k miss0 miss20"   subset of the throughput scenarios; two
+#                     more run only when named here (TLS, certificates made with openssl):
+#                     tlshit10   hit10 over HTTPS: permgate [server.tls] vs nginx `listen ssl`
+#                                with proxy_cache, same certificate, wrk with an https URL
+#                     mtlshit10  hit10 over HTTPS, permgate with and without client
+#                                certificates (client_ca_file, require_client_cert = true).
+#                                wrk cannot present a client certificate, so this one is
+#                                driven by siege (apt), keep-alive, for both systems; siege
+#                                reports no percentiles (p50 = the mean, p99 = 0)
 #   EXTRAS="coalesce idle memory bound"             subset of the one-off checks ("" for none)
 #   QUIET_PCT=5 QUIET_MAX=20  before each run, wait up to QUIET_MAX s until other processes
 #                     use less than QUIET_PCT % of the machine (each run records how much they
@@ -60,6 +68,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 LUA=$ROOT/benches/wrk
 
 log() { printf '[compare %s] %s\n' "$(date +%T)" "$*" >&2; }
+tls_wanted() { case " $SCENARIOS " in *" tlshit10 "* | *" mtlshit10 "*) return 0 ;; esac; return 1; }
+mtls_wanted() { case " $SCENARIOS " in *" mtlshit10 "*) return 0 ;; esac; return 1; }
 die() {
     log "error: $*"
     exit 1
@@ -74,6 +84,8 @@ install_tools() {
     command -v wrk >/dev/null || missing+=(wrk)
     command -v curl >/dev/null || missing+=(curl)
     command -v taskset >/dev/null || missing+=(util-linux)
+    tls_wanted && ! command -v openssl >/dev/null && missing+=(openssl)
+    mtls_wanted && ! command -v siege >/dev/null && missing+=(siege)
     [ ${#missing[@]} -eq 0 ] && return
     [ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; run as root or install them first"
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
@@ -221,7 +233,41 @@ permgate_config() {
         echo "name = \"bench\""
         echo "token_sha256 = \"$TOKEN_SHA256\""
         echo "checkpoints = [\"*\"]"
+        # PG_TAIL: more tables (e.g. [server.tls]), when the caller sets it.
+        if [ -n "${PG_TAIL:-}" ]; then printf '\n%s\n' "$PG_TAIL"; fi
     } >"$WORK/$name.toml"
+}
+
+# ECDSA P-256 throughout (cert-manager's usual choice). One CA for the server certificate, which
+# nginx and permgate both present, and one for client certificates (mTLS).
+make_certs() {
+    local d=$WORK/tls ca
+    mkdir -p "$d"
+    for ca in ca clients-ca; do
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj "/CN=permgate bench $ca" -keyout "$d/$ca.key" -out "$d/$ca.crt" 2>/dev/null
+    done
+    make_leaf server ca "subjectAltName=DNS:localhost,IP:127.0.0.1" serverAuth
+    make_leaf client clients-ca "subjectAltName=URI:spiffe://bench.local/ns/bench/sa/load" clientAuth
+}
+
+# make_leaf NAME CA SAN USAGE: NAME.crt and NAME.key, signed by CA
+make_leaf() {
+    local name=$1 ca=$2 san=$3 usage=$4 d=$WORK/tls
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$name" \
+        -keyout "$d/$name.key" -out "$d/$name.csr" 2>/dev/null
+    printf '%s\nextendedKeyUsage=%s\n' "$san" "$usage" >"$d/$name.ext"
+    openssl x509 -req -in "$d/$name.csr" -CA "$d/$ca.crt" -CAkey "$d/$ca.key" -CAcreateserial \
+        -days 2 -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
+}
+
+# start_permgate_tls NAME PORT [more [server.tls] lines...]: a hit10 permgate over HTTPS
+start_permgate_tls() {
+    local name=$1 port=$2 table line
+    shift 2
+    table=$(printf '[server.tls]\ncert_file = "%s"\nkey_file = "%s"' "$WORK/tls/server.crt" "$WORK/tls/server.key")
+    for line in "$@"; do table="$table"$'\n'"$line"; done
+    PG_TAIL=$table start_permgate "$name" "$port" up0 "info,permgate::access=off" "ttl_seconds = 3600"
 }
 
 # start_permgate NAME PORT UPSTREAM LOG_FILTER [cache lines...]
@@ -279,20 +325,36 @@ http {
         listen 127.0.0.1:$((PORT_BASE + 22));
         location / { proxy_pass http://up20; proxy_cache miss20; $location }
     }
+$(if tls_wanted; then nginx_tls_server "$location"; fi)
 }
+EOF
+}
+
+# tlshit10's nginx: TLS terminated with permgate's certificate, the same cache zone as hit10.
+nginx_tls_server() {
+    cat <<EOF
+    server {
+        listen 127.0.0.1:$((PORT_BASE + 23)) ssl;
+        ssl_certificate $WORK/tls/server.crt;
+        ssl_certificate_key $WORK/tls/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        location / { proxy_pass http://up0; proxy_cache hit; $1 }
+    }
 EOF
 }
 
 start_nginx() {
     nginx_config
-    local p
-    for p in 20 21 22; do port_busy $((PORT_BASE + p)) && die "127.0.0.1:$((PORT_BASE + p)) is in use"; done
+    local p ports="20 21 22"
+    if tls_wanted; then ports="$ports 23"; fi
+    for p in $ports; do port_busy $((PORT_BASE + p)) && die "127.0.0.1:$((PORT_BASE + p)) is in use"; done
     taskset -c "$SERVER_CPU" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" \
         >"$WORK/nginx.out" 2>"$WORK/nginx.log" &
     local master=$!
     STARTED+=($master)
     PID[nginx_master]=$master
-    for p in 20 21 22; do wait_port $((PORT_BASE + p)) nginx; done
+    for p in $ports; do wait_port $((PORT_BASE + p)) nginx; done
     local child worker=""
     for child in $(cat /proc/"$master"/task/*/children); do
         grep -qa "worker process" "/proc/$child/cmdline" && worker=$child
@@ -314,6 +376,39 @@ wrk_run() {
 }
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
 
+# siege_run URL DURATION CONNECTIONS AUTH [CERT KEY] -> prints a RESULT line like wrk_run's.
+# siege (mtlshit10 only) can present a client certificate, wrk cannot. It has no percentiles:
+# p50_us is the mean latency (its concurrency / its rate: its own mean has 10 ms steps), p99_us
+# 0. Keep-alive (one TLS handshake per user), HTTP/1.1, no delay between requests.
+siege_run() {
+    local url=$1 duration=$2 connections=$3 auth=$4 cert=${5:-} key=${6:-}
+    local rc=$WORK/siegerc
+    {
+        echo "connection = keep-alive"
+        echo "protocol = HTTP/1.1"
+        echo "logging = false"
+        echo "limit = 1024"
+        if [ -n "$cert" ]; then
+            echo "ssl-cert = $cert"
+            echo "ssl-key = $key"
+        fi
+    } >"$rc"
+    local time=${duration%s}S
+    if [ "${duration%m}" != "$duration" ]; then time=${duration%m}M; fi
+    taskset -c "$LOAD_CPU" siege -R "$rc" -b -c"$connections" -t"$time" \
+        -H "Authorization: Bearer $auth" "$url" >/dev/null 2>"$WORK/siege.out" || true
+    awk -F: '
+        { gsub(/^[ \t]+|[ \t]+$/, "", $2); split($2, v, " ") }
+        /^Transactions/ { n = v[1] } /^Successful transactions/ { ok = v[1] }
+        /^Failed transactions/ { failed = v[1] } /^Transaction rate/ { rps = v[1] }
+        /^Concurrency/ { concurrency = v[1] } /^Longest transaction/ { max = v[1] }
+        END {
+            if (n == "" || rps + 0 == 0) exit
+            printf "RESULT rps=%s p50_us=%d p99_us=0 max_us=%d requests=%d socket_errors=%d status_errors=%d\n",
+                rps, concurrency / rps * 1e6, max * 1e6, n, failed, n - ok
+        }' "$WORK/siege.out"
+}
+
 ONE=/v1/fine_tuning/checkpoints/ft:gpt-4o-mini-2024-07-18:acme:bench:B7R9VjQd/permissions
 
 # target SCENARIO SYSTEM ROUND: sets URL SCRIPT AUTH VARS (wrk env) CPU_PID UPSTREAM
@@ -324,6 +419,7 @@ target() {
         hit10 | hit100 | keys10k) port=$((PORT_BASE + 20)) ;;
         miss0) port=$((PORT_BASE + 21)) ;;
         miss20) port=$((PORT_BASE + 22)) ;;
+        tlshit10) port=$((PORT_BASE + 23)) ;;
     esac
     [ "$system" = pg ] && case $scenario in
         miss0) port=${PORT[pgmiss0]} ;;
@@ -338,8 +434,16 @@ target() {
     SCRIPT=$LUA/report.lua
     VARS=(BENCH_NONE=1)
     UPSTREAM=up0
+    LOADER=wrk
+    CERT=()
     case $scenario in
         hit10) URL=http://127.0.0.1:$port$ONE ;;
+        tlshit10) URL=https://127.0.0.1:$port$ONE ;;
+        mtlshit10)
+            URL=https://127.0.0.1:$port$ONE
+            LOADER=siege
+            if [ "$system" = pgmtls ]; then CERT=("$WORK/tls/client.crt" "$WORK/tls/client.key"); fi
+            ;;
         hit100) URL="http://127.0.0.1:$port$ONE?limit=100" ;;
         keys10k)
             URL=http://127.0.0.1:$port
@@ -369,7 +473,11 @@ measure() {
     ours0=$(our_ticks)
     child_ticks kids0
     cpu_before=$(ticks "$CPU_PID")
-    wrk_run "$URL" "$SCRIPT" "$duration" "$CONNECTIONS" "$AUTH" "${VARS[@]}" >"$WORK/wrk.result"
+    if [ "$LOADER" = siege ]; then
+        siege_run "$URL" "$duration" "$CONNECTIONS" "$AUTH" "${CERT[@]}" >"$WORK/wrk.result"
+    else
+        wrk_run "$URL" "$SCRIPT" "$duration" "$CONNECTIONS" "$AUTH" "${VARS[@]}" >"$WORK/wrk.result"
+    fi
     cpu_after=$(ticks "$CPU_PID")
     child_ticks kids1
     ours1=$(our_ticks)
@@ -404,6 +512,8 @@ systems_of() {
         keys10k) echo "nginx pg" ;;
         miss0) echo "direct0 nginx pg" ;;
         miss20) echo "direct20 nginx pg" ;;
+        tlshit10) echo "nginx pgtls" ;;
+        mtlshit10) echo "pgtls pgmtls" ;;
         *) die "unknown scenario $1" ;;
     esac
 }
@@ -628,6 +738,12 @@ report() {
         check("miss, 20 ms upstream: permgate p50 - direct p50", have("miss20", "pg") && have("miss20", "direct20") ? diff("p50", "miss20", "pg", "miss20", "direct20") / 1000 : "", "%+.3f ms", "<= +0.5 ms", diff("p50", "miss20", "pg", "miss20", "direct20") <= 500)
         check("access log on: permgate / bare hyper (10 items, 1 key)", have("hit10", "pglog") && have("hit10", "ref10") ? ratio("rps", "hit10", "pglog", "hit10", "ref10") : "", "%.3f", ">= 0.7", ratio("rps", "hit10", "pglog", "hit10", "ref10") >= 0.7)
         check("  same, by CPU per request", have("hit10", "pglog") && have("hit10", "ref10") ? ratio("cpu", "hit10", "ref10", "hit10", "pglog") : "", "%.3f", ">= 0.7", ratio("cpu", "hit10", "ref10", "hit10", "pglog") >= 0.7)
+        if (have("tlshit10", "pgtls") && have("tlshit10", "nginx"))
+            check("cache hit over TLS, 1 key, 10 items: permgate / nginx", ratio("rps", "tlshit10", "pgtls", "tlshit10", "nginx"), "%.2fx", "(both terminate TLS)", -1)
+        if (have("tlshit10", "pgtls") && have("hit10", "pg"))
+            check("  permgate cpu/req: TLS - plain HTTP", diff("cpu", "tlshit10", "pgtls", "hit10", "pg"), "%+.1f us", "(what TLS adds per request)", -1)
+        if (have("mtlshit10", "pgmtls") && have("mtlshit10", "pgtls"))
+            check("mTLS / TLS (permgate, siege), by CPU per request (TLS / mTLS)", ratio("cpu", "mtlshit10", "pgtls", "mtlshit10", "pgmtls"), "%.3f", "(keep-alive: about 1)", -1)
         m = split(extra, lines, "\n")
         for (i = 1; i <= m; i++) if (lines[i] != "") {
             split(lines[i], f, "\t")
@@ -683,6 +799,14 @@ start_permgate pg $((PORT_BASE + 30)) up0 "$quiet" "ttl_seconds = 3600"
 start_permgate pglog $((PORT_BASE + 32)) up0 "info" "ttl_seconds = 3600"
 start_permgate pgmiss0 $((PORT_BASE + 33)) up0 "$quiet" "ttl_seconds = 3600"
 start_permgate pgmiss20 $((PORT_BASE + 34)) up20 "$quiet" "ttl_seconds = 3600"
+if tls_wanted; then
+    make_certs
+    start_permgate_tls pgtls $((PORT_BASE + 31))
+fi
+if mtls_wanted; then
+    start_permgate_tls pgmtls $((PORT_BASE + 40)) "client_ca_file = \"$WORK/tls/clients-ca.crt\"" \
+        "require_client_cert = true"
+fi
 start_nginx
 
 # The reference serves exactly the bytes permgate serves for the same page.
@@ -698,6 +822,23 @@ curl -sf "http://127.0.0.1:$((PORT_BASE + 20))$ONE?limit=100" -o /dev/null
 cmp -s "$WORK/body10.json" "$WORK/nginx10.json" || die "nginx and permgate serve different bytes"
 curl -sf -D - "${auth[@]}" "http://127.0.0.1:${PORT[pg]}$ONE" -o /dev/null | grep -qi '^cache-status: permgate; hit' ||
     die "permgate does not serve the page from its cache"
+if tls_wanted; then
+    tls=(--cacert "$WORK/tls/ca.crt")
+    curl -sf "${tls[@]}" "${auth[@]}" "https://127.0.0.1:${PORT[pgtls]}$ONE" -o "$WORK/tls10.json" ||
+        die "permgate did not serve the page over TLS"
+    curl -sf "${tls[@]}" "https://127.0.0.1:$((PORT_BASE + 23))$ONE" -o "$WORK/nginxtls10.json" ||
+        die "nginx did not serve the page over TLS"
+    cmp -s "$WORK/body10.json" "$WORK/tls10.json" && cmp -s "$WORK/body10.json" "$WORK/nginxtls10.json" ||
+        die "the TLS listeners serve different bytes"
+fi
+if mtls_wanted; then
+    client=(--cert "$WORK/tls/client.crt" --key "$WORK/tls/client.key")
+    curl -sf "${tls[@]}" "${client[@]}" "${auth[@]}" "https://127.0.0.1:${PORT[pgmtls]}$ONE" -o /dev/null ||
+        die "permgate did not serve the page over mTLS"
+    if curl -sf "${tls[@]}" "${auth[@]}" "https://127.0.0.1:${PORT[pgmtls]}$ONE" -o /dev/null 2>&1; then
+        die "permgate served a client without a certificate though require_client_cert = true"
+    fi
+fi
 start ref10 $((PORT_BASE + 10)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 10))" --body "$WORK/body10.json"
 start ref100 $((PORT_BASE + 11)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 11))" --body "$WORK/body100.json"
 start ref10busy $((PORT_BASE + 12)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 12))" \

@@ -31,6 +31,8 @@ UPSTREAM_BIN=$TARGET_DIR/release/examples/bench-upstream
 REFERENCE_BIN=$TARGET_DIR/release/examples/bench-reference
 ONE=/v1/fine_tuning/checkpoints/ft:gpt-4o-mini-2024-07-18:acme:bench:B7R9VjQd/permissions
 for bin in "$PERMGATE" "$UPSTREAM_BIN" "$REFERENCE_BIN"; do [ -x "$bin" ] || { echo "missing $bin" >&2; exit 1; }; done
+# Without the load generator every count below would read 0 and still "succeed".
+command -v wrk >/dev/null || { echo "missing wrk (apt-get install wrk, or run benches/compare.sh once)" >&2; exit 1; }
 mkdir -p "$OUT"
 
 STARTED=()

@@ -6,8 +6,12 @@ tomli. Prints one line per check: PASS / FAIL / SKIP, and exits non-zero if
 any check failed.
 
 usage: python deploy/check.py REPO_ROOT K8S_VERSION [K8S_VERSION...]
+       python deploy/check.py --workload-identity-toml CONFIGMAP_YAML OUT_TOML
+         (writes the ConfigMap's permgate.toml with its workload identity block
+         uncommented, for check.sh's `permgate check-config`)
 """
 
+import json
 import os
 import re
 import sys
@@ -132,6 +136,10 @@ def check_schemas(root, docs_by_file, versions):
                 print(f"INFO k8s-schema: {rel(root, path)} {doc.get('kind')} is a custom "
                       "resource, checked by deploy/prometheus/check.py", flush=True)
                 continue
+            if str(doc.get("apiVersion", "")).startswith("cert-manager.io/"):
+                print(f"INFO k8s-schema: {rel(root, path)} {doc.get('kind')} is a custom "
+                      "resource, checked below (workload identity)", flush=True)
+                continue
             objects.append((path, doc))
     check("k8s: found Kubernetes objects", bool(objects), "none found",
           f"{len(objects)} object(s)")
@@ -168,9 +176,10 @@ def check_consistency(root, objects):
         if os.path.dirname(path) == k8s_dir:  # optional/ is not part of the base
             by_kind.setdefault(doc["kind"], []).append(doc)
 
-    # labels
-    unlabeled = [f"{d['kind']}/{d['metadata']['name']}" for _, d in objects
-                 if dig(d, "metadata", "labels", NAME_LABEL) != APP]
+    # labels (examples/ holds other services' objects)
+    examples = os.path.join(k8s_dir, "examples") + os.sep
+    unlabeled = [f"{d['kind']}/{d['metadata']['name']}" for p, d in objects
+                 if not p.startswith(examples) and dig(d, "metadata", "labels", NAME_LABEL) != APP]
     check(f"k8s: every object labelled {NAME_LABEL}={APP}", not unlabeled,
           ", ".join(unlabeled))
 
@@ -251,8 +260,13 @@ def check_consistency(root, objects):
         return volumes.get(m.get("name")) if m else None
 
     cfg_vol = volume_at("/etc/permgate") or {}
+    cfg_sources = config_sources(cfg_vol)
     check("deployment: ConfigMap mounted at /etc/permgate",
-          dig(cfg_vol, "configMap", "name") == dig(cm, "metadata", "name")
+          any(dig(src, "configMap", "name") == dig(cm, "metadata", "name")
+              and {"key": "permgate.toml", "path": "permgate.toml"}
+              in dig(src, "configMap", "items", default=[])
+              and not dig(src, "configMap", "optional")
+              for src in cfg_sources)
           and mounts["/etc/permgate"].get("readOnly") is True
           and "subPath" not in mounts["/etc/permgate"])
     key_vol = volume_at("/run/secrets/permgate") or {}
@@ -337,6 +351,13 @@ def check_consistency(root, objects):
           eg == {("UDP", 53), ("TCP", 53), ("TCP", 443)}, str(sorted(eg, key=str)))
 
 
+def config_sources(volume):
+    """The sources of the /etc/permgate volume: a projected volume's, or a plain ConfigMap."""
+    if "projected" in volume:
+        return dig(volume, "projected", "sources", default=[])
+    return [{"configMap": volume["configMap"]}] if "configMap" in volume else []
+
+
 def check_permgate_toml(label, conf, text, admin_key_file):
     for section, keys in (("server", ("listen", "admin_listen")),
                           ("upstream", ("base_url",)),
@@ -356,6 +377,158 @@ def check_permgate_toml(label, conf, text, admin_key_file):
     clients = conf.get("clients") or []
     check(f"{label}: at least one [[clients]] with a 64-hex token_sha256",
           bool(clients) and all(re.fullmatch(r"[0-9a-f]{64}", c.get("token_sha256", "")) for c in clients))
+
+
+# --------------------------------------------------------------------------
+# Workload identity: TLS from cert-manager, JWKS, callers' projected tokens, admin token
+
+
+def workload_identity_toml(text):
+    """permgate.toml with its `# >>>` ... `# <<<` block uncommented (marker lines dropped)."""
+    out, inside = [], False
+    for line in text.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith("# >>>"):
+            inside = True
+        elif stripped.startswith("# <<<"):
+            inside = False
+        else:
+            out.append(re.sub(r"^(\s*)# ?", r"\1", line, count=1) if inside else line)
+    return "\n".join(out)
+
+
+def hours(duration):
+    m = re.fullmatch(r"(\d+)h", str(duration or ""))
+    return int(m.group(1)) if m else None
+
+
+def projected_files(pod):
+    """{/etc/permgate/PATH: (kind, name, key, optional)} of the volume mounted at /etc/permgate."""
+    c = (pod.get("containers") or [{}])[0]
+    mount = next((m for m in c.get("volumeMounts") or [] if m.get("mountPath") == "/etc/permgate"), {})
+    vol = next((v for v in pod.get("volumes") or [] if v.get("name") == mount.get("name")), {})
+    files = {}
+    for src in dig(vol, "projected", "sources", default=[]):
+        for kind in ("configMap", "secret"):
+            if kind in src:
+                for item in src[kind].get("items") or []:
+                    files["/etc/permgate/" + item.get("path", "")] = (
+                        kind, src[kind].get("name"), item.get("key"), src[kind].get("optional") is True)
+    return files
+
+
+def check_workload_identity(root, docs_by_file):
+    k8s_dir = os.path.join(root, "deploy", "kubernetes")
+    where = {"base": k8s_dir, "optional": os.path.join(k8s_dir, "optional"),
+             "examples": os.path.join(k8s_dir, "examples")}
+    docs = {k: [d for p, ds in docs_by_file.items() if os.path.dirname(p) == v for d in ds]
+            for k, v in where.items()}
+
+    def one(place, kind, name=None):
+        found = [d for d in docs[place] if d.get("kind") == kind
+                 and (name is None or dig(d, "metadata", "name") == name)]
+        return found[0] if len(found) == 1 else {}
+
+    dep, cm, svc = one("base", "Deployment"), one("base", "ConfigMap"), one("base", "Service")
+    files = projected_files(dig(dep, "spec", "template", "spec", default={}))
+    check("workload-identity: /etc/permgate is one projected volume; only permgate.toml is required",
+          files.get("/etc/permgate/permgate.toml", ("",) * 4)[3] is False
+          and all(f[3] for p, f in files.items() if p != "/etc/permgate/permgate.toml"),
+          str(files))
+    text = dig(cm, "data", "permgate.toml") or ""
+    named = set(re.findall(r"/etc/permgate/[A-Za-z0-9_./-]+", text))
+    check("workload-identity: the files the ConfigMap names under /etc/permgate are the projected ones",
+          named == set(files) - {"/etc/permgate/permgate.toml"},
+          f"named only: {sorted(named - set(files))}, projected only: "
+          f"{sorted(set(files) - named - {'/etc/permgate/permgate.toml'})}")
+    try:
+        wi = tomllib.loads(workload_identity_toml(text))
+        report("PASS", "workload-identity: the ConfigMap's commented block parses as TOML once uncommented")
+    except tomllib.TOMLDecodeError as e:
+        report("FAIL", "workload-identity: the ConfigMap's commented block parses as TOML once uncommented", str(e))
+        wi = {}
+    check_tls_files(one("optional", "Certificate"), svc, files, wi)
+    check_jwks(one("optional", "ConfigMap", "permgate-jwks"), files, wi)
+    redis_ca = one("optional", "ConfigMap", "permgate-redis-ca")
+    check("workload-identity: optional/redis-ca-configmap.yaml is what the volume projects as redis-ca.pem",
+          files.get("/etc/permgate/redis-ca.pem", ())[1:3] == (dig(redis_ca, "metadata", "name"), "ca.crt")
+          and "ca.crt" in (redis_ca.get("data") or {}))
+    callers = [d for d in docs["examples"] if d.get("kind") == "Deployment"]
+    check("workload-identity: examples/ has a caller Deployment", bool(callers))
+    for caller in callers:
+        check_caller(caller, wi)
+    admin = one("optional", "Secret", "permgate-admin-token")
+    check("admin-token: optional/admin-token-secret.yaml is a placeholder Secret with key token",
+          "REPLACE-ME" in str(dig(admin, "stringData", "token", default="")))
+    digest = str(dig(tomllib.loads(text) if text else {}, "server", "admin_token_sha256", default=""))
+    check("admin-token: the ConfigMap sets server.admin_token_sha256 (64 hex)",
+          re.fullmatch(r"[0-9a-f]{64}", digest) is not None, digest or "unset")
+
+
+def check_tls_files(cert, svc, files, wi):
+    spec = cert.get("spec") or {}
+    check("workload-identity: optional/certificate.yaml is a cert-manager.io/v1 Certificate labelled "
+          f"{NAME_LABEL}={APP}",
+          cert.get("apiVersion") == "cert-manager.io/v1" and dig(cert, "metadata", "labels", NAME_LABEL) == APP)
+    tls = {p: f for p, f in files.items() if f[0] == "secret" and f[1] == spec.get("secretName")}
+    check("workload-identity: the Certificate's Secret is projected as tls/tls.crt, tls/tls.key, tls/ca.crt",
+          {p: f[2] for p, f in tls.items()} == {"/etc/permgate/tls/tls.crt": "tls.crt",
+                                                "/etc/permgate/tls/tls.key": "tls.key",
+                                                "/etc/permgate/tls/ca.crt": "ca.crt"}, str(tls))
+    name = dig(svc, "metadata", "name")
+    check("workload-identity: the Certificate is for server auth, names the Service, rotates its key",
+          "server auth" in (spec.get("usages") or []) and name in (spec.get("dnsNames") or [])
+          and dig(spec, "privateKey", "rotationPolicy") == "Always" and bool(dig(spec, "issuerRef", "name")))
+    duration, renew = hours(spec.get("duration")), hours(spec.get("renewBefore"))
+    check("workload-identity: the Certificate renews well before it expires",
+          bool(duration and renew) and renew < duration, f"{spec.get('renewBefore')} / {spec.get('duration')}")
+    server_tls = dig(wi, "server", "tls", default={})
+    check("workload-identity: [server.tls] cert_file and key_file are the projected pair",
+          server_tls.get("cert_file") in tls and server_tls.get("key_file") in tls
+          and tls[server_tls["cert_file"]][2] == "tls.crt" and tls[server_tls["key_file"]][2] == "tls.key",
+          str(server_tls))
+
+
+def check_jwks(jwks_cm, files, wi):
+    jwt = wi.get("jwt") or {}
+    src = files.get(jwt.get("jwks_file"), ())
+    check("workload-identity: [jwt] jwks_file is optional/jwks-configmap.yaml's jwks.json, projected",
+          src[:3] == ("configMap", dig(jwks_cm, "metadata", "name"), "jwks.json"), str(src))
+    try:
+        keys = json.loads(dig(jwks_cm, "data", "jwks.json", default="")).get("keys")
+        ok = isinstance(keys, list)
+    except (ValueError, AttributeError):
+        ok = False
+    check("workload-identity: the JWKS placeholder is a JSON Web Key Set", ok)
+    check("workload-identity: [jwt] has issuer, audiences and leeway_seconds",
+          bool(jwt.get("issuer")) and bool(jwt.get("audiences")) and "leeway_seconds" in jwt, str(jwt))
+
+
+def check_caller(caller, wi):
+    name = dig(caller, "metadata", "name")
+    pod = dig(caller, "spec", "template", "spec", default={})
+    tokens = [(v.get("name"), s["serviceAccountToken"]) for v in pod.get("volumes") or []
+              for s in dig(v, "projected", "sources", default=[]) if "serviceAccountToken" in s]
+    check(f"caller {name}: one projected serviceAccountToken, no automounted API token",
+          len(tokens) == 1 and pod.get("automountServiceAccountToken") is False)
+    if len(tokens) != 1:
+        return
+    volume, token = tokens[0]
+    audiences = dig(wi, "jwt", "audiences", default=[])
+    check(f"caller {name}: token audience is one of permgate's [jwt] audiences",
+          token.get("audience") in audiences, f"{token.get('audience')} not in {audiences}")
+    check(f"caller {name}: token lives at most an hour (at least the API minimum of 600 s)",
+          600 <= (token.get("expirationSeconds") or 0) <= 3600, str(token.get("expirationSeconds")))
+    c = (pod.get("containers") or [{}])[0]
+    mount = next((m for m in c.get("volumeMounts") or [] if m.get("name") == volume), {})
+    env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+    path = f"{mount.get('mountPath')}/{token.get('path')}"
+    check(f"caller {name}: PERMGATE_TOKEN_FILE is the token's path ({path})",
+          env.get("PERMGATE_TOKEN_FILE") == path and mount.get("readOnly") is True)
+    subject = f"system:serviceaccount:{dig(caller, 'metadata', 'namespace')}:{pod.get('serviceAccountName')}"
+    clients = [c for c in wi.get("clients") or [] if c.get("jwt_subject") == subject]
+    check(f"caller {name}: a [[clients]] jwt_subject names its service account ({subject})",
+          len(clients) == 1 and "token_sha256" not in clients[0])
 
 
 # --------------------------------------------------------------------------
@@ -484,6 +657,12 @@ def check_no_secrets(root):
 
 
 def main():
+    if sys.argv[1] == "--workload-identity-toml":
+        # For check.sh: the ConfigMap's permgate.toml with the workload identity block on.
+        doc = load_yaml_docs(sys.argv[2])[0]
+        with open(sys.argv[3], "w", encoding="utf-8") as f:
+            f.write(workload_identity_toml(doc["data"]["permgate.toml"]))
+        return 0
     root = os.path.abspath(sys.argv[1])
     versions = sys.argv[2:] or [kubernetes_validate.utils.latest_version()]
     print(f"INFO kubernetes-validate {kubernetes_validate.__version__}, schemas bundled: "
@@ -492,6 +671,7 @@ def main():
     docs_by_file = check_yaml(root)
     objects = check_schemas(root, docs_by_file, versions)
     check_consistency(root, objects)
+    check_workload_identity(root, docs_by_file)
     check_docker(root)
     check_env_file(root)
     check_no_secrets(root)

@@ -6,16 +6,23 @@
 //! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining |
 //! | GET | `/metrics` | Prometheus text format (see `metrics`) |
 //! | POST | `/cache/purge` | drop every cached page; `?checkpoint=ID` drops one checkpoint's pages |
+//!
+//! With `server.admin_token_sha256` set (SPEC "The front door"), `/metrics` and the purge need
+//! `Authorization: Bearer <admin token>`, else 401 `invalid_api_key`; the probes never do, so
+//! kubelets and load balancers need no secret. Routing comes first (404/405 need no token),
+//! as on the data listener. The token is hashed and the digests compared in constant time;
+//! neither is ever logged.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use crate::auth;
 use crate::error::{self, Body, Error};
 use crate::route::Checkpoint;
 use crate::state::{AppState, Scope};
@@ -31,6 +38,10 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         } else {
             json_response(StatusCode::OK, json!({"status": "ready"}))
         }),
+        (&Method::GET, "/metrics") if !admin_token_ok(&state, &req) => Err(Error::InvalidApiKey),
+        (&Method::POST, "/cache/purge") if !admin_token_ok(&state, &req) => {
+            Err(Error::InvalidApiKey)
+        }
         (&Method::GET, "/metrics") => {
             let mut response = Response::new(Full::new(Bytes::from(state.render_metrics().await)));
             response.headers_mut().insert(
@@ -48,7 +59,64 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         (_, "/cache/purge") => Err(Error::MethodNotAllowed { allow: "POST" }),
         _ => Err(Error::NotFound),
     };
-    result.unwrap_or_else(Error::into_response)
+    result.unwrap_or_else(|e| match e {
+        Error::InvalidApiKey => unauthorized(req.uri().path()),
+        e => e.into_response(),
+    })
+}
+
+/// True when no admin token is configured, or the request carries it as its bearer token.
+fn admin_token_ok(state: &AppState, req: &Request<Incoming>) -> bool {
+    let Some(expected) = &state.admin_token_sha256 else {
+        return true;
+    };
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| bearer_token(v.as_bytes()));
+    // A missing token is still hashed and compared, so both refusals take the same path.
+    same_digest(&auth::digest(token.unwrap_or_default()), expected) && token.is_some()
+}
+
+/// `Bearer <token>` (scheme case-insensitive, surrounding spaces trimmed), as on the data
+/// listener.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = token.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Compares every byte whatever differs first, so the time taken says nothing about how much
+/// of a guess's digest was right.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// The 401 of `Error::InvalidApiKey` (status, `x-should-retry: false`), with a message about
+/// the admin token rather than a client token. Logged by path only.
+fn unauthorized(path: &str) -> Response<Body> {
+    tracing::warn!(
+        target: "permgate::admin",
+        path,
+        "admin request refused: missing or wrong admin token"
+    );
+    let mut response = Error::InvalidApiKey.into_response();
+    let body = json!({"error": {
+        "message": "Missing or wrong admin token. Send 'Authorization: Bearer <admin token>' (its SHA-256 is server.admin_token_sha256).",
+        "type": "invalid_request_error",
+        "param": null,
+        "code": Error::InvalidApiKey.code(),
+    }});
+    *response.body_mut() = Full::new(Bytes::from(body.to_string()));
+    response.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"permgate admin\""),
+    );
+    response
 }
 
 async fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Error> {
@@ -77,4 +145,34 @@ async fn purge(state: &AppState, query: Option<&str>) -> Result<Response<Body>, 
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     error::json_response(status, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_equal_only_when_every_byte_is() {
+        let a = auth::digest(b"admin-token");
+        assert!(same_digest(&a, &auth::digest(b"admin-token")));
+        for i in [0, 17, 31] {
+            let mut b = a;
+            b[i] ^= 1;
+            assert!(!same_digest(&a, &b), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn only_a_bearer_scheme_carries_the_admin_token() {
+        assert_eq!(bearer_token(b"Bearer tok"), Some(&b"tok"[..]));
+        assert_eq!(bearer_token(b"bearer  tok "), Some(&b"tok"[..]));
+        for bad in [&b""[..], b"Bearer", b"Bearer ", b"Basic tok", b"tok"] {
+            assert_eq!(
+                bearer_token(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }

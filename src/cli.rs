@@ -21,6 +21,7 @@ use crate::reload;
 use crate::secret::AdminKey;
 use crate::server;
 use crate::state::AppState;
+use crate::tls::{self, ServerTls};
 use crate::upstream::Upstream;
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -108,6 +109,10 @@ fn serve(path: &Path) -> Result<(), String> {
     {
         tracing::warn!("{warning}");
     }
+    let server_tls = match &config.server.tls {
+        Some(settings) => Some(Arc::new(ServerTls::load(settings)?)),
+        None => None,
+    };
     runtime(config.server.worker_threads)?.block_on(async {
         let state = AppState::new(&config, key, Clock::default(), redis_password.as_deref())?;
         state.start_fleet().await;
@@ -119,6 +124,7 @@ fn serve(path: &Path) -> Result<(), String> {
         let bound = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
         tracing::info!(
             listen = %bound(&data),
+            tls = server_tls.is_some(),
             admin_listen = %admin.as_ref().map(bound).unwrap_or_default(),
             upstream = %config.upstream.base_url,
             clients = config.clients.len(),
@@ -131,8 +137,16 @@ fn serve(path: &Path) -> Result<(), String> {
             config.upstream.admin_key_poll,
             true,
         ));
-        server::serve(
+        // The certificate files are polled as often as the admin key file.
+        let tls_watcher = server_tls.as_ref().map(|server_tls| {
+            let metrics = state.metrics.clone();
+            let poll = config.upstream.admin_key_poll;
+            let counted = move |ok| metrics.tls_reload(ok);
+            tokio::spawn(tls::watch(server_tls.clone(), poll, true, counted))
+        });
+        server::serve_with_tls(
             data,
+            server_tls.map(|t| t.acceptor()),
             admin,
             state,
             server::shutdown_signal(),
@@ -140,6 +154,9 @@ fn serve(path: &Path) -> Result<(), String> {
         )
         .await;
         watcher.abort();
+        if let Some(tls_watcher) = tls_watcher {
+            tls_watcher.abort();
+        }
         Ok(())
     })
 }

@@ -64,6 +64,7 @@ struct FileRedis {
     degraded_ttl_seconds: Option<u64>,
     reconnect_max_ms: Option<u64>,
     lease_ms: Option<u64>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +72,7 @@ struct FileRedis {
 struct FileServer {
     listen: String,
     admin_listen: Option<String>,
+    admin_token_sha256: Option<String>,
     worker_threads: Option<usize>,
     drain_timeout_ms: Option<u64>,
     max_body_bytes: Option<usize>,
@@ -79,6 +81,17 @@ struct FileServer {
     max_uri_bytes: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
+    tls: Option<FileServerTls>,
+}
+
+/// `[server.tls]`: HTTPS on the data listener (SPEC "The front door").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServerTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
+    require_client_cert: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,6 +172,9 @@ pub struct RedisConfig {
     /// replica: writers wait for it).
     #[serde(serialize_with = "millis")]
     pub lease: Duration,
+    /// PEM roots for `rediss://`: only certificates chaining to them are trusted (instead of
+    /// the public roots). Read by `fleet`, at startup.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -181,6 +197,9 @@ impl RedisConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// SHA-256 of the token `/metrics` and `POST /cache/purge` require; `None`: no token.
+    #[serde(serialize_with = "optional_hex_digest")]
+    pub admin_token_sha256: Option<[u8; 32]>,
     pub worker_threads: Option<usize>,
     #[serde(serialize_with = "millis")]
     pub drain_timeout: Duration,
@@ -193,6 +212,22 @@ pub struct ServerConfig {
     /// A connection with no request in flight this long is shut down (HTTP/2: GOAWAY).
     #[serde(serialize_with = "millis")]
     pub idle_timeout: Duration,
+    /// `[server.tls]`: HTTPS on the data listener; `None` is plain HTTP.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`. The files are read by `tls::ServerTls` (at startup, then again whenever
+/// they change and on SIGHUP), not here.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerTlsConfig {
+    /// PEM: the server certificate first, then its intermediates.
+    pub cert_file: PathBuf,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: the CAs a client certificate must chain to; set, clients are asked for one (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: a handshake without a verified client certificate is refused.
+    pub require_client_cert: bool,
 }
 
 impl ServerConfig {
@@ -495,6 +530,12 @@ impl FileConfig {
                 .map(|v| text("server.admin_listen", v)),
         );
         values.extend(
+            server
+                .admin_token_sha256
+                .iter()
+                .map(|v| text("server.admin_token_sha256", v)),
+        );
+        values.extend(
             upstream
                 .admin_key_env
                 .iter()
@@ -523,6 +564,7 @@ impl FileConfig {
                     .map(|v| path("redis.password_file", v)),
             );
             values.extend(redis.key_prefix.iter().map(|v| text("redis.key_prefix", v)));
+            values.extend(redis.ca_file.iter().map(|v| path("redis.ca_file", v)));
         }
         for (i, client) in self.clients.iter().enumerate() {
             values.push(text(&format!("clients[{i}].name"), &client.name));
@@ -612,6 +654,16 @@ impl FileServer {
                 problems.push("server.admin_listen must differ from server.listen".into());
             }
         }
+        let admin_token_sha256 = self.admin_token_sha256.as_deref().and_then(|hex_text| {
+            let digest = parse_digest(hex_text);
+            if digest.is_none() {
+                problems.push(
+                    "server.admin_token_sha256 must be 64 hex characters (see `permgate hash-token`)"
+                        .into(),
+                );
+            }
+            digest
+        });
         if self.worker_threads == Some(0) {
             problems.push("server.worker_threads must be at least 1".into());
         }
@@ -652,9 +704,11 @@ impl FileServer {
                 "server.idle_timeout_ms must be 1 to {MAX_TIMEOUT_MS} (1 hour)"
             ));
         }
+        let tls = self.tls.map(|t| t.validate(problems));
         Some(ServerConfig {
             listen: listen?,
             admin_listen,
+            admin_token_sha256,
             worker_threads: self.worker_threads,
             drain_timeout: millis_or(self.drain_timeout_ms, ServerConfig::DEFAULT_DRAIN_TIMEOUT),
             max_body_bytes,
@@ -663,7 +717,38 @@ impl FileServer {
             max_uri_bytes,
             header_read_timeout,
             idle_timeout,
+            tls,
         })
+    }
+}
+
+impl FileServerTls {
+    /// `[server.tls]`. Paths are never echoed: a value pasted into the wrong key could be a
+    /// secret.
+    fn validate(self, problems: &mut Vec<String>) -> ServerTlsConfig {
+        let paths = [
+            ("cert_file", Some(&self.cert_file)),
+            ("key_file", Some(&self.key_file)),
+            ("client_ca_file", self.client_ca_file.as_ref()),
+        ];
+        for (key, path) in paths {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                problems.push(format!("server.tls.{key} is empty"));
+            }
+        }
+        let require_client_cert = self.require_client_cert.unwrap_or(false);
+        if require_client_cert && self.client_ca_file.is_none() {
+            problems.push(
+                "server.tls.require_client_cert = true needs server.tls.client_ca_file (the CAs client certificates must chain to)"
+                    .into(),
+            );
+        }
+        ServerTlsConfig {
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+            client_ca_file: self.client_ca_file,
+            require_client_cert,
+        }
     }
 }
 
@@ -930,6 +1015,13 @@ impl FileRedis {
                     .into(),
             );
         }
+        if let Some(ca_file) = &self.ca_file {
+            if ca_file.as_os_str().is_empty() {
+                problems.push("redis.ca_file is empty".into());
+            } else if !self.url.starts_with("rediss://") {
+                problems.push("redis.ca_file needs a rediss:// redis.url (TLS to Redis)".into());
+            }
+        }
         (ok_url && !has_password && !odd_query).then(|| RedisConfig {
             url: self.url,
             password,
@@ -946,6 +1038,7 @@ impl FileRedis {
                     Duration::from_millis(MAX_TIMEOUT_MS),
                 ),
             lease,
+            ca_file: self.ca_file,
         })
     }
 }
@@ -1092,6 +1185,16 @@ fn display<S: serde::Serializer, T: fmt::Display>(v: &T, s: S) -> Result<S::Ok, 
 
 fn hex_digest<S: serde::Serializer>(d: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&hex::encode(d))
+}
+
+fn optional_hex_digest<S: serde::Serializer>(
+    d: &Option<[u8; 32]>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => hex_digest(d, s),
+        None => s.serialize_str("none"),
+    }
 }
 
 fn rate<S: serde::Serializer>(
@@ -1355,6 +1458,115 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
             problems(&with("max_concurrency = 4\nmax_concurrency_per_client = 5"))
                 .contains("upstream.max_concurrency_per_client must be at most")
         );
+    }
+
+    #[test]
+    fn server_tls_is_optional_and_checked() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert!(c.server.tls.is_none(), "plain HTTP by default");
+        let with = |table: &str| format!("{MINIMAL}\n[server.tls]\n{table}\n");
+        let pair = "cert_file = \"/tls/tls.crt\"\nkey_file = \"/tls/tls.key\"";
+        let tls = Config::parse(&with(pair), &no_env)
+            .unwrap()
+            .server
+            .tls
+            .unwrap();
+        assert_eq!(tls.cert_file, PathBuf::from("/tls/tls.crt"));
+        assert_eq!(tls.key_file, PathBuf::from("/tls/tls.key"));
+        assert_eq!(tls.client_ca_file, None);
+        assert!(!tls.require_client_cert);
+        let mtls = format!("{pair}\nclient_ca_file = \"/tls/ca.pem\"\nrequire_client_cert = true");
+        let tls = Config::parse(&with(&mtls), &no_env)
+            .unwrap()
+            .server
+            .tls
+            .unwrap();
+        assert_eq!(tls.client_ca_file, Some(PathBuf::from("/tls/ca.pem")));
+        assert!(tls.require_client_cert);
+
+        let secret = "sk-admin-PASTEDBYMISTAKE0123456789";
+        let err = problems(&with(&format!(
+            "cert_file = \"/tls/{secret}\"\nkey_file = \"\"\nrequire_client_cert = true"
+        )));
+        assert!(err.contains("server.tls.key_file is empty"), "{err}");
+        assert!(
+            err.contains("server.tls.require_client_cert = true needs server.tls.client_ca_file"),
+            "{err}"
+        );
+        assert!(!err.contains("PASTEDBYMISTAKE"), "{err}");
+        assert!(problems(&with("cert_file = \"/c\"")).contains("key_file"));
+        assert!(problems(&with(&format!("{pair}\nciphers = \"x\""))).contains("ciphers"));
+    }
+
+    #[test]
+    fn the_admin_token_is_a_64_hex_digest_and_optional() {
+        let c = Config::parse(MINIMAL, &no_env).unwrap();
+        assert_eq!(
+            c.server.admin_token_sha256, None,
+            "no admin token by default"
+        );
+        let with = |value: &str| {
+            MINIMAL.replace(
+                "[upstream]",
+                &format!("admin_token_sha256 = \"{value}\"\n[upstream]"),
+            )
+        };
+        let digest = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let c = Config::parse(&with(digest), &no_env).unwrap();
+        assert_eq!(
+            c.server.admin_token_sha256.map(hex::encode).as_deref(),
+            Some(digest)
+        );
+        let view = c.resolved_view().unwrap();
+        assert!(
+            view.contains(&format!("admin_token_sha256 = \"{digest}\"")),
+            "{view}"
+        );
+        for bad in ["", "xyz", &digest[1..], "hunter2-not-a-digest"] {
+            let err = problems(&with(bad));
+            assert!(
+                err.contains("server.admin_token_sha256 must be 64 hex characters"),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let err = problems(&with(PASTED));
+        assert!(
+            err.contains("server.admin_token_sha256 looks like an API key"),
+            "{err}"
+        );
+        assert_no_piece(&err);
+    }
+
+    #[test]
+    fn redis_ca_file_needs_rediss() {
+        let with = |url: &str, ca: &str| {
+            format!("{MINIMAL}[redis]\nurl = \"{url}\"\nca_file = \"{ca}\"\n")
+        };
+        let c = Config::parse(
+            &with("rediss://h:6380", "/etc/permgate/redis-ca.pem"),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.unwrap().ca_file,
+            Some(PathBuf::from("/etc/permgate/redis-ca.pem"))
+        );
+        let plain = Config::parse(
+            &format!("{MINIMAL}[redis]\nurl = \"rediss://h\"\n"),
+            &no_env,
+        );
+        assert_eq!(plain.unwrap().redis.unwrap().ca_file, None);
+        let err = problems(&with("redis://h:6379", "/secret-ish/hunter2.pem"));
+        assert!(
+            err.contains("redis.ca_file needs a rediss:// redis.url"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(problems(&with("rediss://h", "")).contains("redis.ca_file is empty"));
+        let err = problems(&with("rediss://h", &format!("/etc/{PASTED}.pem")));
+        assert!(err.contains("redis.ca_file looks like an API key"), "{err}");
+        assert_no_piece(&err);
     }
 
     #[test]

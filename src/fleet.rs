@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
@@ -131,6 +131,25 @@ pub fn password(config: &RedisConfig, env: &Env) -> Result<Option<String>, Strin
         .transpose()
 }
 
+/// The PEM of `redis.ca_file`, with at least one certificate. Never waits on a FIFO at the
+/// path (see `secret::read_regular_file`).
+fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let at = |e: &dyn std::fmt::Display| format!("redis.ca_file {}: {e}", path.display());
+    let pem = secret::read_regular_file(path, MAX_CA_FILE_BYTES).map_err(|e| at(&e))?;
+    let mut certificates = 0;
+    for certificate in rustls_pemfile::certs(&mut pem.as_slice()) {
+        certificate.map_err(|e| at(&e))?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err(at(&"no PEM certificates found"));
+    }
+    Ok(pem)
+}
+
+/// A CA bundle larger than this is surely not one.
+const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Checkpoints travel percent-encoded on the stream, so any id survives the round trip.
 fn encoded(checkpoint: &Checkpoint) -> String {
     let mut s = String::new();
@@ -172,7 +191,10 @@ fn wait_until(arrived: u64, now_ms: u64, deadline_ms: u64) -> u64 {
 impl Fleet {
     /// Prepares the client; connecting happens in the background ([`spawn`]), so a Redis that
     /// is down at startup does not stop the gateway from starting. `password` comes from
-    /// [`password`].
+    /// [`password`]. With `redis.ca_file` (`rediss://` only), the server's certificate must
+    /// chain to that file's certificates, and the public roots are not used; an unreadable file
+    /// or one without a certificate stops startup. A Redis whose certificate does not chain
+    /// leaves the replica degraded, as if Redis were down.
     pub fn new(
         config: &RedisConfig,
         password: Option<&str>,
@@ -187,7 +209,25 @@ impl Fleet {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = Client::open(info).map_err(|_| "redis.url cannot be used".to_string())?;
+        let client = match &config.ca_file {
+            Some(ca_file) => {
+                let root_cert = Some(read_ca_file(ca_file)?);
+                Client::build_with_tls(
+                    info,
+                    TlsCertificates {
+                        client_tls: None,
+                        root_cert,
+                    },
+                )
+                .map_err(|_| {
+                    format!(
+                        "redis.ca_file {}: not usable as trusted roots",
+                        ca_file.display()
+                    )
+                })?
+            }
+            None => Client::open(info).map_err(|_| "redis.url cannot be used".to_string())?,
+        };
         Ok(Fleet {
             client,
             metrics,
@@ -805,7 +845,7 @@ pub async fn start(fleet: &Arc<Fleet>, cache: &Arc<PageCache>) {
             }
         }
         Err(why) => {
-            warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: reads go upstream, writes are refused");
+            warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: starting degraded (no lease: reads go upstream, writes are refused)");
         }
     }
     let handles = Handles {

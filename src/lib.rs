@@ -13,7 +13,7 @@
 //!
 //! Layers (imports point down only): leaves `error`, `clock`, `env`, `secret`, `tls`,
 //! `config`, `route`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`,
-//! `upstream`, `audit`, `fleet`, `access_log`, `otel`, `observability`; app `state`,
+//! `upstream`, `audit`, `fleet`, `framing`, `access_log`, `otel`, `observability`; app `state`,
 //! `request_log`, `proxy`, `admin`, `reload`, `server`, `mock_upstream`, `cli`.
 #![forbid(unsafe_code)]
 
@@ -29,6 +29,7 @@ pub mod config;
 pub mod env;
 pub mod error;
 pub mod fleet;
+pub mod framing;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod observability;

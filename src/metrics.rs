@@ -197,6 +197,7 @@ pub struct Metrics {
     fleet_connects: Counter,
     fleet_shared_hits: Counter,
     fleet: FleetMetrics,
+    tls_reloads: Family<Outcome, Counter>,
 }
 
 /// The lease protocol's series (README "Many replicas"), exposed only with `[redis]`.
@@ -418,6 +419,10 @@ const FLEET_SHARED_HITS: Desc = (
     "permgate_fleet_shared_hits",
     "Local misses answered from the fleet's shared cache in Redis",
 );
+const TLS_RELOADS: Desc = (
+    "permgate_tls_reloads",
+    "Reloads of the data listener's certificate and key ([server.tls]), by result",
+);
 const BUILD: Desc = ("permgate_build", "Build information");
 
 /// Registers `metric` under a name and help text and returns it: a clone shares the registered
@@ -480,6 +485,7 @@ impl Metrics {
             fleet_connects: register_if(fleet, r, FLEET_CONNECTS, Counter::default()),
             fleet_shared_hits: register_if(fleet, r, FLEET_SHARED_HITS, Counter::default()),
             fleet: FleetMetrics::build(fleet, r),
+            tls_reloads: register(r, TLS_RELOADS, Family::default()),
             registry: Registry::default(),
         };
         let (name, help) = BUILD;
@@ -488,6 +494,7 @@ impl Metrics {
         // Series that alerts watch for their first increment exist from the start, at 0.
         for result in ["success", "failure"] {
             drop(m.key_reloads.get_or_create(&Outcome { result }));
+            drop(m.tls_reloads.get_or_create(&Outcome { result }));
         }
         for why in [Shed::QueueFull, Shed::CircuitOpen, Shed::ClientConcurrency] {
             drop(m.shed.get_or_create(&Reason {
@@ -625,6 +632,12 @@ impl Metrics {
 
     pub fn fleet_read_without_lease(&self) {
         self.fleet.reads_without_lease.inc();
+    }
+
+    /// A certificate and key read by `tls::watch`: swapped in (`ok`) or refused.
+    pub fn tls_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.tls_reloads.get_or_create(&Outcome { result }).inc();
     }
 
     /// The Prometheus text exposition, with scrape-time gauges set from `snapshot`.

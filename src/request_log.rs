@@ -111,10 +111,11 @@ impl RequestLog {
         self.checkpoint = Some(checkpoint.clone());
     }
 
-    /// Renders the outcome and reports it: the audit record (before the response leaves),
-    /// span fields, metrics and the access line.
+    /// Renders the outcome and reports it: the audit record (before the response leaves), span
+    /// fields, metrics and the access line. Call it once, last: it hands the request id to the
+    /// response.
     pub async fn finish(
-        self,
+        &mut self,
         state: &AppState,
         result: Result<Response<Body>, Error>,
     ) -> Response<Body> {
@@ -139,12 +140,14 @@ impl RequestLog {
         }
         if write || self.unrouted_write {
             let span = self.span.clone();
-            self.audit(state, status, error_code).instrument(span).await;
+            // Boxed: a read's future does not carry the audit write's state.
+            Box::pin(self.audit(state, status, error_code).instrument(span)).await;
         }
         self.report(state, status, cache_status);
+        let request_id = std::mem::replace(&mut self.request_id, HeaderValue::from_static(""));
         response
             .headers_mut()
-            .insert(X_REQUEST_ID.clone(), self.request_id);
+            .insert(X_REQUEST_ID.clone(), request_id);
         response
     }
 

@@ -1,5 +1,5 @@
-//! Accept loops, hyper-util's auto (HTTP/1.1 + h2c) connections, connection limits, and
-//! graceful drain.
+//! Accept loops, hyper-util's auto (HTTP/1.1 + h2c, or HTTPS with ALPN) connections,
+//! connection limits, and graceful drain.
 //!
 //! Never binds: callers (the CLI, tests) pass bound listeners, so a test owns its ports and a
 //! bound socket already accepts. On shutdown, readiness goes false first, then the listeners
@@ -20,6 +20,15 @@
 //! Authentication plays no part: an unauthenticated connection is held exactly as long as an
 //! authenticated one. hyper also arms `header_read_timeout` while an HTTP/1 keep-alive
 //! connection waits for its next request, so HTTP/1 closes after the smaller of the two.
+//!
+//! TLS (`[server.tls]`, SPEC "The front door"): the handshake runs on the connection's own task,
+//! holding its slot, and must finish within `server.header_read_timeout_ms` of the accept;
+//! the first request must start within what is left of that same period. A failed or late
+//! handshake is logged at debug and the connection closed; a drain abandons handshakes in
+//! progress. hyper-util's auto builder then serves HTTP/2 or HTTP/1.1 over the TLS stream.
+//! When the client presented a verified certificate that names it, its
+//! [`PeerIdentity`](crate::tls::PeerIdentity) is put in the extensions of every request on the
+//! connection; `tls` owns the certificates, their reload and the identity itself.
 
 use std::convert::Infallible;
 use std::fmt::Display;
@@ -40,12 +49,16 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::ServerConfig;
+use crate::framing::FramingGuard;
 use crate::proxy;
 use crate::state::AppState;
+use crate::tls::{self, PeerIdentity};
 
 /// Per-listener connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -83,9 +96,23 @@ impl Limits {
     }
 }
 
-/// Runs the gateway on bound listeners until `shutdown` resolves, then drains.
+/// Runs the gateway on bound listeners until `shutdown` resolves, then drains. Plain HTTP on
+/// the data listener; see [`serve_with_tls`].
 pub async fn serve(
     data: TcpListener,
+    admin: Option<TcpListener>,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+    limits: Limits,
+) {
+    serve_with_tls(data, None, admin, state, shutdown, limits).await;
+}
+
+/// [`serve`], with HTTPS on the data listener when `tls` is set (`[server.tls]`, see
+/// `tls::ServerTls::acceptor`). The admin listener always speaks plain HTTP.
+pub async fn serve_with_tls(
+    data: TcpListener,
+    tls: Option<TlsAcceptor>,
     admin: Option<TcpListener>,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
@@ -95,8 +122,9 @@ pub async fn serve(
     let (stop_data, data_stopped) = watch::channel(false);
     let (stop_admin, admin_stopped) = watch::channel(false);
     let data_state = state.clone();
-    let data_loop = tokio::spawn(serve_http(
+    let data_loop = tokio::spawn(serve_listener(
         data,
+        tls,
         move |req| proxy::handle(data_state.clone(), req),
         data_stopped,
         limits,
@@ -135,10 +163,27 @@ pub async fn serve(
     info!("drained; bye");
 }
 
-/// One accept loop: serves `handler` on every connection until `stop` turns true, then gives
-/// open connections `limits.drain_timeout` to finish their requests and drops the rest.
+/// One plain-HTTP accept loop: see [`serve_listener`].
 pub async fn serve_http<H, F, B>(
     listener: TcpListener,
+    handler: H,
+    stop: watch::Receiver<bool>,
+    limits: Limits,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_listener(listener, None, handler, stop, limits).await;
+}
+
+/// One accept loop, over TLS when `tls` is set: serves `handler` on every connection until
+/// `stop` turns true, then gives open connections `limits.drain_timeout` to finish their
+/// requests and drops the rest.
+pub async fn serve_listener<H, F, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     handler: H,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
@@ -150,8 +195,9 @@ pub async fn serve_http<H, F, B>(
 {
     let server = Listener {
         listener,
+        tls,
         handler,
-        builder: connection_builder(&limits),
+        builder: Arc::new(connection_builder(&limits)),
         drain: watch::channel(()).0,
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
@@ -193,8 +239,10 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// One listener and what its connections share.
 struct Listener<H> {
     listener: TcpListener,
+    /// `[server.tls]`: every connection starts with a handshake.
+    tls: Option<TlsAcceptor>,
     handler: H,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     /// Sent once when the loop stops (each connection shuts down gracefully), dropped when the
     /// drain timeout passes (each connection still open is closed); `closed()` resolves once
     /// every connection has ended.
@@ -244,36 +292,102 @@ where
         }
     }
 
-    /// Serves `stream` on its own task; `slot` is released when the connection ends.
+    /// Serves `stream` on its own task, after a TLS handshake with `self.tls`; `slot` is
+    /// released when the connection ends.
     fn spawn(&self, stream: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
+        let accepted = Instant::now();
+        let tls = self.tls.clone();
         let handler = self.handler.clone();
-        let (activity, requests) = watch::channel(Activity::default());
-        let activity = Arc::new(activity);
-        let service = service_fn(move |req| {
-            let open = OpenRequest::start(&activity);
-            // Boxed: the request future is large, and hyper would otherwise move it.
-            let response = Box::pin(handler(req));
-            async move {
-                let response = response.await.map(|body| Counted { body, _open: open });
-                Ok::<_, Infallible>(response)
+        let builder = self.builder.clone();
+        let mut drain = self.drain.subscribe();
+        let limits = self.limits;
+        // As `connection_builder`'s buffer: a larger head is hyper's 431, not the guard's.
+        let head_limit = limits.max_header_bytes.max(8192);
+        tokio::spawn(async move {
+            let _slot = slot; // Held until the connection ends, handshake included.
+            match tls {
+                None => {
+                    let watched = ConnectionWatch::new(drain, &limits, accepted);
+                    let io = TokioIo::new(FramingGuard::new(stream, head_limit));
+                    serve_io(&builder, io, handler, None, watched, peer).await;
+                }
+                Some(acceptor) => {
+                    let deadline = accepted + limits.header_read_timeout;
+                    let Some(stream) =
+                        handshake(&acceptor, stream, deadline, &mut drain, peer).await
+                    else {
+                        return;
+                    };
+                    let identity = tls::peer_identity(stream.get_ref().1);
+                    let watched = ConnectionWatch::new(drain, &limits, accepted);
+                    let io = TokioIo::new(FramingGuard::new(stream, head_limit));
+                    serve_io(&builder, io, handler, identity, watched, peer).await;
+                }
             }
         });
-        let connection = self
-            .builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = ConnectionWatch {
-            requests: Requests(requests),
-            drain: self.drain.subscribe(),
-            first_request: self.limits.header_read_timeout,
-            idle: self.limits.idle_timeout,
-        };
-        tokio::spawn(async move {
-            serve_connection(connection, watched, peer).await;
-            drop(slot);
-        });
     }
+}
+
+/// The TLS handshake, given up at `deadline` or when the listener drains. A failure is logged
+/// at debug: a port scan or a refused client certificate is not an operator's problem.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    deadline: Instant,
+    drain: &mut watch::Receiver<()>,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => outcome,
+        _ = drain.changed() => {
+            debug!(%peer, "draining: TLS handshake abandoned");
+            return None;
+        }
+    };
+    match outcome {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(%peer, "no TLS handshake within the header read timeout");
+            None
+        }
+    }
+}
+
+/// Serves one connection's requests with `handler` until it ends (see [`serve_connection`]).
+/// `identity`, the client certificate's, goes into every request's extensions.
+async fn serve_io<I, H, F, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    handler: H,
+    identity: Option<PeerIdentity>,
+    (watched, activity): (ConnectionWatch, Arc<watch::Sender<Activity>>),
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
+        }
+        let open = OpenRequest::start(&activity);
+        // Boxed: the request future is large, and hyper would otherwise move it.
+        let response = Box::pin(handler(req));
+        async move {
+            let response = response.await.map(|body| Counted { body, _open: open });
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = builder.serve_connection(io, service);
+    serve_connection(connection, watched, peer).await;
 }
 
 /// What a connection's task watches besides the connection itself.
@@ -285,6 +399,28 @@ struct ConnectionWatch {
     /// starts after it: a connection that starts no request within this is dropped.
     first_request: Duration,
     idle: Duration,
+}
+
+impl ConnectionWatch {
+    /// For a connection accepted at `accepted`: its first request must start within
+    /// `header_read_timeout` of that, TLS handshake included. The service counts requests in
+    /// the returned [`Activity`].
+    fn new(
+        drain: watch::Receiver<()>,
+        limits: &Limits,
+        accepted: Instant,
+    ) -> (ConnectionWatch, Arc<watch::Sender<Activity>>) {
+        let (activity, requests) = watch::channel(Activity::default());
+        let watched = ConnectionWatch {
+            requests: Requests(requests),
+            drain,
+            first_request: limits
+                .header_read_timeout
+                .saturating_sub(accepted.elapsed()),
+            idle: limits.idle_timeout,
+        };
+        (watched, Arc::new(activity))
+    }
 }
 
 /// Drives one connection to its end: shuts it down gracefully on drain or once idle, and drops

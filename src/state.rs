@@ -44,6 +44,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// `upstream.request_timeout_ms`: also how long a client may take to send a body.
     pub upstream_deadline: Duration,
+    /// `server.admin_token_sha256`: what `/metrics` and cache purges require (see `admin`).
+    /// Applies from startup; a reload does not change it.
+    pub admin_token_sha256: Option<[u8; 32]>,
 }
 
 impl AppState {
@@ -82,6 +85,7 @@ impl AppState {
             max_uri_bytes: config.server.max_uri_bytes,
             max_body_bytes: config.server.max_body_bytes,
             upstream_deadline: config.upstream.request_timeout,
+            admin_token_sha256: config.server.admin_token_sha256,
         }))
     }
 

@@ -5,7 +5,8 @@
     a severity label, summary / description / runbook annotations, a unit test in
     deploy/prometheus/tests/ that expects it to fire;
   - deploy/kubernetes/optional/prometheusrule.yaml: the same groups as the rules file;
-  - deploy/kubernetes/optional/podmonitor.yaml: scrapes the Deployment's admin port;
+  - deploy/kubernetes/optional/podmonitor.yaml: scrapes the Deployment's admin port, sending
+    the admin token from the Secret of optional/admin-token-secret.yaml;
   - deploy/grafana/permgate.json: a loadable dashboard (unique panel ids, every target with
     an expression and a refId, every variable it uses defined), whose queries are valid
     PromQL (`promtool check rules` on them, with Grafana's variables replaced).
@@ -164,6 +165,19 @@ def check_podmonitor(path, deployment_path):
           len(endpoints) == 1 and ports.get(endpoints[0].get("port")) == 9090
           and endpoints[0].get("path", "/metrics") == "/metrics",
           f"endpoints {endpoints}, container ports {ports}")
+    secret_path = os.path.join(os.path.dirname(path), "admin-token-secret.yaml")
+    try:
+        secret = load_yaml(secret_path)
+    except (OSError, yaml.YAMLError) as e:
+        report("FAIL", "podmonitor: optional/admin-token-secret.yaml parses", str(e).replace("\n", " "))
+        return
+    auth = (endpoints[0] if endpoints else {}).get("authorization") or {}
+    creds = auth.get("credentials") or {}
+    check("podmonitor: sends the admin token (Bearer) from the Secret of admin-token-secret.yaml",
+          auth.get("type", "Bearer") == "Bearer"
+          and creds.get("name") == (secret.get("metadata") or {}).get("name")
+          and creds.get("key") in (secret.get("stringData") or {}),
+          f"authorization {auth}")
 
 
 def dashboard_exprs(dash):

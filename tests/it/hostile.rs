@@ -562,6 +562,14 @@ impl RawResponse {
         assert_eq!(self.header("connection"), Some("close"), "{self:?}");
     }
 
+    /// The front door's refusal of ambiguous framing (SPEC "The front door"): permgate's 400
+    /// naming `transfer-encoding`, and the connection closed right after it.
+    fn assert_framing_refused(&self) {
+        let param = self.assert_from_permgate(400, "invalid_parameter");
+        assert_eq!(param.as_deref(), Some("transfer-encoding"), "{self:?}");
+        assert_eq!(self.header("connection"), Some("close"), "{self:?}");
+    }
+
     /// An error made by permgate's handler: request id and OpenAI-shaped JSON.
     fn assert_from_permgate(&self, status: u16, code: &str) -> Option<String> {
         assert_eq!(
@@ -712,12 +720,12 @@ impl Evil {
     }
 }
 
-/// CL.TE and TE.CL: hyper lets Transfer-Encoding win (RFC 9112 6.3) and, because both were
-/// present, closes the connection after the answer, so bytes after the chunked body are never
-/// read as a second request. The smuggled request is an authenticated GET that would reach
-/// upstream if it were ever served.
+/// CL.TE and TE.CL: refused before any handler runs (SPEC "The front door"; hyper alone would
+/// let Transfer-Encoding win and serve it), and the connection closed, so bytes after it are
+/// never read as a second request. The smuggled request is an authenticated GET that would
+/// reach upstream if it were ever served.
 #[tokio::test]
-async fn content_length_with_transfer_encoding_answers_once_and_closes() {
+async fn content_length_with_transfer_encoding_is_refused_and_closes() {
     let gw = start().await;
     let cp = list_path(CP);
     let smuggled = smuggled_get();
@@ -740,10 +748,8 @@ async fn content_length_with_transfer_encoding_answers_once_and_closes() {
              Content-Type: application/json\r\n{framing}\r\n0\r\n\r\n{smuggled}"
         );
         let ex = exchange(gw.addr, req).await;
-        // permgate answers: the reader may not write (checked before the body is read).
-        let r = ex.only_response();
-        r.assert_from_permgate(403, "permission_denied");
-        assert_eq!(r.header("connection"), Some("close"), "{name}");
+        // Refused before authorization would have answered the reader 403.
+        ex.only_response().assert_framing_refused();
         assert_eq!(ex.read_error, None, "{name}");
         assert_no_upstream(&gw, name);
     }
@@ -790,55 +796,85 @@ async fn conflicting_or_malformed_content_length_is_400_from_hyper() {
     assert_still_serves(&gw).await;
 }
 
-/// Transfer-Encoding whose final coding is not exactly `chunked`, a malformed header name, or
-/// TE on HTTP/1.0: hyper answers 400 itself (RFC 9112 6.3) and closes.
+/// Transfer-Encoding other than exactly `chunked`, or TE on HTTP/1.0: refused by permgate's
+/// front door, which closes. A malformed `Transfer-Encoding` line (whitespace before the colon,
+/// a control byte) makes the head malformed: hyper answers 400 itself and closes.
 #[tokio::test]
-async fn odd_transfer_encodings_are_400_from_hyper() {
+async fn odd_transfer_encodings_are_refused() {
     let gw = start().await;
     let cp = list_path(CP);
     let smuggled = smuggled_get();
-    for (name, version, framing) in [
+    for (name, version, framing, hyper) in [
         (
             "chunked, identity",
             "HTTP/1.1",
             "Transfer-Encoding: chunked, identity\r\n",
+            false,
         ),
-        ("xchunked", "HTTP/1.1", "Transfer-Encoding: xchunked\r\n"),
-        ("chunkedx", "HTTP/1.1", "Transfer-Encoding: chunkedx\r\n"),
-        ("identity", "HTTP/1.1", "Transfer-Encoding: identity\r\n"),
+        (
+            "xchunked",
+            "HTTP/1.1",
+            "Transfer-Encoding: xchunked\r\n",
+            false,
+        ),
+        (
+            "chunkedx",
+            "HTTP/1.1",
+            "Transfer-Encoding: chunkedx\r\n",
+            false,
+        ),
+        (
+            "identity",
+            "HTTP/1.1",
+            "Transfer-Encoding: identity\r\n",
+            false,
+        ),
         (
             "two lines, identity last",
             "HTTP/1.1",
             "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            false,
         ),
         (
             "space before colon",
             "HTTP/1.1",
             "Transfer-Encoding : chunked\r\n",
+            true,
         ),
         (
             "vertical tab",
             "HTTP/1.1",
             "Transfer-Encoding: \x0bchunked\r\n",
+            true,
         ),
-        ("on HTTP/1.0", "HTTP/1.0", "Transfer-Encoding: chunked\r\n"),
+        (
+            "on HTTP/1.0",
+            "HTTP/1.0",
+            "Transfer-Encoding: chunked\r\n",
+            false,
+        ),
     ] {
         let req = format!(
             "POST {cp} {version}\r\nHost: permgate.test\r\nAuthorization: Bearer {WRITER}\r\n\
              {framing}\r\n0\r\n\r\n{smuggled}"
         );
         let ex = exchange(gw.addr, req).await;
-        ex.only_response().assert_from_hyper(400);
+        if hyper {
+            ex.only_response().assert_from_hyper(400);
+        } else {
+            ex.only_response().assert_framing_refused();
+        }
         assert_no_upstream(&gw, name);
     }
     assert_still_serves(&gw).await;
 }
 
-/// hyper accepts any Transfer-Encoding list that ends in `chunked`, removes only the chunked
-/// framing and hands the handler a body still in the other coding; a Content-Encoding is not
-/// touched at all. permgate refuses such a body (400 naming `body`) instead of reading it as
-/// plain JSON, so nothing reaches upstream. (RFC 9112 6.1 suggests 501 for an unknown transfer
-/// coding; a 400 is permgate's choice and equally safe.)
+/// A Transfer-Encoding list that ends in `chunked` (which hyper alone would accept, handing the
+/// handler a body still in the other coding) is refused at the front door (400 naming
+/// `transfer-encoding`, connection closed). A Content-Encoding is framing-neutral, so it
+/// reaches the handler, which refuses such a body (400 naming `body`) instead of reading it
+/// as plain JSON. Either way nothing reaches upstream. (RFC 9112 6.1 suggests 501 for an
+/// unknown transfer coding; a 400 is permgate's choice and equally safe.)
 #[tokio::test]
 async fn encoded_request_bodies_are_refused() {
     let gw = start().await;
@@ -885,6 +921,12 @@ async fn encoded_request_bodies_are_refused() {
              Content-Type: application/json\r\n{framing}\r\n{payload}{CANARY}"
         );
         let responses = exchange(gw.addr, req).await.responses();
+        if framing.starts_with("Transfer-Encoding") {
+            assert_eq!(responses.len(), 1, "{name}: {responses:?}");
+            responses[0].assert_framing_refused();
+            assert_no_upstream(&gw, name);
+            continue;
+        }
         let param = responses[0].assert_from_permgate(400, "invalid_parameter");
         assert_eq!(param.as_deref(), Some("body"), "{name}");
         // hyper may drain the unread body and answer the canary, or close: both are fine.
@@ -1258,7 +1300,8 @@ async fn insane_request_ids_are_replaced_and_not_forwarded() {
 /// Line endings: a bare LF as line terminator is tolerated by hyper (RFC 9112 2.2 allows a
 /// recipient to), so such a request is an ordinary request to permgate. A bare LF inside the
 /// head therefore starts a new header line: a Transfer-Encoding hidden behind one is seen as
-/// Transfer-Encoding, and with a Content-Length the connection is closed after the answer.
+/// Transfer-Encoding, and with a Content-Length the request is refused and the connection
+/// closed (SPEC "The front door").
 /// Obsolete line folding and whitespace before the colon are rejected by hyper (400).
 #[tokio::test]
 async fn bare_lf_and_obs_fold() {
@@ -1276,10 +1319,10 @@ async fn bare_lf_and_obs_fold() {
         "POST {cp} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\nX-A: a\n\
          Transfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\n{smuggled}"
     );
-    let ex = exchange(gw.addr, req).await;
-    let r = ex.only_response();
-    r.assert_from_permgate(403, "permission_denied");
-    assert_eq!(r.header("connection"), Some("close"));
+    exchange(gw.addr, req)
+        .await
+        .only_response()
+        .assert_framing_refused();
 
     for (name, header) in [
         ("obs-fold with space", "X-A: a\r\n b\r\n"),

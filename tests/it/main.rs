@@ -2,10 +2,13 @@
 //! One module per SPEC section; `support` starts everything.
 
 mod admin;
+mod admin_token;
 mod caching;
 mod cli;
 mod fairness;
 mod fleet;
+mod fleet_tls;
+mod framing;
 mod hostile;
 mod hygiene;
 mod idle;
@@ -18,4 +21,5 @@ mod routes;
 mod soak;
 mod support;
 mod tls;
+mod tls_listener;
 mod writes;

@@ -1,0 +1,1322 @@
+//! Ambiguous request framing is refused at the front door (SPEC "The front door: TLS, caller
+//! identity, framing"): an HTTP/1 request with both `Content-Length` and `Transfer-Encoding`,
+//! or with a `Transfer-Encoding` other than exactly `chunked`, is answered 400 and its
+//! connection closed before hyper has parsed it, so no handler runs and nothing of it reaches
+//! upstream, whoever sent it.
+//!
+//! Why below hyper: hyper 1.x settles the ambiguity itself before a request exists. Its
+//! `Server::parse` skips a `Content-Length` that follows `Transfer-Encoding`, removes one that
+//! came before, and only turns keep-alive off; it accepts any `Transfer-Encoding` whose last
+//! coding is `chunked`. Nothing public keeps the head as it arrived, so [`FramingGuard`] reads
+//! the bytes on their way in, under hyper-util's auto server (plain TCP, or TLS once the
+//! handshake is done).
+//!
+//! How: the guard follows the HTTP/1 message boundaries of the stream with `httparse` (the
+//! parser hyper uses, configured at least as leniently, so every head hyper could complete the
+//! guard completes too) and the same chunked grammar as hyper's decoder, so it always knows
+//! where the next head starts. A head's bytes are passed to hyper as they arrive, except the
+//! read that completes it, which is checked first: a refused head therefore never becomes a
+//! request. Its 400 (OpenAI's JSON error, `param: "transfer-encoding"`, `Connection: close`)
+//! is written only after every earlier request on the connection has been answered, which the
+//! guard knows by following the response framing hyper writes; then the connection's write
+//! side is shut and what the client still sends is discarded for up to [`LINGER`], so the 400
+//! is not lost to a reset.
+//!
+//! "Exactly `chunked`": one `Transfer-Encoding` field line, on HTTP/1.1, whose value (after
+//! the optional whitespace around a field value) is `chunked` in any letter case, and no
+//! `Content-Length`. A list (`gzip, chunked`, `chunked, chunked`), parameters, other codings,
+//! an empty value and a second line are all refused.
+//!
+//! Left to hyper, which answers them itself and closes: heads hyper cannot parse (400), a
+//! `Content-Length` that is not one decimal number (400), heads over its buffer (431). The
+//! guard passes such a head and then no further byte. HTTP/2 (the connection preface) passes
+//! untouched: it has no such framing, and h2 refuses `transfer-encoding` in a request.
+//! Refusals are logged (`request_id`, `reason`); they are not in the access log or metrics,
+//! which belong to requests, and this never became one.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use hyper::header::HeaderValue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+use tracing::info;
+
+use crate::error::Error;
+use crate::observability;
+
+/// How long a refused connection keeps reading (and discarding) after its 400, so that bytes
+/// the client is still sending do not turn the close into a reset that can destroy the 400.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// hyper-util's HTTP/2 detection: a connection that starts with this is HTTP/2.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// hyper's default; heads with more are parsed again with room for every line.
+const MAX_HEADERS: usize = 100;
+/// hyper refuses larger lengths (its `MAX_LEN`).
+const MAX_LENGTH: u64 = u64::MAX - 2;
+/// The refusal's `error.param`.
+const PARAM: &str = "transfer-encoding";
+
+/// A connection's byte stream with HTTP/1 request framing checked on the way in. See the
+/// module documentation.
+#[derive(Debug)]
+pub struct FramingGuard<IO> {
+    io: IO,
+    scanner: Scanner,
+    state: State,
+    /// The reader, while a refusal waits for the earlier requests' answers to be written.
+    waiting: Option<Waker>,
+}
+
+#[derive(Debug)]
+enum State {
+    Open,
+    /// hyper has what it needs to refuse the last head itself; it gets no further byte.
+    Doomed,
+    /// A refused head was withheld; its 400 waits for every earlier answer.
+    Refusing {
+        refusal: Refusal,
+        id: HeaderValue,
+    },
+    /// Writing the 400, then shutting the write side.
+    Answering {
+        response: Vec<u8>,
+        written: usize,
+    },
+    /// Discarding what the client still sends, until it closes or the deadline passes.
+    Lingering(Pin<Box<Sleep>>),
+    Closed,
+}
+
+impl<IO> FramingGuard<IO> {
+    /// `max_head`: hyper's HTTP/1 read buffer limit (`max_buf_size`). A head still incomplete
+    /// at that size is passed on for hyper to answer 431, and nothing after it.
+    pub fn new(io: IO, max_head: usize) -> FramingGuard<IO> {
+        FramingGuard {
+            io,
+            scanner: Scanner::new(max_head),
+            state: State::Open,
+            waiting: None,
+        }
+    }
+
+    /// Feeds what was written to the response tracking, and wakes a waiting refusal once
+    /// nothing is left unanswered.
+    fn wrote(&mut self, data: &[u8]) {
+        self.scanner.on_write(data);
+        if self.waiting.is_some() && !matches!(self.scanner.unanswered(), Some(n) if n > 0) {
+            if let Some(waker) = self.waiting.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// hyper's writes are refused once the guard has taken the connection over.
+    fn taken_over(&self) -> bool {
+        matches!(
+            self.state,
+            State::Answering { .. } | State::Lingering(_) | State::Closed
+        )
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
+    /// One read from the client, checked. `Ok(true)`: hand `buf` to hyper; `Ok(false)`: the
+    /// state changed with nothing to hand over.
+    fn read_open(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<bool>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        let deliver = match self.scanner.on_read(&buf.filled()[before..]) {
+            Verdict::Pass => return Poll::Ready(Ok(true)),
+            Verdict::Doom { deliver } => {
+                self.state = State::Doomed;
+                deliver
+            }
+            Verdict::Refuse { deliver, refusal } => {
+                let id = observability::request_id(None);
+                info!(
+                    request_id = id.to_str().unwrap_or_default(),
+                    reason = refusal.reason(),
+                    "request refused for ambiguous framing; closing the connection"
+                );
+                self.state = State::Refusing { refusal, id };
+                deliver
+            }
+        };
+        buf.set_filled(before + deliver);
+        Poll::Ready(Ok(deliver > 0))
+    }
+
+    /// A refusal's turn comes once every earlier request is answered. If the answers could
+    /// not be followed (an upgrade, a response without a length), the connection is closed
+    /// without a 400 rather than risk one in the middle of another answer.
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let State::Refusing { refusal, id } = &self.state else {
+            return Poll::Ready(());
+        };
+        self.state = match self.scanner.unanswered() {
+            Some(0) => State::Answering {
+                response: refusal_response(*refusal, id),
+                written: 0,
+            },
+            None => State::Closed,
+            Some(_) => {
+                self.waiting = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        };
+        Poll::Ready(())
+    }
+
+    /// Writes the 400 and shuts the write side. A client already gone is not an error here.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let State::Answering { response, written } = &mut self.state else {
+            return Poll::Ready(());
+        };
+        while *written < response.len() {
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &response[*written..])) {
+                Ok(n) if n > 0 => *written += n,
+                _ => *written = response.len(),
+            }
+        }
+        let _ = ready!(Pin::new(&mut self.io).poll_flush(cx));
+        let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+        Poll::Ready(())
+    }
+}
+
+/// What hyper gets once the connection is no longer its own.
+fn refused() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "connection closed by the HTTP/1 framing check",
+    )
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for FramingGuard<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Open => {
+                    if ready!(this.read_open(cx, buf))? {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                State::Doomed | State::Closed => return Poll::Ready(Err(refused())),
+                State::Refusing { .. } => ready!(this.poll_turn(cx)),
+                State::Answering { .. } => {
+                    ready!(this.poll_answer(cx));
+                    this.state = State::Lingering(Box::pin(tokio::time::sleep(LINGER)));
+                }
+                State::Lingering(deadline) => {
+                    ready!(drain(&mut this.io, deadline, cx));
+                    this.state = State::Closed;
+                }
+            }
+        }
+    }
+}
+
+/// Reads and discards until the client closes (or fails) or `deadline` passes.
+fn drain<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    deadline: &mut Pin<Box<Sleep>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let mut scratch = [0u8; 4096];
+    loop {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+            Poll::Ready(_) => return Poll::Ready(()),
+            Poll::Pending => return deadline.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.taken_over() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = ready!(Pin::new(&mut this.io).poll_write(cx, data))?;
+        this.wrote(&data[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.taken_over() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for buf in bufs {
+            let take = left.min(buf.len());
+            this.wrote(&buf[..take]);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.taken_over() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    /// hyper closing while a refusal still waits (the earlier request said `Connection:
+    /// close`): the refused request gets no answer, as none would be read after that one.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.state {
+            State::Open | State::Doomed | State::Refusing { .. } => {
+                Pin::new(&mut this.io).poll_shutdown(cx)
+            }
+            State::Answering { .. } => {
+                ready!(this.poll_answer(cx));
+                this.state = State::Closed;
+                Poll::Ready(Ok(()))
+            }
+            State::Lingering(_) | State::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// The 400, as HTTP/1.1 bytes: permgate's error rendering plus the headers hyper would add.
+fn refusal_response(refusal: Refusal, id: &HeaderValue) -> Vec<u8> {
+    let error = Error::invalid(PARAM, refusal.message());
+    let body = error.body();
+    let response = error.into_response();
+    let status = response.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or_default()
+    );
+    for (name, value) in response.headers() {
+        let _ = write!(head, "{name}: {}\r\n", value.to_str().unwrap_or_default());
+    }
+    let _ = write!(
+        head,
+        "content-length: {}\r\nconnection: close\r\nx-request-id: {}\r\ndate: {}\r\n\r\n",
+        body.len(),
+        id.to_str().unwrap_or_default(),
+        httpdate::fmt_http_date(SystemTime::now()),
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Why a head is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    LengthAndEncoding,
+    NotExactlyChunked,
+    EncodingOnHttp10,
+}
+
+impl Refusal {
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::LengthAndEncoding => {
+                "A request may not carry both Content-Length and Transfer-Encoding: its length would be ambiguous."
+            }
+            Refusal::NotExactlyChunked => {
+                "Transfer-Encoding must be exactly 'chunked', on one header line: other codings and lists are not accepted."
+            }
+            Refusal::EncodingOnHttp10 => "Transfer-Encoding is not defined for HTTP/1.0 requests.",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::LengthAndEncoding => "content-length with transfer-encoding",
+            Refusal::NotExactlyChunked => "transfer-encoding not exactly chunked",
+            Refusal::EncodingOnHttp10 => "transfer-encoding on HTTP/1.0",
+        }
+    }
+}
+
+/// What a read may hand to hyper: `deliver` counts bytes from the start of the read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    /// Hand over `deliver` bytes, then refuse the head that starts there.
+    Refuse {
+        deliver: usize,
+        refusal: Refusal,
+    },
+    /// Hand over `deliver` bytes (hyper refuses the head in them itself), then nothing more.
+    Doom {
+        deliver: usize,
+    },
+}
+
+/// One stretch of a read: the scanner's answer for the bytes from its current position.
+enum Step {
+    Advance(usize),
+    /// The rest of the read passes.
+    Pass,
+    Refuse(Refusal),
+    Doom(usize),
+}
+
+/// The connection's framing state, without I/O: reads in, writes out.
+#[derive(Debug)]
+struct Scanner {
+    max_head: usize,
+    config: httparse::ParserConfig,
+    read: ReadPhase,
+    request_head: HeadBuf,
+    /// Requests handed to hyper whose answer has not started, oldest first.
+    requests: VecDeque<Method>,
+    write: WritePhase,
+    response_head: HeadBuf,
+    /// An answer's head is written and its body is not finished.
+    answering: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadPhase {
+    /// Matching the HTTP/2 preface; that many bytes matched so far.
+    Preface(usize),
+    Head,
+    Length(u64),
+    Chunked(Chunked),
+    /// HTTP/2: nothing to check.
+    Tunnel,
+    /// A verdict was given; the guard reads no further.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WritePhase {
+    Head,
+    Length(u64),
+    Chunked(Chunked),
+    /// Answers that cannot be followed (HTTP/2, an upgrade, a body until close).
+    Untracked,
+}
+
+/// What a response's framing depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Head,
+    Connect,
+    Other,
+}
+
+impl Scanner {
+    fn new(max_head: usize) -> Scanner {
+        let mut config = httparse::ParserConfig::default();
+        // At least as lenient as hyper can be configured, so that any head hyper completes,
+        // the scanner completes too (skipped invalid lines make hyper refuse, or skip them too).
+        config
+            .allow_multiple_spaces_in_request_line_delimiters(true)
+            .ignore_invalid_headers_in_requests(true)
+            .allow_space_before_first_header_name(true);
+        Scanner {
+            max_head,
+            config,
+            read: ReadPhase::Preface(0),
+            request_head: HeadBuf::default(),
+            requests: VecDeque::new(),
+            write: WritePhase::Head,
+            response_head: HeadBuf::default(),
+            answering: false,
+        }
+    }
+
+    /// Scans the bytes of one read.
+    fn on_read(&mut self, data: &[u8]) -> Verdict {
+        let mut at = 0;
+        while at < data.len() {
+            let rest = &data[at..];
+            let step = match self.read {
+                ReadPhase::Preface(matched) => self.preface(matched, rest),
+                ReadPhase::Head => self.head(rest),
+                ReadPhase::Length(left) => {
+                    let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.read = match left - take as u64 {
+                        0 => ReadPhase::Head,
+                        left => ReadPhase::Length(left),
+                    };
+                    Step::Advance(take)
+                }
+                ReadPhase::Chunked(mut chunked) => match chunked.follow(rest) {
+                    Ok(used) => {
+                        self.read = match chunked {
+                            Chunked::Done => ReadPhase::Head,
+                            _ => ReadPhase::Chunked(chunked),
+                        };
+                        Step::Advance(used)
+                    }
+                    // hyper's decoder fails on the same byte: it gets it, and nothing after.
+                    Err(bad) => {
+                        self.read = ReadPhase::Stopped;
+                        Step::Doom(bad + 1)
+                    }
+                },
+                ReadPhase::Tunnel | ReadPhase::Stopped => Step::Pass,
+            };
+            match step {
+                Step::Advance(n) => at += n,
+                Step::Pass => break,
+                Step::Refuse(refusal) => {
+                    return Verdict::Refuse {
+                        deliver: at,
+                        refusal,
+                    }
+                }
+                Step::Doom(n) => return Verdict::Doom { deliver: at + n },
+            }
+        }
+        Verdict::Pass
+    }
+
+    /// Mirrors hyper-util's version detection: the full preface is HTTP/2, anything else (from
+    /// the first byte that differs) HTTP/1, whose first head began with the matched bytes.
+    fn preface(&mut self, matched: usize, rest: &[u8]) -> Step {
+        let expected = &H2_PREFACE[matched..];
+        let same = expected
+            .iter()
+            .zip(rest)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if same == expected.len() {
+            self.read = ReadPhase::Tunnel;
+            self.write = WritePhase::Untracked;
+            return Step::Pass;
+        }
+        if same == rest.len() {
+            self.read = ReadPhase::Preface(matched + same);
+            return Step::Pass;
+        }
+        self.request_head
+            .0
+            .extend_from_slice(&H2_PREFACE[..matched]);
+        self.read = ReadPhase::Head;
+        Step::Advance(0)
+    }
+
+    fn head(&mut self, rest: &[u8]) -> Step {
+        let config = &self.config;
+        match self
+            .request_head
+            .assemble(rest, |b| parse_request(config, b))
+        {
+            Assembled::Complete { head, used } => self.start_body(head, used),
+            Assembled::Partial if self.request_head.0.len() < self.max_head => Step::Pass,
+            // Too long: hyper answers 431 on these bytes. Malformed: hyper's parser, no more
+            // lenient than this one, answers 400 on them.
+            Assembled::Partial | Assembled::Malformed => {
+                self.read = ReadPhase::Stopped;
+                Step::Doom(rest.len())
+            }
+        }
+    }
+
+    fn start_body(&mut self, head: RequestHead, used: usize) -> Step {
+        self.read = match head.framing {
+            Framing::Refuse(refusal) => {
+                self.read = ReadPhase::Stopped;
+                return Step::Refuse(refusal);
+            }
+            Framing::HyperRefuses => {
+                self.expect_answer(head.method);
+                self.read = ReadPhase::Stopped;
+                return Step::Doom(used);
+            }
+            Framing::Empty | Framing::Length(0) => ReadPhase::Head,
+            Framing::Length(n) => ReadPhase::Length(n),
+            Framing::Chunked => ReadPhase::Chunked(Chunked::Start),
+        };
+        self.expect_answer(head.method);
+        Step::Advance(used)
+    }
+
+    fn expect_answer(&mut self, method: Method) {
+        if self.write != WritePhase::Untracked {
+            self.requests.push_back(method);
+        }
+    }
+
+    /// Requests handed to hyper and not yet fully answered; `None` once the answers cannot be
+    /// followed.
+    fn unanswered(&self) -> Option<usize> {
+        match self.write {
+            WritePhase::Untracked => None,
+            _ => Some(self.requests.len() + usize::from(self.answering)),
+        }
+    }
+
+    /// Follows the answers hyper writes (trusted: hyper frames them).
+    fn on_write(&mut self, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            let rest = &data[at..];
+            at += match self.write {
+                WritePhase::Head => match self.response_head.assemble(rest, parse_response) {
+                    Assembled::Complete { head, used } => {
+                        self.start_answer(head);
+                        used
+                    }
+                    Assembled::Partial => return,
+                    Assembled::Malformed => {
+                        self.untrack();
+                        return;
+                    }
+                },
+                WritePhase::Length(left) => {
+                    let take = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    match left - take as u64 {
+                        0 => self.end_answer(),
+                        left => self.write = WritePhase::Length(left),
+                    }
+                    take
+                }
+                WritePhase::Chunked(mut chunked) => match chunked.follow(rest) {
+                    Ok(used) if chunked == Chunked::Done => {
+                        self.end_answer();
+                        used
+                    }
+                    Ok(used) => {
+                        self.write = WritePhase::Chunked(chunked);
+                        used
+                    }
+                    Err(_) => {
+                        self.untrack();
+                        return;
+                    }
+                },
+                WritePhase::Untracked => return,
+            };
+        }
+    }
+
+    fn start_answer(&mut self, head: ResponseHead) {
+        let status = head.status;
+        if (100..200).contains(&status) && status != 101 {
+            return; // Interim (100 Continue): the final answer follows.
+        }
+        let method = self.requests.pop_front().unwrap_or(Method::Other);
+        let body = if status == 101 || (method == Method::Connect && (200..300).contains(&status)) {
+            ResponseBody::Unknown
+        } else if method == Method::Head || status == 204 || status == 304 {
+            ResponseBody::Length(0)
+        } else {
+            head.body
+        };
+        match body {
+            ResponseBody::Length(0) => {}
+            ResponseBody::Length(n) => {
+                self.write = WritePhase::Length(n);
+                self.answering = true;
+            }
+            ResponseBody::Chunked => {
+                self.write = WritePhase::Chunked(Chunked::Start);
+                self.answering = true;
+            }
+            ResponseBody::Unknown => self.untrack(),
+        }
+    }
+
+    fn end_answer(&mut self) {
+        self.write = WritePhase::Head;
+        self.answering = false;
+    }
+
+    fn untrack(&mut self) {
+        self.write = WritePhase::Untracked;
+        self.requests.clear();
+        self.answering = false;
+    }
+}
+
+/// The body a request head announces, or why it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    Refuse(Refusal),
+    /// A `Content-Length` hyper refuses itself (not one decimal number, or too large).
+    HyperRefuses,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RequestHead {
+    method: Method,
+    framing: Framing,
+}
+
+/// RFC 9112 6.3 as the SPEC narrows it. Repeated identical `Content-Length` values are one
+/// length (RFC 9110 8.6; hyper agrees).
+fn request_framing(version: Option<u8>, headers: &[httparse::Header<'_>]) -> Framing {
+    let mut encodings = 0usize;
+    let mut chunked = false;
+    let mut length: Option<Option<u64>> = None;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            encodings += 1;
+            chunked = header.value.eq_ignore_ascii_case(b"chunked");
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            let value = decimal(header.value).filter(|n| *n <= MAX_LENGTH);
+            length = Some(match length {
+                Some(previous) if previous != value => None,
+                _ => value,
+            });
+        }
+    }
+    match (encodings, length) {
+        (0, None) => Framing::Empty,
+        (0, Some(Some(n))) => Framing::Length(n),
+        (0, Some(None)) => Framing::HyperRefuses,
+        (_, Some(_)) => Framing::Refuse(Refusal::LengthAndEncoding),
+        (1, None) if chunked && version != Some(0) => Framing::Chunked,
+        (1, None) if chunked => Framing::Refuse(Refusal::EncodingOnHttp10),
+        _ => Framing::Refuse(Refusal::NotExactlyChunked),
+    }
+}
+
+/// 1*DIGIT, as hyper reads a `Content-Length` (no sign, no list, no whitespace inside).
+fn decimal(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, b| match b {
+        b'0'..=b'9' => n.checked_mul(10)?.checked_add(u64::from(b - b'0')),
+        _ => None,
+    })
+}
+
+/// A complete head and its length, `None` while incomplete.
+type Parsed<T> = Result<Option<(usize, T)>, httparse::Error>;
+
+fn parse_request(config: &httparse::ParserConfig, bytes: &[u8]) -> Parsed<RequestHead> {
+    let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
+    match request_head(config, bytes, &mut headers) {
+        // More lines than hyper's default: hyper may be configured for more, so read them all
+        // (a hidden Transfer-Encoding must not pass because the scanner stopped counting).
+        Err(httparse::Error::TooManyHeaders) => {
+            let lines = bytes.iter().filter(|b| **b == b'\n').count();
+            let mut headers = vec![MaybeUninit::uninit(); lines];
+            request_head(config, bytes, &mut headers)
+        }
+        parsed => parsed,
+    }
+}
+
+fn request_head<'b>(
+    config: &httparse::ParserConfig,
+    bytes: &'b [u8],
+    headers: &mut [MaybeUninit<httparse::Header<'b>>],
+) -> Parsed<RequestHead> {
+    let mut request = httparse::Request::new(&mut []);
+    let httparse::Status::Complete(len) =
+        config.parse_request_with_uninit_headers(&mut request, bytes, headers)?
+    else {
+        return Ok(None);
+    };
+    let method = match request.method {
+        Some("HEAD") => Method::Head,
+        Some("CONNECT") => Method::Connect,
+        _ => Method::Other,
+    };
+    let framing = request_framing(request.version, request.headers);
+    Ok(Some((len, RequestHead { method, framing })))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseBody {
+    Length(u64),
+    Chunked,
+    /// Until the connection closes, or not HTTP any more.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ResponseHead {
+    status: u16,
+    /// As the headers say; the request method and status may override it.
+    body: ResponseBody,
+}
+
+fn parse_response(bytes: &[u8]) -> Parsed<ResponseHead> {
+    let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let httparse::Status::Complete(len) = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut response, bytes, &mut headers)?
+    else {
+        return Ok(None);
+    };
+    let mut body = ResponseBody::Unknown;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = header
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default();
+            body = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                ResponseBody::Chunked
+            } else {
+                ResponseBody::Unknown
+            };
+            break;
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            body = decimal(header.value).map_or(ResponseBody::Unknown, ResponseBody::Length);
+        }
+    }
+    let status = response.code.unwrap_or_default();
+    Ok(Some((len, ResponseHead { status, body })))
+}
+
+/// The start of a head that straddles reads (or writes); empty between heads.
+#[derive(Debug, Default)]
+struct HeadBuf(Vec<u8>);
+
+enum Assembled<T> {
+    /// `used`: the head's bytes in this call's data.
+    Complete {
+        head: T,
+        used: usize,
+    },
+    /// All of the data belongs to an incomplete head.
+    Partial,
+    Malformed,
+}
+
+impl HeadBuf {
+    /// Continues the head with `data`. With nothing buffered (the common case), the head is
+    /// parsed where it lies; otherwise only up to each possible end (an empty line) is copied
+    /// and parsed, so a head arriving byte by byte is not parsed once per byte.
+    fn assemble<T>(&mut self, data: &[u8], parse: impl Fn(&[u8]) -> Parsed<T>) -> Assembled<T> {
+        if self.0.is_empty() {
+            return match parse(data) {
+                Ok(Some((used, head))) => Assembled::Complete { head, used },
+                Ok(None) => {
+                    self.0.extend_from_slice(data);
+                    Assembled::Partial
+                }
+                Err(_) => Assembled::Malformed,
+            };
+        }
+        let before = self.0.len();
+        let mut from = 0;
+        while let Some(end) = head_end(&self.0[..before], data, from) {
+            self.0.extend_from_slice(&data[from..end]);
+            from = end;
+            match parse(&self.0) {
+                Ok(Some((len, head))) => {
+                    self.0.clear();
+                    return match len.checked_sub(before) {
+                        Some(used) if used > 0 => Assembled::Complete { head, used },
+                        _ => Assembled::Malformed, // Cannot happen: the buffer was incomplete.
+                    };
+                }
+                Ok(None) => continue, // Empty lines before the request line.
+                Err(_) => return Assembled::Malformed,
+            }
+        }
+        self.0.extend_from_slice(&data[from..]);
+        Assembled::Partial
+    }
+}
+
+/// The end of the first empty line (`\n\n` or `\n\r\n`, as httparse accepts line ends) that
+/// ends in `data[from..]`; `before` are the bytes preceding `data`.
+fn head_end(before: &[u8], data: &[u8], from: usize) -> Option<usize> {
+    let byte = |i: usize, back: usize| match i.checked_sub(back) {
+        Some(j) => Some(data[j]),
+        None => before.len().checked_sub(back - i).map(|j| before[j]),
+    };
+    (from..data.len())
+        .find(|&i| {
+            data[i] == b'\n'
+                && (byte(i, 1) == Some(b'\n')
+                    || (byte(i, 1) == Some(b'\r') && byte(i, 2) == Some(b'\n')))
+        })
+        .map(|i| i + 1)
+}
+
+/// hyper's chunked decoder (`proto/h1/decode.rs`), byte for byte: hex size, optional spaces or
+/// tabs, an extension up to CR (a bare LF in it is an error), CRLF, data, CRLF; after the
+/// last (zero) chunk, trailer lines each ending in CRLF, then CRLF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    Start,
+    Size(u64),
+    SizeLws(u64),
+    Extension(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    EndCr,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+impl Chunked {
+    /// Follows `data`: how many of its bytes belong to the body (all, unless it ends in them),
+    /// or the index of the first byte hyper's decoder would fail on.
+    fn follow(&mut self, data: &[u8]) -> Result<usize, usize> {
+        let mut at = 0;
+        while at < data.len() && *self != Chunked::Done {
+            if let Chunked::Data(left) = *self {
+                let take = (data.len() - at).min(usize::try_from(left).unwrap_or(usize::MAX));
+                *self = match left - take as u64 {
+                    0 => Chunked::DataCr,
+                    left => Chunked::Data(left),
+                };
+                at += take;
+                continue;
+            }
+            *self = self.next(data[at]).ok_or(at)?;
+            at += 1;
+        }
+        Ok(at)
+    }
+
+    fn next(self, byte: u8) -> Option<Chunked> {
+        use Chunked::*;
+        Some(match (self, byte) {
+            (Start, b) => Size(hex(b)?),
+            (Size(n), b'\t' | b' ') | (SizeLws(n), b'\t' | b' ') => SizeLws(n),
+            (Size(n) | SizeLws(n), b';') => Extension(n),
+            (Size(n) | SizeLws(n) | Extension(n), b'\r') => SizeLf(n),
+            (Size(n), b) => Size(n.checked_mul(16)?.checked_add(hex(b)?)?),
+            (Extension(_), b'\n') => return None,
+            (Extension(n), _) => Extension(n),
+            (SizeLf(0), b'\n') => EndCr,
+            (SizeLf(n), b'\n') => Data(n),
+            (DataCr, b'\r') => DataLf,
+            (DataLf, b'\n') => Start,
+            (EndCr, b'\r') => EndLf,
+            (EndCr, _) => Trailer,
+            (Trailer, b'\r') => TrailerLf,
+            (Trailer, _) => Trailer,
+            (TrailerLf, b'\n') => EndCr,
+            (EndLf, b'\n') => Done,
+            _ => return None,
+        })
+    }
+}
+
+fn hex(byte: u8) -> Option<u64> {
+    char::from(byte).to_digit(16).map(u64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 32 * 1024;
+
+    fn scanner() -> Scanner {
+        Scanner::new(LIMIT)
+    }
+
+    /// Feeds `data` in pieces of `size` bytes; every verdict before the last piece must pass.
+    fn feed(scanner: &mut Scanner, data: &[u8], size: usize) -> Verdict {
+        let pieces: Vec<&[u8]> = data.chunks(size).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let verdict = scanner.on_read(piece);
+            if verdict != Verdict::Pass {
+                let offset = i * size;
+                return match verdict {
+                    Verdict::Refuse { deliver, refusal } => Verdict::Refuse {
+                        deliver: offset + deliver,
+                        refusal,
+                    },
+                    Verdict::Doom { deliver } => Verdict::Doom {
+                        deliver: offset + deliver,
+                    },
+                    Verdict::Pass => unreachable!(),
+                };
+            }
+        }
+        Verdict::Pass
+    }
+
+    /// In every piece size from byte-by-byte to all at once.
+    fn every_split(data: &[u8], check: impl Fn(Verdict, &Scanner, usize)) {
+        for size in 1..=data.len() {
+            let mut s = scanner();
+            let verdict = feed(&mut s, data, size);
+            check(verdict, &s, size);
+        }
+    }
+
+    fn framing(head: &str) -> Framing {
+        match parse_request(&scanner().config, head.as_bytes()) {
+            Ok(Some((len, head_parsed))) => {
+                assert_eq!(len, head.len());
+                head_parsed.framing
+            }
+            other => panic!("{head:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_the_spec() {
+        let post = |headers: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        let refuse_both = Framing::Refuse(Refusal::LengthAndEncoding);
+        let refuse_te = Framing::Refuse(Refusal::NotExactlyChunked);
+        let cases = [
+            ("", Framing::Empty),
+            ("Content-Length: 12\r\n", Framing::Length(12)),
+            ("content-length: 007\r\n", Framing::Length(7)),
+            (
+                "Content-Length: 2\r\nContent-Length: 2\r\n",
+                Framing::Length(2),
+            ),
+            (
+                "Content-Length: 2\r\nContent-Length: 3\r\n",
+                Framing::HyperRefuses,
+            ),
+            ("Content-Length: 2, 2\r\n", Framing::HyperRefuses),
+            ("Content-Length: +2\r\n", Framing::HyperRefuses),
+            ("Content-Length: \r\n", Framing::HyperRefuses),
+            (
+                "Content-Length: 18446744073709551614\r\n",
+                Framing::HyperRefuses,
+            ),
+            (
+                "Content-Length: 99999999999999999999999\r\n",
+                Framing::HyperRefuses,
+            ),
+            ("Transfer-Encoding: chunked\r\n", Framing::Chunked),
+            ("transfer-encoding: Chunked\r\n", Framing::Chunked),
+            ("TRANSFER-ENCODING:  CHUNKED \t\r\n", Framing::Chunked),
+            (
+                "Transfer-Encoding: chunked\r\nContent-Length: 6\r\n",
+                refuse_both,
+            ),
+            (
+                "Content-Length: 6\r\nTransfer-Encoding: chunked\r\n",
+                refuse_both,
+            ),
+            (
+                "Content-Length: x\r\nTransfer-Encoding: chunked\r\n",
+                refuse_both,
+            ),
+            (
+                "Transfer-Encoding: identity\r\nContent-Length: 6\r\n",
+                refuse_both,
+            ),
+            ("Transfer-Encoding: gzip, chunked\r\n", refuse_te),
+            ("Transfer-Encoding: chunked, identity\r\n", refuse_te),
+            ("Transfer-Encoding: chunked, chunked\r\n", refuse_te),
+            ("Transfer-Encoding: chunked,\r\n", refuse_te),
+            ("Transfer-Encoding: chunked;x=1\r\n", refuse_te),
+            ("Transfer-Encoding: \"chunked\"\r\n", refuse_te),
+            ("Transfer-Encoding: identity\r\n", refuse_te),
+            ("Transfer-Encoding: xchunked\r\n", refuse_te),
+            ("Transfer-Encoding: \r\n", refuse_te),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                refuse_te,
+            ),
+            (
+                "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                refuse_te,
+            ),
+        ];
+        for (headers, expected) in cases {
+            assert_eq!(framing(&post(headers)), expected, "{headers:?}");
+        }
+        let http10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(framing(http10), Framing::Refuse(Refusal::EncodingOnHttp10));
+        // A bare LF ends a header line (as in hyper), so a TE behind one is a TE.
+        let hidden =
+            "POST / HTTP/1.1\r\nX-A: a\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n";
+        assert_eq!(framing(hidden), refuse_both);
+        // More header lines than hyper's default still all count.
+        let many: String = (0..150).map(|i| format!("X-{i}: v\r\n")).collect();
+        let late = post(&format!(
+            "{many}Transfer-Encoding: chunked\r\nContent-Length: 1\r\n"
+        ));
+        assert_eq!(framing(&late), refuse_both);
+    }
+
+    const PIPELINE: &str = "GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+        POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 29\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n\r\n\
+        POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5;name=\"va;lue\"\r\nhello\r\nA \t;\r\n0123456789\r\n0\r\nX-Trailer: t\r\nX-More: u\r\n\r\n\
+        \r\nGET /d HTTP/1.1\nHost: x\n\n\
+        POST /e HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    #[test]
+    fn pipelined_messages_pass_in_any_split() {
+        every_split(PIPELINE.as_bytes(), |verdict, s, size| {
+            assert_eq!(verdict, Verdict::Pass, "piece size {size}");
+            assert_eq!(s.read, ReadPhase::Head, "piece size {size}");
+            assert!(s.request_head.0.is_empty(), "piece size {size}");
+            let methods: Vec<Method> = s.requests.iter().copied().collect();
+            assert_eq!(methods, [Method::Other; 5], "piece size {size}");
+        });
+    }
+
+    #[test]
+    fn a_refused_head_is_withheld_from_where_it_starts_in_any_split() {
+        let bad =
+            "POST /x HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let stream = format!("{PIPELINE}{bad}GET /after HTTP/1.1\r\n\r\n");
+        every_split(stream.as_bytes(), |verdict, s, size| {
+            let Verdict::Refuse { deliver, refusal } = verdict else {
+                panic!("piece size {size}: {verdict:?}");
+            };
+            assert_eq!(refusal, Refusal::LengthAndEncoding);
+            // Whole pieces before the one that completes the head were handed over; in that
+            // piece, only the bytes before the refused head.
+            let end = PIPELINE.len() + bad.find("\r\n\r\n").unwrap() + 4;
+            let piece_start = (end - 1) / size * size;
+            assert_eq!(
+                deliver,
+                PIPELINE.len().max(piece_start),
+                "piece size {size}"
+            );
+            assert_eq!(s.requests.len(), 5);
+        });
+    }
+
+    #[test]
+    fn chunked_bodies_follow_hyper_byte_for_byte() {
+        let ok = [
+            "0\r\n\r\n".to_owned(),
+            "00\r\n\r\n".to_owned(),
+            "1\r\na\r\n0\r\n\r\n".to_owned(),
+            "1 \t \r\na\r\n0\r\n\r\n".to_owned(),
+            "1;a=b;c\r\na\r\n0;last\r\n\r\n".to_owned(),
+            "1 ;ext\r\na\r\n0\r\n\r\n".to_owned(),
+            format!("fF\r\n{}\r\n0\r\n\r\n", "x".repeat(255)),
+            "0\r\nA: b\r\nC: d\r\n\r\n".to_owned(),
+            // A bare LF inside a trailer line is just one of its bytes.
+            "0\r\nA: b\nc\r\n\r\n".to_owned(),
+        ];
+        let head = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for body in ok {
+            let stream = format!("{head}{body}GET / HTTP/1.1\r\n\r\n");
+            every_split(stream.as_bytes(), |verdict, s, size| {
+                assert_eq!(verdict, Verdict::Pass, "{body:?} in pieces of {size}");
+                assert_eq!(s.requests.len(), 2, "{body:?} in pieces of {size}");
+                assert_eq!(s.read, ReadPhase::Head, "{body:?} in pieces of {size}");
+            });
+            let mut c = Chunked::Start;
+            assert_eq!(c.follow(body.as_bytes()), Ok(body.len()), "{body:?}");
+            assert_eq!(c, Chunked::Done);
+        }
+        let mut c = Chunked::Start;
+        assert_eq!(c.follow(b"3\r\nabc\r\n0\r\n\r\nGET"), Ok(13));
+        assert_eq!(c, Chunked::Done);
+        let bad = [
+            ("x\r\n", 0),
+            ("\r\n", 0),
+            ("1\n", 1),
+            ("1 2\r\n", 2),
+            ("1;a\nb\r\n", 3),
+            ("1\r\nab\r\n", 4),
+            ("1\r\na\n", 4),
+            ("1\r\na\r\r", 5),
+            ("0\r\nA: b\r\r", 8),
+            ("0\r\n\rx", 4),
+            ("11111111111111111\r\n", 16), // 17 hex digits overflow u64.
+        ];
+        for (body, at) in bad {
+            let mut c = Chunked::Start;
+            assert_eq!(c.follow(body.as_bytes()), Err(at), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn a_broken_chunked_body_is_handed_over_through_the_bad_byte_and_no_further() {
+        let head = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let stream = format!("{head}zz\r\n{{}}\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n");
+        let mut s = scanner();
+        assert_eq!(
+            s.on_read(stream.as_bytes()),
+            Verdict::Doom {
+                deliver: head.len() + 1
+            }
+        );
+    }
+
+    #[test]
+    fn heads_hyper_refuses_itself_are_handed_over_alone() {
+        let bad_length = "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n";
+        let stream = format!("{bad_length}{{}}xGET /smuggled HTTP/1.1\r\n\r\n");
+        let mut s = scanner();
+        assert_eq!(
+            s.on_read(stream.as_bytes()),
+            Verdict::Doom {
+                deliver: bad_length.len()
+            }
+        );
+        // Malformed (even leniently): the read goes to hyper, which answers 400; nothing more.
+        for malformed in [
+            "G(ET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+        ] {
+            let mut s = scanner();
+            let n = malformed.len();
+            assert_eq!(
+                s.on_read(malformed.as_bytes()),
+                Verdict::Doom { deliver: n }
+            );
+        }
+    }
+
+    #[test]
+    fn a_head_longer_than_hypers_buffer_is_left_to_hyper() {
+        let mut s = Scanner::new(100);
+        let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(50));
+        assert_eq!(s.on_read(long.as_bytes()), Verdict::Pass);
+        assert_eq!(s.on_read(&[b'a'; 40]), Verdict::Doom { deliver: 40 });
+        assert_eq!(s.read, ReadPhase::Stopped);
+    }
+
+    #[test]
+    fn the_http2_preface_passes_and_anything_else_is_http1() {
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        every_split(h2, |verdict, s, size| {
+            assert_eq!(verdict, Verdict::Pass, "{size}");
+            assert_eq!(s.read, ReadPhase::Tunnel, "{size}");
+            assert_eq!(s.unanswered(), None);
+        });
+        // Starts like the preface, is not: HTTP/1, and the matched bytes belong to the head.
+        let h1 = "PRI * HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        every_split(h1.as_bytes(), |verdict, _, size| {
+            let Verdict::Refuse { refusal, .. } = verdict else {
+                panic!("{size}: {verdict:?}");
+            };
+            assert_eq!(refusal, Refusal::LengthAndEncoding);
+        });
+        let mut s = scanner();
+        assert_eq!(
+            s.on_read(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n"),
+            Verdict::Doom { deliver: 24 }
+        );
+    }
+
+    #[test]
+    fn leading_empty_lines_and_bare_lf_heads() {
+        let stream = "\r\n\r\nGET / HTTP/1.1\r\n\r\n\nGET / HTTP/1.1\n\n";
+        every_split(stream.as_bytes(), |verdict, s, size| {
+            assert_eq!(verdict, Verdict::Pass, "{size}");
+            assert_eq!(s.requests.len(), 2, "{size}");
+            assert!(s.request_head.0.is_empty(), "{size}");
+        });
+    }
+
+    /// Answers are counted as hyper writes them, in any split.
+    #[test]
+    fn answers_are_followed_to_their_end() {
+        let requests = "GET / HTTP/1.1\r\n\r\nHEAD / HTTP/1.1\r\n\r\n\
+            POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}\
+            GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        let answers = [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\ncontent-length: 500\r\n\r\n",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n\
+             3\r\nabc\r\n0\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\ncontent-length: 10\r\n\r\n",
+        ];
+        let all = answers.concat();
+        for size in 1..=all.len() {
+            let mut s = scanner();
+            assert_eq!(s.on_read(requests.as_bytes()), Verdict::Pass);
+            assert_eq!(s.unanswered(), Some(5));
+            let mut written = 0;
+            let mut ends = Vec::new();
+            for answer in answers {
+                written += answer.len();
+                ends.push(written);
+            }
+            for (i, piece) in all.as_bytes().chunks(size).enumerate() {
+                s.on_write(piece);
+                let done = (i * size + piece.len()).min(all.len());
+                let answered = ends.iter().filter(|end| **end <= done).count();
+                assert_eq!(s.unanswered(), Some(5 - answered), "{size} at {done}");
+            }
+        }
+    }
+
+    #[test]
+    fn answers_that_cannot_be_followed_stop_the_count() {
+        for answer in [
+            "HTTP/1.1 200 OK\r\n\r\nuntil close",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "not http\r\n\r\n",
+        ] {
+            let mut s = scanner();
+            s.on_read(b"GET / HTTP/1.1\r\n\r\n");
+            s.on_write(answer.as_bytes());
+            assert_eq!(s.unanswered(), None, "{answer:?}");
+        }
+        let mut s = scanner();
+        s.on_read(b"CONNECT x:1 HTTP/1.1\r\n\r\n");
+        s.on_write(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(s.unanswered(), None);
+    }
+
+    #[test]
+    fn the_refusal_is_permgates_json_400_and_closes() {
+        let id = HeaderValue::from_static("req_test");
+        let bytes = refusal_response(Refusal::LengthAndEncoding, &id);
+        let text = String::from_utf8(bytes).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        for line in [
+            "content-type: application/json",
+            "x-should-retry: false",
+            "connection: close",
+            "x-request-id: req_test",
+            &format!("content-length: {}", body.len()),
+        ] {
+            assert!(head.lines().any(|l| l == line), "{line} in {head}");
+        }
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_parameter");
+        assert_eq!(v["error"]["param"], "transfer-encoding");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+}
