@@ -923,3 +923,119 @@ async fn stream_task(handles: Handles) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::CacheConfig;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_lease_ends_a_margin_before_redis_deadline_and_a_writer_waits_past_it() {
+        let lease = Duration::from_millis(1000);
+        // 1000 ms minus (10 + 2) ms, counted from before the renewal was sent.
+        assert_eq!(lease_end(5 * MS, lease), 5 * MS + 988 * MS);
+        let short = Duration::from_millis(100);
+        assert_eq!(lease_end(0, short), 97 * MS);
+        // A deadline 1000 ms ahead in Redis time: 1010 ms + 2 ms on the writer's clock.
+        assert_eq!(wait_until(7 * MS, 50_000, 51_000), 7 * MS + 1012 * MS);
+        // A deadline already past: only the 2 ms allowance.
+        assert_eq!(wait_until(7 * MS, 50_000, 49_000), 9 * MS);
+    }
+
+    #[test]
+    fn stream_entries_parse_to_sequence_and_target() {
+        let raw = vec![
+            (
+                "7-0".to_string(),
+                vec!["c".to_string(), "ft%3Aa".to_string()],
+            ),
+            ("8-0".to_string(), vec!["x".to_string(), "y".to_string()]),
+            ("9-0".to_string(), vec!["c".to_string(), "*".to_string()]),
+        ];
+        assert_eq!(
+            parse_entries(raw),
+            vec![(7, "ft%3Aa".to_string()), (9, "*".to_string())]
+        );
+    }
+
+    fn fleet() -> (Fleet, PageCache) {
+        let config = RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            password: None,
+            key_prefix: "p:".into(),
+            timeout: Duration::from_millis(100),
+            degraded_ttl: Duration::ZERO,
+            reconnect_max: Duration::from_millis(300),
+            lease: Duration::from_millis(600),
+            ca_file: None,
+        };
+        let metrics = Arc::new(Metrics::build(true));
+        let cache_config = CacheConfig {
+            ttl: Duration::from_secs(60),
+            max_bytes: 1 << 20,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            negative_ttl: Duration::ZERO,
+        };
+        let cache = PageCache::new(&cache_config, Clock::default(), Default::default());
+        (Fleet::new(&config, None, metrics).unwrap(), cache)
+    }
+
+    #[test]
+    fn entries_apply_in_order_skip_duplicates_and_a_gap_drops_everything() {
+        let (fleet, cache) = fleet();
+        let a = Checkpoint::parse("ft:a").unwrap();
+        let mut s = SyncState {
+            applied: 4,
+            ..SyncState::default()
+        };
+        let key = |cache: &PageCache| cache.key(a.clone(), ListQuery::default());
+        let before = key(&cache);
+        // 4 is a duplicate; 5 applies (the checkpoint's pages die).
+        fleet.apply_locked(&cache, &mut s, &[(4, "*".into()), (5, encoded(&a))], None);
+        assert_eq!(s.applied, 5);
+        assert_ne!(key(&cache), before, "the checkpoint's generation moved");
+        let metrics = fleet.metrics.render(crate::metrics::Snapshot {
+            cache_entries: 0,
+            cache_bytes: 0,
+            circuit: 0,
+            in_flight: 0,
+            redis_up: None,
+            lease: None,
+        });
+        assert!(metrics.contains("permgate_fleet_invalidations_applied_total 1"));
+        assert!(!metrics.contains("reason=\"gap\""));
+        // 7 after 5: 6 was trimmed away; everything goes, and the replica moves on to 7.
+        let other = Checkpoint::parse("ft:b").unwrap();
+        let before = cache.key(other.clone(), ListQuery::default());
+        fleet.apply_locked(&cache, &mut s, &[(7, encoded(&a))], None);
+        assert_eq!(s.applied, 7);
+        assert_ne!(cache.key(other, ListQuery::default()), before);
+        // A catch-up that ends short of the renewal's sequence number is a gap too.
+        fleet.apply_locked(&cache, &mut s, &[(8, encoded(&a))], Some(10));
+        assert_eq!(s.applied, 10);
+        let metrics = fleet.metrics.render(crate::metrics::Snapshot {
+            cache_entries: 0,
+            cache_bytes: 0,
+            circuit: 0,
+            in_flight: 0,
+            redis_up: None,
+            lease: None,
+        });
+        assert!(metrics.contains("permgate_fleet_resync_purges_total{reason=\"gap\"} 2"));
+    }
+
+    #[test]
+    fn no_lease_before_the_first_renewal() {
+        let (fleet, _) = fleet();
+        assert_eq!(fleet.lease(), Lease::Lapsed);
+        fleet
+            .lease_until
+            .store(lease_end(lease_clock(), fleet.lease), Ordering::Release);
+        assert_eq!(fleet.lease(), Lease::Held);
+        assert!(fleet.lease_remaining() > 0.5);
+    }
+}
