@@ -519,18 +519,11 @@ impl PageCache {
     /// Wraps an upstream body as a storable page, or `None` if this status is not cached
     /// (only 200, and 404 while `negative_ttl_seconds` > 0).
     pub fn page(&self, status: StatusCode, body: &[u8]) -> Option<Arc<Page>> {
-        self.aged_page(status, body, Duration::ZERO, None)
+        self.aged_page(status, body, Duration::ZERO)
     }
 
-    /// Like [`PageCache::page`] for a page fetched `age` ago (by another replica), fresh for at
-    /// most `fresh_cap` (degraded fleet mode).
-    pub fn aged_page(
-        &self,
-        status: StatusCode,
-        body: &[u8],
-        age: Duration,
-        fresh_cap: Option<Duration>,
-    ) -> Option<Arc<Page>> {
+    /// Like [`PageCache::page`] for a page fetched `age` ago (by another replica).
+    pub fn aged_page(&self, status: StatusCode, body: &[u8], age: Duration) -> Option<Arc<Page>> {
         let (fresh_for, keep_for) = match status {
             StatusCode::OK => {
                 let stale = self
@@ -544,7 +537,6 @@ impl PageCache {
             }
             _ => return None,
         };
-        let fresh_for = fresh_cap.map_or(fresh_for, |cap| fresh_for.min(cap));
         let now = self.clock.now();
         Some(Arc::new(Page {
             status,

@@ -180,7 +180,8 @@ pub struct RedisConfig {
 impl RedisConfig {
     /// Prefix of every Redis key and channel permgate uses.
     pub const DEFAULT_KEY_PREFIX: &str = "permgate:";
-    /// Deadline of each Redis call; past it the replica degrades to its local cache.
+    /// Deadline of each Redis call; past it the connection is dropped and re-made (the lease
+    /// lapses unless a renewal succeeds in time).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
     /// Without a lease, local pages may be served up to this age: 0, never (read-your-writes
     /// holds); more trades it for fewer upstream calls during an outage.

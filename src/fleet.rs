@@ -189,12 +189,12 @@ fn wait_until(arrived: u64, now_ms: u64, deadline_ms: u64) -> u64 {
 }
 
 impl Fleet {
-    /// Prepares the client; connecting happens in the background ([`spawn`]), so a Redis that
+    /// Prepares the client; connecting happens in [`start`] and the background, so a Redis that
     /// is down at startup does not stop the gateway from starting. `password` comes from
     /// [`password`]. With `redis.ca_file` (`rediss://` only), the server's certificate must
     /// chain to that file's certificates, and the public roots are not used; an unreadable file
     /// or one without a certificate stops startup. A Redis whose certificate does not chain
-    /// leaves the replica degraded, as if Redis were down.
+    /// leaves the replica without a lease, as if Redis were down.
     pub fn new(
         config: &RedisConfig,
         password: Option<&str>,

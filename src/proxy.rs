@@ -348,7 +348,7 @@ async fn fetch_shared(
             // windows); an older one is as good as none: fetch, and share the new page.
             if let Some(page) = state
                 .cache
-                .aged_page(status, &shared.body, shared.age, None)
+                .aged_page(status, &shared.body, shared.age)
                 .filter(|page| state.cache.freshness_at(page, shared.age) == Freshness::Fresh)
             {
                 state.metrics.fleet_shared_hit();

@@ -656,6 +656,7 @@ async fn a_replica_cut_off_silently_never_serves_the_old_list_and_writes_wait_at
     assert_eq!(refused.status, 503);
     assert_eq!(refused.error().0, "unavailable");
     assert_eq!(refused.header("x-should-retry"), "true");
+    assert_eq!(refused.header("retry-after-ms"), "600", "one lease term");
     assert_eq!(metric(&b, "permgate_fleet_lease_up").await, 0.0);
     assert_eq!(metric(&b, "permgate_fleet_writes_refused_total").await, 1.0);
 
