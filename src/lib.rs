@@ -11,8 +11,8 @@
 //! answering. Every failure is one [`error::Error`], rendered in OpenAI's shape in one place;
 //! the request log then writes the [`audit`] record, [`metrics`] and the access line.
 //!
-//! Layers (imports point down only): leaves `error`, `clock`, `env`, `secret`, `tls`,
-//! `config`, `route`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`,
+//! Layers (imports point down only): leaves `error`, `clock`, `env`, `secret`, `config`,
+//! `route`, `tls`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`,
 //! `upstream`, `audit`, `fleet`, `framing`, `access_log`, `otel`, `observability`; app `state`,
 //! `request_log`, `proxy`, `admin`, `reload`, `server`, `mock_upstream`, `cli`.
 #![forbid(unsafe_code)]
