@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
 use tokio::sync::{watch, Mutex};
@@ -55,8 +56,9 @@ const PENDING: &str = include_str!("fleet/pending.lua");
 const STREAM_MAXLEN: u64 = 10_000;
 /// A writer's allowance for clock rate differences (±0.4 % tolerated, see README).
 const WRITER_FACTOR: f64 = 1.01;
-/// How often a waiting writer looks at the acknowledgements again.
-const ACK_POLL: Duration = Duration::from_millis(1);
+/// How often a waiting writer looks at the acknowledgements again without a wake-up (acks
+/// publish one on `{prefix}acked`; a lost one costs this much).
+const ACK_RECHECK: Duration = Duration::from_millis(10);
 /// Renewals retry this often at most after a failure.
 const RENEW_RETRY: Duration = Duration::from_millis(100);
 
@@ -120,6 +122,10 @@ pub struct Fleet {
     position: watch::Sender<(u64, u64)>,
     replicas_live: AtomicU64,
     writes: AtomicU64,
+    /// Woken by each acknowledgement published on `{prefix}acked`.
+    acked: tokio::sync::Notify,
+    /// Connections made so far: the ack listener resubscribes when it moves.
+    connections: AtomicU64,
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
@@ -244,6 +250,8 @@ impl Fleet {
             position: watch::Sender::new((0, 0)),
             replicas_live: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            acked: tokio::sync::Notify::new(),
+            connections: AtomicU64::new(0),
         })
     }
 
@@ -450,7 +458,9 @@ impl Fleet {
     /// wait longer (the next renewal carries it, or the lease runs out).
     async fn ack(&self, seq: u64, incarnation: &str) {
         let keys = [self.key("incarnation"), self.key("acks")];
-        let command = Self::script(ACK, &keys, &[&self.id, &seq.to_string(), incarnation]);
+        let channel = self.key("acked");
+        let args = [self.id.as_str(), &seq.to_string(), incarnation, &channel];
+        let command = Self::script(ACK, &keys, &args);
         self.run::<i64>(&command).await;
     }
 
@@ -562,6 +572,10 @@ impl Fleet {
         let awaited = f.waits.len() as u64;
         let (mut missed, mut fenced) = (0u64, false);
         loop {
+            // Armed before looking, so an ack landing in between still wakes this wait.
+            let notified = self.acked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if !f.waits.is_empty() {
                 let mut command = redis::cmd("ZMSCORE");
                 command.arg(self.key("acks"));
@@ -591,8 +605,11 @@ impl Fleet {
             }
             let next = f.waits.iter().map(|w| w.1).chain(f.fence).min();
             let Some(next) = next else { break };
-            let wait = Duration::from_nanos(next - now).min(ACK_POLL);
-            tokio::time::sleep(wait).await;
+            let wait = Duration::from_nanos(next - now).min(ACK_RECHECK);
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
         }
         let total = lease_clock().saturating_sub(f.published) as f64 / 1e9;
         self.metrics.fleet_fanout(awaited, missed, fenced, total);
@@ -806,6 +823,7 @@ impl Fleet {
     async fn establish(&self) -> Result<(), String> {
         let connection = self.connect(self.timeout).await?;
         self.connection.store(Some(Arc::new(connection)));
+        self.connections.fetch_add(1, Ordering::Relaxed);
         self.healthy.store(true, Ordering::Release);
         self.metrics.fleet_connected();
         info!(target: "permgate::fleet", "redis connected");
@@ -853,7 +871,8 @@ pub async fn start(fleet: &Arc<Fleet>, cache: &Arc<PageCache>) {
         cache: Arc::downgrade(cache),
     };
     tokio::spawn(lease_task(handles.clone()));
-    tokio::spawn(stream_task(handles));
+    tokio::spawn(stream_task(handles.clone()));
+    tokio::spawn(ack_task(handles));
 }
 
 /// What the background tasks hold: weak, so they end with the gateway.
@@ -921,6 +940,55 @@ async fn stream_task(handles: Handles) {
             stream = None;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+impl Fleet {
+    /// A subscription to `{prefix}acked`, within the timeout.
+    async fn subscribe_acks(&self) -> Option<redis::aio::PubSub> {
+        let wait = self.timeout.max(Duration::from_millis(500));
+        let mut pubsub = tokio::time::timeout(wait, self.client.get_async_pubsub())
+            .await
+            .ok()?
+            .ok()?;
+        tokio::time::timeout(wait, pubsub.subscribe(self.key("acked")))
+            .await
+            .ok()?
+            .ok()?;
+        Some(pubsub)
+    }
+}
+
+/// Wakes waiting writers on every acknowledgement. Resubscribes when the command connection
+/// was re-made (a subscription that went silent with it is not detected otherwise) or closes.
+async fn ack_task(handles: Handles) {
+    loop {
+        let Some(fleet) = handles.fleet.upgrade() else {
+            return;
+        };
+        let made = fleet.connections.load(Ordering::Relaxed);
+        let subscribed = if fleet.is_healthy() {
+            fleet.subscribe_acks().await
+        } else {
+            None
+        };
+        drop(fleet);
+        if let Some(pubsub) = subscribed {
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let next = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+                let Some(fleet) = handles.fleet.upgrade() else {
+                    return;
+                };
+                match next {
+                    Ok(Some(_)) => fleet.acked.notify_waiters(),
+                    Ok(None) => break,
+                    Err(_) if fleet.connections.load(Ordering::Relaxed) != made => break,
+                    Err(_) => {}
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
