@@ -941,3 +941,25 @@ async fn chaos(processes: &[(Process, Relay, std::path::PathBuf)], until: Instan
         }
     }
 }
+
+#[tokio::test]
+async fn with_degraded_ttl_a_replica_without_a_lease_serves_young_pages_by_choice() {
+    let mut redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t10:") + "degraded_ttl_seconds = 60\n";
+    let r = replica(&text).await;
+    lease_up(&r.client).await;
+    redis.stop();
+    let state = r.state.clone();
+    eventually("the lease lapsed", || async {
+        state.fleet.as_ref().unwrap().lease() == Lease::Lapsed
+    })
+    .await;
+    let before = mock.count(&Method::GET);
+    let read = r.client.get(&list_path(CP), WRITER).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.cache_status(), "permgate; hit; detail=no-lease");
+    assert_eq!(mock.count(&Method::GET), before, "served from the cache");
+    let reads = "permgate_fleet_reads_without_lease_total";
+    assert_eq!(metric(&r, reads).await, 1.0);
+}
