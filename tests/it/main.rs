@@ -8,6 +8,7 @@ mod fairness;
 mod fleet;
 mod hostile;
 mod hygiene;
+mod identity;
 mod idle;
 mod monitoring;
 mod operations;
