@@ -171,10 +171,7 @@ struct Verified {
 /// Where the keys come from.
 enum Source {
     File(std::path::PathBuf),
-    Url {
-        uri: Uri,
-        client: Box<JwksClient>,
-    },
+    Url { uri: Uri, client: Box<JwksClient> },
 }
 
 type JwksClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
