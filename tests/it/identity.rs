@@ -505,6 +505,11 @@ struct JwksServer {
 }
 
 async fn serve_jwks(body: String) -> JwksServer {
+    serve_jwks_with(body, None).await
+}
+
+/// [`serve_jwks`], over TLS when `tls` is given.
+async fn serve_jwks_with(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = JwksServer {
         addr: listener.local_addr().unwrap(),
@@ -529,10 +534,20 @@ async fn serve_jwks(body: String) -> JwksServer {
                     hyper::StatusCode::from_u16(*status.lock().unwrap()).unwrap();
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let _ = match tls {
+                    Some(acceptor) => match acceptor.accept(tcp).await {
+                        Ok(stream) => {
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                        Err(_) => return,
+                    },
+                    None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                };
             });
         }
     });
@@ -581,6 +596,70 @@ async fn jwks_url_is_fetched_at_start_then_for_an_unknown_kid_at_most_once_per_1
     let fresh = b.sign(&claims(RELEASE));
     assert_eq!(gw.client.get(&list_path(GLOBEX), &fresh).await.status, 200);
     assert!(logs().contains("JWKS reload failed; keeping the current keys"));
+}
+
+/// A TLS acceptor for `localhost` under a CA made now, and that CA's PEM.
+fn localhost_tls() -> (tokio_rustls::TlsAcceptor, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        ca_cert.pem(),
+    )
+}
+
+/// `jwks_url` over HTTPS is trusted through the upstream client's settings (`upstream.ca_file`),
+/// and an endpoint it does not trust yields no keys.
+#[tokio::test]
+async fn an_https_jwks_url_is_trusted_through_upstream_ca_file() {
+    let dir = TempDir::new("https-jwks");
+    let ec = ec_key("ec-1");
+    let (acceptor, ca_pem) = localhost_tls();
+    let server = serve_jwks_with(jwks(&[&ec]), Some(acceptor)).await;
+    let ca_file = dir.path("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let url = format!(
+        "jwks_url = \"https://localhost:{}/jwks\"",
+        server.addr.port()
+    );
+    let extra = jwt_config(&url, "");
+    let trusted = start_with(|c| {
+        *c = c.replace(
+            "request_timeout_ms = 3000",
+            &format!(
+                "request_timeout_ms = 3000\nca_file = \"{}\"",
+                ca_file.display()
+            ),
+        );
+        c.push_str(&extra);
+    })
+    .await;
+    let token = ec.sign(&claims(BILLING));
+    let r = trusted.client.get(&list_path(CP), &token).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    let untrusted = start_with(|c| c.push_str(&extra)).await;
+    let r = untrusted.client.get(&list_path(CP), &token).await;
+    assert_eq!(r.status, 401);
+    let failures = r#"permgate_jwks_reloads_total{result="failure"}"#;
+    assert!(metric(&untrusted, failures).await >= 1);
 }
 
 /// The real binary: SIGHUP re-reads the JWKS file even inside the unknown-kid rate limit.
