@@ -722,3 +722,58 @@ async fn sighup_reloads_the_certificate_of_a_running_gateway() {
     })
     .await;
 }
+
+/// SPEC "Who a caller is": a verified client certificate that names a configured
+/// `tls_identity` client wins, whatever `Authorization` holds (the SDKs always send one), and
+/// the caller gets exactly that client's grants; without a certificate the bearer decides.
+#[tokio::test]
+async fn a_client_certificate_naming_a_client_wins_over_the_bearer_and_gets_its_grants() {
+    let (server_ca, clients_ca) = (Ca::new("server"), Ca::new("clients"));
+    let mut files = Files::new("mtls-identity");
+    let leaf = server_ca.server();
+    files.install(&leaf.cert_pem, &leaf.key_pem);
+    let ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
+    let tls = files.table(&format!(
+        "client_ca_file = \"{}\"\nrequire_client_cert = false",
+        ca_file.display()
+    ));
+    let billing = format!(
+        "\n[[clients]]\nname = \"billing\"\ntls_identity = \"{SPIFFE}\"\ncheckpoints = [\"{CP}\"]\n"
+    );
+    let gw = start_tls("", &(tls + &billing)).await;
+    let mut with_cert = open(
+        gw.addr,
+        client(&server_ca, Some(&clients_ca.client()), &["h2"]),
+    )
+    .await
+    .unwrap();
+    // A bearer that names no client, or another client, changes nothing: the certificate
+    // decides who this is.
+    for token in [Some("not-a-client-token"), Some(NOBODY), None] {
+        let r = with_cert.get(&list_path(CP), token).await.unwrap();
+        assert_eq!(r.status, 200, "{token:?}");
+    }
+    // Exactly billing's grants: CP only (not CP2, which the reader token may read).
+    let r = with_cert.get(&list_path(CP2), Some(READER)).await.unwrap();
+    assert_eq!(r.status, 403);
+    let metrics = gw.state.render_metrics().await;
+    let billing = |class: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("permgate_requests_total{")
+                && l.contains(&format!("status_class=\"{class}\""))
+                && l.contains("client=\"billing\"")
+        })
+    };
+    assert!(billing("2xx") && billing("4xx"), "{metrics}");
+    // Without a certificate, the bearer decides: an unknown token is a 401.
+    let mut no_cert = open(gw.addr, client(&server_ca, None, &["h2"]))
+        .await
+        .unwrap();
+    let r = no_cert
+        .get(&list_path(CP), Some("not-a-client-token"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    let r = no_cert.get(&list_path(CP2), Some(READER)).await.unwrap();
+    assert_eq!(r.status, 200);
+}
