@@ -41,7 +41,7 @@ use permgate::auth::{digest, Clients};
 use permgate::cache::View;
 use permgate::cache::{CacheStatus, PageCache};
 use permgate::clock::Clock;
-use permgate::config::{ClientConfig, Config};
+use permgate::config::{ClientConfig, Config, Identity};
 use permgate::error::json_response;
 use permgate::observability;
 use permgate::proxy;
@@ -113,7 +113,7 @@ fn clients(n: usize) -> Clients {
             };
             ClientConfig {
                 name: format!("client-{i}"),
-                token_sha256: digest(token.as_bytes()),
+                identity: Identity::TokenSha256(digest(token.as_bytes())),
                 checkpoints: vec!["ft:gpt-4o-mini-2024-07-18:acme:*".into()],
                 can_write: false,
                 rate: None,

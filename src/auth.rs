@@ -1,8 +1,12 @@
-//! Caller authentication and authorization (SPEC "Routes": client tokens, checkpoint globs,
-//! `can_write`).
+//! Caller authentication and authorization (SPEC "Who a caller is", "Routes": checkpoint
+//! globs, `can_write`).
 //!
-//! Tokens are never stored: the config holds their SHA-256 and a caller's bearer token is
-//! hashed and looked up. Pure: no I/O. Client names are safe to log; tokens never are.
+//! A caller is identified, in this order, by a verified client certificate that names a
+//! `tls_identity` client (whatever `Authorization` holds), else by its bearer token: a JWT
+//! (exactly two dots, with `[jwt]` configured) is handed back for `jwt` to verify, then looked
+//! up by subject; anything else is a static token, hashed and looked up. Static tokens are
+//! never stored: the config holds their SHA-256. Pure: no I/O. Client names are safe to log;
+//! tokens never are, nor is any message here built from one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,11 +15,12 @@ use glob::{MatchOptions, Pattern};
 use hyper::header::HeaderValue;
 use sha2::{Digest, Sha256};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Identity};
 use crate::error::Error;
 use crate::metrics::{ClientLabel, ClientSeries};
 use crate::ratelimit::RateLimit;
 use crate::route::Checkpoint;
+use crate::tls::PeerIdentity;
 
 /// A configured caller.
 #[derive(Debug)]
@@ -98,45 +103,120 @@ impl Client {
     }
 }
 
-/// All configured clients, by token digest.
+/// All configured clients, by identity.
 #[derive(Debug, Default)]
 pub struct Clients {
     /// Keyed by SHA-256 digests: foldhash (seeded) rather than SipHash, on every request.
-    by_digest: HashMap<[u8; 32], Arc<Client>, foldhash::fast::RandomState>,
+    by_digest: Table<[u8; 32]>,
+    /// `tls_identity`: URIs as written, DNS names in lower case.
+    by_tls_identity: Table<Box<str>>,
+    by_subject: Table<Box<str>>,
 }
 
+type Table<K> = HashMap<K, Arc<Client>, foldhash::fast::RandomState>;
+
+/// Who the caller says it is, before anything needs I/O.
+#[derive(Debug)]
+pub enum Credential<'c, 'h> {
+    /// A verified client certificate or a static token named this client.
+    Client(&'c Arc<Client>),
+    /// A bearer JWT, still unverified (see `jwt::Verifier`), then [`Clients::by_subject`].
+    Jwt(&'h [u8]),
+}
+
+/// 401 for a verified JWT whose `sub` no client has.
+pub const NO_CLIENT_FOR_SUBJECT: &str =
+    "The JWT is valid, but no permgate client is configured for its subject (sub).";
+
 impl Clients {
-    /// Builds the table from validated config (globs were checked by `config`).
+    /// Builds the table from validated config (globs and identities were checked by `config`).
     pub fn new(configs: &[ClientConfig]) -> Clients {
-        let by_digest = configs
-            .iter()
-            .map(|c| {
-                let grants = c.checkpoints.iter().filter_map(|p| Grant::new(p)).collect();
-                let name = ClientLabel(c.name.as_str().into());
-                let client = Client {
-                    series: ClientSeries::new(name.clone()),
-                    name,
-                    grants,
-                    can_write: c.can_write,
-                    rate: c
-                        .rate
-                        .map(|(per_second, burst)| RateLimit::new(per_second, burst)),
-                };
-                (c.token_sha256, Arc::new(client))
-            })
-            .collect();
-        Clients { by_digest }
+        let mut clients = Clients::default();
+        for c in configs {
+            let grants = c.checkpoints.iter().filter_map(|p| Grant::new(p)).collect();
+            let name = ClientLabel(c.name.as_str().into());
+            let client = Arc::new(Client {
+                series: ClientSeries::new(name.clone()),
+                name,
+                grants,
+                can_write: c.can_write,
+                rate: c
+                    .rate
+                    .map(|(per_second, burst)| RateLimit::new(per_second, burst)),
+            });
+            match &c.identity {
+                Identity::TokenSha256(digest) => clients.by_digest.insert(*digest, client),
+                Identity::TlsIdentity(name) => {
+                    clients.by_tls_identity.insert(name.as_str().into(), client)
+                }
+                Identity::JwtSubject(sub) => clients.by_subject.insert(sub.as_str().into(), client),
+            };
+        }
+        clients
     }
 
-    /// 401 unless the header is `Bearer <token>` for a configured token.
+    /// SPEC resolution order: a verified client certificate that names a client wins; else the
+    /// bearer token is a JWT (exactly two dots, when `jwt` is configured) or a static token.
+    /// 401 when no certificate names a client and there is no bearer token, or an unknown
+    /// static one.
+    pub fn identify<'c, 'h>(
+        &'c self,
+        peer: Option<&PeerIdentity>,
+        authorization: Option<&'h HeaderValue>,
+        jwt: bool,
+    ) -> Result<Credential<'c, 'h>, Error> {
+        if let Some(client) = peer.and_then(|p| self.by_certificate(p)) {
+            return Ok(Credential::Client(client));
+        }
+        let token = authorization
+            .and_then(|v| bearer_token(v.as_bytes()))
+            .ok_or(Error::InvalidApiKey)?;
+        if jwt && is_jwt_shaped(token) {
+            return Ok(Credential::Jwt(token));
+        }
+        self.by_token(token).map(Credential::Client)
+    }
+
+    /// 401 unless the header is `Bearer <token>` for a configured static token.
     pub fn authenticate(&self, authorization: Option<&HeaderValue>) -> Result<&Arc<Client>, Error> {
         let token = authorization
             .and_then(|v| bearer_token(v.as_bytes()))
             .ok_or(Error::InvalidApiKey)?;
+        self.by_token(token)
+    }
+
+    /// The client of a verified JWT's `sub`; 401 when there is none.
+    pub fn by_subject(&self, subject: &str) -> Result<&Arc<Client>, Error> {
+        self.by_subject.get(subject).ok_or(Error::Unauthenticated {
+            reason: NO_CLIENT_FOR_SUBJECT,
+        })
+    }
+
+    fn by_token(&self, token: &[u8]) -> Result<&Arc<Client>, Error> {
         self.by_digest
             .get(&digest(token))
             .ok_or(Error::InvalidApiKey)
     }
+
+    /// The first name of the certificate that is a configured `tls_identity`. DNS names match
+    /// without regard to case.
+    fn by_certificate(&self, peer: &PeerIdentity) -> Option<&Arc<Client>> {
+        if self.by_tls_identity.is_empty() {
+            return None;
+        }
+        peer.names.iter().find_map(|name| {
+            self.by_tls_identity.get(name.as_str()).or_else(|| {
+                (!name.contains("://"))
+                    .then(|| self.by_tls_identity.get(name.to_ascii_lowercase().as_str()))
+                    .flatten()
+            })
+        })
+    }
+}
+
+/// A compact JWS: exactly two dots (`header.claims.signature`).
+fn is_jwt_shaped(token: &[u8]) -> bool {
+    token.iter().filter(|&&b| b == b'.').count() == 2
 }
 
 fn bearer_token(value: &[u8]) -> Option<&[u8]> {
@@ -157,13 +237,29 @@ pub fn digest(token: &[u8]) -> [u8; 32] {
 mod tests {
     use super::*;
 
-    fn clients() -> Clients {
-        let config = |name: &str, token: &str, checkpoints: &[&str], can_write| ClientConfig {
+    fn client(
+        name: &str,
+        identity: Identity,
+        checkpoints: &[&str],
+        can_write: bool,
+    ) -> ClientConfig {
+        ClientConfig {
             name: name.into(),
-            token_sha256: digest(token.as_bytes()),
+            identity,
             checkpoints: checkpoints.iter().map(|s| s.to_string()).collect(),
             can_write,
             rate: None,
+        }
+    }
+
+    fn clients() -> Clients {
+        let config = |name: &str, token: &str, checkpoints: &[&str], can_write| {
+            client(
+                name,
+                Identity::TokenSha256(digest(token.as_bytes())),
+                checkpoints,
+                can_write,
+            )
         };
         Clients::new(&[
             config(
@@ -214,6 +310,127 @@ mod tests {
             );
         }
         assert_eq!(c.authenticate(None).unwrap_err(), Error::InvalidApiKey);
+    }
+
+    /// Static tokens, a `tls_identity` client for a SPIFFE ID and one for a DNS name, and a
+    /// `jwt_subject` client.
+    fn identities() -> Clients {
+        let token = |t: &str| Identity::TokenSha256(digest(t.as_bytes()));
+        Clients::new(&[
+            client("static", token("tok-s"), &["*"], false),
+            client("dotted", token("a.b.c"), &["*"], false),
+            client(
+                "spiffe",
+                Identity::TlsIdentity("spiffe://cluster.local/ns/billing/sa/api".into()),
+                &["*"],
+                false,
+            ),
+            client(
+                "dns",
+                Identity::TlsIdentity("billing.svc.cluster.local".into()),
+                &["*"],
+                false,
+            ),
+            client(
+                "workload",
+                Identity::JwtSubject("system:serviceaccount:billing:api".into()),
+                &["*"],
+                false,
+            ),
+        ])
+    }
+
+    fn peer(names: &[&str]) -> PeerIdentity {
+        PeerIdentity {
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn name_of(credential: Result<Credential<'_, '_>, Error>) -> String {
+        match credential {
+            Ok(Credential::Client(client)) => client.name.0.to_string(),
+            Ok(Credential::Jwt(token)) => format!("jwt:{}", String::from_utf8_lossy(token)),
+            Err(e) => format!("error:{}", e.code()),
+        }
+    }
+
+    #[test]
+    fn a_verified_certificate_naming_a_client_wins_whatever_the_bearer() {
+        let c = identities();
+        let spiffe = peer(&["other.example", "spiffe://cluster.local/ns/billing/sa/api"]);
+        // The SDKs always send a bearer token: a valid static token of another client, a JWT,
+        // garbage, or none.
+        for bearer in [
+            Some("Bearer tok-s"),
+            Some("Bearer x.y.z"),
+            Some("Bearer junk"),
+            None,
+        ] {
+            let h = bearer.map(header);
+            for jwt in [false, true] {
+                assert_eq!(
+                    name_of(c.identify(Some(&spiffe), h.as_ref(), jwt)),
+                    "spiffe",
+                    "{bearer:?}"
+                );
+            }
+        }
+        // DNS names match without regard to case; URIs only exactly.
+        let dns = peer(&["Billing.SVC.cluster.local"]);
+        assert_eq!(name_of(c.identify(Some(&dns), None, false)), "dns");
+        let upper = peer(&["SPIFFE://cluster.local/ns/billing/sa/api"]);
+        assert_eq!(
+            name_of(c.identify(Some(&upper), None, false)),
+            "error:invalid_api_key"
+        );
+    }
+
+    #[test]
+    fn a_certificate_naming_no_client_falls_back_to_the_bearer() {
+        let c = identities();
+        let stranger = peer(&["spiffe://cluster.local/ns/other/sa/x"]);
+        let h = header("Bearer tok-s");
+        assert_eq!(
+            name_of(c.identify(Some(&stranger), Some(&h), false)),
+            "static"
+        );
+        assert_eq!(
+            name_of(c.identify(Some(&stranger), None, true)),
+            "error:invalid_api_key"
+        );
+        assert_eq!(name_of(c.identify(None, Some(&h), true)), "static");
+    }
+
+    #[test]
+    fn a_bearer_with_two_dots_is_a_jwt_only_when_jwt_is_configured() {
+        let c = identities();
+        let dotted = header("Bearer a.b.c");
+        assert_eq!(name_of(c.identify(None, Some(&dotted), true)), "jwt:a.b.c");
+        assert_eq!(name_of(c.identify(None, Some(&dotted), false)), "dotted");
+        for other in ["Bearer a.b", "Bearer a.b.c.d", "Bearer abc"] {
+            assert_eq!(
+                name_of(c.identify(None, Some(&header(other)), true)),
+                "error:invalid_api_key",
+                "{other}"
+            );
+        }
+        assert_eq!(
+            &*c.by_subject("system:serviceaccount:billing:api")
+                .unwrap()
+                .name
+                .0,
+            "workload"
+        );
+        assert_eq!(
+            c.by_subject("system:serviceaccount:billing:other")
+                .unwrap_err(),
+            Error::Unauthenticated {
+                reason: NO_CLIENT_FOR_SUBJECT
+            }
+        );
+        // A tls_identity or jwt_subject is not a token: it never authenticates as one.
+        let as_token = header("Bearer system:serviceaccount:billing:api");
+        assert!(c.authenticate(Some(&as_token)).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, JwksSource};
 use crate::env::process as env;
 use crate::fleet;
 use crate::mock_upstream::{MockUpstream, SEEDED};
@@ -246,6 +246,17 @@ fn check_config(path: &Path) -> Result<(), String> {
         fleet::password(redis, &env)?;
     }
     Upstream::new(&config.upstream, key, Clock::default(), Default::default())?;
+    // Which setting identifies each client (names are safe to print; identity values are not
+    // printed here).
+    for (i, client) in config.clients.iter().enumerate() {
+        let name = client.name.escape_debug();
+        println!("# clients[{i}] {name}: {}", client.identity.source());
+    }
+    match config.jwt.as_ref().map(|j| &j.jwks) {
+        Some(JwksSource::File(path)) => println!("# {}", crate::jwt::describe_jwks_file(path)?),
+        Some(JwksSource::Url(_)) => println!("# jwt.jwks_url is fetched at startup, not here"),
+        None => {}
+    }
     for warning in config
         .warnings()
         .into_iter()

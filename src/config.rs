@@ -49,8 +49,20 @@ struct FileConfig {
     cache: FileCache,
     audit: Option<FileAudit>,
     redis: Option<FileRedis>,
+    jwt: Option<FileJwt>,
     #[serde(default)]
     clients: Vec<FileClient>,
+}
+
+/// `[jwt]`: how a JWT sent as the bearer token is verified (SPEC "Who a caller is").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJwt {
+    issuer: String,
+    audiences: Vec<String>,
+    jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    leeway_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,7 +145,9 @@ struct FileAudit {
 #[serde(deny_unknown_fields)]
 struct FileClient {
     name: String,
-    token_sha256: String,
+    token_sha256: Option<String>,
+    tls_identity: Option<String>,
+    jwt_subject: Option<String>,
     #[serde(default)]
     checkpoints: Vec<String>,
     #[serde(default)]
@@ -151,7 +165,40 @@ pub struct Config {
     pub cache: CacheConfig,
     pub audit: Option<AuditConfig>,
     pub redis: Option<RedisConfig>,
+    /// `[jwt]`: needed by clients identified by `jwt_subject`.
+    pub jwt: Option<JwtConfig>,
     pub clients: Vec<ClientConfig>,
+}
+
+/// `[jwt]`: a JWT is accepted when a key of the JWKS signed it (RS256 or ES256), `iss` is
+/// `issuer`, `aud` names one of `audiences`, and `exp`/`nbf` hold within `leeway`.
+#[derive(Debug, Clone, Serialize)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    #[serde(flatten)]
+    pub jwks: JwksSource,
+    #[serde(serialize_with = "seconds")]
+    pub leeway: Duration,
+}
+
+impl JwtConfig {
+    /// Clock skew allowed on `exp` and `nbf`: Kubernetes' own API server allows 60 s; permgate
+    /// stays tighter, since a projected token is refreshed long before it expires.
+    pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+    /// `leeway_seconds` above this is refused: it would keep expired tokens alive.
+    pub const MAX_LEEWAY_SECONDS: u64 = 300;
+}
+
+/// Where the JWKS (the issuer's public keys) comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum JwksSource {
+    /// Read off the runtime; re-read on SIGHUP and when a token names an unknown key.
+    #[serde(rename = "jwks_file")]
+    File(PathBuf),
+    /// Fetched with the upstream client's TLS settings (`upstream.ca_file`).
+    #[serde(rename = "jwks_url", serialize_with = "display")]
+    Url(Uri),
 }
 
 /// `[redis]`: fleet coherence. The password is named by its source, never stored here.
@@ -333,13 +380,40 @@ pub struct AuditConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct ClientConfig {
     pub name: String,
-    #[serde(serialize_with = "hex_digest")]
-    pub token_sha256: [u8; 32],
+    /// Who this client is: exactly one source per client.
+    #[serde(flatten)]
+    pub identity: Identity,
     pub checkpoints: Vec<String>,
     pub can_write: bool,
     /// Token bucket: (rate per second, burst); `None` is unlimited.
     #[serde(serialize_with = "rate")]
     pub rate: Option<(NonZeroU32, NonZeroU32)>,
+}
+
+/// How a client is recognised (SPEC "Who a caller is"): its config key names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Identity {
+    /// The SHA-256 of a static bearer token.
+    #[serde(rename = "token_sha256", serialize_with = "hex_digest")]
+    TokenSha256([u8; 32]),
+    /// A URI or DNS subject-alternative name of a verified client certificate (DNS names are
+    /// kept in lower case: they match without regard to case).
+    #[serde(rename = "tls_identity")]
+    TlsIdentity(String),
+    /// The `sub` of a JWT verified per `[jwt]`.
+    #[serde(rename = "jwt_subject")]
+    JwtSubject(String),
+}
+
+impl Identity {
+    /// The config key that holds it: what `check-config` reports (never the value).
+    pub fn source(&self) -> &'static str {
+        match self {
+            Identity::TokenSha256(_) => "token_sha256",
+            Identity::TlsIdentity(_) => "tls_identity",
+            Identity::JwtSubject(_) => "jwt_subject",
+        }
+    }
 }
 
 impl Config {
@@ -392,6 +466,57 @@ impl Config {
                 }
             }
         }
+        warnings.extend(self.identity_warnings());
+        warnings.extend(self.front_door_warnings(FrontDoor::of(self)));
+        warnings
+    }
+
+    /// Identity settings that are valid but cannot work as written. Clients are named by
+    /// position, never by a value.
+    fn identity_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let jwt_clients = self
+            .clients
+            .iter()
+            .any(|c| matches!(c.identity, Identity::JwtSubject(_)));
+        if self.jwt.is_some() && !jwt_clients {
+            warnings.push(
+                "[jwt] is configured but no client has a jwt_subject: every JWT will be refused"
+                    .into(),
+            );
+        }
+        warnings
+    }
+
+    /// The front door's risky settings (SPEC "The front door"), from the facts in `door`.
+    fn front_door_warnings(&self, door: FrontDoor) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if !door.data_tls && !self.server.listen.ip().is_loopback() {
+            warnings.push(
+                "server.listen is not a loopback address and [server.tls] is off: client tokens and JWTs would cross the network unencrypted"
+                    .into(),
+            );
+        }
+        let tls_clients = self
+            .clients
+            .iter()
+            .any(|c| matches!(c.identity, Identity::TlsIdentity(_)));
+        if tls_clients && door.client_ca && !door.require_client_cert {
+            warnings.push(
+                "clients use tls_identity while server.tls.require_client_cert = false: a caller without a certificate is still let in by a bearer token (static or JWT)"
+                    .into(),
+            );
+        }
+        let admin_open = self
+            .server
+            .admin_listen
+            .is_some_and(|a| !a.ip().is_loopback());
+        if admin_open && !door.admin_token {
+            warnings.push(
+                "server.admin_listen is not a loopback address and server.admin_token_sha256 is not set: whoever reaches it can read /metrics and purge the cache"
+                    .into(),
+            );
+        }
         warnings
     }
 
@@ -411,6 +536,32 @@ impl Config {
             .and_then(|bytes| String::from_utf8(bytes).map_err(std::io::Error::other))
             .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
         Self::parse(&text, env)
+    }
+}
+
+/// What the front door has, as the config says: the facts behind
+/// [`Config::front_door_warnings`].
+#[derive(Debug, Clone, Copy, Default)]
+struct FrontDoor {
+    /// `[server.tls]` is configured: the data listener speaks HTTPS.
+    data_tls: bool,
+    /// `server.tls.client_ca_file` is set: client certificates are verified.
+    client_ca: bool,
+    /// `server.tls.require_client_cert = true`.
+    require_client_cert: bool,
+    /// `server.admin_token_sha256` is set.
+    admin_token: bool,
+}
+
+impl FrontDoor {
+    fn of(config: &Config) -> FrontDoor {
+        let tls = config.server.tls.as_ref();
+        FrontDoor {
+            data_tls: tls.is_some(),
+            client_ca: tls.is_some_and(|t| t.client_ca_file.is_some()),
+            require_client_cert: tls.is_some_and(|t| t.require_client_cert),
+            admin_token: config.server.admin_token_sha256.is_some(),
+        }
     }
 }
 
@@ -460,6 +611,27 @@ fn skip_class(chars: &mut std::str::Chars<'_>) {
     let _ = chars.find(|&c| c == ']');
 }
 
+/// Each client's identity needs what verifies it: `jwt_subject` a `[jwt]` table, `tls_identity`
+/// a data listener that verifies client certificates (`[server.tls] client_ca_file`).
+fn check_identity_sources(
+    clients: &[ClientConfig],
+    jwt: bool,
+    verifies_certificates: bool,
+    problems: &mut Vec<String>,
+) {
+    for (i, client) in clients.iter().enumerate() {
+        match client.identity {
+            Identity::JwtSubject(_) if !jwt => problems.push(format!(
+                "clients[{i}].jwt_subject needs a [jwt] table (issuer, audiences, jwks_file or jwks_url)"
+            )),
+            Identity::TlsIdentity(_) if !verifies_certificates => problems.push(format!(
+                "clients[{i}].tls_identity needs [server.tls] client_ca_file: without it no client certificate is verified"
+            )),
+            _ => {}
+        }
+    }
+}
+
 impl FileConfig {
     /// Validates table by table, collecting every problem before giving up.
     fn validate(self) -> Result<Config, ConfigError> {
@@ -470,6 +642,17 @@ impl FileConfig {
         let upstream = self.upstream.validate(&mut problems);
         let cache = self.cache.validate(&mut problems);
         let clients = validate_clients(self.clients, &mut problems);
+        let verifies_certificates = server
+            .as_ref()
+            .and_then(|s| s.tls.as_ref())
+            .is_some_and(|t| t.client_ca_file.is_some());
+        check_identity_sources(
+            &clients,
+            self.jwt.is_some(),
+            verifies_certificates,
+            &mut problems,
+        );
+        let jwt = self.jwt.and_then(|j| j.validate(&mut problems));
         let redis = self.redis.and_then(|r| r.validate(&mut problems));
         let audit = self.audit.map(FileAudit::validate);
         match (server, upstream) {
@@ -479,6 +662,7 @@ impl FileConfig {
                 cache,
                 audit,
                 redis,
+                jwt,
                 clients,
             }),
             _ => Err(ConfigError(problems)),
@@ -558,12 +742,26 @@ impl FileConfig {
             values.extend(redis.key_prefix.iter().map(|v| text("redis.key_prefix", v)));
             values.extend(redis.ca_file.iter().map(|v| path("redis.ca_file", v)));
         }
+        if let Some(jwt) = &self.jwt {
+            values.push(text("jwt.issuer", &jwt.issuer));
+            for (j, audience) in jwt.audiences.iter().enumerate() {
+                values.push(text(&format!("jwt.audiences[{j}]"), audience));
+            }
+            values.extend(jwt.jwks_file.iter().map(|v| path("jwt.jwks_file", v)));
+            values.extend(jwt.jwks_url.iter().map(|v| text("jwt.jwks_url", v)));
+        }
         for (i, client) in self.clients.iter().enumerate() {
             values.push(text(&format!("clients[{i}].name"), &client.name));
-            values.push(text(
-                &format!("clients[{i}].token_sha256"),
-                &client.token_sha256,
-            ));
+            let identities = [
+                ("token_sha256", &client.token_sha256),
+                ("tls_identity", &client.tls_identity),
+                ("jwt_subject", &client.jwt_subject),
+            ];
+            for (key, value) in identities {
+                if let Some(value) = value {
+                    values.push(text(&format!("clients[{i}].{key}"), value));
+                }
+            }
             for (j, pattern) in client.checkpoints.iter().enumerate() {
                 values.push(text(&format!("clients[{i}].checkpoints[{j}]"), pattern));
             }
@@ -885,50 +1083,42 @@ impl FileCache {
     }
 }
 
-/// `[[clients]]`: at least one, and no two sharing a name or a token.
+/// `[[clients]]`: at least one, and no two sharing a name or an identity.
 fn validate_clients(clients: Vec<FileClient>, problems: &mut Vec<String>) -> Vec<ClientConfig> {
     if clients.is_empty() {
         problems.push(
             "no [[clients]]: permgate has no anonymous mode, configure at least one client".into(),
         );
     }
-    let mut names = HashMap::new();
-    let mut digests = HashSet::new();
+    let mut seen = Seen::default();
     let mut validated = Vec::with_capacity(clients.len());
     for (i, client) in clients.into_iter().enumerate() {
         let at = format!("clients[{i}]");
-        validated.push(client.validate(&at, &mut names, &mut digests, problems));
+        validated.push(client.validate(&at, &mut seen, problems));
     }
     validated
 }
 
+/// What the `[[clients]]` entries before this one used, each with where it was first used.
+#[derive(Default)]
+struct Seen {
+    names: HashMap<String, String>,
+    digests: HashSet<[u8; 32]>,
+    tls_identities: HashMap<String, String>,
+    subjects: HashMap<String, String>,
+}
+
 impl FileClient {
-    /// One `[[clients]]` entry, found at `at`; `names` (each with where it was first used) and
-    /// `digests` hold those of the entries before it. Problems never quote the values.
-    fn validate(
-        self,
-        at: &str,
-        names: &mut HashMap<String, String>,
-        digests: &mut HashSet<[u8; 32]>,
-        problems: &mut Vec<String>,
-    ) -> ClientConfig {
+    /// One `[[clients]]` entry, found at `at`. Problems never quote the values.
+    fn validate(self, at: &str, seen: &mut Seen, problems: &mut Vec<String>) -> ClientConfig {
         if self.name.trim().is_empty() {
             problems.push(format!("{at}.name is empty"));
-        } else if let Some(first) = names.get(&self.name) {
+        } else if let Some(first) = seen.names.get(&self.name) {
             problems.push(format!("{at}.name is already the name of {first}"));
         } else {
-            names.insert(self.name.clone(), at.to_owned());
+            seen.names.insert(self.name.clone(), at.to_owned());
         }
-        let digest = parse_digest(&self.token_sha256);
-        match digest {
-            None => problems.push(format!(
-                "{at}.token_sha256 must be 64 hex characters (see `permgate hash-token`)"
-            )),
-            Some(d) if !digests.insert(d) => {
-                problems.push(format!("{at}.token_sha256 is shared with another client"))
-            }
-            Some(_) => {}
-        }
+        let identity = self.identity(at, seen, problems);
         for (j, pattern) in self.checkpoints.iter().enumerate() {
             if let Err(e) = glob::Pattern::new(pattern) {
                 problems.push(format!(
@@ -958,12 +1148,169 @@ impl FileClient {
         };
         ClientConfig {
             name: self.name,
-            token_sha256: digest.unwrap_or_default(),
+            identity: identity.unwrap_or(Identity::TokenSha256([0; 32])),
             checkpoints: self.checkpoints,
             can_write: self.can_write,
             rate,
         }
     }
+
+    /// Exactly one of `token_sha256`, `tls_identity` and `jwt_subject`, valid and used by no
+    /// earlier client.
+    fn identity(&self, at: &str, seen: &mut Seen, problems: &mut Vec<String>) -> Option<Identity> {
+        let set: Vec<&str> = [
+            ("token_sha256", self.token_sha256.is_some()),
+            ("tls_identity", self.tls_identity.is_some()),
+            ("jwt_subject", self.jwt_subject.is_some()),
+        ]
+        .iter()
+        .filter_map(|&(key, present)| present.then_some(key))
+        .collect();
+        if set.len() != 1 {
+            let what = if set.is_empty() { "none" } else { "several" };
+            problems.push(format!(
+                "{at} needs exactly one identity: token_sha256, tls_identity or jwt_subject ({what} set{})",
+                if set.is_empty() { String::new() } else { format!(": {}", set.join(", ")) }
+            ));
+            return None;
+        }
+        let shared = |first: &String, key: &str| format!("{at}.{key} is already that of {first}");
+        if let Some(hex_text) = &self.token_sha256 {
+            let Some(digest) = parse_digest(hex_text) else {
+                problems.push(format!(
+                    "{at}.token_sha256 must be 64 hex characters (see `permgate hash-token`)"
+                ));
+                return None;
+            };
+            if !seen.digests.insert(digest) {
+                // Not named: which client holds the same token is itself a hint to the token.
+                problems.push(format!("{at}.token_sha256 is shared with another client"));
+            }
+            return Some(Identity::TokenSha256(digest));
+        }
+        if let Some(name) = &self.tls_identity {
+            let name = tls_identity(name)
+                .map_err(|why| problems.push(format!("{at}.tls_identity {why}")))
+                .ok()?;
+            if let Some(first) = seen.tls_identities.get(&name) {
+                problems.push(shared(first, "tls_identity"));
+            } else {
+                seen.tls_identities.insert(name.clone(), at.to_owned());
+            }
+            return Some(Identity::TlsIdentity(name));
+        }
+        let subject = self.jwt_subject.clone()?;
+        if subject.trim().is_empty() || subject.chars().any(char::is_control) {
+            problems.push(format!(
+                "{at}.jwt_subject is empty or holds control characters"
+            ));
+            return None;
+        }
+        if let Some(first) = seen.subjects.get(&subject) {
+            problems.push(shared(first, "jwt_subject"));
+        } else {
+            seen.subjects.insert(subject.clone(), at.to_owned());
+        }
+        Some(Identity::JwtSubject(subject))
+    }
+}
+
+/// A `tls_identity` as it is matched: a URI SAN (`spiffe://cluster.local/ns/x/sa/y`) as
+/// written, or a DNS SAN (`billing.svc.cluster.local`) in lower case.
+fn tls_identity(name: &str) -> Result<String, &'static str> {
+    if let Some((scheme, rest)) = name.split_once("://") {
+        let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        let rest_ok = !rest.is_empty() && rest.chars().all(|c| c.is_ascii_graphic());
+        return if scheme_ok && rest_ok {
+            Ok(name.to_owned())
+        } else {
+            Err("is not a URI (like spiffe://cluster.local/ns/billing/sa/api)")
+        };
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err("is neither a URI nor a DNS name (like billing.svc.cluster.local)")
+    }
+}
+
+impl FileJwt {
+    /// `[jwt]`; `None` when a key is missing or unusable.
+    fn validate(self, problems: &mut Vec<String>) -> Option<JwtConfig> {
+        let before = problems.len();
+        if self.issuer.trim().is_empty() {
+            problems.push("jwt.issuer is empty".into());
+        }
+        if self.audiences.is_empty() {
+            problems.push("jwt.audiences needs at least one audience".into());
+        }
+        if self.audiences.iter().any(|a| a.trim().is_empty()) {
+            problems.push("jwt.audiences has an empty audience".into());
+        }
+        let leeway = self
+            .leeway_seconds
+            .map_or(JwtConfig::DEFAULT_LEEWAY, Duration::from_secs);
+        if leeway.as_secs() > JwtConfig::MAX_LEEWAY_SECONDS {
+            problems.push(format!(
+                "jwt.leeway_seconds may be at most {}",
+                JwtConfig::MAX_LEEWAY_SECONDS
+            ));
+        }
+        let jwks = match (self.jwks_file, self.jwks_url) {
+            (Some(file), None) => Some(JwksSource::File(file)),
+            (None, Some(url)) => match validate_jwks_url(&url) {
+                Ok(uri) => Some(JwksSource::Url(uri)),
+                Err(why) => {
+                    problems.push(format!("jwt.jwks_url {why}"));
+                    None
+                }
+            },
+            _ => {
+                problems.push("jwt: set exactly one of jwks_file and jwks_url".into());
+                None
+            }
+        };
+        (problems.len() == before).then_some(JwtConfig {
+            issuer: self.issuer,
+            audiences: self.audiences,
+            jwks: jwks?,
+            leeway,
+        })
+    }
+}
+
+/// `https://`, or `http://` to a loopback host only: whoever can change the keys on their way
+/// can sign any token. No credentials in the URL.
+fn validate_jwks_url(raw: &str) -> Result<Uri, &'static str> {
+    let uri: Uri = raw.parse().map_err(|_| "is not a URL")?;
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if loopback => {}
+        Some("http") => return Err("must be https:// (plain http only to a loopback host): whoever can change the keys on their way could sign any token"),
+        _ => return Err("must start with https://"),
+    }
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("may not carry credentials");
+    }
+    Ok(uri)
 }
 
 impl FileRedis {
@@ -1755,5 +2102,299 @@ token_sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8
             "{view}"
         );
         assert_no_piece(&view);
+    }
+
+    /// `MINIMAL`'s client replaced by `clients` (TOML), plus `tail`.
+    fn with_clients(clients: &str, tail: &str) -> String {
+        let head = MINIMAL.split("[[clients]]").next().unwrap();
+        format!("{head}{clients}\n{tail}")
+    }
+
+    const JWT: &str = r#"
+[jwt]
+issuer = "https://kubernetes.default.svc.cluster.local"
+audiences = ["permgate"]
+jwks_file = "/etc/permgate/jwks.json"
+"#;
+
+    /// A data listener that verifies client certificates, as `tls_identity` clients need.
+    const MTLS: &str = r#"
+[server.tls]
+cert_file = "/etc/permgate/tls/tls.crt"
+key_file = "/etc/permgate/tls/tls.key"
+client_ca_file = "/etc/permgate/tls/ca.crt"
+require_client_cert = true
+"#;
+
+    #[test]
+    fn each_client_has_exactly_one_identity() {
+        let digest = "ab".repeat(32);
+        let err = problems(&with_clients("[[clients]]\nname = \"a\"\n", ""));
+        assert!(
+            err.contains("clients[0] needs exactly one identity: token_sha256, tls_identity or jwt_subject (none set)"),
+            "{err}"
+        );
+        let several = format!(
+            "[[clients]]\nname = \"a\"\ntoken_sha256 = \"{digest}\"\njwt_subject = \"s\"\n"
+        );
+        let err = problems(&with_clients(&several, JWT));
+        assert!(
+            err.contains("clients[0] needs exactly one identity")
+                && err.contains("(several set: token_sha256, jwt_subject)"),
+            "{err}"
+        );
+        let c = Config::parse(
+            &with_clients(
+                "[[clients]]\nname = \"m\"\ntls_identity = \"Billing.SVC.cluster.local\"\n[[clients]]\nname = \"s\"\ntls_identity = \"spiffe://cluster.local/ns/Billing/sa/api\"\n[[clients]]\nname = \"j\"\njwt_subject = \"system:serviceaccount:billing:api\"\n",
+                &format!("{JWT}{MTLS}"),
+            ),
+            &no_env,
+        )
+        .unwrap();
+        let identities: Vec<_> = c.clients.iter().map(|c| c.identity.clone()).collect();
+        assert_eq!(
+            identities,
+            [
+                Identity::TlsIdentity("billing.svc.cluster.local".into()),
+                Identity::TlsIdentity("spiffe://cluster.local/ns/Billing/sa/api".into()),
+                Identity::JwtSubject("system:serviceaccount:billing:api".into()),
+            ]
+        );
+        let jwt = c.jwt.unwrap();
+        assert_eq!(jwt.leeway, Duration::from_secs(30));
+        assert_eq!(jwt.jwks, JwksSource::File("/etc/permgate/jwks.json".into()));
+    }
+
+    #[test]
+    fn identities_are_not_shared_and_are_named_by_position() {
+        let client = |name: &str, line: &str| format!("[[clients]]\nname = \"{name}\"\n{line}\n");
+        let err = problems(&with_clients(
+            &[
+                client("a", "tls_identity = \"billing.svc.cluster.local\""),
+                client("b", "tls_identity = \"BILLING.svc.cluster.local\""),
+                client("c", "jwt_subject = \"hunter2-subject\""),
+                client("d", "jwt_subject = \"hunter2-subject\""),
+                client("e", &format!("token_sha256 = \"{}\"", "ab".repeat(32))),
+                client("f", &format!("token_sha256 = \"{}\"", "AB".repeat(32))),
+            ]
+            .concat(),
+            JWT,
+        ));
+        for expected in [
+            "clients[1].tls_identity is already that of clients[0]",
+            "clients[3].jwt_subject is already that of clients[2]",
+            "clients[5].token_sha256 is shared with another client",
+        ] {
+            assert!(err.contains(expected), "{expected} missing from:\n{err}");
+        }
+        assert!(
+            !err.contains("hunter2") && !err.contains("billing"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_identities_and_jwt_tables_are_refused_by_key() {
+        let client = |line: &str| format!("[[clients]]\nname = \"a\"\n{line}\n");
+        let jwt = |lines: &str| format!("[jwt]\n{lines}\n");
+        let cases = [
+            (
+                client("jwt_subject = \"s\""),
+                String::new(),
+                "clients[0].jwt_subject needs a [jwt] table",
+            ),
+            (
+                client("tls_identity = \"not a name\""),
+                String::new(),
+                "clients[0].tls_identity is neither a URI nor a DNS name",
+            ),
+            (
+                client("tls_identity = \"spiffe://\""),
+                String::new(),
+                "clients[0].tls_identity is not a URI",
+            ),
+            (
+                client("jwt_subject = \"\""),
+                JWT.into(),
+                "clients[0].jwt_subject is empty",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"\"\naudiences = []\njwks_file = \"/j\""),
+                "jwt.issuer is empty",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = []\njwks_file = \"/j\""),
+                "jwt.audiences needs at least one audience",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = [\"a\"]"),
+                "jwt: set exactly one of jwks_file and jwks_url",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\njwks_url = \"https://x/j\""),
+                "jwt: set exactly one of jwks_file and jwks_url",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = [\"a\"]\njwks_url = \"http://issuer.internal/jwks\""),
+                "jwt.jwks_url must be https://",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = [\"a\"]\njwks_url = \"https://u:hunter2@x/jwks\""),
+                "jwt.jwks_url may not carry credentials",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\nleeway_seconds = 301"),
+                "jwt.leeway_seconds may be at most 300",
+            ),
+            (
+                client("jwt_subject = \"s\""),
+                jwt("issuer = \"i\"\naudiences = [\"a\"]\njwks_file = \"/j\"\nalgorithms = [\"HS256\"]"),
+                "unknown field `algorithms`",
+            ),
+        ];
+        for (clients, tail, expected) in cases {
+            let err = problems(&with_clients(&clients, &tail));
+            assert!(err.contains(expected), "{expected} missing from:\n{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let loopback =
+            jwt("issuer = \"i\"\naudiences = [\"a\"]\njwks_url = \"http://127.0.0.1:1/jwks\"");
+        let c = Config::parse(
+            &with_clients(&client("jwt_subject = \"s\""), &loopback),
+            &no_env,
+        );
+        assert!(c.is_ok(), "plain http to loopback is allowed");
+    }
+
+    #[test]
+    fn a_key_pasted_into_an_identity_or_jwt_key_is_refused_by_name() {
+        let k = PASTED;
+        let cases = [
+            (
+                "clients[0].jwt_subject",
+                with_clients(
+                    &format!("[[clients]]\nname = \"a\"\njwt_subject = \"{k}\"\n"),
+                    JWT,
+                ),
+            ),
+            (
+                "clients[0].tls_identity",
+                with_clients(
+                    &format!("[[clients]]\nname = \"a\"\ntls_identity = \"spiffe://x/{k}\"\n"),
+                    "",
+                ),
+            ),
+            (
+                "jwt.issuer",
+                with_clients(
+                    "[[clients]]\nname = \"a\"\njwt_subject = \"s\"\n",
+                    &JWT.replace("https://kubernetes.default.svc.cluster.local", k),
+                ),
+            ),
+            (
+                "jwt.audiences[0]",
+                with_clients(
+                    "[[clients]]\nname = \"a\"\njwt_subject = \"s\"\n",
+                    &JWT.replace("\"permgate\"", &format!("\"{k}\"")),
+                ),
+            ),
+            (
+                "jwt.jwks_file",
+                with_clients(
+                    "[[clients]]\nname = \"a\"\njwt_subject = \"s\"\n",
+                    &JWT.replace("jwks.json", k),
+                ),
+            ),
+        ];
+        for (key, text) in cases {
+            let err = problems(&text);
+            let expected = format!("{key} looks like an API key");
+            assert!(err.contains(&expected), "{expected} missing from:\n{err}");
+            assert_no_piece(&err);
+        }
+    }
+
+    #[test]
+    fn identity_settings_that_cannot_work_are_refused_or_warned_about() {
+        let client =
+            "[[clients]]\nname = \"m\"\ntls_identity = \"spiffe://cluster.local/ns/b/sa/api\"\n";
+        let err = problems(&with_clients(client, JWT));
+        assert!(
+            err.contains("clients[0].tls_identity needs [server.tls] client_ca_file"),
+            "{err}"
+        );
+        assert!(!err.contains("spiffe"), "{err}");
+        let text = with_clients(client, &format!("{JWT}{MTLS}"));
+        let warnings = Config::parse(&text, &no_env).unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("[jwt] is configured but no client has a jwt_subject"));
+    }
+
+    #[test]
+    fn front_door_warnings_follow_its_facts() {
+        let text = with_clients(
+            "[[clients]]\nname = \"m\"\ntls_identity = \"billing.svc.cluster.local\"\n",
+            MTLS,
+        )
+        .replace("127.0.0.1:8080", "0.0.0.0:8080")
+        .replace("[upstream]", "admin_listen = \"10.0.0.1:9090\"\n[upstream]");
+        let open = Config::parse(&text, &no_env).unwrap();
+        let closed = Config::parse(MINIMAL, &no_env).unwrap();
+        let door = |data_tls, client_ca, require_client_cert, admin_token| FrontDoor {
+            data_tls,
+            client_ca,
+            require_client_cert,
+            admin_token,
+        };
+        let starts = |warnings: Vec<String>, expected: &[&str]| {
+            assert_eq!(warnings.len(), expected.len(), "{warnings:?}");
+            for (warning, start) in warnings.iter().zip(expected) {
+                assert!(warning.starts_with(start), "{warning} vs {start}");
+            }
+        };
+        starts(
+            open.front_door_warnings(door(false, false, false, false)),
+            &[
+                "server.listen is not a loopback",
+                "server.admin_listen is not",
+            ],
+        );
+        starts(
+            open.front_door_warnings(door(true, true, false, true)),
+            &["clients use tls_identity while server.tls.require_client_cert = false"],
+        );
+        starts(open.front_door_warnings(door(true, true, true, true)), &[]);
+        starts(
+            closed.front_door_warnings(door(false, false, false, false)),
+            &[],
+        );
+    }
+
+    #[test]
+    fn the_resolved_view_names_each_identity_source() {
+        let text = with_clients(
+            "[[clients]]\nname = \"t\"\ntoken_sha256 = \"5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\"\n[[clients]]\nname = \"j\"\njwt_subject = \"system:serviceaccount:b:api\"\n",
+            JWT,
+        );
+        let view = Config::parse(&text, &no_env)
+            .unwrap()
+            .resolved_view()
+            .unwrap();
+        for expected in [
+            "token_sha256 = \"5e884898",
+            "jwt_subject = \"system:serviceaccount:b:api\"",
+            "[jwt]",
+            "jwks_file = \"/etc/permgate/jwks.json\"",
+            "leeway = 30",
+        ] {
+            assert!(view.contains(expected), "{expected} missing from:\n{view}");
+        }
     }
 }

@@ -39,6 +39,9 @@ pub enum Error {
     },
     /// 401: missing or unknown client token.
     InvalidApiKey,
+    /// 401 (`invalid_api_key` too): a credential refused for `reason`, a fixed message that
+    /// says why (an expired JWT, an unknown signing key...) and never holds the credential.
+    Unauthenticated { reason: &'static str },
     /// 403: the token is valid but this checkpoint or method is not granted.
     PermissionDenied,
     /// 404: not a route permgate serves.
@@ -78,7 +81,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
-            Error::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Error::InvalidApiKey | Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied => StatusCode::FORBIDDEN,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -95,7 +98,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidParameter { .. } => "invalid_parameter",
-            Error::InvalidApiKey => "invalid_api_key",
+            Error::InvalidApiKey | Error::Unauthenticated { .. } => "invalid_api_key",
             Error::PermissionDenied => "permission_denied",
             Error::NotFound => "not_found",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
@@ -112,6 +115,7 @@ impl Error {
         match self {
             Error::InvalidParameter { .. }
             | Error::InvalidApiKey
+            | Error::Unauthenticated { .. }
             | Error::PermissionDenied
             | Error::NotFound
             | Error::MethodNotAllowed { .. }
@@ -131,6 +135,7 @@ impl Error {
             Error::InvalidApiKey => {
                 "Missing or unknown permgate client token. Send 'Authorization: Bearer <client token>'."
             }
+            Error::Unauthenticated { reason } => reason,
             Error::PermissionDenied => {
                 "This client token is not granted this checkpoint or this operation."
             }
@@ -183,6 +188,7 @@ impl Error {
             }
             Error::InvalidParameter { .. }
             | Error::InvalidApiKey
+            | Error::Unauthenticated { .. }
             | Error::PermissionDenied
             | Error::NotFound
             | Error::MethodNotAllowed { .. }
@@ -240,6 +246,11 @@ mod tests {
         let cases = [
             (Error::invalid("limit", "bad"), 400, "invalid_parameter"),
             (Error::InvalidApiKey, 401, "invalid_api_key"),
+            (
+                Error::Unauthenticated { reason: "why" },
+                401,
+                "invalid_api_key",
+            ),
             (Error::PermissionDenied, 403, "permission_denied"),
             (Error::NotFound, 404, "not_found"),
             (
@@ -322,6 +333,7 @@ mod tests {
         for err in [
             Error::invalid("limit", "bad"),
             Error::InvalidApiKey,
+            Error::Unauthenticated { reason: "why" },
             Error::PermissionDenied,
             Error::NotFound,
             Error::MethodNotAllowed { allow: "GET" },

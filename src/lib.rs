@@ -3,16 +3,17 @@
 //! holding the organization's admin key. `../SPEC.md`'s contract, module by module.
 //!
 //! The life of a request: [`server`] accepts and hands it to [`proxy::handle`], which opens a
-//! [`request_log::RequestLog`], matches the [`route`] (404/405), authenticates the caller's
-//! token ([`auth`], 401), validates path and query into a typed [`route::Call`] (400),
-//! authorizes the checkpoint and method (403) and checks the rate limit (429), then serves a
-//! list from the [`cache`] or forwards to [`upstream`] with the admin key from [`secret`].
+//! [`request_log::RequestLog`], matches the [`route`] (404/405), identifies the caller by
+//! client certificate, JWT ([`jwt`]) or static token ([`auth`], 401), validates path and
+//! query into a typed [`route::Call`] (400), authorizes the checkpoint and method (403) and
+//! checks the rate limit (429), then serves a list from the [`cache`] or forwards to
+//! [`upstream`] with the admin key from [`secret`].
 //! Writes invalidate their checkpoint (here and, with `[redis]`, through [`fleet`]) before
 //! answering. Every failure is one [`error::Error`], rendered in OpenAI's shape in one place;
 //! the request log then writes the [`audit`] record, [`metrics`] and the access line.
 //!
 //! Layers (imports point down only): leaves `error`, `clock`, `env`, `secret`, `config`,
-//! `route`, `tls`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`,
+//! `route`, `tls`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`, `jwt`,
 //! `upstream`, `audit`, `fleet`, `framing`, `access_log`, `otel`, `observability`; app `state`,
 //! `request_log`, `proxy`, `admin`, `reload`, `server`, `mock_upstream`, `cli`.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod env;
 pub mod error;
 pub mod fleet;
 pub mod framing;
+pub mod jwt;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod observability;

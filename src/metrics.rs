@@ -193,6 +193,10 @@ pub struct Metrics {
     fleet_connects: Counter,
     fleet_shared_hits: Counter,
     tls_reloads: Family<Outcome, Counter>,
+    jwt_verifications: Family<Outcome, Counter>,
+    jwt_remembered: Counter,
+    jwks_reloads: Family<Outcome, Counter>,
+    jwks_keys: Gauge,
 }
 
 /// Values read from elsewhere when `/metrics` is scraped.
@@ -297,6 +301,22 @@ const TLS_RELOADS: Desc = (
     "permgate_tls_reloads",
     "Reloads of the data listener's certificate and key ([server.tls]), by result",
 );
+const JWT_VERIFICATIONS: Desc = (
+    "permgate_jwt_verifications",
+    "JWT signature and claim checks, by result (ok, or why the token was refused)",
+);
+const JWT_REMEMBERED: Desc = (
+    "permgate_jwt_remembered",
+    "JWTs accepted from memory: verified before, keys unchanged, not expired",
+);
+const JWKS_RELOADS: Desc = (
+    "permgate_jwks_reloads",
+    "Loads of the JWKS ([jwt] jwks_file or jwks_url), by result",
+);
+const JWKS_KEYS: Desc = (
+    "permgate_jwks_keys",
+    "Usable keys (RS256, ES256) in the JWKS last loaded",
+);
 const BUILD: Desc = ("permgate_build", "Build information");
 
 /// Registers `metric` under a name and help text and returns it: a clone shares the registered
@@ -359,6 +379,10 @@ impl Metrics {
             fleet_connects: register_if(fleet, r, FLEET_CONNECTS, Counter::default()),
             fleet_shared_hits: register_if(fleet, r, FLEET_SHARED_HITS, Counter::default()),
             tls_reloads: register(r, TLS_RELOADS, Family::default()),
+            jwt_verifications: register(r, JWT_VERIFICATIONS, Family::default()),
+            jwt_remembered: register(r, JWT_REMEMBERED, Counter::default()),
+            jwks_reloads: register(r, JWKS_RELOADS, Family::default()),
+            jwks_keys: register(r, JWKS_KEYS, Gauge::default()),
             registry: Registry::default(),
         };
         let (name, help) = BUILD;
@@ -464,6 +488,26 @@ impl Metrics {
     pub fn tls_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.tls_reloads.get_or_create(&Outcome { result }).inc();
+    }
+
+    /// One JWT checked: `result` is `ok` or a `jwt::Rejection` label (a closed set).
+    pub fn jwt_verification(&self, result: &'static str) {
+        self.jwt_verifications
+            .get_or_create(&Outcome { result })
+            .inc();
+    }
+
+    pub fn jwt_remembered(&self) {
+        self.jwt_remembered.inc();
+    }
+
+    pub fn jwks_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.jwks_reloads.get_or_create(&Outcome { result }).inc();
+    }
+
+    pub fn jwks_keys(&self, count: usize) {
+        self.jwks_keys.set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// The Prometheus text exposition, with scrape-time gauges set from `snapshot`.

@@ -15,10 +15,11 @@ use hyper::header::{
     HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH,
     TRANSFER_ENCODING,
 };
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::{info_span, Instrument};
 
-use crate::auth::Client;
+use crate::auth::{Client, Credential};
 use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey, View};
 use crate::error::{json_response, Body, Error, Passthrough};
 use crate::fleet::Fleet;
@@ -26,6 +27,7 @@ use crate::metrics::ClientLabel;
 use crate::request_log::RequestLog;
 use crate::route::{self, Call, Checkpoint, CreateBody};
 use crate::state::{AppState, Scope};
+use crate::tls::PeerIdentity;
 use crate::upstream::{Attempted, Target};
 
 /// How often a replica waiting on another's fetch looks for the shared page.
@@ -68,10 +70,7 @@ async fn handle_inner(
     }
     let matched = route::match_route(&parts.method, parts.uri.path())?;
     log.set_operation(matched.operation);
-    let client = state
-        .clients()
-        .authenticate(parts.headers.get(AUTHORIZATION))?
-        .clone();
+    let client = authenticate(state, &parts).await?;
     log.set_client(&client);
     let checkpoint = matched.checkpoint()?;
     log.set_checkpoint(&checkpoint);
@@ -114,6 +113,31 @@ async fn handle_inner(
             Box::pin(write(state, &client, &checkpoint, target, None, log)).await
         }
     }
+}
+
+/// 401 unless a verified client certificate, a JWT or a static token names a client (SPEC
+/// "Who a caller is"; the order is `Clients::identify`'s). A static token costs what it always
+/// did; only a JWT awaits (boxed, so other requests' futures stay small).
+async fn authenticate(state: &AppState, parts: &Parts) -> Result<Arc<Client>, Error> {
+    let token = {
+        let clients = state.clients();
+        let peer = parts.extensions.get::<PeerIdentity>();
+        let authorization = parts.headers.get(AUTHORIZATION);
+        match clients.identify(peer, authorization, state.jwt.is_some())? {
+            Credential::Client(client) => return Ok(client.clone()),
+            Credential::Jwt(token) => token,
+        }
+    };
+    let verifier = state.jwt.as_ref().ok_or(Error::InvalidApiKey)?;
+    let subject = Box::pin(verifier.verify(token)).await?;
+    let client = state.clients().by_subject(&subject).cloned();
+    if client.is_err() {
+        tracing::info!(
+            subject = %crate::secret::redact_api_keys(&subject),
+            "a valid JWT names no configured client"
+        );
+    }
+    client
 }
 
 /// 429 once the client's bucket is empty; counted.

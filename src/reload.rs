@@ -5,9 +5,10 @@
 //! A bad new file (unparsable config, missing or empty key) keeps the old state, logs why and
 //! counts a failed reload. Requests in flight finish with the key and clients they started
 //! with. Only the client list and the key are reloaded; every other setting applies at the
-//! next restart. SIGHUP also reopens the audit file (log rotation), and reloads the data
-//! listener's certificate and key (`[server.tls]`): `tls::watch` listens for the signal itself,
-//! next to its own polling of those files, and counts in `permgate_tls_reloads_total`.
+//! next restart. SIGHUP also reopens the audit file (log rotation), re-reads the JWKS of
+//! `[jwt]` (see `jwt::Verifier::reload`), and reloads the data listener's certificate and
+//! key (`[server.tls]`): `tls::watch` listens for the signal itself, next to its own polling
+//! of those files, and counts in `permgate_tls_reloads_total`.
 //!
 //! Files are read off the runtime with a deadline (`secret::off_runtime`), and never waited on
 //! when they are not regular files: a FIFO, a device or a hung filesystem at a watched path
@@ -116,6 +117,9 @@ pub fn watch(
                         audit.reopen(&state.metrics).await;
                     }
                     reload_off_runtime(&state, &path, &env).await;
+                    if let Some(jwt) = &state.jwt {
+                        jwt.reload().await;
+                    }
                 }
                 _ = ticks.tick() => {
                     let Some(file) = key_file.as_deref() else { continue };

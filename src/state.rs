@@ -16,6 +16,7 @@ use crate::cache::PageCache;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::fleet::{self, Fleet};
+use crate::jwt::Verifier;
 use crate::metrics::{Metrics, Snapshot};
 use crate::route::Checkpoint;
 use crate::secret::AdminKey;
@@ -38,6 +39,9 @@ pub struct AppState {
     pub audit: Option<AuditLog>,
     /// `[redis]`: coherence with the other replicas.
     pub fleet: Option<Arc<Fleet>>,
+    /// `[jwt]`: verifies bearer JWTs. Built once: a reload keeps its keys and the tokens it
+    /// remembers (SIGHUP re-reads its JWKS; other `[jwt]` changes apply at the next restart).
+    pub jwt: Option<Arc<Verifier>>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     pub max_uri_bytes: usize,
@@ -69,6 +73,11 @@ impl AppState {
             .as_ref()
             .map(|r| Fleet::new(r, redis_password, metrics.clone()).map(Arc::new))
             .transpose()?;
+        let jwt = config
+            .jwt
+            .as_ref()
+            .map(|j| Verifier::new(j, &config.upstream, metrics.clone()))
+            .transpose()?;
         Ok(Arc::new(AppState {
             clients: ArcSwap::from_pointee(Clients::new(&config.clients)),
             upstream: Upstream::new(&config.upstream, key, clock.clone(), metrics.clone())?,
@@ -80,6 +89,7 @@ impl AppState {
             metrics,
             audit,
             fleet,
+            jwt,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             max_uri_bytes: config.server.max_uri_bytes,

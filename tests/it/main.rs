@@ -11,6 +11,7 @@ mod fleet_tls;
 mod framing;
 mod hostile;
 mod hygiene;
+mod identity;
 mod idle;
 mod monitoring;
 mod operations;

@@ -183,12 +183,39 @@ pub async fn start_gateway_with_admin(text: &str) -> StartedWithAdmin {
     (state, addr, admin_addr, shutdown, served)
 }
 
-/// When a test's gateway goes away, everything logged so far must be free of the key.
+/// When a test's gateway goes away, everything logged so far must be free of the key and of
+/// every client credential (static token or JWT) any test has sent.
 impl Drop for Gateway {
     fn drop(&mut self) {
         if !std::thread::panicking() {
-            assert_no_key_piece(&logs(), "the logs");
+            let logs = logs();
+            assert_no_key_piece(&logs, "the logs");
+            assert_no_credential(&logs, "the logs");
         }
+    }
+}
+
+/// Every bearer credential of at least [`CREDENTIAL_MIN`] bytes a test has sent.
+fn credentials_sent() -> &'static Mutex<std::collections::BTreeSet<String>> {
+    static SENT: OnceLock<Mutex<std::collections::BTreeSet<String>>> = OnceLock::new();
+    SENT.get_or_init(Default::default)
+}
+
+/// Shorter bearer values (`x`, `nope`) could occur in a log line by chance.
+const CREDENTIAL_MIN: usize = 12;
+
+/// SPEC "Hygiene rules": no client credential in a log line (the logs name the client).
+pub fn assert_no_credential(text: &str, what: &str) {
+    let sent: Vec<String> = credentials_sent().lock().unwrap().iter().cloned().collect();
+    if sent.is_empty() {
+        return;
+    }
+    let finder = aho_corasick::AhoCorasick::new(&sent).unwrap();
+    if let Some(found) = finder.find(text) {
+        panic!(
+            "a client credential ({} bytes) is in {what}",
+            found.end() - found.start()
+        );
     }
 }
 
@@ -310,6 +337,9 @@ impl TestClient {
         *req.method_mut() = method;
         *req.uri_mut() = format!("{}{path}", self.base).parse().expect("test uri");
         if let Some(token) = token {
+            if token.len() >= CREDENTIAL_MIN {
+                credentials_sent().lock().unwrap().insert(token.to_owned());
+            }
             req.headers_mut().insert(
                 hyper::header::AUTHORIZATION,
                 HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
