@@ -751,9 +751,13 @@ report() {
         if ($8 > 0) V["redis", s, y, r] = $13 / $8
         if ($12 + 0 > bgmax) bgmax = $12 + 0
         if (!((s, y) in seen)) { seen[s, y] = 1; order[++n] = s SUBSEP y }
+        if (length(s) > ws) ws = length(s)
+        if (length(y) > wy) wy = length(y)
     }
     END {
-        printf "\n%-8s %-9s %9s %8s %8s %7s %9s %8s %6s %6s  %s\n", "scenario", "system", "req/s", "p50 ms", "p99 ms", "spread", "cpu/req", "upstream", "errors", "other", "ratios: req/s (CPU per request), median of per-round ratios"
+        # the first two columns: 8 and 9 wide, wider for longer names (fleethit10)
+        ws = ws > 8 ? ws : 8; wy = wy > 9 ? wy : 9
+        printf "\n%-" ws "s %-" wy "s %9s %8s %8s %7s %9s %8s %6s %6s  %s\n", "scenario", "system", "req/s", "p50 ms", "p99 ms", "spread", "cpu/req", "upstream", "errors", "other", "ratios: req/s (CPU per request), median of per-round ratios"
         for (i = 1; i <= n; i++) {
             split(order[i], k, SUBSEP); s = k[1]; y = k[2]
             ref = (s == "hit100") ? "ref100" : (s == "miss0") ? "direct0" : (s == "miss20") ? "direct20" : "ref10"
@@ -764,7 +768,7 @@ report() {
             if (y != ref && have(rs, ref)) notes = notes sprintf("%s %.3f (%.3f)  ", ref, ratio("rps", s, y, rs, ref), ratio("cpu", rs, ref, s, y))
             if (y != "nginx" && have(s, "nginx") && y !~ /^(ref|direct)/) notes = notes sprintf("nginx %.2fx (%.2fx)  ", ratio("rps", s, y, s, "nginx"), ratio("cpu", s, "nginx", s, y))
             if (s == "keys10k" && have("hit10", y)) notes = notes sprintf("own 1-key %.3f (%.3f)", ratio("rps", s, y, "hit10", y), ratio("cpu", "hit10", y, s, y))
-            printf "%-8s %-9s %9.0f %8.3f %8.3f %6.1f%% %7.1fus %8d %6d %5.1f%%  %s\n", s, y, stat("rps", s, y), stat("p50", s, y) / 1000, stat("p99", s, y) / 1000, spread(s, y), stat("cpu", s, y), up, er, stat("bg", s, y), notes
+            printf "%-" ws "s %-" wy "s %9.0f %8.3f %8.3f %6.1f%% %7.1fus %8d %6d %5.1f%%  %s\n", s, y, stat("rps", s, y), stat("p50", s, y) / 1000, stat("p99", s, y) / 1000, spread(s, y), stat("cpu", s, y), up, er, stat("bg", s, y), notes
         }
         print "\nspread = (max - min) / median of req/s across rounds; cpu/req = server process CPU time / requests"
         print "(nginx: its worker process; for misses the upstream is not included); upstream = upstream requests"
