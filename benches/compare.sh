@@ -35,6 +35,12 @@
 #                                wrk cannot present a client certificate, so this one is
 #                                driven by siege (apt), keep-alive, for both systems; siege
 #                                reports no percentiles (p50 = the mean, p99 = 0)
+#                     jwthit10   hit10 with the caller identified by a JWT ([jwt], a client with
+#                                jwt_subject; RSA-2048 key, JWKS and RS256 token made with
+#                                openssl) against permgate with the static token (pg)
+#                     fleethit10 hit10 and miss0 with [redis] on (its own redis-server, pinned to
+#                     fleetmiss0 the server core, its CPU counted with permgate's) against
+#                                permgate without Redis (pg)
 #   EXTRAS="coalesce idle memory bound"             subset of the one-off checks ("" for none)
 #   QUIET_PCT=5 QUIET_MAX=20  before each run, wait up to QUIET_MAX s until other processes
 #                     use less than QUIET_PCT % of the machine (each run records how much they
@@ -42,7 +48,7 @@
 #   SERVER_CPU=0 LOAD_CPU=1   cores for the servers and for wrk
 #   REF_BUSY_NS=1000  extra work per request of the second bare hyper server in hit10
 #                     (ref10busy: about what permgate adds to a hit; the tail-latency control)
-#   PORT_BASE=18400   ports PORT_BASE..PORT_BASE+40 on 127.0.0.1 must be free
+#   PORT_BASE=18400   ports PORT_BASE..PORT_BASE+44 on 127.0.0.1 must be free
 #   OUT=target/bench-compare   where the report and raw results are written
 #   SKIP_BUILD=1      reuse the binaries already in target/release
 #   KEEP_WORK=1       keep the temporary directory (configs, logs) for inspection
@@ -70,6 +76,8 @@ LUA=$ROOT/benches/wrk
 log() { printf '[compare %s] %s\n' "$(date +%T)" "$*" >&2; }
 tls_wanted() { case " $SCENARIOS " in *" tlshit10 "* | *" mtlshit10 "*) return 0 ;; esac; return 1; }
 mtls_wanted() { case " $SCENARIOS " in *" mtlshit10 "*) return 0 ;; esac; return 1; }
+jwt_wanted() { case " $SCENARIOS " in *" jwthit10 "*) return 0 ;; esac; return 1; }
+fleet_wanted() { case " $SCENARIOS " in *" fleethit10 "* | *" fleetmiss0 "*) return 0 ;; esac; return 1; }
 die() {
     log "error: $*"
     exit 1
@@ -86,6 +94,10 @@ install_tools() {
     command -v taskset >/dev/null || missing+=(util-linux)
     tls_wanted && ! command -v openssl >/dev/null && missing+=(openssl)
     mtls_wanted && ! command -v siege >/dev/null && missing+=(siege)
+    jwt_wanted && ! command -v openssl >/dev/null && missing+=(openssl)
+    jwt_wanted && ! command -v xxd >/dev/null && missing+=(xxd)
+    fleet_wanted && ! command -v redis-server >/dev/null && missing+=(redis-server)
+    fleet_wanted && ! command -v redis-cli >/dev/null && missing+=(redis-tools)
     [ ${#missing[@]} -eq 0 ] && return
     [ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; run as root or install them first"
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
@@ -270,6 +282,41 @@ start_permgate_tls() {
     PG_TAIL=$table start_permgate "$name" "$port" up0 "info,permgate::access=off" "ttl_seconds = 3600"
 }
 
+b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+
+# jwthit10: an RSA-2048 key, its JWKS ($WORK/jwks.json) and an RS256 JWT signed with it ($JWT),
+# as a Kubernetes projected service-account token would be (valid for an hour).
+make_jwt() {
+    local d=$WORK/jwt n e kid header claims input signature now
+    mkdir -p "$d"
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$d/key.pem" 2>/dev/null
+    n=$(openssl rsa -in "$d/key.pem" -noout -modulus | sed 's/^Modulus=//' | xxd -r -p | b64url)
+    e=$(openssl rsa -in "$d/key.pem" -noout -text | sed -n 's/^publicExponent: [0-9]* (0x\([0-9a-fA-F]*\)).*/\1/p')
+    [ $((${#e} % 2)) -eq 1 ] && e=0$e
+    e=$(printf '%s' "$e" | xxd -r -p | b64url)
+    [ -n "$n" ] && [ -n "$e" ] || die "could not read the RSA key's modulus and exponent"
+    kid=bench-$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    printf '{"keys":[{"kty":"RSA","kid":"%s","alg":"RS256","use":"sig","n":"%s","e":"%s"}]}\n' \
+        "$kid" "$n" "$e" >"$WORK/jwks.json"
+    now=$(date +%s)
+    header=$(printf '{"alg":"RS256","typ":"JWT","kid":"%s"}' "$kid" | b64url)
+    claims=$(printf '{"iss":"%s","aud":["permgate"],"sub":"%s","iat":%d,"nbf":%d,"exp":%d}' \
+        "$JWT_ISSUER" "$JWT_SUBJECT" "$now" "$now" $((now + 3600)) | b64url)
+    input=$header.$claims
+    signature=$(printf '%s' "$input" | openssl dgst -sha256 -sign "$d/key.pem" -binary | b64url)
+    JWT=$input.$signature
+}
+JWT_ISSUER=https://bench.local
+JWT_SUBJECT=system:serviceaccount:bench:client
+
+# fleethit10, fleetmiss0: one redis-server on the server core, no persistence.
+start_redis() {
+    local port=$1
+    start redis "$port" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$WORK"
+}
+redis_commands() { redis-cli -p "${PORT[redis]}" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p'; }
+
 # start_permgate NAME PORT UPSTREAM LOG_FILTER [cache lines...]
 start_permgate() {
     local name=$1 port=$2 upstream=$3 filter=$4
@@ -411,7 +458,7 @@ siege_run() {
 
 ONE=/v1/fine_tuning/checkpoints/ft:gpt-4o-mini-2024-07-18:acme:bench:B7R9VjQd/permissions
 
-# target SCENARIO SYSTEM ROUND: sets URL SCRIPT AUTH VARS (wrk env) CPU_PID UPSTREAM
+# target SCENARIO SYSTEM ROUND: sets URL SCRIPT AUTH VARS (wrk env) CPU_PIDS UPSTREAM
 target() {
     local scenario=$1 system=$2 round=$3
     local port=${PORT[$system]:-}
@@ -421,23 +468,26 @@ target() {
         miss20) port=$((PORT_BASE + 22)) ;;
         tlshit10) port=$((PORT_BASE + 23)) ;;
     esac
+    local server=$system
     [ "$system" = pg ] && case $scenario in
-        miss0) port=${PORT[pgmiss0]} ;;
-        miss20) port=${PORT[pgmiss20]} ;;
+        miss0 | fleetmiss0) server=pgmiss0 ;;
+        miss20) server=pgmiss20 ;;
     esac
-    CPU_PID=${PID[$system]}
-    [ "$system" = pg ] && case $scenario in
-        miss0) CPU_PID=${PID[pgmiss0]} ;;
-        miss20) CPU_PID=${PID[pgmiss20]} ;;
-    esac
+    [ "$system" = pgfleet ] && [ "$scenario" = fleetmiss0 ] && server=pgfleetmiss
+    [ "$server" != "$system" ] && port=${PORT[$server]}
+    # CPU per request: the server's process; with [redis] also the redis-server it calls.
+    CPU_PIDS=("${PID[$system]}")
+    [ "$server" != "$system" ] && CPU_PIDS=("${PID[$server]}")
+    [ "$system" = pgfleet ] && CPU_PIDS+=("${PID[redis]}")
     AUTH=$TOKEN
+    [ "$system" = pgjwt ] && AUTH=$JWT
     SCRIPT=$LUA/report.lua
     VARS=(BENCH_NONE=1)
     UPSTREAM=up0
     LOADER=wrk
     CERT=()
     case $scenario in
-        hit10) URL=http://127.0.0.1:$port$ONE ;;
+        hit10 | jwthit10 | fleethit10) URL=http://127.0.0.1:$port$ONE ;;
         tlshit10) URL=https://127.0.0.1:$port$ONE ;;
         mtlshit10)
             URL=https://127.0.0.1:$port$ONE
@@ -450,7 +500,7 @@ target() {
             SCRIPT=$LUA/cycle.lua
             VARS=(BENCH_KEYS=10000 BENCH_CHECKPOINT_PREFIX=ft:gpt-4o-mini-2024-07-18:acme:k)
             ;;
-        miss0 | miss20)
+        miss0 | miss20 | fleetmiss0)
             URL=http://127.0.0.1:$port
             SCRIPT=$LUA/unique.lua
             VARS=(BENCH_RUN_ID="r$round-$system-$RANDOM$RANDOM")
@@ -472,13 +522,17 @@ measure() {
     read -r busy0 total0 < <(machine_jiffies)
     ours0=$(our_ticks)
     child_ticks kids0
-    cpu_before=$(ticks "$CPU_PID")
+    cpu_before=$(ticks "${CPU_PIDS[@]}")
+    local redis_before=0 redis_after=0
+    [ "$system" = pgfleet ] && redis_before=$(redis_commands)
     if [ "$LOADER" = siege ]; then
         siege_run "$URL" "$duration" "$CONNECTIONS" "$AUTH" "${CERT[@]}" >"$WORK/wrk.result"
     else
         wrk_run "$URL" "$SCRIPT" "$duration" "$CONNECTIONS" "$AUTH" "${VARS[@]}" >"$WORK/wrk.result"
     fi
-    cpu_after=$(ticks "$CPU_PID")
+    cpu_after=$(ticks "${CPU_PIDS[@]}")
+    # Redis commands the run caused (the INFO that reads the count before is one of them).
+    [ "$system" = pgfleet ] && redis_after=$(($(redis_commands) - 1))
     child_ticks kids1
     ours1=$(our_ticks)
     read -r busy1 total1 < <(machine_jiffies)
@@ -496,13 +550,15 @@ measure() {
     local errors=$(($(field socket_errors "$line") + $(field status_errors "$line")))
     [ "$errors" -gt 0 ] && log "WARNING: $scenario/$system: $errors errors ($line)"
     [ "$round" -eq 0 ] && return 0
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$system" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$system" \
         "$(field rps "$line")" "$(field p50_us "$line")" "$(field p99_us "$line")" \
         "$(field max_us "$line")" "$requests" "$errors" "$cpu_us" $((calls_after - calls_before)) \
-        "$foreign" >>"$RESULTS"
+        "$foreign" $((redis_after - redis_before)) >>"$RESULTS"
     log "$(printf 'round %s %-8s %-9s %9s req/s  p50 %6s us  p99 %6s us  cpu/req %6s us  upstream calls %-6s other load %s%%' \
         "$round" "$scenario" "$system" "$(field rps "$line")" "$(field p50_us "$line")" \
-        "$(field p99_us "$line")" "$cpu_us" $((calls_after - calls_before)) "$foreign")"
+        "$(field p99_us "$line")" "$cpu_us" $((calls_after - calls_before)) "$foreign")$(
+        [ "$system" = pgfleet ] && awk -v c=$((redis_after - redis_before)) -v n="$requests" \
+            'BEGIN { printf "  redis commands/request %.2f", (n > 0 ? c / n : 0) }')"
 }
 
 systems_of() {
@@ -514,6 +570,8 @@ systems_of() {
         miss20) echo "direct20 nginx pg" ;;
         tlshit10) echo "nginx pgtls" ;;
         mtlshit10) echo "pgtls pgmtls" ;;
+        jwthit10) echo "pg pgjwt" ;;
+        fleethit10 | fleetmiss0) echo "pg pgfleet" ;;
         *) die "unknown scenario $1" ;;
     esac
 }
@@ -690,11 +748,16 @@ report() {
         if (r > rounds) rounds = r
         V["rps", s, y, r] = $4; V["p50", s, y, r] = $5; V["p99", s, y, r] = $6; V["max", s, y, r] = $7
         V["err", s, y, r] = $9; V["cpu", s, y, r] = $10; V["up", s, y, r] = $11; V["bg", s, y, r] = $12
+        if ($8 > 0) V["redis", s, y, r] = $13 / $8
         if ($12 + 0 > bgmax) bgmax = $12 + 0
         if (!((s, y) in seen)) { seen[s, y] = 1; order[++n] = s SUBSEP y }
+        if (length(s) > ws) ws = length(s)
+        if (length(y) > wy) wy = length(y)
     }
     END {
-        printf "\n%-8s %-9s %9s %8s %8s %7s %9s %8s %6s %6s  %s\n", "scenario", "system", "req/s", "p50 ms", "p99 ms", "spread", "cpu/req", "upstream", "errors", "other", "ratios: req/s (CPU per request), median of per-round ratios"
+        # the first two columns: 8 and 9 wide, wider for longer names (fleethit10)
+        ws = ws > 8 ? ws : 8; wy = wy > 9 ? wy : 9
+        printf "\n%-" ws "s %-" wy "s %9s %8s %8s %7s %9s %8s %6s %6s  %s\n", "scenario", "system", "req/s", "p50 ms", "p99 ms", "spread", "cpu/req", "upstream", "errors", "other", "ratios: req/s (CPU per request), median of per-round ratios"
         for (i = 1; i <= n; i++) {
             split(order[i], k, SUBSEP); s = k[1]; y = k[2]
             ref = (s == "hit100") ? "ref100" : (s == "miss0") ? "direct0" : (s == "miss20") ? "direct20" : "ref10"
@@ -705,13 +768,15 @@ report() {
             if (y != ref && have(rs, ref)) notes = notes sprintf("%s %.3f (%.3f)  ", ref, ratio("rps", s, y, rs, ref), ratio("cpu", rs, ref, s, y))
             if (y != "nginx" && have(s, "nginx") && y !~ /^(ref|direct)/) notes = notes sprintf("nginx %.2fx (%.2fx)  ", ratio("rps", s, y, s, "nginx"), ratio("cpu", s, "nginx", s, y))
             if (s == "keys10k" && have("hit10", y)) notes = notes sprintf("own 1-key %.3f (%.3f)", ratio("rps", s, y, "hit10", y), ratio("cpu", "hit10", y, s, y))
-            printf "%-8s %-9s %9.0f %8.3f %8.3f %6.1f%% %7.1fus %8d %6d %5.1f%%  %s\n", s, y, stat("rps", s, y), stat("p50", s, y) / 1000, stat("p99", s, y) / 1000, spread(s, y), stat("cpu", s, y), up, er, stat("bg", s, y), notes
+            printf "%-" ws "s %-" wy "s %9.0f %8.3f %8.3f %6.1f%% %7.1fus %8d %6d %5.1f%%  %s\n", s, y, stat("rps", s, y), stat("p50", s, y) / 1000, stat("p99", s, y) / 1000, spread(s, y), stat("cpu", s, y), up, er, stat("bg", s, y), notes
         }
         print "\nspread = (max - min) / median of req/s across rounds; cpu/req = server process CPU time / requests"
         print "(nginx: its worker process; for misses the upstream is not included); upstream = upstream requests"
         print "during the measured runs (0 on hits); other = median CPU used by processes not started by this"
         printf "script, in %% of the machine (max over all runs: %.1f%%). In brackets: the same ratio computed from\n", bgmax
         print "CPU per request instead of req/s (server-side efficiency; less sensitive to a busy machine)."
+        if (have("fleethit10", "pgfleet") || have("fleetmiss0", "pgfleet"))
+            print "pgfleet (permgate with [redis]): cpu/req counts permgate and its redis-server together."
         print "\nTargets (issue 6):"
         check("cache hit, 1 key, 10 items: permgate / bare hyper", have("hit10", "pg") && have("hit10", "ref10") ? ratio("rps", "hit10", "pg", "hit10", "ref10") : "", "%.3f", ">= 0.85", ratio("rps", "hit10", "pg", "hit10", "ref10") >= 0.85)
         check("  same, by CPU per request (bare hyper cpu/req / permgate cpu/req)", have("hit10", "pg") && have("hit10", "ref10") ? ratio("cpu", "hit10", "ref10", "hit10", "pg") : "", "%.3f", ">= 0.85", ratio("cpu", "hit10", "ref10", "hit10", "pg") >= 0.85)
@@ -744,6 +809,21 @@ report() {
             check("  permgate cpu/req: TLS - plain HTTP", diff("cpu", "tlshit10", "pgtls", "hit10", "pg"), "%+.1f us", "(what TLS adds per request)", -1)
         if (have("mtlshit10", "pgmtls") && have("mtlshit10", "pgtls"))
             check("mTLS / TLS (permgate, siege), by CPU per request (TLS / mTLS)", ratio("cpu", "mtlshit10", "pgtls", "mtlshit10", "pgmtls"), "%.3f", "(keep-alive: about 1)", -1)
+        if (have("jwthit10", "pgjwt") && have("jwthit10", "pg")) {
+            check("cache hit, JWT caller / static-token caller (permgate)", ratio("rps", "jwthit10", "pgjwt", "jwthit10", "pg"), "%.3f", ">= 0.9", ratio("rps", "jwthit10", "pgjwt", "jwthit10", "pg") >= 0.9)
+            check("  same, by CPU per request (static / JWT)", ratio("cpu", "jwthit10", "pg", "jwthit10", "pgjwt"), "%.3f", ">= 0.9", ratio("cpu", "jwthit10", "pg", "jwthit10", "pgjwt") >= 0.9)
+            check("  permgate cpu/req: JWT - static token", diff("cpu", "jwthit10", "pgjwt", "jwthit10", "pg"), "%+.1f us", "(what the JWT adds per hit)", -1)
+        }
+        if (have("fleethit10", "pgfleet") && have("fleethit10", "pg")) {
+            check("cache hit, [redis] on / off (permgate)", ratio("rps", "fleethit10", "pgfleet", "fleethit10", "pg"), "%.3f", ">= 0.9", ratio("rps", "fleethit10", "pgfleet", "fleethit10", "pg") >= 0.9)
+            check("  same, by CPU per request, redis-server included (off / on)", ratio("cpu", "fleethit10", "pg", "fleethit10", "pgfleet"), "%.3f", ">= 0.9", ratio("cpu", "fleethit10", "pg", "fleethit10", "pgfleet") >= 0.9)
+            check("  Redis commands per hit", stat("redis", "fleethit10", "pgfleet"), "%.2f", "(SPEC: hits stay local, 0)", -1)
+        }
+        if (have("fleetmiss0", "pgfleet") && have("fleetmiss0", "pg")) {
+            check("miss, 0 ms upstream, [redis] on / off (permgate)", ratio("rps", "fleetmiss0", "pgfleet", "fleetmiss0", "pg"), "%.3f", ">= 0.8", ratio("rps", "fleetmiss0", "pgfleet", "fleetmiss0", "pg") >= 0.8)
+            check("  same, by CPU per miss, redis-server included (off / on)", ratio("cpu", "fleetmiss0", "pg", "fleetmiss0", "pgfleet"), "%.3f", ">= 0.8", ratio("cpu", "fleetmiss0", "pg", "fleetmiss0", "pgfleet") >= 0.8)
+            check("  Redis commands per miss", stat("redis", "fleetmiss0", "pgfleet"), "%.2f", "", -1)
+        }
         m = split(extra, lines, "\n")
         for (i = 1; i <= m; i++) if (lines[i] != "") {
             split(lines[i], f, "\t")
@@ -807,6 +887,20 @@ if mtls_wanted; then
     start_permgate_tls pgmtls $((PORT_BASE + 40)) "client_ca_file = \"$WORK/tls/clients-ca.crt\"" \
         "require_client_cert = true"
 fi
+if jwt_wanted; then
+    make_jwt
+    PG_TAIL=$(printf '[jwt]\nissuer = "%s"\naudiences = ["permgate"]\njwks_file = "%s"\nleeway_seconds = 30\n\n[[clients]]\nname = "bench-jwt"\njwt_subject = "%s"\ncheckpoints = ["*"]' \
+        "$JWT_ISSUER" "$WORK/jwks.json" "$JWT_SUBJECT") start_permgate pgjwt $((PORT_BASE + 41)) up0 "$quiet" "ttl_seconds = 3600"
+fi
+if fleet_wanted; then
+    start_redis $((PORT_BASE + 44))
+    # Two independent fleets of one replica (own key prefixes) on the one redis-server.
+    for fleet in "pgfleet 42" "pgfleetmiss 43"; do
+        read -r name offset <<<"$fleet"
+        PG_TAIL=$(printf '[redis]\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "permgate:%s:"' "${PORT[redis]}" "$name") \
+            start_permgate "$name" $((PORT_BASE + offset)) up0 "$quiet" "ttl_seconds = 3600"
+    done
+fi
 start_nginx
 
 # The reference serves exactly the bytes permgate serves for the same page.
@@ -838,6 +932,28 @@ if mtls_wanted; then
     if curl -sf "${tls[@]}" "${auth[@]}" "https://127.0.0.1:${PORT[pgmtls]}$ONE" -o /dev/null 2>&1; then
         die "permgate served a client without a certificate though require_client_cert = true"
     fi
+fi
+if jwt_wanted; then
+    jwt_auth=(-H "Authorization: Bearer $JWT")
+    curl -sf "${jwt_auth[@]}" "http://127.0.0.1:${PORT[pgjwt]}$ONE" -o "$WORK/jwt10.json" ||
+        die "permgate did not serve the page to the JWT caller (see $WORK/pgjwt.log)"
+    cmp -s "$WORK/body10.json" "$WORK/jwt10.json" || die "permgate serves the JWT caller different bytes"
+    curl -sf -D - "${jwt_auth[@]}" "http://127.0.0.1:${PORT[pgjwt]}$ONE" -o /dev/null |
+        grep -qi '^cache-status: permgate; hit' || die "permgate does not serve the JWT caller from its cache"
+    # The token is really verified: the same one with another signature is refused.
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer ${JWT%?????}AAAAA" \
+        "http://127.0.0.1:${PORT[pgjwt]}$ONE")
+    [ "$code" = 401 ] || die "permgate answered $code to a JWT with a bad signature"
+fi
+if fleet_wanted; then
+    for system in pgfleet pgfleetmiss; do
+        curl -sf "${auth[@]}" "http://127.0.0.1:${PORT[$system]}$ONE" -o "$WORK/$system.json" ||
+            die "$system did not serve the page"
+        cmp -s "$WORK/body10.json" "$WORK/$system.json" || die "$system serves different bytes"
+    done
+    curl -sf -D - "${auth[@]}" "http://127.0.0.1:${PORT[pgfleet]}$ONE" -o /dev/null |
+        grep -qi '^cache-status: permgate; hit' || die "permgate with [redis] does not serve the page from its cache"
+    [ "$(redis-cli -p "${PORT[redis]}" dbsize)" -gt 0 ] || die "permgate with [redis] wrote nothing to Redis"
 fi
 start ref10 $((PORT_BASE + 10)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 10))" --body "$WORK/body10.json"
 start ref100 $((PORT_BASE + 11)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 11))" --body "$WORK/body100.json"
