@@ -244,7 +244,7 @@ doc = yaml.safe_load(open(sys.argv[1]))
 open(sys.argv[2], "w").write(doc["data"]["permgate.toml"])
 PY
     # The ConfigMap again with its workload identity block uncommented, its /etc/permgate
-    # files replaced by stand-ins (a throw-away self-signed pair, an empty key set).
+    # files replaced by stand-ins (a throw-away self-signed pair, and its public key as the JWKS).
     "$work/venv/bin/python" "$here/check.py" --workload-identity-toml \
         "$here/kubernetes/configmap.yaml" "$work/workload-identity.toml" || true
     etc="$work/etc-permgate"
@@ -255,7 +255,14 @@ PY
         : >"$etc/tls/tls.key"; : >"$etc/tls/tls.crt"
     fi
     for f in tls/ca.crt kube-root-ca.crt redis-ca.pem; do cp "$etc/tls/tls.crt" "$etc/$f"; done
-    printf '{"keys": []}\n' >"$etc/jwks.json"
+    # A key set with one usable key: the stand-in pair's P-256 public key as an ES256 JWK.
+    openssl ec -in "$etc/tls/tls.key" -pubout -outform DER 2>/dev/null | "$work/venv/bin/python" -c '
+import base64, json, sys
+point = sys.stdin.buffer.read()[-64:]
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+key = {"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "deploy-check",
+       "x": b64(point[:32]), "y": b64(point[32:])}
+print(json.dumps({"keys": [key]}))' >"$etc/jwks.json" || printf '{"keys": []}\n' >"$etc/jwks.json"
     if [[ -f "$work/workload-identity.toml" ]]; then
         sed -i "s#/etc/permgate/#$etc/#g" "$work/workload-identity.toml"
     fi
