@@ -51,7 +51,8 @@ const PUBLISH: &str = concat!(
     include_str!("fleet/publish.lua")
 );
 const ACK: &str = include_str!("fleet/ack.lua");
-const PENDING: &str = include_str!("fleet/pending.lua");
+const LOOKUP: &str = include_str!("fleet/lookup.lua");
+const PUT: &str = include_str!("fleet/put.lua");
 /// Entries the invalidation stream keeps (approximately); a replica further behind purges.
 const STREAM_MAXLEN: u64 = 10_000;
 /// A writer's allowance for clock rate differences (±0.4 % tolerated, see README).
@@ -675,121 +676,134 @@ impl Fleet {
     }
 }
 
-/// The fleet's generation of a checkpoint as read for one fill: the shared page's key.
+/// What a miss learned in its one Redis call before upstream (`Fleet::lookup`).
+pub enum Lookup {
+    /// Another replica's copy of the page.
+    Page(SharedPage),
+    /// This replica holds the fleet's fetch lock for the key: fetch, then [`Fleet::share`].
+    Fetch(Share),
+    /// Another replica is fetching it: look again shortly.
+    Busy,
+    /// A write of the checkpoint is in flight somewhere: fetch, and store nothing.
+    Pending,
+}
+
+/// Which lookup: the shared page (else the lock), or only the lock (the copy was too old).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SharedGeneration {
-    epoch: u64,
-    generation: u64,
+pub enum LookupMode {
+    Page,
+    Lock,
+}
+
+/// The right to share one fetched page: where it goes and the lock to release.
+pub struct Share {
+    checkpoint: Checkpoint,
+    suffix: String,
+    owner: String,
+    epoch: String,
+    generation: String,
 }
 
 /// The shared second tier.
 impl Fleet {
-    fn page_suffix(at: SharedGeneration, checkpoint: &Checkpoint, query: &ListQuery) -> String {
-        let mut s = format!("{}:{}:{}?", at.epoch, at.generation, checkpoint.as_str());
+    /// The checkpoint and normalized query as the shared page's and lock's key suffix.
+    fn page_suffix(checkpoint: &Checkpoint, query: &ListQuery) -> String {
+        let mut s = format!("{}?", checkpoint.as_str());
         query.write_canonical(&mut s);
         s
     }
 
-    /// The fleet's current generation of `checkpoint` (a miss's first Redis call).
-    pub async fn generation(&self, checkpoint: &Checkpoint) -> Option<SharedGeneration> {
-        let mut command = redis::cmd("MGET");
-        command.arg(self.key("epoch")).arg(self.gen_key(checkpoint));
-        let (epoch, generation) = self.run::<(Option<u64>, Option<u64>)>(&command).await?;
-        Some(SharedGeneration {
-            epoch: epoch.unwrap_or(0),
-            generation: generation.unwrap_or(0),
+    /// One script: the fleet's generation, a pending write, the shared page, and (without a
+    /// page) the fleet's fetch lock, all at once. `None`: Redis failed.
+    pub async fn lookup(
+        &self,
+        checkpoint: &Checkpoint,
+        query: &ListQuery,
+        lock_for: Duration,
+        mode: LookupMode,
+    ) -> Option<Lookup> {
+        let suffix = Self::page_suffix(checkpoint, query);
+        let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
+        let keys = [
+            self.key("epoch"),
+            self.gen_key(checkpoint),
+            self.pending_key(checkpoint),
+        ];
+        let lock_ms = lock_for.as_millis().max(1).to_string();
+        let mode_arg = match mode {
+            LookupMode::Page => "page",
+            LookupMode::Lock => "lock",
+        };
+        let command = Self::script(
+            LOOKUP,
+            &keys,
+            &[&self.prefix, &suffix, &owner, &lock_ms, mode_arg],
+        );
+        type Reply = (String, String, i64, i64, Option<Vec<u8>>);
+        let (epoch, generation, pending, locked, page) = self.run::<Reply>(&command).await?;
+        Some(match (pending, locked, page) {
+            (1, _, _) => Lookup::Pending,
+            (_, _, Some(raw)) => match SharedPage::decode(&raw) {
+                Some(page) => Lookup::Page(page),
+                None => Lookup::Busy,
+            },
+            (_, 1, None) => Lookup::Fetch(Share {
+                checkpoint: checkpoint.clone(),
+                suffix,
+                owner,
+                epoch,
+                generation,
+            }),
+            _ => Lookup::Busy,
         })
     }
 
-    /// True while a write of `checkpoint` is in flight somewhere in the fleet (or Redis is
-    /// unreachable): nothing fetched now may be stored.
-    pub async fn write_pending(&self, checkpoint: &Checkpoint) -> bool {
-        let command = Self::script(PENDING, &[self.pending_key(checkpoint)], &[]);
-        self.run::<i64>(&command).await.is_none_or(|n| n != 0)
+    /// In the background, after the answer: stores the fetched page for `keep_for` unless a
+    /// write began or ended since the lookup (the script compares generations and looks for a
+    /// pending write), and releases the fetch lock either way (`page: None`: release only).
+    pub fn share(self: &Arc<Self>, share: Share, page: Option<(u16, &[u8])>, keep_for: Duration) {
+        let value = page.map_or_else(Vec::new, |(status, body)| {
+            let mut value = BytesMut::with_capacity(10 + body.len());
+            value.put_u64(unix_millis());
+            value.put_u16(status);
+            value.put_slice(body);
+            value.to_vec()
+        });
+        let keys = [
+            self.key("epoch"),
+            self.gen_key(&share.checkpoint),
+            self.pending_key(&share.checkpoint),
+        ];
+        let px = keep_for.as_millis().max(1).to_string();
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(PUT)
+            .arg(keys.len())
+            .arg(&keys[..])
+            .arg(&self.prefix)
+            .arg(&share.suffix)
+            .arg(&share.owner)
+            .arg(&share.epoch)
+            .arg(&share.generation)
+            .arg(value)
+            .arg(px);
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            fleet.run::<i64>(&command).await;
+        });
     }
+}
 
-    /// The shared page for this key, if another replica stored it.
-    pub async fn get_page(
-        &self,
-        at: SharedGeneration,
-        checkpoint: &Checkpoint,
-        query: &ListQuery,
-    ) -> Option<SharedPage> {
-        let mut command = redis::cmd("GET");
-        command.arg(self.key(&format!(
-            "page:{}",
-            Self::page_suffix(at, checkpoint, query)
-        )));
-        let raw: Vec<u8> = self.run::<Option<Vec<u8>>>(&command).await??;
-        if raw.len() < 10 {
-            return None;
-        }
-        let fetched = u64::from_be_bytes(raw[..8].try_into().ok()?);
-        let status = u16::from_be_bytes(raw[8..10].try_into().ok()?);
+impl SharedPage {
+    /// `fetched at (unix ms, 8 bytes) | status (2 bytes) | body`, as `Fleet::share` writes it.
+    fn decode(raw: &[u8]) -> Option<SharedPage> {
+        let fetched = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+        let status = u16::from_be_bytes(raw.get(8..10)?.try_into().ok()?);
         Some(SharedPage {
             age: Duration::from_millis(unix_millis().saturating_sub(fetched)),
             status,
             body: Bytes::copy_from_slice(&raw[10..]),
         })
-    }
-
-    /// Shares a freshly fetched page with the fleet for `keep_for`.
-    pub async fn put_page(
-        &self,
-        at: SharedGeneration,
-        checkpoint: &Checkpoint,
-        query: &ListQuery,
-        page: (u16, &[u8]),
-        keep_for: Duration,
-    ) {
-        let (status, body) = page;
-        let mut value = BytesMut::with_capacity(10 + body.len());
-        value.put_u64(unix_millis());
-        value.put_u16(status);
-        value.put_slice(body);
-        let mut command = redis::cmd("SET");
-        command
-            .arg(self.key(&format!(
-                "page:{}",
-                Self::page_suffix(at, checkpoint, query)
-            )))
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(keep_for.as_millis().max(1) as u64);
-        self.run::<()>(&command).await;
-    }
-
-    /// Tries to become the one replica that fetches this key: `Some(true)` if it did,
-    /// `Some(false)` if another holds it, `None` if Redis failed.
-    pub async fn lock(
-        &self,
-        at: SharedGeneration,
-        checkpoint: &Checkpoint,
-        query: &ListQuery,
-        hold: Duration,
-    ) -> Option<bool> {
-        let mut command = redis::cmd("SET");
-        command
-            .arg(self.key(&format!(
-                "lock:{}",
-                Self::page_suffix(at, checkpoint, query)
-            )))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(hold.as_millis().max(1) as u64);
-        self.run::<Option<String>>(&command)
-            .await
-            .map(|ok| ok.is_some())
-    }
-
-    pub async fn unlock(&self, at: SharedGeneration, checkpoint: &Checkpoint, query: &ListQuery) {
-        let mut command = redis::cmd("DEL");
-        command.arg(self.key(&format!(
-            "lock:{}",
-            Self::page_suffix(at, checkpoint, query)
-        )));
-        self.run::<()>(&command).await;
     }
 }
 

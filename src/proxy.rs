@@ -22,7 +22,7 @@ use tracing::{info_span, Instrument};
 use crate::auth::{Client, Credential};
 use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey};
 use crate::error::{json_response, Body, Error, Passthrough};
-use crate::fleet::{Fleet, Lease};
+use crate::fleet::{Fleet, Lease, Lookup, LookupMode};
 use crate::metrics::ClientLabel;
 use crate::request_log::RequestLog;
 use crate::route::{self, Call, Checkpoint, CreateBody};
@@ -348,61 +348,67 @@ async fn fetch_upstream(
 }
 
 /// One replica of the fleet fetches (holding a short Redis lock) while the others poll for the
-/// page it shares. Nothing fetched while a write of the checkpoint is in flight anywhere (or
-/// while Redis cannot say) is stored, here or in Redis: a writer that died mid-write must not
-/// leave the list from before its write behind.
+/// page it shares. One Redis call before upstream (`Fleet::lookup`: shared page, pending write
+/// and fetch lock at once); the page is shared in the background after the answer. Nothing
+/// fetched while a write of the checkpoint is in flight anywhere (or while Redis cannot say)
+/// is stored, here or in Redis: a writer that died mid-write must not leave a stale page
+/// behind. A write that starts during the fetch bumps this replica's generation (its pages are
+/// dead) and the fleet's (the shared copy is not stored).
 async fn fetch_shared(
     state: &AppState,
-    fleet: &Fleet,
+    fleet: &Arc<Fleet>,
     key: &PageKey,
     client: Option<&ClientLabel>,
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
 ) -> Fetched {
     let (checkpoint, query) = (&key.checkpoint, &key.query);
-    let Some(at) = fleet.generation(checkpoint).await else {
-        let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
-        return unstored(fetched);
-    };
     let deadline = tokio::time::Instant::now() + state.upstream_deadline;
+    let mut mode = LookupMode::Page;
     loop {
-        if let Some(shared) = fleet.get_page(at, checkpoint, query).await {
-            let status = StatusCode::from_u16(shared.status).unwrap_or(StatusCode::OK);
-            // Only a copy still fresh by its own age (Redis keeps it through the stale
-            // windows); an older one is as good as none: fetch, and share the new page.
-            if let Some(page) = state
-                .cache
-                .aged_page(status, &shared.body, shared.age)
-                .filter(|page| state.cache.freshness_at(page, shared.age) == Freshness::Fresh)
-            {
-                state.metrics.fleet_shared_hit();
-                return Ok(page);
-            }
-        }
-        let locked = fleet
-            .lock(at, checkpoint, query, state.upstream_deadline)
+        let lookup = fleet
+            .lookup(checkpoint, query, state.upstream_deadline, mode)
             .await;
-        if locked == Some(false) && tokio::time::Instant::now() + SHARED_POLL < deadline {
-            tokio::time::sleep(SHARED_POLL).await;
-            continue;
-        }
-        // Ours to fetch; or Redis failed, or the fetching replica is taking too long.
-        let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
-        let result = match fetched {
-            Ok(page) if fleet.write_pending(checkpoint).await => unstored(Ok(page)),
-            Ok(page) if locked == Some(true) => {
-                let shared = (page.status.as_u16(), &page.body[..]);
-                fleet
-                    .put_page(at, checkpoint, query, shared, page.keep_for())
-                    .await;
-                Ok(page)
+        match lookup {
+            None | Some(Lookup::Pending) => {
+                let fetched = fetch_upstream(state, key, client, request_id, upstream_status);
+                return unstored(fetched.await);
             }
-            other => other,
-        };
-        if locked == Some(true) {
-            fleet.unlock(at, checkpoint, query).await;
+            Some(Lookup::Page(shared)) => {
+                let status = StatusCode::from_u16(shared.status).unwrap_or(StatusCode::OK);
+                // Only a copy still fresh by its own age (Redis keeps it through the stale
+                // windows); an older one is as good as none: take the lock, fetch, share.
+                if let Some(page) = state
+                    .cache
+                    .aged_page(status, &shared.body, shared.age)
+                    .filter(|page| state.cache.freshness_at(page, shared.age) == Freshness::Fresh)
+                {
+                    state.metrics.fleet_shared_hit();
+                    return Ok(page);
+                }
+                mode = LookupMode::Lock;
+            }
+            Some(Lookup::Fetch(share)) => {
+                let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
+                let page = fetched.as_ref().ok();
+                let keep_for = page.map_or(Duration::ZERO, |p| p.keep_for());
+                fleet.share(
+                    share,
+                    page.map(|p| (p.status.as_u16(), &p.body[..])),
+                    keep_for,
+                );
+                return fetched;
+            }
+            // Another replica is fetching: look for its page shortly, unless that would take
+            // past the deadline; then ask upstream ourselves.
+            Some(Lookup::Busy) if tokio::time::Instant::now() + SHARED_POLL < deadline => {
+                tokio::time::sleep(SHARED_POLL).await;
+                mode = LookupMode::Page;
+            }
+            Some(Lookup::Busy) => {
+                return fetch_upstream(state, key, client, request_id, upstream_status).await;
+            }
         }
-        return result;
     }
 }
 
