@@ -35,6 +35,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -365,7 +366,7 @@ async fn serve_io<I, H, F, B>(
     io: I,
     handler: H,
     identity: Option<PeerIdentity>,
-    (watched, activity): (ConnectionWatch, Arc<watch::Sender<Activity>>),
+    (watched, activity): (ConnectionWatch, Arc<Activity>),
     peer: SocketAddr,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -409,17 +410,17 @@ impl ConnectionWatch {
         drain: watch::Receiver<()>,
         limits: &Limits,
         accepted: Instant,
-    ) -> (ConnectionWatch, Arc<watch::Sender<Activity>>) {
-        let (activity, requests) = watch::channel(Activity::default());
+    ) -> (ConnectionWatch, Arc<Activity>) {
+        let activity = Arc::new(Activity::new());
         let watched = ConnectionWatch {
-            requests: Requests(requests),
+            requests: Requests(activity.clone()),
             drain,
             first_request: limits
                 .header_read_timeout
                 .saturating_sub(accepted.elapsed()),
             idle: limits.idle_timeout,
         };
-        (watched, Arc::new(activity))
+        (watched, activity)
     }
 }
 
@@ -462,52 +463,78 @@ where
     debug!(%peer, reason = dropped, "connection closed");
 }
 
-/// Requests on one connection: how many are open, and how many ever started.
-#[derive(Debug, Clone, Copy, Default)]
+/// Requests on one connection: how many are open, whether one ever started, and when the last
+/// one ended. Plain atomics: a request costs a few atomic operations and wakes nobody; the
+/// connection's task looks at them only when its idle timer fires.
+#[derive(Debug)]
 struct Activity {
-    open: usize,
-    started: u64,
+    open: AtomicUsize,
+    started: AtomicU64,
+    /// When the last request ended, in microseconds since `since`.
+    last_end: AtomicU64,
+    since: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            open: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            last_end: AtomicU64::new(0),
+            since: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
 }
 
 /// One request, counted open until dropped; the service moves it into the response body, so
 /// hyper drops it once the response is sent, or when the request is cancelled.
-struct OpenRequest(Arc<watch::Sender<Activity>>);
+struct OpenRequest(Arc<Activity>);
 
 impl OpenRequest {
-    fn start(activity: &Arc<watch::Sender<Activity>>) -> OpenRequest {
-        activity.send_modify(|a| {
-            a.open += 1;
-            a.started += 1;
-        });
+    fn start(activity: &Arc<Activity>) -> OpenRequest {
+        activity.open.fetch_add(1, Ordering::AcqRel);
+        activity.started.fetch_add(1, Ordering::AcqRel);
         OpenRequest(activity.clone())
     }
 }
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
-        self.0.send_modify(|a| a.open -= 1);
+        // The end time first: a look that sees the count at 0 also sees when it got there.
+        self.0.last_end.fetch_max(self.0.now(), Ordering::AcqRel);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// The connection task's view of its [`Activity`].
-struct Requests(watch::Receiver<Activity>);
+struct Requests(Arc<Activity>);
 
 impl Requests {
     /// Resolves once no request has been open for `idle` (for `first_request` while none has
-    /// started), with whether one ever started. Any request starting or ending restarts the
-    /// wait, and no change is missed (`watch` tracks versions), even a request that starts and
-    /// ends between two looks at the count.
+    /// started), with whether one ever started. A request that starts or ends restarts the
+    /// wait, even one that starts and ends between two looks (its end time moves).
     async fn quiet(&mut self, first_request: Duration, idle: Duration) -> bool {
+        let activity = &self.0;
         loop {
-            let started = match self.0.wait_for(|a| a.open == 0).await {
-                Ok(activity) => activity.started > 0,
-                Err(_) => return true, // The service is gone: no request can start.
-            };
+            let started = activity.started.load(Ordering::Acquire) > 0;
             let period = if started { idle } else { first_request };
-            match tokio::time::timeout(period, self.0.changed()).await {
-                Err(_) | Ok(Err(_)) => return started,
-                Ok(Ok(())) => continue,
-            }
+            let wait = if activity.open.load(Ordering::Acquire) > 0 {
+                period
+            } else {
+                let last_end = activity.last_end.load(Ordering::Acquire);
+                let since_end = activity.now().saturating_sub(last_end);
+                match period.checked_sub(Duration::from_micros(since_end)) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return started,
+                }
+            };
+            // Before the first request, look again at least every idle period: one may start
+            // (and end) meanwhile, and then the idle period is the one that counts.
+            tokio::time::sleep(if started { wait } else { wait.min(idle) }).await;
         }
     }
 }
@@ -557,9 +584,9 @@ mod tests {
     const FIRST: Duration = Duration::from_millis(40);
     const IDLE: Duration = Duration::from_millis(300);
 
-    fn connection() -> (Arc<watch::Sender<Activity>>, Requests) {
-        let (activity, requests) = watch::channel(Activity::default());
-        (Arc::new(activity), Requests(requests))
+    fn connection() -> (Arc<Activity>, Requests) {
+        let activity = Arc::new(Activity::new());
+        (activity.clone(), Requests(activity))
     }
 
     #[tokio::test]
@@ -601,7 +628,7 @@ mod tests {
         drop(OpenRequest::start(&activity));
         assert!(quiet.await);
         assert!(started.elapsed() >= IDLE / 3 + IDLE);
-        assert_eq!(activity.borrow().open, 0);
-        assert_eq!(activity.borrow().started, 2);
+        assert_eq!(activity.open.load(Ordering::Acquire), 0);
+        assert_eq!(activity.started.load(Ordering::Acquire), 2);
     }
 }
