@@ -34,14 +34,12 @@ use std::convert::Infallible;
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -383,7 +381,11 @@ async fn serve_io<I, H, F, B>(
         // Boxed: the request future is large, and hyper would otherwise move it.
         let response = Box::pin(handler(req));
         async move {
-            let response = response.await.map(|body| Counted { body, _open: open });
+            let response = response.await;
+            // Open until answered, not until the body is sent: a peer that never takes the
+            // body (an HTTP/2 window of 0, an HTTP/1 reader that stops reading) must not hold
+            // its connection, and the slot, open.
+            drop(open);
             Ok::<_, Infallible>(response)
         }
     });
@@ -490,8 +492,7 @@ impl Activity {
     }
 }
 
-/// One request, counted open until dropped; the service moves it into the response body, so
-/// hyper drops it once the response is sent, or when the request is cancelled.
+/// One request, counted open until its handler has answered (or the request is cancelled).
 struct OpenRequest(Arc<Activity>);
 
 impl OpenRequest {
@@ -536,32 +537,6 @@ impl Requests {
             // (and end) meanwhile, and then the idle period is the one that counts.
             tokio::time::sleep(if started { wait } else { wait.min(idle) }).await;
         }
-    }
-}
-
-/// A response body that keeps its request counted open until hyper has sent or dropped it.
-struct Counted<B> {
-    body: B,
-    _open: OpenRequest,
-}
-
-impl<B: Body + Unpin> Body for Counted<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

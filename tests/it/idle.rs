@@ -218,3 +218,35 @@ async fn connections_still_busy_when_the_drain_timeout_passes_are_closed() {
     assert!(logs().contains("still open when the drain timeout passed"));
     held.release();
 }
+
+/// A peer that never takes its response body (an HTTP/2 stream window of 0) must not hold its
+/// slot: the request counts as done once answered, so the connection gets its GOAWAY after the
+/// idle timeout and is dropped one idle period later, though the body was never sent.
+#[tokio::test]
+async fn a_peer_that_never_takes_its_response_body_is_still_closed() {
+    let gw = start_with(idle_config).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    // Unauthenticated: the 404's JSON body cannot flow through a window of 0.
+    let request = hyper::Request::get(format!("http://{}/v1/nope", gw.addr))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(BOUND, sender.send_request(request))
+        .await
+        .expect("headers in time")
+        .expect("a response");
+    assert_eq!(response.status(), 404);
+    // The body stays unread and unsent; the connection must still end.
+    let ended = tokio::time::timeout(BOUND, connection).await;
+    assert!(
+        ended.is_ok(),
+        "still open after {BOUND:?} with an unsent body"
+    );
+    drop(response);
+}
