@@ -573,7 +573,9 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Remembered tokens expire with their `exp` (plus the leeway the check allows).
+/// Remembered tokens expire with their `exp` (plus the leeway the check allows), and after
+/// [`MAX_KEY_AGE`] at the latest: `exp` is the issuer's to choose, and a token is checked again
+/// at least that often.
 struct UntilExp {
     leeway: u64,
 }
@@ -586,7 +588,7 @@ impl moka::Expiry<[u8; 32], Verified> for UntilExp {
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         let until = value.exp.saturating_add(self.leeway);
-        Some(Duration::from_secs(until.saturating_sub(now())))
+        Some(Duration::from_secs(until.saturating_sub(now())).min(MAX_KEY_AGE))
     }
 }
 

@@ -37,7 +37,8 @@ pub fn client_config(ca_file: Option<&Path>, what: &str) -> Result<rustls::Clien
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
         let at = |e: &dyn std::fmt::Display| format!("{what} {}: {e}", path.display());
-        let pem = std::fs::read(path).map_err(|e| at(&e))?;
+        // Never waits on a FIFO at the path (startup and check-config read it).
+        let pem = secret::read_regular_file(path, MAX_PEM_BYTES).map_err(|e| at(&e))?;
         let mut added = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             roots.add(cert.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
