@@ -525,7 +525,7 @@ impl Scanner {
             return Step::Pass;
         }
         self.request_head
-            .0
+            .bytes
             .extend_from_slice(&H2_PREFACE[..matched]);
         self.read = ReadPhase::Head;
         Step::Advance(0)
@@ -538,7 +538,7 @@ impl Scanner {
             .assemble(rest, |b| parse_request(config, b))
         {
             Assembled::Complete { head, used } => self.start_body(head, used),
-            Assembled::Partial if self.request_head.0.len() < self.max_head => Step::Pass,
+            Assembled::Partial if self.request_head.len() < self.max_head => Step::Pass,
             // Too long: hyper answers 431 on these bytes. Malformed: hyper's parser, no more
             // lenient than this one, answers 400 on them.
             Assembled::Partial | Assembled::Malformed => {
@@ -725,7 +725,15 @@ fn decimal(value: &[u8]) -> Option<u64> {
 /// A complete head and its length, `None` while incomplete.
 type Parsed<T> = Result<Option<(usize, T)>, httparse::Error>;
 
+#[cfg(test)]
+thread_local! {
+    /// Request heads parsed on this thread, so tests can bound the work a stream costs.
+    static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn parse_request(config: &httparse::ParserConfig, bytes: &[u8]) -> Parsed<RequestHead> {
+    #[cfg(test)]
+    PARSES.with(|n| n.set(n.get() + 1));
     let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
     match request_head(config, bytes, &mut headers) {
         // More lines than hyper's default: hyper may be configured for more, so read them all
@@ -807,7 +815,12 @@ fn parse_response(bytes: &[u8]) -> Parsed<ResponseHead> {
 
 /// The start of a head that straddles reads (or writes); empty between heads.
 #[derive(Debug, Default)]
-struct HeadBuf(Vec<u8>);
+struct HeadBuf {
+    bytes: Vec<u8>,
+    /// Empty lines before the head (RFC 9112 §2.2), passed on but not kept: they count
+    /// towards the head's size, as they fill hyper's buffer, but are never parsed again.
+    skipped: usize,
+}
 
 enum Assembled<T> {
     /// `used`: the head's bytes in this call's data.
@@ -821,54 +834,97 @@ enum Assembled<T> {
 }
 
 impl HeadBuf {
-    /// Continues the head with `data`. With nothing buffered (the common case), the head is
-    /// parsed where it lies; otherwise only up to each possible end (an empty line) is copied
-    /// and parsed, so a head arriving byte by byte is not parsed once per byte.
+    /// The incomplete head's size so far, empty lines before it included.
+    fn len(&self) -> usize {
+        self.skipped + self.bytes.len()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.skipped = 0;
+    }
+
+    /// Continues the head with `data`, parsing at most once. Empty lines before the head are
+    /// skipped, as httparse and hyper skip them. With nothing buffered (the common case), the
+    /// head is parsed where it lies; otherwise it is copied and parsed up to the last possible
+    /// end (an empty line) in `data`, if any, so the work per read is linear in the head,
+    /// however it arrives.
     fn assemble<T>(&mut self, data: &[u8], parse: impl Fn(&[u8]) -> Parsed<T>) -> Assembled<T> {
-        if self.0.is_empty() {
+        let skip = self.skip_empty_lines(data);
+        let data = &data[skip..];
+        if data.is_empty() {
+            return Assembled::Partial;
+        }
+        if self.bytes.is_empty() {
             return match parse(data) {
-                Ok(Some((used, head))) => Assembled::Complete { head, used },
+                Ok(Some((used, head))) => {
+                    self.clear();
+                    Assembled::Complete {
+                        head,
+                        used: skip + used,
+                    }
+                }
                 Ok(None) => {
-                    self.0.extend_from_slice(data);
+                    self.bytes.extend_from_slice(data);
                     Assembled::Partial
                 }
                 Err(_) => Assembled::Malformed,
             };
         }
-        let before = self.0.len();
-        let mut from = 0;
-        while let Some(end) = head_end(&self.0[..before], data, from) {
-            self.0.extend_from_slice(&data[from..end]);
-            from = end;
-            match parse(&self.0) {
-                Ok(Some((len, head))) => {
-                    self.0.clear();
-                    return match len.checked_sub(before) {
-                        Some(used) if used > 0 => Assembled::Complete { head, used },
-                        _ => Assembled::Malformed, // Cannot happen: the buffer was incomplete.
-                    };
+        // Something is buffered, so nothing was skipped in this call.
+        let before = self.bytes.len();
+        self.bytes.extend_from_slice(data);
+        let Some(end) = last_head_end(&self.bytes, before) else {
+            return Assembled::Partial;
+        };
+        match parse(&self.bytes[..end]) {
+            Ok(Some((len, head))) => {
+                self.clear();
+                match len.checked_sub(before) {
+                    Some(used) if used > 0 => Assembled::Complete { head, used },
+                    _ => Assembled::Malformed, // Cannot happen: the buffer was incomplete.
                 }
-                Ok(None) => continue, // Empty lines before the request line.
-                Err(_) => return Assembled::Malformed,
+            }
+            Ok(None) => Assembled::Partial,
+            Err(_) => Assembled::Malformed,
+        }
+    }
+
+    /// Takes the empty lines (`\n` or `\r\n`) at the start of `data` while no head has begun,
+    /// and returns how many bytes they are. A CR that ends a read is buffered; an LF starting
+    /// the next read completes it as one more empty line.
+    fn skip_empty_lines(&mut self, data: &[u8]) -> usize {
+        let mut at = 0;
+        if self.bytes == b"\r" && data.first() == Some(&b'\n') {
+            self.bytes.clear();
+            self.skipped += 1;
+            at = 1;
+        }
+        if !self.bytes.is_empty() {
+            return 0;
+        }
+        loop {
+            match data[at..] {
+                [b'\n', ..] => at += 1,
+                [b'\r', b'\n', ..] => at += 2,
+                _ => break,
             }
         }
-        self.0.extend_from_slice(&data[from..]);
-        Assembled::Partial
+        self.skipped += at;
+        at
     }
 }
 
-/// The end of the first empty line (`\n\n` or `\n\r\n`, as httparse accepts line ends) that
-/// ends in `data[from..]`; `before` are the bytes preceding `data`.
-fn head_end(before: &[u8], data: &[u8], from: usize) -> Option<usize> {
-    let byte = |i: usize, back: usize| match i.checked_sub(back) {
-        Some(j) => Some(data[j]),
-        None => before.len().checked_sub(back - i).map(|j| before[j]),
-    };
-    (from..data.len())
+/// The end of the last empty line (`\n\n` or `\n\r\n`, as httparse accepts line ends) in
+/// `bytes` that ends after `from`.
+fn last_head_end(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len())
+        .rev()
         .find(|&i| {
-            data[i] == b'\n'
-                && (byte(i, 1) == Some(b'\n')
-                    || (byte(i, 1) == Some(b'\r') && byte(i, 2) == Some(b'\n')))
+            bytes[i] == b'\n'
+                && (i.checked_sub(1).map(|j| bytes[j]) == Some(b'\n')
+                    || (i.checked_sub(1).map(|j| bytes[j]) == Some(b'\r')
+                        && i.checked_sub(2).map(|j| bytes[j]) == Some(b'\n')))
         })
         .map(|i| i + 1)
 }
@@ -1088,7 +1144,7 @@ mod tests {
         every_split(PIPELINE.as_bytes(), |verdict, s, size| {
             assert_eq!(verdict, Verdict::Pass, "piece size {size}");
             assert_eq!(s.read, ReadPhase::Head, "piece size {size}");
-            assert!(s.request_head.0.is_empty(), "piece size {size}");
+            assert!(s.request_head.bytes.is_empty(), "piece size {size}");
             let methods: Vec<Method> = s.requests.iter().copied().collect();
             assert_eq!(methods, [Method::Other; 5], "piece size {size}");
         });
@@ -1241,8 +1297,90 @@ mod tests {
         every_split(stream.as_bytes(), |verdict, s, size| {
             assert_eq!(verdict, Verdict::Pass, "{size}");
             assert_eq!(s.requests.len(), 2, "{size}");
-            assert!(s.request_head.0.is_empty(), "{size}");
+            assert!(s.request_head.bytes.is_empty(), "{size}");
         });
+    }
+
+    /// Empty lines before a request line are skipped, not buffered and parsed again at every
+    /// further empty line: `\r\n` and then a head's worth of `\n` costs a few parses, not one
+    /// per byte over a growing buffer (an unauthenticated CPU sink).
+    #[test]
+    fn a_head_of_empty_lines_is_not_parsed_again_per_line() {
+        const MAX: usize = 64 * 1024;
+        let mut stream = b"\r\n".to_vec();
+        stream.extend_from_slice(&[b'\n'; MAX]);
+        let parses = || PARSES.with(|n| n.get());
+
+        // Within hyper's buffer: all passes, in a handful of parses, and a request still follows.
+        let mut s = Scanner::new(2 * MAX);
+        let start = parses();
+        for piece in stream.chunks(8 * 1024) {
+            assert_eq!(s.on_read(piece), Verdict::Pass);
+        }
+        assert!(parses() - start <= 16, "{} parses", parses() - start);
+        assert_eq!(s.read, ReadPhase::Head);
+        let bad = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut read = b"\r\n\n".to_vec();
+        read.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        // The refused head is withheld with the empty line before it, as before.
+        let refused_at = read.len();
+        read.extend_from_slice(b"\r\n");
+        read.extend_from_slice(bad);
+        assert_eq!(
+            s.on_read(&read),
+            Verdict::Refuse {
+                deliver: refused_at,
+                refusal: Refusal::LengthAndEncoding
+            }
+        );
+        assert_eq!(s.requests.len(), 1);
+
+        // Past hyper's buffer: the empty lines count, as they do for hyper (431), and hyper
+        // gets them and nothing after.
+        let mut s = Scanner::new(MAX);
+        let start = parses();
+        let verdict = feed(&mut s, &stream, 8 * 1024);
+        assert_eq!(verdict, Verdict::Doom { deliver: MAX });
+        assert!(parses() - start <= 16, "{} parses", parses() - start);
+
+        // A CR ending one read and its LF starting the next are one empty line.
+        let mut s = scanner();
+        assert_eq!(s.on_read(b"\r\n\r"), Verdict::Pass);
+        assert_eq!(s.on_read(b"\n\nGET / HTTP/1.1\r\n\r"), Verdict::Pass);
+        assert_eq!(s.on_read(b"\n"), Verdict::Pass);
+        assert_eq!(s.requests.len(), 1);
+        assert_eq!(s.read, ReadPhase::Head);
+        // A CR not followed by LF: hyper refuses the head itself.
+        let mut s = scanner();
+        assert_eq!(s.on_read(b"\r"), Verdict::Pass);
+        assert_eq!(
+            s.on_read(b"GET / HTTP/1.1\r\n\r\n"),
+            Verdict::Doom { deliver: 18 }
+        );
+    }
+
+    /// A head that is still incomplete at its possible ends is parsed once per read, at the
+    /// last of them, not once per empty line.
+    #[test]
+    fn a_buffered_head_is_parsed_once_per_read() {
+        let calls = std::cell::Cell::new(0);
+        let never_done = |_: &[u8]| -> Parsed<()> {
+            calls.set(calls.get() + 1);
+            Ok(None)
+        };
+        let mut head = HeadBuf::default();
+        assert!(matches!(
+            head.assemble(b"x", never_done),
+            Assembled::Partial
+        ));
+        for _ in 0..8 {
+            assert!(matches!(
+                head.assemble(&[b'\n'; 8 * 1024], never_done),
+                Assembled::Partial
+            ));
+        }
+        assert_eq!(calls.get(), 9);
+        assert_eq!(head.len(), 1 + 8 * 8 * 1024);
     }
 
     /// Answers are counted as hyper writes them, in any split.
