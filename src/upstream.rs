@@ -579,12 +579,13 @@ fn classify(
 ) -> Result<Passthrough, Error> {
     let passthrough = status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 422);
     if passthrough {
+        // One JSON pass: a 2xx is parsed as the endpoint's shape, anything else only as JSON.
         let refused = if key.appears_in(&body) {
             Some("upstream's answer contains a piece of the admin key; answering 502 instead")
+        } else if status.is_success() {
+            (!shape.matches(&body)).then(|| shape.mismatch())
         } else if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
             Some("upstream sent a body that is not JSON")
-        } else if status.is_success() && !shape.matches(&body) {
-            Some(shape.mismatch())
         } else {
             None
         };
@@ -685,7 +686,8 @@ enum PermissionTag {
 }
 
 // The fields below are read by serde only: deserializing is the check. Unknown fields are
-// allowed, as OpenAI adds fields without notice.
+// allowed, as OpenAI adds fields without notice. Strings are checked as strings, not copied
+// (`StrValue`): a page's worth of them is no allocation.
 
 #[derive(Deserialize)]
 #[allow(dead_code)]
@@ -694,25 +696,44 @@ struct PermissionList {
     data: Vec<Permission>,
     has_more: bool,
     #[serde(default)]
-    first_id: Option<String>,
+    first_id: Option<StrValue>,
     #[serde(default)]
-    last_id: Option<String>,
+    last_id: Option<StrValue>,
+}
+
+/// A JSON string, checked and not kept.
+struct StrValue;
+
+impl<'de> Deserialize<'de> for StrValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = StrValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<StrValue, E> {
+                Ok(StrValue)
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
 }
 
 #[derive(Deserialize)]
 #[allow(dead_code)]
 struct Permission {
     object: PermissionTag,
-    id: String,
+    id: StrValue,
     created_at: u64,
-    project_id: String,
+    project_id: StrValue,
 }
 
 #[derive(Deserialize)]
 #[allow(dead_code)]
 struct Deletion {
     object: PermissionTag,
-    id: String,
+    id: StrValue,
     deleted: bool,
 }
 
