@@ -19,7 +19,10 @@
 //! - **Shared second tier.** On a local miss a replica reads `{prefix}page:…` (keyed by the
 //!   fleet epoch and the checkpoint's generation) before going upstream; a fleet-wide lock lets
 //!   one replica fetch while the others poll for its page. Nothing fetched while a write of the
-//!   checkpoint is in flight (`{prefix}pending:…`) is stored there.
+//!   checkpoint is in flight (`{prefix}pending:…`) is stored there. Those scripts trust the
+//!   epoch and generations only in the incarnation this replica last renewed with (a restored
+//!   or failed-over Redis may have lost their increments): otherwise the miss fetches and
+//!   nothing is stored; and no lookup runs on a new connection before its first renewal.
 //! - **Without a lease** (Redis unreachable, the replica paused or cut off) the proxy reads
 //!   from upstream and refuses writes; this module only says whether the lease is held.
 
@@ -109,6 +112,10 @@ pub struct Fleet {
     metrics: Arc<Metrics>,
     connection: ArcSwapOption<MultiplexedConnection>,
     healthy: AtomicBool,
+    /// The incarnation of this replica's last successful renewal on the current connection;
+    /// `None` from each (re)connect until then: no lookup runs without it (LOOKUP and PUT
+    /// compare it with Redis' own).
+    renewed: ArcSwapOption<String>,
     prefix: String,
     timeout: Duration,
     pub degraded_ttl: Duration,
@@ -240,6 +247,7 @@ impl Fleet {
             metrics,
             connection: ArcSwapOption::empty(),
             healthy: AtomicBool::new(false),
+            renewed: ArcSwapOption::empty(),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             degraded_ttl: config.degraded_ttl,
@@ -402,6 +410,7 @@ impl Fleet {
         self.lease_until.fetch_max(until, Ordering::Release);
         let (now_applied, incarnation) = (s.applied, s.incarnation.clone());
         drop(s);
+        self.renewed.store(incarnation.clone().map(Arc::new));
         if now_applied > applied {
             self.ack(now_applied, incarnation.as_deref().unwrap_or_default())
                 .await;
@@ -702,6 +711,7 @@ pub struct Share {
     owner: String,
     epoch: String,
     generation: String,
+    incarnation: Arc<String>,
 }
 
 /// The shared second tier.
@@ -722,12 +732,19 @@ impl Fleet {
         lock_for: Duration,
         mode: LookupMode,
     ) -> Option<Lookup> {
+        // Until a renewal on this connection succeeded, Redis may be a new incarnation this
+        // replica knows nothing of: no lookup (the miss fetches and stores nothing).
+        if !self.is_healthy() {
+            return None;
+        }
+        let incarnation = self.renewed.load_full()?;
         let suffix = Self::page_suffix(checkpoint, query);
         let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
         let keys = [
             self.key("epoch"),
             self.gen_key(checkpoint),
             self.pending_key(checkpoint),
+            self.key("incarnation"),
         ];
         let lock_ms = lock_for.as_millis().max(1).to_string();
         let mode_arg = match mode {
@@ -737,7 +754,14 @@ impl Fleet {
         let command = Self::script(
             LOOKUP,
             &keys,
-            &[&self.prefix, &suffix, &owner, &lock_ms, mode_arg],
+            &[
+                &self.prefix,
+                &suffix,
+                &owner,
+                &lock_ms,
+                mode_arg,
+                &incarnation,
+            ],
         );
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
         let (epoch, generation, pending, locked, page) = self.run::<Reply>(&command).await?;
@@ -753,6 +777,7 @@ impl Fleet {
                 owner,
                 epoch,
                 generation,
+                incarnation,
             }),
             _ => Lookup::Busy,
         })
@@ -773,6 +798,7 @@ impl Fleet {
             self.key("epoch"),
             self.gen_key(&share.checkpoint),
             self.pending_key(&share.checkpoint),
+            self.key("incarnation"),
         ];
         let px = keep_for.as_millis().max(1).to_string();
         let mut command = redis::cmd("EVAL");
@@ -786,7 +812,8 @@ impl Fleet {
             .arg(&share.epoch)
             .arg(&share.generation)
             .arg(value)
-            .arg(px);
+            .arg(px)
+            .arg(share.incarnation.as_str());
         let fleet = self.clone();
         tokio::spawn(async move {
             fleet.run::<i64>(&command).await;
@@ -838,6 +865,8 @@ impl Fleet {
         let connection = self.connect(self.timeout).await?;
         self.connection.store(Some(Arc::new(connection)));
         self.connections.fetch_add(1, Ordering::Relaxed);
+        // No lookups on the new connection before its first renewal succeeds (`lookup`).
+        self.renewed.store(None);
         self.healthy.store(true, Ordering::Release);
         self.metrics.fleet_connected();
         info!(target: "permgate::fleet", "redis connected");
