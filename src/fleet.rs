@@ -202,6 +202,16 @@ fn wait_until(arrived: u64, now_ms: u64, deadline_ms: u64) -> u64 {
     arrived + (ahead * 1_000_000.0) as u64 + 2_000_000
 }
 
+/// A lease deadline (Redis ms) as PUBLISH reports it (a sorted-set score). Unparsable (or not
+/// finite): as for a lease renewed at `now_ms` (fail closed: the writer waits a whole term for
+/// that replica).
+fn lease_deadline(raw: &str, now_ms: u64, lease: Duration) -> u64 {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|d| d.is_finite())
+        .map_or(now_ms + lease.as_millis() as u64, |d| d as u64)
+}
+
 impl Fleet {
     /// Prepares the client; connecting happens in [`start`] and the background, so a Redis that
     /// is down at startup does not stop the gateway from starting. `password` comes from
@@ -563,7 +573,7 @@ impl Fleet {
             .chunks(2)
             .filter(|pair| pair.len() == 2 && pair[0] != self.id)
             .map(|pair| {
-                let deadline = pair[1].parse::<f64>().unwrap_or(0.0) as u64;
+                let deadline = lease_deadline(&pair[1], now, self.lease);
                 (pair[0].clone(), wait_until(arrived, now, deadline))
             })
             .collect();
@@ -1054,6 +1064,16 @@ mod tests {
         assert_eq!(wait_until(7 * MS, 50_000, 51_000), 7 * MS + 1012 * MS);
         // A deadline already past: only the 2 ms allowance.
         assert_eq!(wait_until(7 * MS, 50_000, 49_000), 9 * MS);
+    }
+
+    #[test]
+    fn an_unparsable_lease_deadline_is_waited_for_a_whole_term() {
+        let lease = Duration::from_millis(600);
+        assert_eq!(lease_deadline("51000", 50_000, lease), 51_000);
+        assert_eq!(lease_deadline("5.1e4", 50_000, lease), 51_000);
+        assert_eq!(lease_deadline("", 50_000, lease), 50_600);
+        assert_eq!(lease_deadline("nan", 50_000, lease), 50_600);
+        assert_eq!(lease_deadline("inf", 50_000, lease), 50_600);
     }
 
     #[test]
