@@ -19,7 +19,10 @@
 //! - **Shared second tier.** On a local miss a replica reads `{prefix}page:…` (keyed by the
 //!   fleet epoch and the checkpoint's generation) before going upstream; a fleet-wide lock lets
 //!   one replica fetch while the others poll for its page. Nothing fetched while a write of the
-//!   checkpoint is in flight (`{prefix}pending:…`) is stored there.
+//!   checkpoint is in flight (`{prefix}pending:…`) is stored there. Those scripts trust the
+//!   epoch and generations only in the incarnation this replica last renewed with (a restored
+//!   or failed-over Redis may have lost their increments): otherwise the miss fetches and
+//!   nothing is stored; and no lookup runs on a new connection before its first renewal.
 //! - **Without a lease** (Redis unreachable, the replica paused or cut off) the proxy reads
 //!   from upstream and refuses writes; this module only says whether the lease is held.
 
@@ -109,6 +112,10 @@ pub struct Fleet {
     metrics: Arc<Metrics>,
     connection: ArcSwapOption<MultiplexedConnection>,
     healthy: AtomicBool,
+    /// The incarnation of this replica's last successful renewal on the current connection;
+    /// `None` from each (re)connect until then: no lookup runs without it (LOOKUP and PUT
+    /// compare it with Redis' own).
+    renewed: ArcSwapOption<String>,
     prefix: String,
     timeout: Duration,
     pub degraded_ttl: Duration,
@@ -195,6 +202,16 @@ fn wait_until(arrived: u64, now_ms: u64, deadline_ms: u64) -> u64 {
     arrived + (ahead * 1_000_000.0) as u64 + 2_000_000
 }
 
+/// A lease deadline (Redis ms) as PUBLISH reports it (a sorted-set score). Unparsable (or not
+/// finite): as for a lease renewed at `now_ms` (fail closed: the writer waits a whole term for
+/// that replica).
+fn lease_deadline(raw: &str, now_ms: u64, lease: Duration) -> u64 {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|d| d.is_finite())
+        .map_or(now_ms + lease.as_millis() as u64, |d| d as u64)
+}
+
 impl Fleet {
     /// Prepares the client; connecting happens in [`start`] and the background, so a Redis that
     /// is down at startup does not stop the gateway from starting. `password` comes from
@@ -240,6 +257,7 @@ impl Fleet {
             metrics,
             connection: ArcSwapOption::empty(),
             healthy: AtomicBool::new(false),
+            renewed: ArcSwapOption::empty(),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             degraded_ttl: config.degraded_ttl,
@@ -402,6 +420,7 @@ impl Fleet {
         self.lease_until.fetch_max(until, Ordering::Release);
         let (now_applied, incarnation) = (s.applied, s.incarnation.clone());
         drop(s);
+        self.renewed.store(incarnation.clone().map(Arc::new));
         if now_applied > applied {
             self.ack(now_applied, incarnation.as_deref().unwrap_or_default())
                 .await;
@@ -554,7 +573,7 @@ impl Fleet {
             .chunks(2)
             .filter(|pair| pair.len() == 2 && pair[0] != self.id)
             .map(|pair| {
-                let deadline = pair[1].parse::<f64>().unwrap_or(0.0) as u64;
+                let deadline = lease_deadline(&pair[1], now, self.lease);
                 (pair[0].clone(), wait_until(arrived, now, deadline))
             })
             .collect();
@@ -702,6 +721,7 @@ pub struct Share {
     owner: String,
     epoch: String,
     generation: String,
+    incarnation: Arc<String>,
 }
 
 /// The shared second tier.
@@ -722,12 +742,19 @@ impl Fleet {
         lock_for: Duration,
         mode: LookupMode,
     ) -> Option<Lookup> {
+        // Until a renewal on this connection succeeded, Redis may be a new incarnation this
+        // replica knows nothing of: no lookup (the miss fetches and stores nothing).
+        if !self.is_healthy() {
+            return None;
+        }
+        let incarnation = self.renewed.load_full()?;
         let suffix = Self::page_suffix(checkpoint, query);
         let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
         let keys = [
             self.key("epoch"),
             self.gen_key(checkpoint),
             self.pending_key(checkpoint),
+            self.key("incarnation"),
         ];
         let lock_ms = lock_for.as_millis().max(1).to_string();
         let mode_arg = match mode {
@@ -737,7 +764,14 @@ impl Fleet {
         let command = Self::script(
             LOOKUP,
             &keys,
-            &[&self.prefix, &suffix, &owner, &lock_ms, mode_arg],
+            &[
+                &self.prefix,
+                &suffix,
+                &owner,
+                &lock_ms,
+                mode_arg,
+                &incarnation,
+            ],
         );
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
         let (epoch, generation, pending, locked, page) = self.run::<Reply>(&command).await?;
@@ -753,6 +787,7 @@ impl Fleet {
                 owner,
                 epoch,
                 generation,
+                incarnation,
             }),
             _ => Lookup::Busy,
         })
@@ -773,6 +808,7 @@ impl Fleet {
             self.key("epoch"),
             self.gen_key(&share.checkpoint),
             self.pending_key(&share.checkpoint),
+            self.key("incarnation"),
         ];
         let px = keep_for.as_millis().max(1).to_string();
         let mut command = redis::cmd("EVAL");
@@ -786,7 +822,8 @@ impl Fleet {
             .arg(&share.epoch)
             .arg(&share.generation)
             .arg(value)
-            .arg(px);
+            .arg(px)
+            .arg(share.incarnation.as_str());
         let fleet = self.clone();
         tokio::spawn(async move {
             fleet.run::<i64>(&command).await;
@@ -838,6 +875,8 @@ impl Fleet {
         let connection = self.connect(self.timeout).await?;
         self.connection.store(Some(Arc::new(connection)));
         self.connections.fetch_add(1, Ordering::Relaxed);
+        // No lookups on the new connection before its first renewal succeeds (`lookup`).
+        self.renewed.store(None);
         self.healthy.store(true, Ordering::Release);
         self.metrics.fleet_connected();
         info!(target: "permgate::fleet", "redis connected");
@@ -1025,6 +1064,16 @@ mod tests {
         assert_eq!(wait_until(7 * MS, 50_000, 51_000), 7 * MS + 1012 * MS);
         // A deadline already past: only the 2 ms allowance.
         assert_eq!(wait_until(7 * MS, 50_000, 49_000), 9 * MS);
+    }
+
+    #[test]
+    fn an_unparsable_lease_deadline_is_waited_for_a_whole_term() {
+        let lease = Duration::from_millis(600);
+        assert_eq!(lease_deadline("51000", 50_000, lease), 51_000);
+        assert_eq!(lease_deadline("5.1e4", 50_000, lease), 51_000);
+        assert_eq!(lease_deadline("", 50_000, lease), 50_600);
+        assert_eq!(lease_deadline("nan", 50_000, lease), 50_600);
+        assert_eq!(lease_deadline("inf", 50_000, lease), 50_600);
     }
 
     #[test]

@@ -429,6 +429,82 @@ async fn a_shared_page_older_than_its_ttl_is_fetched_again_not_served() {
     assert_eq!(mock.count(&Method::GET), 2);
 }
 
+#[tokio::test]
+async fn a_redis_restored_from_before_a_write_is_not_trusted_for_shared_pages() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    // A long lease: no renewal (every 10 s) runs during the test, as for a replica that reached
+    // a failed-over Redis one round trip before its renewal.
+    let text = base_config(addr)
+        + &redis
+            .section("t12:")
+            .replace("lease_ms = 600", "lease_ms = 30000");
+    let first = replica(&text).await;
+    let second = replica(&text).await;
+    assert_eq!(first.client.get(&list_path(CP), READER).await.status, 200);
+    assert_eq!(mock.count(&Method::GET), 1);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let shared = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("t12:page:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.len() == 1
+    };
+    eventually("the page is shared", || shared(conn.clone())).await;
+
+    // A write applied upstream whose generation increments this Redis lost (it restarted from
+    // a snapshot taken before them): the shared page from before the write is still there,
+    // and the restored incarnation key names the old process's run_id.
+    mock.seed(CP, 1);
+    let _: () = redis::cmd("SET")
+        .arg("t12:incarnation")
+        .arg("0123456789abcdef0123456789abcdef01234567:1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A local miss on the replica that still holds its lease goes upstream.
+    let after = second.client.get(&list_path(CP), READER).await;
+    assert_eq!(after.status, 200);
+    assert_eq!(
+        after.ids(),
+        mock.permission_ids(CP),
+        "the pre-write page was served: {}",
+        after.cache_status()
+    );
+    assert_eq!(mock.count(&Method::GET), 2);
+
+    // The same process but an incarnation this replica has not renewed with (the key was
+    // lost and re-made): not trusted either until its renewal catches up.
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let run_id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let _: () = redis::cmd("SET")
+        .arg("t12:incarnation")
+        .arg(format!("{run_id}:1"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let again = second.client.get(&list_path(CP), READER).await;
+    assert_eq!(
+        again.ids(),
+        mock.permission_ids(CP),
+        "the pre-write page was served: {}",
+        again.cache_status()
+    );
+    assert_eq!(mock.count(&Method::GET), 3);
+}
+
 const LEASE: Duration = Duration::from_millis(600);
 /// Round trips, scheduling and a write's own upstream call, on a loaded 2-core CI machine.
 const MARGIN: Duration = Duration::from_millis(400);
