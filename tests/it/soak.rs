@@ -92,7 +92,7 @@ async fn a_minute_at_full_speed_stays_correct_and_bounded() {
                     ),
                     12..=16 => {
                         let m = misses.fetch_add(1, Ordering::Relaxed) as usize;
-                        let order = if (m / ids.len()) % 2 == 0 {
+                        let order = if (m / ids.len()).is_multiple_of(2) {
                             "ascending"
                         } else {
                             "descending"
