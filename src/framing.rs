@@ -895,7 +895,7 @@ impl HeadBuf {
     /// the next read completes it as one more empty line.
     fn skip_empty_lines(&mut self, data: &[u8]) -> usize {
         let mut at = 0;
-        if self.bytes == b"\r" && data.first() == Some(&b'\n') {
+        if self.bytes == [b'\r'] && data.first() == Some(&b'\n') {
             self.bytes.clear();
             self.skipped += 1;
             at = 1;
