@@ -73,20 +73,9 @@ fn admin_token_ok(state: &AppState, req: &Request<Incoming>) -> bool {
     let token = req
         .headers()
         .get(AUTHORIZATION)
-        .and_then(|v| bearer_token(v.as_bytes()));
+        .and_then(|v| auth::bearer_token(v.as_bytes()));
     // A missing token is still hashed and compared, so both refusals take the same path.
     same_digest(&auth::digest(token.unwrap_or_default()), expected) && token.is_some()
-}
-
-/// `Bearer <token>` (scheme case-insensitive, surrounding spaces trimmed), as on the data
-/// listener.
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, token) = value.split_at_checked(7)?;
-    if !scheme.eq_ignore_ascii_case(b"bearer ") {
-        return None;
-    }
-    let token = token.trim_ascii();
-    (!token.is_empty()).then_some(token)
 }
 
 /// Compares every byte whatever differs first, so the time taken says nothing about how much
@@ -164,6 +153,7 @@ mod tests {
 
     #[test]
     fn only_a_bearer_scheme_carries_the_admin_token() {
+        use crate::auth::bearer_token;
         assert_eq!(bearer_token(b"Bearer tok"), Some(&b"tok"[..]));
         assert_eq!(bearer_token(b"bearer  tok "), Some(&b"tok"[..]));
         for bad in [&b""[..], b"Bearer", b"Bearer ", b"Basic tok", b"tok"] {

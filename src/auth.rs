@@ -219,7 +219,9 @@ fn is_jwt_shaped(token: &[u8]) -> bool {
     token.iter().filter(|&&b| b == b'.').count() == 2
 }
 
-fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+/// `Bearer <token>` (scheme case-insensitive, surrounding spaces trimmed): the token, if any.
+/// The data and admin listeners read their tokens the same way.
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let (scheme, token) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
@@ -459,6 +461,23 @@ mod tests {
         );
     }
 
+    /// Each `(pattern, checkpoint, expected)`: the classified grant and the glob matcher agree
+    /// with `expected`.
+    fn assert_grants_match_like_globs(cases: &[(&str, &str, bool)]) {
+        for &(pattern, checkpoint, expected) in cases {
+            let grant = Grant::new(pattern).unwrap();
+            assert_eq!(
+                grant.matches(checkpoint),
+                expected,
+                "{pattern} vs {checkpoint}"
+            );
+            let glob = Pattern::new(pattern)
+                .unwrap()
+                .matches_with(checkpoint, MATCH);
+            assert_eq!(glob, expected, "the glob agrees: {pattern} vs {checkpoint}");
+        }
+    }
+
     #[test]
     fn every_pattern_shape_matches_like_the_glob_it_is() {
         let cases = [
@@ -473,18 +492,7 @@ mod tests {
             ("*:acme:*", "ft:gpt:acme:x", true),
             ("*:acme:*", "ft:gpt:other:x", false),
         ];
-        for (pattern, checkpoint, expected) in cases {
-            let grant = Grant::new(pattern).unwrap();
-            assert_eq!(
-                grant.matches(checkpoint),
-                expected,
-                "{pattern} vs {checkpoint}"
-            );
-            let glob = Pattern::new(pattern)
-                .unwrap()
-                .matches_with(checkpoint, MATCH);
-            assert_eq!(glob, expected, "the glob agrees: {pattern} vs {checkpoint}");
-        }
+        assert_grants_match_like_globs(&cases);
     }
 
     /// `*` and `?` match `:` like any other character, so a wildcard is not confined to one
@@ -513,20 +521,7 @@ mod tests {
             ("ft:m:[*]:*", "ft:m:*:s:x", true),
             ("ft:m:[*]:*", "ft:m:acme:s:x", false),
         ];
-        for (pattern, checkpoint, expected) in cases {
-            let grant = Grant::new(pattern).unwrap();
-            assert_eq!(
-                grant.matches(checkpoint),
-                expected,
-                "{pattern} vs {checkpoint}"
-            );
-            let glob = Pattern::new(pattern).unwrap();
-            assert_eq!(
-                glob.matches_with(checkpoint, MATCH),
-                expected,
-                "glob {pattern}"
-            );
-        }
+        assert_grants_match_like_globs(&cases);
     }
 
     #[test]
