@@ -727,6 +727,15 @@ mod tests {
         }
     }
 
+    /// A cache the test's tasks share.
+    fn shared_cache() -> Arc<PageCache> {
+        Arc::new(PageCache::new(
+            &config(),
+            Clock::default(),
+            Counter::default(),
+        ))
+    }
+
     fn cp(s: &str) -> Checkpoint {
         Checkpoint::parse(s).unwrap()
     }
@@ -806,11 +815,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_fill_is_taken_over_by_a_waiter() {
-        let cache = Arc::new(PageCache::new(
-            &config(),
-            Clock::default(),
-            Counter::default(),
-        ));
+        let cache = shared_cache();
         let key = cache.key(cp("ft:f"), ListQuery::default());
         let (started, leading) = tokio::sync::oneshot::channel();
         let leader = tokio::spawn({
@@ -846,11 +851,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_fills_of_one_key_fetch_once_and_share_failures() {
-        let cache = Arc::new(PageCache::new(
-            &config(),
-            Clock::default(),
-            Counter::default(),
-        ));
+        let cache = shared_cache();
         let key = cache.key(cp("ft:g"), ListQuery::default());
         let fetches = Arc::new(AtomicU64::new(0));
         let fills = (0..20).map(|_| {
@@ -914,11 +915,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_no_cache_refresh_never_joins_a_fetch_already_under_way() {
-        let cache = Arc::new(PageCache::new(
-            &config(),
-            Clock::default(),
-            Counter::default(),
-        ));
+        let cache = shared_cache();
         let key = cache.key(cp("ft:q"), ListQuery::default());
         let (first, started, release_first) = gated_refresh(&cache, &key, b"before");
         started.await.unwrap();
@@ -959,11 +956,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_waiting_refresh_is_taken_over_by_a_joiner() {
-        let cache = Arc::new(PageCache::new(
-            &config(),
-            Clock::default(),
-            Counter::default(),
-        ));
+        let cache = shared_cache();
         let key = cache.key(cp("ft:s"), ListQuery::default());
         let (first, started, release_first) = gated_refresh(&cache, &key, b"first");
         started.await.unwrap();

@@ -1129,14 +1129,17 @@ mod tests {
         fleet.apply_locked(&cache, &mut s, &[(4, "*".into()), (5, encoded(&a))], None);
         assert_eq!(s.applied, 5);
         assert_ne!(key(&cache), before, "the checkpoint's generation moved");
-        let metrics = fleet.metrics.render(crate::metrics::Snapshot {
-            cache_entries: 0,
-            cache_bytes: 0,
-            circuit: 0,
-            in_flight: 0,
-            redis_up: None,
-            lease: None,
-        });
+        let render = || {
+            fleet.metrics.render(crate::metrics::Snapshot {
+                cache_entries: 0,
+                cache_bytes: 0,
+                circuit: 0,
+                in_flight: 0,
+                redis_up: None,
+                lease: None,
+            })
+        };
+        let metrics = render();
         assert!(metrics.contains("permgate_fleet_invalidations_applied_total 1"));
         assert!(!metrics.contains("reason=\"gap\""));
         // 7 after 5: 6 was trimmed away; everything goes, and the replica moves on to 7.
@@ -1148,14 +1151,7 @@ mod tests {
         // A catch-up that ends short of the renewal's sequence number is a gap too.
         fleet.apply_locked(&cache, &mut s, &[(8, encoded(&a))], Some(10));
         assert_eq!(s.applied, 10);
-        let metrics = fleet.metrics.render(crate::metrics::Snapshot {
-            cache_entries: 0,
-            cache_bytes: 0,
-            circuit: 0,
-            in_flight: 0,
-            redis_up: None,
-            lease: None,
-        });
+        let metrics = render();
         assert!(metrics.contains("permgate_fleet_resync_purges_total{reason=\"gap\"} 2"));
     }
 

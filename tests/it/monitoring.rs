@@ -678,28 +678,6 @@ fn prometheus_binary() -> Option<PathBuf> {
     found
 }
 
-/// A temporary directory, removed when dropped (after the processes using it, declared later).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir =
-            std::env::temp_dir().join(format!("permgate-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Starts a permgate command logging JSON and waits for its line with `message`; returns the
 /// process (killed when dropped) and that line's fields.
 async fn spawn_logged(command: &mut Command, message: &str) -> (Process, BTreeMap<String, String>) {
