@@ -216,7 +216,7 @@ impl Clients {
 
 /// A compact JWS: exactly two dots (`header.claims.signature`).
 fn is_jwt_shaped(token: &[u8]) -> bool {
-    token.iter().filter(|&&b| b == b'.').count() == 2
+    memchr::memchr_iter(b'.', token).take(3).count() == 2
 }
 
 /// `Bearer <token>` (scheme case-insensitive, surrounding spaces trimmed): the token, if any.

@@ -12,17 +12,19 @@
 //!   client's TLS settings, bounded by [`FETCH_TIMEOUT`]). Re-read on SIGHUP, every
 //!   [`MAX_KEY_AGE`], and when a token names an unknown `kid`, that last at most once per
 //!   [`UNKNOWN_KID_REFETCH`]. A set that fails to load or holds no usable key keeps the old one.
-//! - **Verified tokens** are remembered by SHA-256 until their `exp` (bounded, forgotten when the
-//!   keys change), so a caller's next request pays a hash, not a signature check.
+//! - **Verified tokens** are remembered until their `exp` (at most [`MAX_KEY_AGE`], only while
+//!   the keys that verified them are the current ones) in a fixed table (see [`Remembered`]),
+//!   so a caller's next request pays a fast hash and a comparison, not a signature check.
 //!
 //! Nothing here logs or returns a token, nor any part of one (`kid` included): failures carry a
 //! fixed [`Rejection`].
 
+use std::hash::BuildHasher as _;
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -54,8 +56,13 @@ pub const MAX_KEY_AGE: Duration = Duration::from_secs(300);
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// A JWKS larger than this is refused.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
-/// Verified tokens remembered at most (each some 100 bytes).
-const MAX_REMEMBERED: u64 = 10_000;
+/// Slots of the remembered-token table (a power of two): at most this many tokens are
+/// remembered.
+const REMEMBERED_SLOTS: usize = 16_384;
+/// Longer tokens are verified on every request rather than remembered, which bounds the
+/// table's memory (16,384 × 4 KiB = 64 MiB at worst; Kubernetes service-account tokens are
+/// about 1 KiB).
+const MAX_REMEMBERED_TOKEN: usize = 4096;
 
 /// Why a JWT was refused: the 401's message, the log's and the metric's `reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,11 +168,68 @@ impl KeySet {
     }
 }
 
-/// A verified token, remembered until its `exp`.
-#[derive(Clone)]
+/// A verified token's claims that matter here.
 struct Verified {
     subject: Arc<str>,
     exp: u64,
+}
+
+/// A verified token as remembered.
+struct Remembrance {
+    token: Box<[u8]>,
+    subject: Arc<str>,
+    /// Unix seconds until which it is taken from memory: its `exp` plus the leeway, and at
+    /// most [`MAX_KEY_AGE`] after it was verified (`exp` is the issuer's to choose).
+    until: u64,
+    /// The fingerprint of the key set that verified it: once the keys change it is not used.
+    keys: [u8; 32],
+}
+
+/// Verified tokens: a fixed table of [`REMEMBERED_SLOTS`] slots, a token's slot chosen by a
+/// hash of its bytes with a per-process random seed. A lookup is that hash, one atomic load
+/// and a comparison of the whole token (no digest of it is computed); a token remembered later
+/// in the same slot replaces the earlier one, which then only costs its caller a signature
+/// check. Only verified tokens are stored, so a caller cannot evict others with junk.
+struct Remembered {
+    slots: Box<[ArcSwapOption<Remembrance>]>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl Remembered {
+    fn new() -> Remembered {
+        Remembered {
+            slots: (0..REMEMBERED_SLOTS)
+                .map(|_| ArcSwapOption::empty())
+                .collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn slot(&self, token: &[u8]) -> &ArcSwapOption<Remembrance> {
+        let hash = self.hasher.hash_one(token) as usize;
+        &self.slots[hash & (REMEMBERED_SLOTS - 1)]
+    }
+
+    /// The subject of `token` if it was verified with the key set `keys` and is not due.
+    fn get(&self, token: &[u8], keys: &[u8; 32], now: u64) -> Option<Arc<str>> {
+        let slot = self.slot(token).load();
+        let hit = slot.as_deref()?;
+        (hit.until >= now && hit.keys == *keys && same_bytes(&hit.token, token))
+            .then(|| hit.subject.clone())
+    }
+
+    fn put(&self, remembrance: Remembrance) {
+        if remembrance.token.len() <= MAX_REMEMBERED_TOKEN {
+            self.slot(&remembrance.token)
+                .store(Some(Arc::new(remembrance)));
+        }
+    }
+}
+
+/// Equality that reads every byte (no early exit): how far a guess matches a remembered token
+/// does not show in the time it takes.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Where the keys come from.
@@ -187,7 +251,7 @@ pub struct Verifier {
     /// Held while keys are (re)loaded, so loads never overlap; holds when a token's unknown
     /// `kid` last caused one.
     loading: tokio::sync::Mutex<Option<Instant>>,
-    verified: moka::future::Cache<[u8; 32], Verified>,
+    remembered: Remembered,
     metrics: Arc<Metrics>,
 }
 
@@ -220,10 +284,7 @@ impl Verifier {
             source,
             keys: ArcSwap::from_pointee(KeySet::default()),
             loading: tokio::sync::Mutex::new(None),
-            verified: moka::future::Cache::builder()
-                .max_capacity(MAX_REMEMBERED)
-                .expire_after(UntilExp { leeway })
-                .build(),
+            remembered: Remembered::new(),
             metrics,
         });
         if let Source::File(path) = &verifier.source {
@@ -238,27 +299,33 @@ impl Verifier {
         Ok(verifier)
     }
 
-    /// The subject of a valid token, or a 401 that says why. A token verified before (same
-    /// bytes, keys unchanged, `exp` not passed) is answered from memory.
+    /// The subject of a token verified before (same bytes, same keys, not due), from memory:
+    /// what a caller's requests after its first one pay. Otherwise [`Verifier::verify`].
+    pub fn remembered(&self, token: &[u8]) -> Option<Arc<str>> {
+        let subject = self
+            .remembered
+            .get(token, &self.keys.load().fingerprint, now())?;
+        self.metrics.jwt_remembered();
+        Some(subject)
+    }
+
+    /// The subject of a valid token, or a 401 that says why; a valid token is remembered.
     pub async fn verify(&self, token: &[u8]) -> Result<Arc<str>, Error> {
-        let digest: [u8; 32] = Sha256::digest(token).into();
-        if let Some(hit) = self.verified.get(&digest).await {
-            if hit.exp.saturating_add(self.leeway) >= now() {
-                self.metrics.jwt_remembered();
-                return Ok(hit.subject);
-            }
-        }
-        let generation = self.keys.load().fingerprint;
+        let keys = self.keys.load().fingerprint;
         match self.verify_signed(token).await {
             Ok(verified) => {
                 self.metrics.jwt_verification("ok");
-                let subject = verified.subject.clone();
-                self.verified.insert(digest, verified).await;
-                // The keys changed while it was checked: do not remember it past the flush.
-                if self.keys.load().fingerprint != generation {
-                    self.verified.invalidate(&digest).await;
-                }
-                Ok(subject)
+                // Remembered with the keys it was checked against: if they changed meanwhile,
+                // it is not used (the remembered fingerprint is not the current one).
+                let now = now();
+                let until = verified.exp.saturating_add(self.leeway);
+                self.remembered.put(Remembrance {
+                    token: token.into(),
+                    subject: verified.subject.clone(),
+                    until: until.min(now.saturating_add(MAX_KEY_AGE.as_secs())),
+                    keys,
+                });
+                Ok(verified.subject)
             }
             Err(rejection) => {
                 self.metrics.jwt_verification(rejection.label());
@@ -337,7 +404,7 @@ impl Verifier {
         }
     }
 
-    /// Swaps in `set`; remembered tokens are forgotten when the keys differ.
+    /// Swaps in `set` (remembered tokens verified with other keys are no longer used).
     fn install(&self, mut set: KeySet) {
         set.loaded = Some(Instant::now());
         let changed = self.keys.load().fingerprint != set.fingerprint;
@@ -346,7 +413,6 @@ impl Verifier {
         self.metrics.jwks_reload(true);
         self.metrics.jwks_keys(count);
         if changed {
-            self.verified.invalidate_all();
             info!(keys = count, "JWKS loaded");
         }
     }
@@ -573,25 +639,6 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Remembered tokens expire with their `exp` (plus the leeway the check allows), and after
-/// [`MAX_KEY_AGE`] at the latest: `exp` is the issuer's to choose, and a token is checked again
-/// at least that often.
-struct UntilExp {
-    leeway: u64,
-}
-
-impl moka::Expiry<[u8; 32], Verified> for UntilExp {
-    fn expire_after_create(
-        &self,
-        _key: &[u8; 32],
-        value: &Verified,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        let until = value.exp.saturating_add(self.leeway);
-        Some(Duration::from_secs(until.saturating_sub(now())).min(MAX_KEY_AGE))
-    }
-}
-
 /// jsonwebtoken's crypto backend on `ring`, the library rustls already builds: RS256 and
 /// ES256, verifying and signing (tests sign with jsonwebtoken's encoder), nothing else. Any
 /// other algorithm, HMAC above all, is refused here too, whatever a caller of jsonwebtoken
@@ -713,6 +760,54 @@ pub mod ring_backend {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn remembrance(token: &[u8], until: u64, keys: [u8; 32]) -> Remembrance {
+        Remembrance {
+            token: token.into(),
+            subject: "svc".into(),
+            until,
+            keys,
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_needs_the_same_bytes_the_same_keys_and_time_left() {
+        let table = Remembered::new();
+        let (token, keys) = (b"h.c.sig".as_slice(), [7; 32]);
+        table.put(remembrance(token, 100, keys));
+        assert_eq!(table.get(token, &keys, 100).as_deref(), Some("svc"));
+        assert_eq!(table.get(token, &keys, 101), None, "due");
+        assert_eq!(table.get(token, &[8; 32], 50), None, "other keys");
+        assert_eq!(table.get(b"h.c.sih", &keys, 50), None, "other bytes");
+        assert_eq!(table.get(b"h.c.si", &keys, 50), None, "a prefix");
+        let long = vec![b'a'; MAX_REMEMBERED_TOKEN + 1];
+        table.put(remembrance(&long, 100, keys));
+        assert_eq!(table.get(&long, &keys, 50), None, "too long to remember");
+    }
+
+    #[test]
+    fn a_token_remembered_in_the_same_slot_replaces_the_earlier_one() {
+        let table = Remembered::new();
+        let keys = [1; 32];
+        let first = b"a.b.first".as_slice();
+        let index = |t: &[u8]| table.hasher.hash_one(t) as usize & (REMEMBERED_SLOTS - 1);
+        let other = (0u32..)
+            .map(|i| format!("a.b.{i}").into_bytes())
+            .find(|t| index(t) == index(first))
+            .unwrap();
+        table.put(remembrance(first, 100, keys));
+        table.put(remembrance(&other, 100, keys));
+        assert_eq!(table.get(first, &keys, 50), None);
+        assert_eq!(table.get(&other, &keys, 50).as_deref(), Some("svc"));
+    }
+
+    #[test]
+    fn same_bytes_is_equality() {
+        assert!(same_bytes(b"", b""));
+        assert!(same_bytes(b"abc", b"abc"));
+        assert!(!same_bytes(b"abc", b"abd"));
+        assert!(!same_bytes(b"abc", b"ab"));
+    }
 
     /// A base64url run of `len` bytes, the first one non-zero (an RSA modulus of that size).
     fn modulus(len: usize) -> String {

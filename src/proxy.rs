@@ -116,8 +116,8 @@ async fn handle_inner(
 }
 
 /// 401 unless a verified client certificate, a JWT or a static token names a client (SPEC
-/// "Who a caller is"; the order is `Clients::identify`'s). A static token costs what it always
-/// did; only a JWT awaits (boxed, so other requests' futures stay small).
+/// "Who a caller is"; the order is `Clients::identify`'s). Only a JWT not remembered awaits
+/// its check (boxed, so other requests' futures stay small).
 async fn authenticate(state: &AppState, parts: &Parts) -> Result<Arc<Client>, Error> {
     let token = {
         let clients = state.clients();
@@ -129,7 +129,10 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<Arc<Client>, Er
         }
     };
     let verifier = state.jwt.as_ref().ok_or(Error::InvalidApiKey)?;
-    let subject = Box::pin(verifier.verify(token)).await?;
+    let subject = match verifier.remembered(token) {
+        Some(subject) => subject,
+        None => Box::pin(verifier.verify(token)).await?,
+    };
     let client = state.clients().by_subject(&subject).cloned();
     if client.is_err() {
         tracing::info!(
