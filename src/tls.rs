@@ -85,10 +85,11 @@ pub fn https_connector(
 
 /// The names a caller's verified client certificate carries (its URI and DNS
 /// subject-alternative names, e.g. a SPIFFE ID), put in each request's extensions by the TLS
-/// listener. Present only when the certificate chained to `server.tls.client_ca_file`.
+/// listener. Present only when the certificate chained to `server.tls.client_ca_file`. Shared:
+/// a request's copy is a reference count.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
-    pub names: Vec<String>,
+    pub names: Arc<[String]>,
 }
 
 /// A PEM file larger than this holds no certificate chain or key.
@@ -303,7 +304,9 @@ pub fn identity_of(certificate: &CertificateDer<'_>) -> Option<PeerIdentity> {
         .filter(printable)
         .filter(|name| !name.starts_with('*'));
     let names: Vec<String> = uris.chain(dns).map(str::to_owned).collect();
-    (!names.is_empty()).then_some(PeerIdentity { names })
+    (!names.is_empty()).then(|| PeerIdentity {
+        names: names.into(),
+    })
 }
 
 /// [`identity_of`] the certificate the client of an established TLS connection presented;
@@ -417,7 +420,7 @@ mod tests {
         assert_eq!(
             identity_of(&cert),
             Some(PeerIdentity {
-                names: vec![spiffe.into(), "api.billing.svc.cluster.local".into()],
+                names: [spiffe.into(), "api.billing.svc.cluster.local".into()].into(),
             })
         );
     }
