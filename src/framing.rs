@@ -782,35 +782,45 @@ struct ResponseHead {
     body: ResponseBody,
 }
 
+/// An answer's head, read the way hyper writes one: `HTTP/1.x NNN reason`, then `name: value`
+/// lines with lower-case names, each ending in CRLF, then an empty line. hyper wrote it, so
+/// it is trusted, and this runs once per answer, so it looks only for the status and the two
+/// fields that frame the body instead of parsing every line. Anything else is an error: the
+/// answers are then no longer followed.
 fn parse_response(bytes: &[u8]) -> Parsed<ResponseHead> {
-    let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut []);
-    let httparse::Status::Complete(len) = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut response, bytes, &mut headers)?
-    else {
+    let Some(end) = memchr::memmem::find(bytes, b"\r\n\r\n") else {
         return Ok(None);
     };
+    let status = match bytes {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'0' | b'1', b' ', code @ ..] => code
+            .get(..3)
+            .filter(|code| code.iter().all(u8::is_ascii_digit))
+            .map(|c| c.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0'))),
+        _ => None,
+    }
+    .ok_or(httparse::Error::Status)?;
     let mut body = ResponseBody::Unknown;
-    for header in response.headers.iter() {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = header
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .unwrap_or_default();
-            body = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                ResponseBody::Chunked
-            } else {
-                ResponseBody::Unknown
+    // Each field line starts after an LF and ends before the next CR.
+    for start in memchr::memchr_iter(b'\n', &bytes[..end]).map(|lf| lf + 1) {
+        let line = &bytes[start..];
+        if let Some(value) = line.strip_prefix(b"transfer-encoding:") {
+            body = match field_value(value) {
+                b"chunked" => ResponseBody::Chunked,
+                _ => ResponseBody::Unknown,
             };
             break;
         }
-        if header.name.eq_ignore_ascii_case("content-length") {
-            body = decimal(header.value).map_or(ResponseBody::Unknown, ResponseBody::Length);
+        if let Some(value) = line.strip_prefix(b"content-length:") {
+            body = decimal(field_value(value)).map_or(ResponseBody::Unknown, ResponseBody::Length);
         }
     }
-    let status = response.code.unwrap_or_default();
-    Ok(Some((len, ResponseHead { status, body })))
+    Ok(Some((end + 4, ResponseHead { status, body })))
+}
+
+/// A field's value: up to the line's CR, without the spaces around it.
+fn field_value(rest: &[u8]) -> &[u8] {
+    let end = memchr::memchr(b'\r', rest).unwrap_or(rest.len());
+    rest[..end].trim_ascii()
 }
 
 /// The start of a head that straddles reads (or writes); empty between heads.
