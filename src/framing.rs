@@ -782,39 +782,51 @@ struct ResponseHead {
     body: ResponseBody,
 }
 
+/// `HTTP/1.1 200`: what an answer's head starts with.
+const STATUS_LINE_START: usize = 12;
+
 /// An answer's head, read the way hyper writes one: `HTTP/1.x NNN reason`, then `name: value`
 /// lines with lower-case names, each ending in CRLF, then an empty line. hyper wrote it, so
 /// it is trusted, and this runs once per answer, so it looks only for the status and the two
 /// fields that frame the body instead of parsing every line. Anything else is an error: the
 /// answers are then no longer followed.
 fn parse_response(bytes: &[u8]) -> Parsed<ResponseHead> {
-    let Some(end) = memchr::memmem::find(bytes, b"\r\n\r\n") else {
+    if bytes.len() < STATUS_LINE_START {
         return Ok(None);
-    };
-    let status = match bytes {
-        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'0' | b'1', b' ', code @ ..] => code
-            .get(..3)
-            .filter(|code| code.iter().all(u8::is_ascii_digit))
-            .map(|c| c.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0'))),
-        _ => None,
     }
-    .ok_or(httparse::Error::Status)?;
+    let status = match bytes {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'0' | b'1', b' ', a, b, c, ..]
+            if [a, b, c].iter().all(|d| d.is_ascii_digit()) =>
+        {
+            [a, b, c]
+                .iter()
+                .fold(0, |n, d| n * 10 + u16::from(*d - b'0'))
+        }
+        _ => return Err(httparse::Error::Status),
+    };
     let mut body = ResponseBody::Unknown;
-    // Each field line starts after an LF and ends before the next CR.
-    for start in memchr::memchr_iter(b'\n', &bytes[..end]).map(|lf| lf + 1) {
-        let line = &bytes[start..];
+    let mut framed = false;
+    // One pass over the line ends: a line that is empty ends the head; until a
+    // `transfer-encoding` line, the last `content-length` line frames the body.
+    for lf in memchr::memchr_iter(b'\n', bytes) {
+        let line = &bytes[lf + 1..];
+        if line.starts_with(b"\r\n") {
+            return Ok(Some((lf + 3, ResponseHead { status, body })));
+        }
+        if framed {
+            continue;
+        }
         if let Some(value) = line.strip_prefix(b"transfer-encoding:") {
             body = match field_value(value) {
                 b"chunked" => ResponseBody::Chunked,
                 _ => ResponseBody::Unknown,
             };
-            break;
-        }
-        if let Some(value) = line.strip_prefix(b"content-length:") {
+            framed = true;
+        } else if let Some(value) = line.strip_prefix(b"content-length:") {
             body = decimal(field_value(value)).map_or(ResponseBody::Unknown, ResponseBody::Length);
         }
     }
-    Ok(Some((end + 4, ResponseHead { status, body })))
+    Ok(None)
 }
 
 /// A field's value: up to the line's CR, without the spaces around it.
