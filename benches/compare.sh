@@ -7,7 +7,8 @@
 # What it does, in order (benches/README.md explains every scenario and figure):
 #   1. installs nginx, wrk, curl and taskset from the distribution if missing (apt-get; no
 #      service is started: a temporary policy-rc.d denies it if none exists),
-#   2. builds permgate and the helpers (bench-upstream, bench-reference) in release mode,
+#   2. builds permgate and the helpers (bench-upstream, bench-reference, bench-load) in release
+#      mode,
 #   3. starts everything on 127.0.0.1 only, under a fresh temporary directory on tmpfs: fast
 #      fake upstreams (0 ms and 20 ms), two bare hyper references (10- and 100-item bodies),
 #      one nginx (its own prefix, conf, temp paths and proxy_cache on tmpfs; access_log off,
@@ -24,31 +25,41 @@
 #   ROUNDS=3          interleaved rounds (at least 3 for a median that means something)
 #   WARMUP=2s         one unmeasured run per (scenario, system) before round 1; 0 to skip
 #   CONNECTIONS=64    wrk connections (keep-alive)
+#   WRITE_CONNECTIONS=1  wrk connections in fleetwrite
+#   WRITE_PAUSE_MS=1  fleetwrite: each connection pauses this long between an answer and its
+#                     next write (0: back to back)
 #   IDLE_SECONDS=30   idle time before the "first second after expiry" check
 #   BOUND_DURATION=20s  length of the flood of new keys in the max_bytes check
-#   SCENARIOS="hit10 hit100 keys10k miss0 miss20"   subset of the throughput scenarios; two
-#                     more run only when named here (TLS, certificates made with openssl):
+#   SCENARIOS="hit10 hit100 keys10k miss0 miss20"   subset of the throughput scenarios;
+#                     these run only when named here (certificates made with openssl):
 #                     tlshit10   hit10 over HTTPS: permgate [server.tls] vs nginx `listen ssl`
 #                                with proxy_cache, same certificate, wrk with an https URL
-#                     mtlshit10  hit10 over HTTPS, permgate with and without client
-#                                certificates (client_ca_file, require_client_cert = true).
-#                                wrk cannot present a client certificate, so this one is
-#                                driven by siege (apt), keep-alive, for both systems; siege
-#                                reports no percentiles (p50 = the mean, p99 = 0)
+#                     mtlshit10  hit10 over HTTPS, permgate with client certificates
+#                                (client_ca_file, require_client_cert = true, the caller named
+#                                by its certificate's SAN: tls_identity) against permgate with
+#                                TLS only (pgtls). wrk cannot present a client certificate, so
+#                                both sides are driven by bench-load (benches/helpers: one
+#                                thread, CONNECTIONS keep-alive connections, pinned like wrk)
 #                     jwthit10   hit10 with the caller identified by a JWT ([jwt], a client with
 #                                jwt_subject; RSA-2048 key, JWKS and RS256 token made with
 #                                openssl) against permgate with the static token (pg)
 #                     fleethit10 hit10 and miss0 with [redis] on (its own redis-server, pinned to
 #                     fleetmiss0 the server core, its CPU counted with permgate's) against
 #                                permgate without Redis (pg)
+#                     fleetwrite creates (POST, benches/wrk/create.lua) through permgate with
+#                                [redis] and two more replicas on the same prefix, all healthy
+#                                (the write waits for their acks), against permgate without
+#                                Redis; WRITE_CONNECTIONS connection(s), WRITE_PAUSE_MS between
+#                                writes, so latency is not queueing: the p99 difference is what
+#                                a healthy fleet adds to a write
 #   EXTRAS="coalesce idle memory bound"             subset of the one-off checks ("" for none)
 #   QUIET_PCT=5 QUIET_MAX=20  before each run, wait up to QUIET_MAX s until other processes
 #                     use less than QUIET_PCT % of the machine (each run records how much they
 #                     used while it ran: the "other load" column)
-#   SERVER_CPU=0 LOAD_CPU=1   cores for the servers and for wrk
+#   SERVER_CPU=0 LOAD_CPU=1   cores for the servers and for wrk (and bench-load)
 #   REF_BUSY_NS=1000  extra work per request of the second bare hyper server in hit10
 #                     (ref10busy: about what permgate adds to a hit; the tail-latency control)
-#   PORT_BASE=18400   ports PORT_BASE..PORT_BASE+44 on 127.0.0.1 must be free
+#   PORT_BASE=18400   ports PORT_BASE..PORT_BASE+49 on 127.0.0.1 must be free
 #   OUT=target/bench-compare   where the report and raw results are written
 #   SKIP_BUILD=1      reuse the binaries already in target/release
 #   KEEP_WORK=1       keep the temporary directory (configs, logs) for inspection
@@ -59,6 +70,8 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2s}
 CONNECTIONS=${CONNECTIONS:-64}
+WRITE_CONNECTIONS=${WRITE_CONNECTIONS:-1}
+WRITE_PAUSE_MS=${WRITE_PAUSE_MS:-1}
 IDLE_SECONDS=${IDLE_SECONDS:-30}
 BOUND_DURATION=${BOUND_DURATION:-20s}
 SCENARIOS=${SCENARIOS:-hit10 hit100 keys10k miss0 miss20}
@@ -78,6 +91,8 @@ tls_wanted() { case " $SCENARIOS " in *" tlshit10 "* | *" mtlshit10 "*) return 0
 mtls_wanted() { case " $SCENARIOS " in *" mtlshit10 "*) return 0 ;; esac; return 1; }
 jwt_wanted() { case " $SCENARIOS " in *" jwthit10 "*) return 0 ;; esac; return 1; }
 fleet_wanted() { case " $SCENARIOS " in *" fleethit10 "* | *" fleetmiss0 "*) return 0 ;; esac; return 1; }
+write_wanted() { case " $SCENARIOS " in *" fleetwrite "*) return 0 ;; esac; return 1; }
+redis_wanted() { fleet_wanted || write_wanted; }
 die() {
     log "error: $*"
     exit 1
@@ -93,11 +108,10 @@ install_tools() {
     command -v curl >/dev/null || missing+=(curl)
     command -v taskset >/dev/null || missing+=(util-linux)
     tls_wanted && ! command -v openssl >/dev/null && missing+=(openssl)
-    mtls_wanted && ! command -v siege >/dev/null && missing+=(siege)
     jwt_wanted && ! command -v openssl >/dev/null && missing+=(openssl)
     jwt_wanted && ! command -v xxd >/dev/null && missing+=(xxd)
-    fleet_wanted && ! command -v redis-server >/dev/null && missing+=(redis-server)
-    fleet_wanted && ! command -v redis-cli >/dev/null && missing+=(redis-tools)
+    redis_wanted && ! command -v redis-server >/dev/null && missing+=(redis-server)
+    redis_wanted && ! command -v redis-cli >/dev/null && missing+=(redis-tools)
     [ ${#missing[@]} -eq 0 ] && return
     [ "$(id -u)" -eq 0 ] || die "missing ${missing[*]}; run as root or install them first"
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
@@ -147,7 +161,7 @@ wait_port() {
     die "$name did not start listening on 127.0.0.1:$port"
 }
 
-declare -A PID PORT
+declare -A PID PORT ADMIN
 # start NAME PORT CMD...: runs CMD pinned to the server core, stdout/stderr in $WORK/NAME.*
 start() {
     local name=$1 port=$2
@@ -260,8 +274,9 @@ make_certs() {
             -subj "/CN=permgate bench $ca" -keyout "$d/$ca.key" -out "$d/$ca.crt" 2>/dev/null
     done
     make_leaf server ca "subjectAltName=DNS:localhost,IP:127.0.0.1" serverAuth
-    make_leaf client clients-ca "subjectAltName=URI:spiffe://bench.local/ns/bench/sa/load" clientAuth
+    make_leaf client clients-ca "subjectAltName=URI:$CLIENT_SPIFFE" clientAuth
 }
+CLIENT_SPIFFE=spiffe://bench.local/ns/bench/sa/load
 
 # make_leaf NAME CA SAN USAGE: NAME.crt and NAME.key, signed by CA
 make_leaf() {
@@ -309,7 +324,7 @@ make_jwt() {
 JWT_ISSUER=https://bench.local
 JWT_SUBJECT=system:serviceaccount:bench:client
 
-# fleethit10, fleetmiss0: one redis-server on the server core, no persistence.
+# fleethit10, fleetmiss0, fleetwrite: one redis-server on the server core, no persistence.
 start_redis() {
     local port=$1
     start redis "$port" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
@@ -317,13 +332,20 @@ start_redis() {
 }
 redis_commands() { redis-cli -p "${PORT[redis]}" info stats | sed -n 's/^total_commands_processed:\([0-9]*\).*/\1/p'; }
 
-# start_permgate NAME PORT UPSTREAM LOG_FILTER [cache lines...]
+# start_permgate NAME PORT UPSTREAM LOG_FILTER [cache lines...]; PG_ADMIN_LISTEN, when the
+# caller sets it, is the admin listener's address (/metrics).
 start_permgate() {
-    local name=$1 port=$2 upstream=$3 filter=$4
+    local name=$1 port=$2 upstream=$3 filter=$4 admin=()
     shift 4
     permgate_config "$name" "$port" "$upstream" "$@"
+    if [ -n "${PG_ADMIN_LISTEN:-}" ]; then admin=(PERMGATE_ADMIN_LISTEN="$PG_ADMIN_LISTEN"); fi
     start "$name" "$port" env OPENAI_ADMIN_KEY="$ADMIN_KEY" PERMGATE_LOG="$filter" \
-        PERMGATE_LOG_FORMAT=json "$PERMGATE" serve --config "$WORK/$name.toml"
+        PERMGATE_LOG_FORMAT=json "${admin[@]}" "$PERMGATE" serve --config "$WORK/$name.toml"
+}
+
+# metric NAME SYSTEM: the value of a metric on SYSTEM's admin listener (0 if absent)
+metric() {
+    curl -s --max-time 5 "http://${ADMIN[$2]}/metrics" | awk -v m="$1" '$1 == m { v = $2 } END { printf "%d", v }'
 }
 
 nginx_config() {
@@ -423,42 +445,21 @@ wrk_run() {
 }
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"; }
 
-# siege_run URL DURATION CONNECTIONS AUTH [CERT KEY] -> prints a RESULT line like wrk_run's.
-# siege (mtlshit10 only) can present a client certificate, wrk cannot. It has no percentiles:
-# p50_us is the mean latency (its concurrency / its rate: its own mean has 10 ms steps), p99_us
-# 0. Keep-alive (one TLS handshake per user), HTTP/1.1, no delay between requests.
-siege_run() {
-    local url=$1 duration=$2 connections=$3 auth=$4 cert=${5:-} key=${6:-}
-    local rc=$WORK/siegerc
-    {
-        echo "connection = keep-alive"
-        echo "protocol = HTTP/1.1"
-        echo "logging = false"
-        echo "limit = 1024"
-        if [ -n "$cert" ]; then
-            echo "ssl-cert = $cert"
-            echo "ssl-key = $key"
-        fi
-    } >"$rc"
-    local time=${duration%s}S
-    if [ "${duration%m}" != "$duration" ]; then time=${duration%m}M; fi
-    taskset -c "$LOAD_CPU" siege -R "$rc" -b -c"$connections" -t"$time" \
-        -H "Authorization: Bearer $auth" "$url" >/dev/null 2>"$WORK/siege.out" || true
-    awk -F: '
-        { gsub(/^[ \t]+|[ \t]+$/, "", $2); split($2, v, " ") }
-        /^Transactions/ { n = v[1] } /^Successful transactions/ { ok = v[1] }
-        /^Failed transactions/ { failed = v[1] } /^Transaction rate/ { rps = v[1] }
-        /^Concurrency/ { concurrency = v[1] } /^Longest transaction/ { max = v[1] }
-        END {
-            if (n == "" || rps + 0 == 0) exit
-            printf "RESULT rps=%s p50_us=%d p99_us=0 max_us=%d requests=%d socket_errors=%d status_errors=%d\n",
-                rps, concurrency / rps * 1e6, max * 1e6, n, failed, n - ok
-        }' "$WORK/siege.out"
+# load_run URL DURATION CONNECTIONS AUTH [CERT KEY] -> prints the RESULT line, as wrk_run.
+# bench-load (mtlshit10) can present a client certificate, wrk cannot. One thread, keep-alive,
+# HTTP/1.1, requests back to back; trusts only the bench CA.
+load_run() {
+    local url=$1 duration=$2 connections=$3 auth=$4 cert=${5:-} key=${6:-} client=()
+    if [ -n "$cert" ]; then client=(--cert "$cert" --key "$key"); fi
+    taskset -c "$LOAD_CPU" "$LOAD_BIN" --url "$url" --duration "$duration" --connections "$connections" \
+        --timeout 5s --header "Authorization: Bearer $auth" --cacert "$WORK/tls/ca.crt" "${client[@]}" |
+        grep '^RESULT' || true
 }
 
 ONE=/v1/fine_tuning/checkpoints/ft:gpt-4o-mini-2024-07-18:acme:bench:B7R9VjQd/permissions
 
-# target SCENARIO SYSTEM ROUND: sets URL SCRIPT AUTH VARS (wrk env) CPU_PIDS UPSTREAM
+# target SCENARIO SYSTEM ROUND: sets URL SCRIPT AUTH VARS (wrk env) CPU_PIDS UPSTREAM LOADER
+# CERT CONNS
 target() {
     local scenario=$1 system=$2 round=$3
     local port=${PORT[$system]:-}
@@ -475,10 +476,14 @@ target() {
     esac
     [ "$system" = pgfleet ] && [ "$scenario" = fleetmiss0 ] && server=pgfleetmiss
     [ "$server" != "$system" ] && port=${PORT[$server]}
-    # CPU per request: the server's process; with [redis] also the redis-server it calls.
+    # CPU per request: the server's process; with [redis] also the redis-server it calls, and
+    # in fleetwrite the other two replicas, which apply and acknowledge every write.
     CPU_PIDS=("${PID[$system]}")
     [ "$server" != "$system" ] && CPU_PIDS=("${PID[$server]}")
-    [ "$system" = pgfleet ] && CPU_PIDS+=("${PID[redis]}")
+    case $system in
+        pgfleet) CPU_PIDS+=("${PID[redis]}") ;;
+        pgwfleet) CPU_PIDS+=("${PID[pgwfleet2]}" "${PID[pgwfleet3]}" "${PID[redis]}") ;;
+    esac
     AUTH=$TOKEN
     [ "$system" = pgjwt ] && AUTH=$JWT
     SCRIPT=$LUA/report.lua
@@ -486,12 +491,13 @@ target() {
     UPSTREAM=up0
     LOADER=wrk
     CERT=()
+    CONNS=$CONNECTIONS
     case $scenario in
         hit10 | jwthit10 | fleethit10) URL=http://127.0.0.1:$port$ONE ;;
         tlshit10) URL=https://127.0.0.1:$port$ONE ;;
         mtlshit10)
             URL=https://127.0.0.1:$port$ONE
-            LOADER=siege
+            LOADER=load
             if [ "$system" = pgmtls ]; then CERT=("$WORK/tls/client.crt" "$WORK/tls/client.key"); fi
             ;;
         hit100) URL="http://127.0.0.1:$port$ONE?limit=100" ;;
@@ -506,6 +512,13 @@ target() {
             VARS=(BENCH_RUN_ID="r$round-$system-$RANDOM$RANDOM")
             [ "$scenario" = miss20 ] && UPSTREAM=up20
             case $system in direct*) AUTH=$ADMIN_KEY ;; esac
+            ;;
+        fleetwrite)
+            URL=http://127.0.0.1:$port$ONE
+            SCRIPT=$LUA/create.lua
+            VARS=(BENCH_PAUSE_MS="$WRITE_PAUSE_MS")
+            AUTH=$WRITER_TOKEN
+            CONNS=$WRITE_CONNECTIONS
             ;;
     esac
 }
@@ -523,16 +536,26 @@ measure() {
     ours0=$(our_ticks)
     child_ticks kids0
     cpu_before=$(ticks "${CPU_PIDS[@]}")
-    local redis_before=0 redis_after=0
-    [ "$system" = pgfleet ] && redis_before=$(redis_commands)
-    if [ "$LOADER" = siege ]; then
-        siege_run "$URL" "$duration" "$CONNECTIONS" "$AUTH" "${CERT[@]}" >"$WORK/wrk.result"
+    local redis_before=0 redis_after=0 acks_before=0 acks_after=0 missed_before=0 missed_after=0
+    local with_redis=0
+    case $system in pgfleet | pgwfleet) with_redis=1 ;; esac
+    [ $with_redis -eq 1 ] && redis_before=$(redis_commands)
+    if [ "$system" = pgwfleet ]; then
+        acks_before=$(metric permgate_fleet_acks_awaited_total pgwfleet)
+        missed_before=$(metric permgate_fleet_acks_missed_total pgwfleet)
+    fi
+    if [ "$LOADER" = load ]; then
+        load_run "$URL" "$duration" "$CONNS" "$AUTH" "${CERT[@]}" >"$WORK/wrk.result"
     else
-        wrk_run "$URL" "$SCRIPT" "$duration" "$CONNECTIONS" "$AUTH" "${VARS[@]}" >"$WORK/wrk.result"
+        wrk_run "$URL" "$SCRIPT" "$duration" "$CONNS" "$AUTH" "${VARS[@]}" >"$WORK/wrk.result"
     fi
     cpu_after=$(ticks "${CPU_PIDS[@]}")
     # Redis commands the run caused (the INFO that reads the count before is one of them).
-    [ "$system" = pgfleet ] && redis_after=$(($(redis_commands) - 1))
+    [ $with_redis -eq 1 ] && redis_after=$(($(redis_commands) - 1))
+    if [ "$system" = pgwfleet ]; then
+        acks_after=$(metric permgate_fleet_acks_awaited_total pgwfleet)
+        missed_after=$(metric permgate_fleet_acks_missed_total pgwfleet)
+    fi
     child_ticks kids1
     ours1=$(our_ticks)
     read -r busy1 total1 < <(machine_jiffies)
@@ -542,7 +565,7 @@ measure() {
     local foreign
     foreign=$(awk -v b=$((busy1 - busy0)) -v o=$((ours1 - ours0 + kids1 - kids0)) -v t=$((total1 - total0)) \
         'BEGIN { f = t > 0 ? 100 * (b - o) / t : 0; printf "%.1f", (f < 0 ? 0 : f) }')
-    [ -n "$line" ] || die "wrk produced no result for $scenario/$system"
+    [ -n "$line" ] || die "$LOADER produced no result for $scenario/$system"
     local requests cpu_us
     requests=$(field requests "$line")
     cpu_us=$(awk -v t=$((cpu_after - cpu_before)) -v hz="$CLK_TCK" -v n="$requests" \
@@ -550,15 +573,18 @@ measure() {
     local errors=$(($(field socket_errors "$line") + $(field status_errors "$line")))
     [ "$errors" -gt 0 ] && log "WARNING: $scenario/$system: $errors errors ($line)"
     [ "$round" -eq 0 ] && return 0
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$system" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$system" \
         "$(field rps "$line")" "$(field p50_us "$line")" "$(field p99_us "$line")" \
         "$(field max_us "$line")" "$requests" "$errors" "$cpu_us" $((calls_after - calls_before)) \
-        "$foreign" $((redis_after - redis_before)) >>"$RESULTS"
+        "$foreign" $((redis_after - redis_before)) $((acks_after - acks_before)) \
+        $((missed_after - missed_before)) >>"$RESULTS"
     log "$(printf 'round %s %-8s %-9s %9s req/s  p50 %6s us  p99 %6s us  cpu/req %6s us  upstream calls %-6s other load %s%%' \
         "$round" "$scenario" "$system" "$(field rps "$line")" "$(field p50_us "$line")" \
         "$(field p99_us "$line")" "$cpu_us" $((calls_after - calls_before)) "$foreign")$(
-        [ "$system" = pgfleet ] && awk -v c=$((redis_after - redis_before)) -v n="$requests" \
-            'BEGIN { printf "  redis commands/request %.2f", (n > 0 ? c / n : 0) }')"
+        [ $with_redis -eq 1 ] && awk -v c=$((redis_after - redis_before)) -v n="$requests" \
+            'BEGIN { printf "  redis commands/request %.2f", (n > 0 ? c / n : 0) }')$(
+        [ "$system" = pgwfleet ] && awk -v a=$((acks_after - acks_before)) -v m=$((missed_after - missed_before)) \
+            -v n="$requests" 'BEGIN { printf "  acks awaited/write %.2f, replicas waited out %d", (n > 0 ? a / n : 0), m }')"
 }
 
 systems_of() {
@@ -572,6 +598,7 @@ systems_of() {
         mtlshit10) echo "pgtls pgmtls" ;;
         jwthit10) echo "pg pgjwt" ;;
         fleethit10 | fleetmiss0) echo "pg pgfleet" ;;
+        fleetwrite) echo "pgw pgwfleet" ;;
         *) die "unknown scenario $1" ;;
     esac
 }
@@ -738,6 +765,13 @@ report() {
         for (r = 1; r <= rounds; r++) if (("rps", s, y, r) in V) l = l " " V["rps", s, y, r] * V["cpu", s, y, r] / 1e4
         return median(l)
     }
+    function total(metric, s, y,   r, t) { t = 0; for (r = 1; r <= rounds; r++) if ((metric, s, y, r) in V) t += V[metric, s, y, r]; return t }
+    # the share of its core a server used, flagged when under 90 %: then the load generator,
+    # not the server, was the limit, and CPU per request is the figure to compare
+    function saturation(name, s, y,   l) {
+        l = load(s, y)
+        printf "  %-66s %12s   %-26s %s\n", name, sprintf("%.0f%%", l), "(>= 90%: server-bound)", (l >= 90 ? "info" : "NOT SATURATED")
+    }
     # ok: 1 met, 0 missed, -1 a figure for comparison only
     function check(name, value, fmt, goal, ok) {
         if (value == "") { printf "  %-66s %12s   %-26s %s\n", name, "n/a", goal, "not run"; return }
@@ -748,7 +782,8 @@ report() {
         if (r > rounds) rounds = r
         V["rps", s, y, r] = $4; V["p50", s, y, r] = $5; V["p99", s, y, r] = $6; V["max", s, y, r] = $7
         V["err", s, y, r] = $9; V["cpu", s, y, r] = $10; V["up", s, y, r] = $11; V["bg", s, y, r] = $12
-        if ($8 > 0) V["redis", s, y, r] = $13 / $8
+        if ($8 > 0) { V["redis", s, y, r] = $13 / $8; V["acks", s, y, r] = $14 / $8 }
+        V["missed", s, y, r] = $15
         if ($12 + 0 > bgmax) bgmax = $12 + 0
         if (!((s, y) in seen)) { seen[s, y] = 1; order[++n] = s SUBSEP y }
         if (length(s) > ws) ws = length(s)
@@ -765,7 +800,7 @@ report() {
             up = 0; er = 0
             for (r = 1; r <= rounds; r++) { up += V["up", s, y, r]; er += V["err", s, y, r] }
             notes = ""
-            if (y != ref && have(rs, ref)) notes = notes sprintf("%s %.3f (%.3f)  ", ref, ratio("rps", s, y, rs, ref), ratio("cpu", rs, ref, s, y))
+            if (y != ref && have(rs, ref) && s != "fleetwrite") notes = notes sprintf("%s %.3f (%.3f)  ", ref, ratio("rps", s, y, rs, ref), ratio("cpu", rs, ref, s, y))
             if (y != "nginx" && have(s, "nginx") && y !~ /^(ref|direct)/) notes = notes sprintf("nginx %.2fx (%.2fx)  ", ratio("rps", s, y, s, "nginx"), ratio("cpu", s, "nginx", s, y))
             if (s == "keys10k" && have("hit10", y)) notes = notes sprintf("own 1-key %.3f (%.3f)", ratio("rps", s, y, "hit10", y), ratio("cpu", "hit10", y, s, y))
             printf "%-" ws "s %-" wy "s %9.0f %8.3f %8.3f %6.1f%% %7.1fus %8d %6d %5.1f%%  %s\n", s, y, stat("rps", s, y), stat("p50", s, y) / 1000, stat("p99", s, y) / 1000, spread(s, y), stat("cpu", s, y), up, er, stat("bg", s, y), notes
@@ -777,6 +812,8 @@ report() {
         print "CPU per request instead of req/s (server-side efficiency; less sensitive to a busy machine)."
         if (have("fleethit10", "pgfleet") || have("fleetmiss0", "pgfleet"))
             print "pgfleet (permgate with [redis]): cpu/req counts permgate and its redis-server together."
+        if (have("fleetwrite", "pgwfleet"))
+            print "pgwfleet (three replicas with [redis]): cpu/req counts the three permgates and redis-server together."
         print "\nTargets (issue 6):"
         check("cache hit, 1 key, 10 items: permgate / bare hyper", have("hit10", "pg") && have("hit10", "ref10") ? ratio("rps", "hit10", "pg", "hit10", "ref10") : "", "%.3f", ">= 0.85", ratio("rps", "hit10", "pg", "hit10", "ref10") >= 0.85)
         check("  same, by CPU per request (bare hyper cpu/req / permgate cpu/req)", have("hit10", "pg") && have("hit10", "ref10") ? ratio("cpu", "hit10", "ref10", "hit10", "pg") : "", "%.3f", ">= 0.85", ratio("cpu", "hit10", "ref10", "hit10", "pg") >= 0.85)
@@ -807,8 +844,15 @@ report() {
             check("cache hit over TLS, 1 key, 10 items: permgate / nginx", ratio("rps", "tlshit10", "pgtls", "tlshit10", "nginx"), "%.2fx", "(both terminate TLS)", -1)
         if (have("tlshit10", "pgtls") && have("hit10", "pg"))
             check("  permgate cpu/req: TLS - plain HTTP", diff("cpu", "tlshit10", "pgtls", "hit10", "pg"), "%+.1f us", "(what TLS adds per request)", -1)
-        if (have("mtlshit10", "pgmtls") && have("mtlshit10", "pgtls"))
-            check("mTLS / TLS (permgate, siege), by CPU per request (TLS / mTLS)", ratio("cpu", "mtlshit10", "pgtls", "mtlshit10", "pgmtls"), "%.3f", "(keep-alive: about 1)", -1)
+        if (have("mtlshit10", "pgmtls") && have("mtlshit10", "pgtls")) {
+            check("cache hit, mTLS / TLS (permgate; bench-load drives both)", ratio("rps", "mtlshit10", "pgmtls", "mtlshit10", "pgtls"), "%.3f", ">= 0.9", ratio("rps", "mtlshit10", "pgmtls", "mtlshit10", "pgtls") >= 0.9)
+            check("  same, by CPU per request (TLS / mTLS)", ratio("cpu", "mtlshit10", "pgtls", "mtlshit10", "pgmtls"), "%.3f", ">= 0.9", ratio("cpu", "mtlshit10", "pgtls", "mtlshit10", "pgmtls") >= 0.9)
+            check("  permgate cpu/req: mTLS - TLS", diff("cpu", "mtlshit10", "pgmtls", "mtlshit10", "pgtls"), "%+.1f us", "(what mTLS adds per hit)", -1)
+            saturation("  permgate TLS: share of its core used in mtlshit10", "mtlshit10", "pgtls")
+            saturation("  permgate mTLS: share of its core used in mtlshit10", "mtlshit10", "pgmtls")
+        }
+        if (have("mtlshit10", "pgtls") && have("tlshit10", "pgtls"))
+            check("  the same TLS hit (pgtls) driven by bench-load / by wrk", ratio("rps", "mtlshit10", "pgtls", "tlshit10", "pgtls"), "%.3f", "(rates of the two loaders)", -1)
         if (have("jwthit10", "pgjwt") && have("jwthit10", "pg")) {
             check("cache hit, JWT caller / static-token caller (permgate)", ratio("rps", "jwthit10", "pgjwt", "jwthit10", "pg"), "%.3f", ">= 0.9", ratio("rps", "jwthit10", "pgjwt", "jwthit10", "pg") >= 0.9)
             check("  same, by CPU per request (static / JWT)", ratio("cpu", "jwthit10", "pg", "jwthit10", "pgjwt"), "%.3f", ">= 0.9", ratio("cpu", "jwthit10", "pg", "jwthit10", "pgjwt") >= 0.9)
@@ -823,6 +867,15 @@ report() {
             check("miss, 0 ms upstream, [redis] on / off (permgate)", ratio("rps", "fleetmiss0", "pgfleet", "fleetmiss0", "pg"), "%.3f", ">= 0.8", ratio("rps", "fleetmiss0", "pgfleet", "fleetmiss0", "pg") >= 0.8)
             check("  same, by CPU per miss, redis-server included (off / on)", ratio("cpu", "fleetmiss0", "pg", "fleetmiss0", "pgfleet"), "%.3f", ">= 0.8", ratio("cpu", "fleetmiss0", "pg", "fleetmiss0", "pgfleet") >= 0.8)
             check("  Redis commands per miss", stat("redis", "fleetmiss0", "pgfleet"), "%.2f", "", -1)
+        }
+        if (have("fleetwrite", "pgwfleet") && have("fleetwrite", "pgw")) {
+            check("write, 3 healthy replicas: p99 with [redis] - p99 without", diff("p99", "fleetwrite", "pgwfleet", "fleetwrite", "pgw") / 1000, "%+.3f ms", "<= +2 ms", diff("p99", "fleetwrite", "pgwfleet", "fleetwrite", "pgw") <= 2000)
+            check("  p50 with [redis] - p50 without", diff("p50", "fleetwrite", "pgwfleet", "fleetwrite", "pgw") / 1000, "%+.3f ms", "(added at the median)", -1)
+            check("  p50 / p99 without Redis (pgw), ms", sprintf("%.3f / %.3f", stat("p50", "fleetwrite", "pgw") / 1000, stat("p99", "fleetwrite", "pgw") / 1000), "%s", "", -1)
+            check("  p50 / p99 with [redis], 3 replicas (pgwfleet), ms", sprintf("%.3f / %.3f", stat("p50", "fleetwrite", "pgwfleet") / 1000, stat("p99", "fleetwrite", "pgwfleet") / 1000), "%s", "", -1)
+            check("  acknowledgements awaited per write", stat("acks", "fleetwrite", "pgwfleet"), "%.2f", "(2 replicas x 2 fan-outs: 4)", -1)
+            check("  replicas waited out instead of acknowledging (all rounds)", total("missed", "fleetwrite", "pgwfleet"), "%d", "== 0 (all healthy)", total("missed", "fleetwrite", "pgwfleet") == 0)
+            check("  Redis commands per write", stat("redis", "fleetwrite", "pgwfleet"), "%.2f", "", -1)
         }
         m = split(extra, lines, "\n")
         for (i = 1; i <= m; i++) if (lines[i] != "") {
@@ -843,12 +896,13 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     # Two invocations: building the examples pulls in dev-dependencies, whose features must not
     # leak into the permgate binary being measured (it is built exactly as `cargo build --release`).
     (cd "$ROOT" && cargo build --release --locked --bin permgate &&
-        cargo build --release --locked --example bench-upstream --example bench-reference)
+        cargo build --release --locked --example bench-upstream --example bench-reference --example bench-load)
 fi
 PERMGATE=$TARGET_DIR/release/permgate
 UPSTREAM_BIN=$TARGET_DIR/release/examples/bench-upstream
 REFERENCE_BIN=$TARGET_DIR/release/examples/bench-reference
-for bin in "$PERMGATE" "$UPSTREAM_BIN" "$REFERENCE_BIN"; do [ -x "$bin" ] || die "missing $bin"; done
+LOAD_BIN=$TARGET_DIR/release/examples/bench-load
+for bin in "$PERMGATE" "$UPSTREAM_BIN" "$REFERENCE_BIN" "$LOAD_BIN"; do [ -x "$bin" ] || die "missing $bin"; done
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 base=/tmp
@@ -863,6 +917,7 @@ EXTRA=$WORK/extra.tsv
 ADMIN_KEY=sk-admin-bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 TOKEN=bench-client-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 TOKEN_SHA256=$(printf '%s' "$TOKEN" | "$PERMGATE" hash-token)
+WRITER_TOKEN=bench-writer-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
 log "machine: $(nproc) CPUs, $(lscpu | sed -n 's/^Model name: *//p' | head -1); servers on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 log "runs of $DURATION, $ROUNDS rounds, $CONNECTIONS connections; work dir $WORK"
@@ -884,21 +939,40 @@ if tls_wanted; then
     start_permgate_tls pgtls $((PORT_BASE + 31))
 fi
 if mtls_wanted; then
+    # The caller is named by its certificate (tls_identity), as an mTLS deployment names it; it
+    # still sends the bearer token, as the SDKs do.
     start_permgate_tls pgmtls $((PORT_BASE + 40)) "client_ca_file = \"$WORK/tls/clients-ca.crt\"" \
-        "require_client_cert = true"
+        "require_client_cert = true" "" "[[clients]]" "name = \"bench-mtls\"" \
+        "tls_identity = \"$CLIENT_SPIFFE\"" "checkpoints = [\"*\"]"
 fi
 if jwt_wanted; then
     make_jwt
     PG_TAIL=$(printf '[jwt]\nissuer = "%s"\naudiences = ["permgate"]\njwks_file = "%s"\nleeway_seconds = 30\n\n[[clients]]\nname = "bench-jwt"\njwt_subject = "%s"\ncheckpoints = ["*"]' \
         "$JWT_ISSUER" "$WORK/jwks.json" "$JWT_SUBJECT") start_permgate pgjwt $((PORT_BASE + 41)) up0 "$quiet" "ttl_seconds = 3600"
 fi
+redis_wanted && start_redis $((PORT_BASE + 44))
 if fleet_wanted; then
-    start_redis $((PORT_BASE + 44))
     # Two independent fleets of one replica (own key prefixes) on the one redis-server.
     for fleet in "pgfleet 42" "pgfleetmiss 43"; do
         read -r name offset <<<"$fleet"
         PG_TAIL=$(printf '[redis]\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "permgate:%s:"' "${PORT[redis]}" "$name") \
             start_permgate "$name" $((PORT_BASE + offset)) up0 "$quiet" "ttl_seconds = 3600"
+    done
+fi
+if write_wanted; then
+    # fleetwrite: a client that may write; permgate without Redis (pgw), and a fleet of three
+    # replicas on one key prefix (pgwfleet takes the writes; pgwfleet2 and pgwfleet3 apply and
+    # acknowledge them). pgwfleet's admin listener serves the ack counters.
+    writer=$(printf '[[clients]]\nname = "bench-writer"\ntoken_sha256 = "%s"\ncheckpoints = ["*"]\ncan_write = true' \
+        "$(printf '%s' "$WRITER_TOKEN" | "$PERMGATE" hash-token)")
+    PG_TAIL=$writer start_permgate pgw $((PORT_BASE + 45)) up0 "$quiet" "ttl_seconds = 3600"
+    fleet=$(printf '[redis]\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "permgate:pgwfleet:"' "${PORT[redis]}")
+    ADMIN[pgwfleet]=127.0.0.1:$((PORT_BASE + 49))
+    PG_TAIL=$writer$'\n\n'$fleet PG_ADMIN_LISTEN=${ADMIN[pgwfleet]} \
+        start_permgate pgwfleet $((PORT_BASE + 46)) up0 "$quiet" "ttl_seconds = 3600"
+    for replica in "pgwfleet2 47" "pgwfleet3 48"; do
+        read -r name offset <<<"$replica"
+        PG_TAIL=$writer$'\n\n'$fleet start_permgate "$name" $((PORT_BASE + offset)) up0 "$quiet" "ttl_seconds = 3600"
     done
 fi
 start_nginx
@@ -932,6 +1006,15 @@ if mtls_wanted; then
     if curl -sf "${tls[@]}" "${auth[@]}" "https://127.0.0.1:${PORT[pgmtls]}$ONE" -o /dev/null 2>&1; then
         die "permgate served a client without a certificate though require_client_cert = true"
     fi
+    # The certificate names the caller: an unknown bearer token beside it does not matter.
+    curl -sf "${tls[@]}" "${client[@]}" -H "Authorization: Bearer not-a-client-token" \
+        "https://127.0.0.1:${PORT[pgmtls]}$ONE" -o /dev/null ||
+        die "permgate did not name the caller by its client certificate (see $WORK/pgmtls.log)"
+    line=$(load_run "https://127.0.0.1:${PORT[pgmtls]}$ONE" 1s 2 "$TOKEN" "$WORK/tls/client.crt" "$WORK/tls/client.key")
+    if [ "$(field status_errors "$line")" != 0 ] || [ "$(field socket_errors "$line")" != 0 ] ||
+        [ "$(field requests "$line")" = 0 ]; then
+        die "bench-load could not get the page over mTLS: ${line:-no result}"
+    fi
 fi
 if jwt_wanted; then
     jwt_auth=(-H "Authorization: Bearer $JWT")
@@ -954,6 +1037,27 @@ if fleet_wanted; then
     curl -sf -D - "${auth[@]}" "http://127.0.0.1:${PORT[pgfleet]}$ONE" -o /dev/null |
         grep -qi '^cache-status: permgate; hit' || die "permgate with [redis] does not serve the page from its cache"
     [ "$(redis-cli -p "${PORT[redis]}" dbsize)" -gt 0 ] || die "permgate with [redis] wrote nothing to Redis"
+fi
+if write_wanted; then
+    # Every replica holds a lease and the writer sees all three, so a write waits for two acks.
+    live=0
+    for _ in $(seq 100); do
+        live=$(metric permgate_fleet_replicas_live pgwfleet)
+        [ "$live" -ge 3 ] && break
+        sleep 0.1
+    done
+    [ "$live" -eq 3 ] || die "pgwfleet sees $live live replicas, not 3 (see $WORK/pgwfleet*.log)"
+    for system in pgw pgwfleet; do
+        before=$(upstream_count up0)
+        code=$(curl -s -o "$WORK/$system.create.json" -w '%{http_code}' -H "Authorization: Bearer $WRITER_TOKEN" \
+            -H "Content-Type: application/json" -d '{"project_ids":["proj_bench"]}' "http://127.0.0.1:${PORT[$system]}$ONE")
+        [ "$code" = 200 ] || die "$system answered $code to a create: $(cat "$WORK/$system.create.json")"
+        [ $(($(upstream_count up0) - before)) -eq 1 ] || die "$system's create did not reach upstream exactly once"
+    done
+    awaited=$(metric permgate_fleet_acks_awaited_total pgwfleet)
+    [ "$awaited" -eq 4 ] || die "pgwfleet's write waited for $awaited acknowledgements, not 4 (2 replicas, 2 fan-outs)"
+    [ "$(metric permgate_fleet_acks_missed_total pgwfleet)" -eq 0 ] ||
+        die "pgwfleet's write waited a replica's lease out instead of its ack"
 fi
 start ref10 $((PORT_BASE + 10)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 10))" --body "$WORK/body10.json"
 start ref100 $((PORT_BASE + 11)) "$REFERENCE_BIN" --listen "127.0.0.1:$((PORT_BASE + 11))" --body "$WORK/body100.json"
@@ -1001,6 +1105,11 @@ REPORT=$OUT/report-$STAMP.txt
     echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2), $(rustc --version 2>/dev/null || true)"
     echo "servers pinned to CPU $SERVER_CPU (permgate worker_threads = 1, nginx worker_processes 1),"
     echo "wrk -t1 -c$CONNECTIONS pinned to CPU $LOAD_CPU; $ROUNDS interleaved rounds of $DURATION; medians over rounds."
+    if mtls_wanted; then echo "mtlshit10: bench-load (one thread, $CONNECTIONS connections) for both systems, pinned like wrk."; fi
+    if write_wanted; then
+        echo "fleetwrite: wrk -t1 -c$WRITE_CONNECTIONS, POST creates, a $WRITE_PAUSE_MS ms pause after each answer;"
+        echo "pgwfleet = 3 replicas on one redis-server."
+    fi
     echo "page bodies: 10 items $(stat -c %s "$WORK/body10.json") B, 100 items $(stat -c %s "$WORK/body100.json") B"
     report
 } | tee "$REPORT"

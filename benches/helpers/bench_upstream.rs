@@ -1,14 +1,18 @@
-//! `bench-upstream`: a fast fake of OpenAI's checkpoint permission *list* endpoint, for load
-//! tests (`benches/compare.sh`). Unlike `permgate mock-upstream` it keeps no state per request,
-//! so it can take hundreds of thousands of requests without growing.
+//! `bench-upstream`: a fast fake of OpenAI's checkpoint permission *list* and *create*
+//! endpoints, for load tests (`benches/compare.sh`). Unlike `permgate mock-upstream` it keeps no
+//! state per request, so it can take hundreds of thousands of requests without growing.
 //!
 //! - `GET /v1/fine_tuning/checkpoints/{checkpoint}/permissions[?limit=N&...]` answers 200 with
 //!   a valid list page of `N` items (`limit`, 1..=100, default 10; other parameters are
 //!   accepted and ignored). The 100 possible bodies are built once at start-up.
+//! - `POST` to the same path (a create) reads the request body and answers 200 with a valid
+//!   one-item list, the shape OpenAI answers a create with; nothing is stored, so a list
+//!   afterwards does not show it. permgate checks the body before it forwards a create.
 //! - Every request but `/__count` must carry `Authorization: Bearer <admin key>` (else 401).
-//! - `GET /__count` answers the number of list requests answered so far (plain text), so a
-//!   script can count upstream calls (coalescing, cache fills).
-//! - `--delay-ms N` holds every list answer N ms (a distant upstream) without using CPU.
+//! - `GET /__count` answers the number of list and create requests answered so far (plain
+//!   text), so a script can count upstream calls (coalescing, cache fills, writes).
+//! - `--delay-ms N` holds every list and create answer N ms (a distant upstream) without using
+//!   CPU.
 //!
 //! One tokio thread (current-thread runtime), HTTP/1.1 keep-alive.
 //!
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -113,12 +117,23 @@ impl Upstream {
         if !is_list {
             return error(StatusCode::NOT_FOUND, "Unknown URL", None);
         }
-        if req.method() != Method::GET {
-            return error(StatusCode::METHOD_NOT_ALLOWED, "Only GET is faked", None);
-        }
-        let n = match limit(req.uri().query()) {
-            Ok(n) => n.unwrap_or(10),
-            Err(()) => return error(StatusCode::BAD_REQUEST, "Invalid limit", Some("limit")),
+        let n = if req.method() == Method::POST {
+            // Read to the end, so that hyper keeps the connection open for the next request.
+            if req.into_body().collect().await.is_err() {
+                return error(StatusCode::BAD_REQUEST, "Unreadable body", None);
+            }
+            1
+        } else if req.method() == Method::GET {
+            match limit(req.uri().query()) {
+                Ok(n) => n.unwrap_or(10),
+                Err(()) => return error(StatusCode::BAD_REQUEST, "Invalid limit", Some("limit")),
+            }
+        } else {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Only GET and POST are faked",
+                None,
+            );
         };
         if let Some(delay) = self.delay {
             tokio::time::sleep(delay).await;
