@@ -48,6 +48,8 @@ use crate::error::{Error, Passthrough};
 use crate::route::{Checkpoint, ListQuery};
 
 const GENERATION_SHARDS: usize = 4096;
+/// Dead pages are swept from memory at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// What a cached page costs beyond its body and its key's strings, as measured (valgrind
 /// massif and resident memory with 100,000 pages, benches/README.md): moka's entry (the key it
 /// keeps in an `Arc`, entry info, deque nodes, hash table slot), the page header, the body's
@@ -383,7 +385,9 @@ pub struct PageCache {
     fills: Mutex<HashMap<PageKey, Arc<Fill>, ByKeyHash>>,
     /// `no-cache` refreshes in flight, bounded the same way.
     refreshes: RefreshMap,
-    generations: Box<[AtomicU64]>,
+    generations: Arc<[AtomicU64]>,
+    /// When dead pages were last swept (see [`PageCache::invalidate_checkpoint`]).
+    last_sweep: Mutex<Option<Instant>>,
     hasher: foldhash::fast::RandomState,
     clock: Clock,
     config: CacheConfig,
@@ -427,6 +431,7 @@ impl PageCache {
             fills: Mutex::default(),
             refreshes: Mutex::default(),
             generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
+            last_sweep: Mutex::default(),
             hasher: foldhash::fast::RandomState::default(),
             clock,
             config: config.clone(),
@@ -462,15 +467,35 @@ impl PageCache {
     }
 
     /// Makes every page of `checkpoint` unreachable at once, including any a fill in flight is
-    /// about to store. Call after a write, before answering it. The dead pages (of this shard's
-    /// older generations) are then dropped from memory in the background.
+    /// about to store. Call after a write, before answering it. The dead pages are then dropped
+    /// from memory in the background (see [`PageCache::sweep_dead_pages`]).
     pub fn invalidate_checkpoint(&self, checkpoint: &Checkpoint) {
         let shard = self.shard(checkpoint);
-        let current = self.generations[shard as usize].fetch_add(1, Ordering::AcqRel) + 1;
-        let dropped = self
-            .pages
-            .invalidate_entries_if(move |k, _| k.shard == shard && k.generation < current);
-        if let Err(e) = dropped {
+        self.generations[shard as usize].fetch_add(1, Ordering::AcqRel);
+        self.sweep_dead_pages();
+    }
+
+    /// Has moka drop, in its background upkeep, every page stored so far whose generation is
+    /// no longer its shard's, at most once per [`SWEEP_INTERVAL`]. moka checks each registered
+    /// sweep against older entries on every read and in its upkeep until the sweep is done, so
+    /// one per write would make reads and writes pay in proportion to the write rate (writes
+    /// back to back had a tail of tens of milliseconds). Pages a later write kills before the
+    /// next sweep stay unreachable meanwhile, and least recently used, so the first to go when
+    /// the cache is full.
+    fn sweep_dead_pages(&self) {
+        let now = self.clock.now();
+        let Ok(mut last) = self.last_sweep.try_lock() else {
+            return; // Another write is registering one.
+        };
+        if last.is_some_and(|at| now.saturating_duration_since(at) < SWEEP_INTERVAL) {
+            return;
+        }
+        *last = Some(now);
+        let generations = self.generations.clone();
+        let dead = move |key: &PageKey, _: &Arc<Page>| {
+            key.generation < generations[key.shard as usize].load(Ordering::Acquire)
+        };
+        if let Err(e) = self.pages.invalidate_entries_if(dead) {
             tracing::debug!(error = %e, "could not schedule dropping dead pages; they age out instead");
         }
     }
@@ -791,6 +816,34 @@ mod tests {
         if a.shard != b.shard {
             assert!(cache.get(&b).await.is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn dead_pages_a_burst_of_writes_leaves_are_freed_by_the_next_write_after_the_interval() {
+        let clock = Clock::default();
+        let cache = PageCache::new(&config(), clock.clone(), Counter::default());
+        let store = |name: &'static str| {
+            let key = cache.key(cp(name), ListQuery::default());
+            let page = cache.page(StatusCode::OK, name.as_bytes()).unwrap();
+            (key.clone(), cache.insert(key, page))
+        };
+        let (a, stored) = store("ft:a");
+        stored.await;
+        cache.invalidate_checkpoint(&cp("ft:a")); // Swept.
+        let (b, stored) = store("ft:b");
+        stored.await;
+        cache.invalidate_checkpoint(&cp("ft:b")); // Within the interval: not yet.
+        cache.run_pending_tasks().await;
+        assert!(cache.get(&a).await.is_none());
+        let fresh = cache.key(cp("ft:b"), ListQuery::default());
+        assert_ne!(fresh, b, "yet no read can reach it");
+        clock.advance(SWEEP_INTERVAL);
+        cache.invalidate_checkpoint(&cp("ft:c"));
+        cache.run_pending_tasks().await;
+        assert!(
+            cache.get(&b).await.is_none(),
+            "the next write's sweep frees it"
+        );
     }
 
     #[tokio::test]
