@@ -27,14 +27,14 @@
 //!   from upstream and refuses writes; this module only says whether the lease is held.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
+use redis::{AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, TlsCertificates};
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
@@ -45,17 +45,86 @@ use crate::metrics::Metrics;
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret;
 
-const RENEW: &str = concat!(
-    include_str!("fleet/ensure.lua"),
-    include_str!("fleet/renew.lua")
-);
-const PUBLISH: &str = concat!(
-    include_str!("fleet/ensure.lua"),
-    include_str!("fleet/publish.lua")
-);
-const ACK: &str = include_str!("fleet/ack.lua");
-const LOOKUP: &str = include_str!("fleet/lookup.lua");
-const PUT: &str = include_str!("fleet/put.lua");
+/// A script as sent: by its SHA1 (`EVALSHA`; each connection loads every script first), in full
+/// (`EVAL`) only after Redis answered NOSCRIPT (its script cache was flushed).
+struct Script {
+    body: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(body: &'static str) -> Script {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, body.as_bytes());
+        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Script { body, sha }
+    }
+
+    /// `EVALSHA <sha> <keys>`: the caller appends the keys, then the arguments.
+    fn call(&self, keys: usize) -> Cmd {
+        let mut command = redis::cmd("EVALSHA");
+        command.arg(&self.sha).arg(keys);
+        command
+    }
+
+    /// The same call as `EVAL` with the script's text (which loads it too).
+    fn in_full(&self, call: &Cmd) -> Cmd {
+        let mut command = redis::cmd("EVAL");
+        command.arg(self.body);
+        for arg in call.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = arg {
+                command.arg(bytes);
+            }
+        }
+        command
+    }
+}
+
+struct Scripts {
+    renew: Script,
+    publish: Script,
+    ack: Script,
+    lookup: Script,
+    put: Script,
+}
+
+impl Scripts {
+    fn all(&self) -> [&Script; 5] {
+        [
+            &self.renew,
+            &self.publish,
+            &self.ack,
+            &self.lookup,
+            &self.put,
+        ]
+    }
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    renew: Script::new(concat!(
+        include_str!("fleet/ensure.lua"),
+        include_str!("fleet/renew.lua")
+    )),
+    publish: Script::new(concat!(
+        include_str!("fleet/ensure.lua"),
+        include_str!("fleet/publish.lua")
+    )),
+    ack: Script::new(include_str!("fleet/ack.lua")),
+    lookup: Script::new(include_str!("fleet/lookup.lua")),
+    put: Script::new(include_str!("fleet/put.lua")),
+});
+
+/// Whether a script call whose script Redis lacks is sent again in full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    Yes,
+    /// No: the caller may make one round trip only (a lookup); the lease task reloads the
+    /// scripts.
+    No,
+}
+
+fn no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
 /// Entries the invalidation stream keeps (approximately); a replica further behind purges.
 const STREAM_MAXLEN: u64 = 10_000;
 /// A writer's allowance for clock rate differences (±0.4 % tolerated, see README).
@@ -134,6 +203,8 @@ pub struct Fleet {
     acked: tokio::sync::Notify,
     /// Connections made so far: the ack listener resubscribes when it moves.
     connections: AtomicU64,
+    /// Redis answered NOSCRIPT: the lease task loads the scripts again.
+    scripts_lost: AtomicBool,
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
@@ -271,6 +342,7 @@ impl Fleet {
             writes: AtomicU64::new(0),
             acked: tokio::sync::Notify::new(),
             connections: AtomicU64::new(0),
+            scripts_lost: AtomicBool::new(false),
         })
     }
 
@@ -324,7 +396,47 @@ impl Fleet {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        match tokio::time::timeout(self.timeout, call).await {
+        self.settle(tokio::time::timeout(self.timeout, call).await)
+    }
+
+    /// Runs one script call ([`Script::call`]) within the timeout. NOSCRIPT (Redis' script
+    /// cache was flushed) does not drop the connection: with [`Resend::Yes`] the call is sent
+    /// again in full, else it fails and the lease task reloads the scripts.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        call: &Cmd,
+        resend: Resend,
+    ) -> Option<T> {
+        let mut connection = self.connection()?;
+        let answer = tokio::time::timeout(self.timeout, call.query_async::<T>(&mut connection));
+        match answer.await {
+            Ok(Err(e)) if no_script(&e) => {
+                self.scripts_lost.store(true, Ordering::Relaxed);
+                if resend == Resend::No {
+                    return None;
+                }
+                self.guarded(script.in_full(call).query_async(&mut connection))
+                    .await
+            }
+            answer => self.settle(answer),
+        }
+    }
+
+    /// Loads every script on `connection` (one round trip), so that calls can name them.
+    async fn load_scripts(connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let mut load = redis::pipe();
+        for script in SCRIPTS.all() {
+            load.cmd("SCRIPT").arg("LOAD").arg(script.body).ignore();
+        }
+        load.query_async(connection).await
+    }
+
+    fn settle<T>(
+        &self,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        match answer {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 self.degrade(&format!("redis error: {:?}", e.kind()));
@@ -348,10 +460,10 @@ impl Fleet {
         format!("{}{name}", self.prefix)
     }
 
-    /// `EVAL` of one of the scripts with the sequence keys first, then `keys`, then `args`.
-    fn script(body: &str, keys: &[String], args: &[&str]) -> redis::Cmd {
-        let mut command = redis::cmd("EVAL");
-        command.arg(body).arg(keys.len()).arg(keys).arg(args);
+    /// A call of `script` with `keys`, then `args`.
+    fn script(script: &Script, keys: &[String], args: &[&str]) -> Cmd {
+        let mut command = script.call(keys.len());
+        command.arg(keys).arg(args);
         command
     }
 
@@ -384,11 +496,12 @@ impl Fleet {
         };
         let lease_ms = self.lease.as_millis().to_string();
         let command = Self::script(
-            RENEW,
+            &SCRIPTS.renew,
             &self.sequence_keys(),
             &[&self.id, &lease_ms, &known, &applied.to_string()],
         );
-        let (incarnation, seq, live): (String, u64, u64) = self.run(&command).await.ok_or(())?;
+        let reply = self.eval(&SCRIPTS.renew, &command, Resend::Yes).await;
+        let (incarnation, seq, live): (String, u64, u64) = reply.ok_or(())?;
         self.replicas_live.store(live, Ordering::Relaxed);
         let mut s = self.sync.lock().await;
         if s.incarnation.as_deref() != Some(incarnation.as_str()) {
@@ -480,8 +593,8 @@ impl Fleet {
         let keys = [self.key("incarnation"), self.key("acks")];
         let channel = self.key("acked");
         let args = [self.id.as_str(), &seq.to_string(), incarnation, &channel];
-        let command = Self::script(ACK, &keys, &args);
-        self.run::<i64>(&command).await;
+        let command = Self::script(&SCRIPTS.ack, &keys, &args);
+        self.eval::<i64>(&SCRIPTS.ack, &command, Resend::Yes).await;
     }
 
     /// Reads the stream from where this replica stands, on `stream` (a dedicated connection: the
@@ -565,9 +678,10 @@ impl Fleet {
             &pending_ms,
             &STREAM_MAXLEN.to_string(),
         ];
-        let command = Self::script(PUBLISH, &keys, &args);
+        let command = Self::script(&SCRIPTS.publish, &keys, &args);
         type Reply = (u64, u64, u64, String, Vec<String>);
-        let (seq, now, fence, _incarnation, leases): Reply = self.run(&command).await?;
+        let reply = self.eval(&SCRIPTS.publish, &command, Resend::Yes).await;
+        let (seq, now, fence, _incarnation, leases): Reply = reply?;
         let arrived = lease_clock();
         let waits = leases
             .chunks(2)
@@ -762,7 +876,7 @@ impl Fleet {
             LookupMode::Lock => "lock",
         };
         let command = Self::script(
-            LOOKUP,
+            &SCRIPTS.lookup,
             &keys,
             &[
                 &self.prefix,
@@ -774,7 +888,8 @@ impl Fleet {
             ],
         );
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
-        let (epoch, generation, pending, locked, page) = self.run::<Reply>(&command).await?;
+        let reply = self.eval::<Reply>(&SCRIPTS.lookup, &command, Resend::No);
+        let (epoch, generation, pending, locked, page) = reply.await?;
         Some(match (pending, locked, page) {
             (1, _, _) => Lookup::Pending,
             (_, _, Some(raw)) => match SharedPage::decode(&raw) {
@@ -811,10 +926,8 @@ impl Fleet {
             self.key("incarnation"),
         ];
         let px = keep_for.as_millis().max(1).to_string();
-        let mut command = redis::cmd("EVAL");
+        let mut command = SCRIPTS.put.call(keys.len());
         command
-            .arg(PUT)
-            .arg(keys.len())
             .arg(&keys[..])
             .arg(&self.prefix)
             .arg(&share.suffix)
@@ -826,7 +939,7 @@ impl Fleet {
             .arg(share.incarnation.as_str());
         let fleet = self.clone();
         tokio::spawn(async move {
-            fleet.run::<i64>(&command).await;
+            fleet.eval::<i64>(&SCRIPTS.put, &command, Resend::Yes).await;
         });
     }
 }
@@ -872,7 +985,13 @@ impl Fleet {
     /// Connects and turns the connection on. The local cache is kept: the next renewal decides
     /// whether anything was missed (catch-up) or everything must go (new incarnation, gap).
     async fn establish(&self) -> Result<(), String> {
-        let connection = self.connect(self.timeout).await?;
+        let mut connection = self.connect(self.timeout).await?;
+        let wait = self.timeout.max(Duration::from_millis(500));
+        match tokio::time::timeout(wait, Self::load_scripts(&mut connection)).await {
+            Ok(Ok(())) => self.scripts_lost.store(false, Ordering::Relaxed),
+            Ok(Err(e)) => return Err(format!("loading the scripts: {:?}", e.kind())),
+            Err(_) => return Err("loading the scripts timed out".into()),
+        }
         self.connection.store(Some(Arc::new(connection)));
         self.connections.fetch_add(1, Ordering::Relaxed);
         // No lookups on the new connection before its first renewal succeeds (`lookup`).
@@ -894,6 +1013,11 @@ impl Fleet {
                 return wait;
             }
             *backoff = Duration::from_millis(100);
+        }
+        if self.scripts_lost.swap(false, Ordering::Relaxed) {
+            if let Some(mut connection) = self.connection() {
+                self.guarded(Self::load_scripts(&mut connection)).await;
+            }
         }
         if self.renew(cache).await.is_ok() {
             renew_every
@@ -1064,6 +1188,28 @@ mod tests {
         assert_eq!(wait_until(7 * MS, 50_000, 51_000), 7 * MS + 1012 * MS);
         // A deadline already past: only the 2 ms allowance.
         assert_eq!(wait_until(7 * MS, 50_000, 49_000), 9 * MS);
+    }
+
+    #[test]
+    fn a_script_is_called_by_the_sha1_redis_names_it_by_and_resent_with_the_same_arguments() {
+        let script = Script::new("return 1");
+        // What `SCRIPT LOAD "return 1"` answers.
+        assert_eq!(script.sha, "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+        let mut call = script.call(1);
+        call.arg("k").arg(7);
+        let args = |c: &Cmd| {
+            c.args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => "(not an argument)".into(),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(args(&call), ["EVALSHA", &script.sha, "1", "k", "7"]);
+        assert_eq!(
+            args(&script.in_full(&call)),
+            ["EVAL", "return 1", "1", "k", "7"]
+        );
     }
 
     #[test]

@@ -505,6 +505,53 @@ async fn a_redis_restored_from_before_a_write_is_not_trusted_for_shared_pages() 
     assert_eq!(mock.count(&Method::GET), 3);
 }
 
+#[tokio::test]
+async fn a_flushed_script_cache_is_loaded_again_without_dropping_the_connection() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t13:").await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // A write at once: Redis has none of the scripts its calls name.
+    let created = fleet[0]
+        .client
+        .post(
+            &list_path(CP),
+            WRITER,
+            r#"{"project_ids":["proj_flushed"]}"#,
+        )
+        .await;
+    assert_eq!(created.status, 200);
+    let id = created.ids()[0].clone();
+    assert_eq!(
+        fleet[1].client.get(&list_path(CP), READER).await.ids()[0],
+        id
+    );
+    // The scripts are loaded again: a page one replica fetched is shared with the other.
+    let mut n = 0;
+    eventually("pages are shared again", || {
+        n += 1;
+        let path = format!("{}?after=perm_flushed{n}", list_path(CP));
+        let (fleet, mock) = (&fleet, &mock);
+        async move {
+            fleet[0].client.get(&path, READER).await;
+            let before = mock.count(&Method::GET);
+            let shared = fleet[1].client.get(&path, READER).await;
+            shared.status == 200 && mock.count(&Method::GET) == before
+        }
+    })
+    .await;
+    for r in &fleet {
+        assert_eq!(metric(r, "permgate_fleet_degraded_total").await, 0.0);
+    }
+}
+
 const LEASE: Duration = Duration::from_millis(600);
 /// Round trips, scheduling and a write's own upstream call, on a loaded 2-core CI machine.
 const MARGIN: Duration = Duration::from_millis(400);
