@@ -101,16 +101,24 @@ impl Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     renew: Script::new(concat!(
+        include_str!("fleet/run.lua"),
         include_str!("fleet/ensure.lua"),
         include_str!("fleet/renew.lua")
     )),
     publish: Script::new(concat!(
+        include_str!("fleet/run.lua"),
         include_str!("fleet/ensure.lua"),
         include_str!("fleet/publish.lua")
     )),
     ack: Script::new(include_str!("fleet/ack.lua")),
-    lookup: Script::new(include_str!("fleet/lookup.lua")),
-    put: Script::new(include_str!("fleet/put.lua")),
+    lookup: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        include_str!("fleet/lookup.lua")
+    )),
+    put: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        include_str!("fleet/put.lua")
+    )),
 });
 
 /// Whether a script call whose script Redis lacks is sent again in full.
@@ -865,10 +873,10 @@ impl Fleet {
         let suffix = Self::page_suffix(checkpoint, query);
         let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
         let keys = [
+            self.key("incarnation"),
             self.key("epoch"),
             self.gen_key(checkpoint),
             self.pending_key(checkpoint),
-            self.key("incarnation"),
         ];
         let lock_ms = lock_for.as_millis().max(1).to_string();
         let mode_arg = match mode {

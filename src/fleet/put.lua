@@ -1,13 +1,11 @@
--- PUT  KEYS: epoch gen pending incarnation
+-- PUT (after RUN)  KEYS: epoch gen pending incarnation
 -- ARGV: prefix cp_and_query owner epoch gen value px known_inc
 -- Stores the page only if no write began or ended since the lookup (same epoch and
 -- generation, no pending write) and Redis is still the incarnation the lookup ran in (as
 -- LOOKUP checks it: a restart or failover may have lost increments); always releases the
 -- caller's lock. value '' = release only.
-local ok, info = pcall(redis.call, 'INFO', 'server')
-local run = (ok and string.match(info, 'run_id:(%w+)')) or 'norunid'
 local inc = redis.call('GET', KEYS[4])
-local same = inc and inc == ARGV[8] and string.sub(inc, 1, #run + 1) == run .. ':'
+local same = inc == ARGV[8] and of_run(inc, run_id())
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local s = ARGV[4] .. ':' .. ARGV[5] .. ':' .. ARGV[2]

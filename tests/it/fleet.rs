@@ -52,18 +52,27 @@ fn ensure_redis_server() {
 
 impl Redis {
     fn start_on(port: u16) -> Redis {
+        Redis::start_in(port, None)
+    }
+
+    /// With `dir`, `SAVE` writes a snapshot there and a restart on `dir` loads it.
+    fn start_in(port: u16, dir: Option<&std::path::Path>) -> Redis {
         ensure_redis_server();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        if let Some(dir) = dir {
+            command.arg("--dir").arg(dir);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -503,6 +512,97 @@ async fn a_redis_restored_from_before_a_write_is_not_trusted_for_shared_pages() 
         again.cache_status()
     );
     assert_eq!(mock.count(&Method::GET), 3);
+}
+
+#[tokio::test]
+async fn a_redis_restarted_from_a_snapshot_is_a_new_incarnation_for_shared_pages() {
+    let dir = TempDir::new("fleet-snapshot");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = Redis::start_in(port, Some(&dir.0));
+    let (_mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t14:").await;
+    assert_eq!(
+        fleet[0].client.get(&list_path(CP), READER).await.status,
+        200
+    );
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let shared = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("t14:page:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.len() == 1
+    };
+    eventually("the page is shared", || shared(conn.clone())).await;
+    // A snapshot with the shared page and the incarnation key, then a write it does not have.
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let created = fleet[0]
+        .client
+        .post(
+            &list_path(CP),
+            WRITER,
+            r#"{"project_ids":["proj_restored"]}"#,
+        )
+        .await;
+    assert_eq!(created.status, 200);
+    let id = created.ids()[0].clone();
+
+    // The same keys in a new process: only its run_id says it is not the Redis the write went
+    // through. Each replica sees a new incarnation, and the restored page is not served.
+    redis.stop();
+    let _redis = Redis::start_in(port, Some(&dir.0));
+    for r in &fleet {
+        eventually("the restored Redis is a new incarnation", || async {
+            metric(
+                r,
+                "permgate_fleet_resync_purges_total{reason=\"incarnation\"}",
+            )
+            .await
+                == 1.0
+        })
+        .await;
+    }
+    let after = fleet[1].client.get(&list_path(CP), READER).await;
+    assert_eq!(after.ids()[0], id, "{}", after.cache_status());
+}
+
+#[tokio::test]
+async fn nothing_fetched_while_a_write_is_pending_is_stored_here_or_in_redis() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(1, addr, &redis, "t15:").await;
+    // A write of CP began on a replica that died before it ended: its pending token, as
+    // PUBLISH adds it, lives on.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("ZADD")
+        .arg(format!("t15:pending:{CP}"))
+        .arg(i64::MAX / 2)
+        .arg("dead-replica-0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let read = fleet[0].client.get(&list_path(CP), READER).await;
+        assert_eq!(read.status, 200);
+        assert_ne!(read.cache_status(), "permgate; hit");
+    }
+    assert_eq!(mock.count(&Method::GET), 2, "both reads went upstream");
+    let pages: Vec<String> = redis::cmd("KEYS")
+        .arg("t15:page:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pages.is_empty(), "{pages:?}");
 }
 
 #[tokio::test]
