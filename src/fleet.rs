@@ -26,15 +26,17 @@
 //! - **Without a lease** (Redis unreachable, the replica paused or cut off) the proxy reads
 //!   from upstream and refuses writes; this module only says whether the lease is held.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, TlsCertificates};
+use redis::{AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, RedisWrite, TlsCertificates};
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
@@ -142,6 +144,9 @@ const WRITER_FACTOR: f64 = 1.01;
 const ACK_RECHECK: Duration = Duration::from_millis(10);
 /// Renewals retry this often at most after a failure.
 const RENEW_RETRY: Duration = Duration::from_millis(100);
+/// Pages waiting to be shared at most (past it a put is a call of its own), and per call.
+const PUT_QUEUE: usize = 1024;
+const PUT_BATCH: usize = 32;
 
 /// A page as stored in Redis: when it was fetched, its status and body.
 pub struct SharedPage {
@@ -213,6 +218,8 @@ pub struct Fleet {
     connections: AtomicU64,
     /// Redis answered NOSCRIPT: the lease task loads the scripts again.
     scripts_lost: AtomicBool,
+    /// The put task's queue (from [`start`]).
+    puts: OnceLock<mpsc::Sender<Put>>,
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
@@ -351,6 +358,7 @@ impl Fleet {
             acked: tokio::sync::Notify::new(),
             connections: AtomicU64::new(0),
             scripts_lost: AtomicBool::new(false),
+            puts: OnceLock::new(),
         })
     }
 
@@ -917,38 +925,96 @@ impl Fleet {
     }
 
     /// In the background, after the answer: stores the fetched page for `keep_for` unless a
-    /// write began or ended since the lookup (the script compares generations and looks for a
-    /// pending write), and releases the fetch lock either way (`page: None`: release only).
-    pub fn share(self: &Arc<Self>, share: Share, page: Option<(u16, &[u8])>, keep_for: Duration) {
-        let value = page.map_or_else(Vec::new, |(status, body)| {
-            let mut value = BytesMut::with_capacity(10 + body.len());
-            value.put_u64(unix_millis());
-            value.put_u16(status);
-            value.put_slice(body);
-            value.to_vec()
-        });
-        let keys = [
-            self.key("epoch"),
-            self.gen_key(&share.checkpoint),
-            self.pending_key(&share.checkpoint),
-            self.key("incarnation"),
-        ];
-        let px = keep_for.as_millis().max(1).to_string();
-        let mut command = SCRIPTS.put.call(keys.len());
-        command
-            .arg(&keys[..])
-            .arg(&self.prefix)
-            .arg(&share.suffix)
-            .arg(&share.owner)
-            .arg(&share.epoch)
-            .arg(&share.generation)
-            .arg(value)
-            .arg(px)
-            .arg(share.incarnation.as_str());
+    /// write began or ended since the lookup (PUT compares generations and looks for a pending
+    /// write), and releases the fetch lock either way (`page: None`: release only). Queued for
+    /// the put task, which sends whatever queued meanwhile in one call; with the queue full
+    /// (Redis slower than the misses) the put is a call of its own.
+    pub fn share(self: &Arc<Self>, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
+        let put = Put {
+            share,
+            page: page.map(|(status, body)| (unix_millis(), status, body)),
+            keep_ms: keep_for.as_millis().max(1) as u64,
+        };
+        let put = match self.puts.get() {
+            Some(queue) => match queue.try_send(put) {
+                Ok(()) => return,
+                Err(TrySendError::Full(put) | TrySendError::Closed(put)) => put,
+            },
+            None => put,
+        };
         let fleet = self.clone();
-        tokio::spawn(async move {
-            fleet.eval::<i64>(&SCRIPTS.put, &command, Resend::Yes).await;
-        });
+        tokio::spawn(async move { fleet.put(std::slice::from_ref(&put)).await });
+    }
+
+    /// PUT for a batch: one call, one incarnation check, however many pages.
+    async fn put(&self, batch: &[Put]) {
+        let mut call = SCRIPTS.put.call(2 + 4 * batch.len());
+        call.arg(self.key("incarnation")).arg(self.key("epoch"));
+        let prefix = self.prefix.as_str();
+        for put in batch {
+            let (s, cp) = (&put.share, put.share.checkpoint.as_str());
+            let (epoch, generation, suffix) = (&s.epoch, &s.generation, &s.suffix);
+            arg_of(&mut call, &[prefix, "gen:", cp]);
+            arg_of(&mut call, &[prefix, "pending:", cp]);
+            arg_of(
+                &mut call,
+                &[prefix, "page:", epoch, ":", generation, ":", suffix],
+            );
+            arg_of(
+                &mut call,
+                &[prefix, "lock:", epoch, ":", generation, ":", suffix],
+            );
+        }
+        for put in batch {
+            let s = &put.share;
+            call.arg(s.incarnation.as_str())
+                .arg(&s.epoch)
+                .arg(&s.generation)
+                .arg(&s.owner);
+            match &put.page {
+                // `fetched at (unix ms, 8 bytes) | status (2 bytes) | body` (`SharedPage::decode`).
+                Some((fetched, status, body)) => {
+                    let mut value = call.writer_for_next_arg();
+                    for piece in [&fetched.to_be_bytes()[..], &status.to_be_bytes(), body] {
+                        let _ = value.write_all(piece);
+                    }
+                }
+                None => {
+                    call.arg("");
+                }
+            }
+            call.arg(put.keep_ms);
+        }
+        self.eval::<i64>(&SCRIPTS.put, &call, Resend::Yes).await;
+    }
+}
+
+/// Appends one argument made of `parts`, written in place.
+fn arg_of(call: &mut Cmd, parts: &[&str]) {
+    let mut arg = call.writer_for_next_arg();
+    for part in parts {
+        let _ = arg.write_all(part.as_bytes());
+    }
+}
+
+/// A fetched page (or only a lock to release) on its way to Redis.
+struct Put {
+    share: Share,
+    /// When it was fetched (unix ms), its status and body; `None`: release the lock only.
+    page: Option<(u64, u16, Bytes)>,
+    keep_ms: u64,
+}
+
+/// Sends the queued puts: whatever queued while the previous call was out goes in the next one
+/// (at most [`PUT_BATCH`]). Ends with the fleet (its queue closes).
+async fn put_task(fleet: Weak<Fleet>, mut queue: mpsc::Receiver<Put>) {
+    let mut batch = Vec::with_capacity(PUT_BATCH);
+    while queue.recv_many(&mut batch, PUT_BATCH).await > 0 {
+        let Some(fleet) = fleet.upgrade() else {
+            return;
+        };
+        fleet.put(&batch).await;
+        batch.clear();
     }
 }
 
@@ -1050,6 +1116,10 @@ pub async fn start(fleet: &Arc<Fleet>, cache: &Arc<PageCache>) {
         Err(why) => {
             warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: starting degraded (no lease: reads go upstream, writes are refused)");
         }
+    }
+    let (queue, puts) = mpsc::channel(PUT_QUEUE);
+    if fleet.puts.set(queue).is_ok() {
+        tokio::spawn(put_task(Arc::downgrade(fleet), puts));
     }
     let handles = Handles {
         fleet: Arc::downgrade(fleet),

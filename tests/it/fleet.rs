@@ -606,6 +606,126 @@ async fn nothing_fetched_while_a_write_is_pending_is_stored_here_or_in_redis() {
 }
 
 #[tokio::test]
+async fn a_page_fetched_across_a_write_or_into_a_new_incarnation_is_not_shared() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(1, addr, &redis, "t16:").await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let count = |pattern: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.len()
+        }
+    };
+    // A page fetched with nothing in between is shared, and its lock released.
+    fleet[0].client.get(&list_path(CP2), READER).await;
+    eventually("the page is shared", || async {
+        count("t16:page:*").await == 1 && count("t16:lock:*").await == 0
+    })
+    .await;
+    // Each of these happens while a fill's upstream request is out (after its lookup): a write
+    // of the checkpoint began and ended (its generation moved), a write of it began (its
+    // pending token), Redis became another incarnation. None of those pages is shared; each
+    // lock is released.
+    let changes: [(&str, redis::Cmd); 3] = [
+        ("", redis::cmd("INCR").arg(format!("t16:gen:{CP}")).clone()),
+        (
+            "?limit=5",
+            redis::cmd("ZADD")
+                .arg(format!("t16:pending:{CP}"))
+                .arg(i64::MAX / 2)
+                .arg("writer-0")
+                .clone(),
+        ),
+        (
+            "CP2?limit=6",
+            redis::cmd("SET")
+                .arg("t16:incarnation")
+                .arg("0123456789abcdef0123456789abcdef01234567:1")
+                .clone(),
+        ),
+    ];
+    for (query, change) in changes {
+        let mut held = mock.hold_next();
+        let reader = fleet[0].client.clone();
+        let path = match query.strip_prefix("CP2") {
+            Some(query) => format!("{}{query}", list_path(CP2)),
+            None => format!("{}{query}", list_path(CP)),
+        };
+        let read = tokio::spawn(async move { reader.get(&path, READER).await });
+        held.arrived().await;
+        assert_eq!(count("t16:lock:*").await, 1, "the fill holds the lock");
+        let _: redis::Value = change.query_async(&mut conn.clone()).await.unwrap();
+        held.release();
+        assert_eq!(read.await.unwrap().status, 200);
+        // Released by the put, well before it would expire (the upstream deadline, 3 s).
+        let released = Instant::now();
+        while count("t16:lock:*").await != 0 {
+            assert!(
+                released.elapsed() < Duration::from_secs(1),
+                "after {change:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(count("t16:page:*").await, 1, "after {change:?}");
+    }
+}
+
+#[tokio::test]
+async fn pages_fetched_at_once_are_shared_in_batches_and_all_arrive() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t17:").await;
+    let path = |n: usize| format!("{}?after=perm_batch{n}", list_path(CP));
+    // Their puts queue up behind one another: most go in shared calls.
+    let reads: Vec<_> = (0..40)
+        .map(|n| {
+            let client = fleet[0].client.clone();
+            let path = path(n);
+            tokio::spawn(async move { client.get(&path, READER).await.status })
+        })
+        .collect();
+    for read in reads {
+        assert_eq!(read.await.unwrap(), 200);
+    }
+    assert_eq!(mock.count(&Method::GET), 40);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    eventually("every page is shared and every lock released", || {
+        let mut conn = conn.clone();
+        async move {
+            let pages: Vec<String> = redis::cmd("KEYS")
+                .arg("t17:page:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let locks: Vec<String> = redis::cmd("KEYS")
+                .arg("t17:lock:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            pages.len() == 40 && locks.is_empty()
+        }
+    })
+    .await;
+    for n in 0..40 {
+        let shared = fleet[1].client.get(&path(n), READER).await;
+        assert_eq!(shared.status, 200);
+    }
+    assert_eq!(
+        mock.count(&Method::GET),
+        40,
+        "the other replica asked upstream"
+    );
+}
+
+#[tokio::test]
 async fn a_flushed_script_cache_is_loaded_again_without_dropping_the_connection() {
     let redis = Redis::start();
     let (mock, addr, _stop) = mock().await;
