@@ -880,31 +880,23 @@ impl Fleet {
         let incarnation = self.renewed.load_full()?;
         let suffix = Self::page_suffix(checkpoint, query);
         let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
-        let keys = [
-            self.key("incarnation"),
-            self.key("epoch"),
-            self.gen_key(checkpoint),
-            self.pending_key(checkpoint),
-        ];
-        let lock_ms = lock_for.as_millis().max(1).to_string();
-        let mode_arg = match mode {
-            LookupMode::Page => "page",
-            LookupMode::Lock => "lock",
-        };
-        let command = Self::script(
-            &SCRIPTS.lookup,
-            &keys,
-            &[
-                &self.prefix,
-                &suffix,
-                &owner,
-                &lock_ms,
-                mode_arg,
-                &incarnation,
-            ],
-        );
+        let (prefix, cp) = (self.prefix.as_str(), checkpoint.as_str());
+        let mut call = SCRIPTS.lookup.call(4);
+        arg_of(&mut call, &[prefix, "incarnation"]);
+        arg_of(&mut call, &[prefix, "epoch"]);
+        arg_of(&mut call, &[prefix, "gen:", cp]);
+        arg_of(&mut call, &[prefix, "pending:", cp]);
+        call.arg(prefix)
+            .arg(&suffix)
+            .arg(&owner)
+            .arg(lock_for.as_millis().max(1) as u64)
+            .arg(match mode {
+                LookupMode::Page => "page",
+                LookupMode::Lock => "lock",
+            })
+            .arg(incarnation.as_str());
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
-        let reply = self.eval::<Reply>(&SCRIPTS.lookup, &command, Resend::No);
+        let reply = self.eval::<Reply>(&SCRIPTS.lookup, &call, Resend::No);
         let (epoch, generation, pending, locked, page) = reply.await?;
         Some(match (pending, locked, page) {
             (1, _, _) => Lookup::Pending,
@@ -948,9 +940,10 @@ impl Fleet {
 
     /// PUT for a batch: one call, one incarnation check, however many pages.
     async fn put(&self, batch: &[Put]) {
-        let mut call = SCRIPTS.put.call(2 + 4 * batch.len());
-        call.arg(self.key("incarnation")).arg(self.key("epoch"));
         let prefix = self.prefix.as_str();
+        let mut call = SCRIPTS.put.call(2 + 4 * batch.len());
+        arg_of(&mut call, &[prefix, "incarnation"]);
+        arg_of(&mut call, &[prefix, "epoch"]);
         for put in batch {
             let (s, cp) = (&put.share, put.share.checkpoint.as_str());
             let (epoch, generation, suffix) = (&s.epoch, &s.generation, &s.suffix);
@@ -1033,12 +1026,14 @@ impl SharedPage {
 
 /// Connections and the background tasks.
 impl Fleet {
-    /// One connection attempt plus a PING, within the timeout; `response` bounds each command.
-    async fn connect(&self, response: Duration) -> Result<MultiplexedConnection, String> {
+    /// One connection attempt plus a PING, within the timeout. The connection sets no deadline
+    /// of its own: every command on it runs under one of the caller's (`guarded`, `eval`,
+    /// `follow`), one timer each.
+    async fn connect(&self) -> Result<MultiplexedConnection, String> {
         let wait = self.timeout.max(Duration::from_millis(500));
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(wait))
-            .set_response_timeout(Some(response));
+            .set_response_timeout(None);
         let mut connection = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -1059,7 +1054,7 @@ impl Fleet {
     /// Connects and turns the connection on. The local cache is kept: the next renewal decides
     /// whether anything was missed (catch-up) or everything must go (new incarnation, gap).
     async fn establish(&self) -> Result<(), String> {
-        let mut connection = self.connect(self.timeout).await?;
+        let mut connection = self.connect().await?;
         let wait = self.timeout.max(Duration::from_millis(500));
         match tokio::time::timeout(wait, Self::load_scripts(&mut connection)).await {
             Ok(Ok(())) => self.scripts_lost.store(false, Ordering::Relaxed),
@@ -1183,8 +1178,7 @@ async fn stream_task(handles: Handles) {
             continue;
         }
         if stream.is_none() {
-            let response = fleet.lease / 3 + fleet.timeout;
-            stream = fleet.connect(response).await.ok();
+            stream = fleet.connect().await.ok();
         }
         let followed = match stream.as_mut() {
             Some(connection) => fleet.follow(&cache, connection).await,
