@@ -257,8 +257,10 @@ case $MODE in
         cp "$WORK/plain.toml" "$WORK/fleet.toml"
         printf '\n[redis]\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "permgate:profile:"\ntimeout_ms = 1000\nlease_ms = 3000\n' \
             "$RD" >>"$WORK/fleet.toml"
+        free_port() { ! (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null || { echo "127.0.0.1:$1 is in use" >&2; exit 1; }; }
         # start_redis [WRAPPER...] / stop_pid PID
         start_redis() {
+            free_port "$RD"
             taskset -c 0 "$@" redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no \
                 --dir "$WORK" >"$WORK/redis.log" 2>&1 &
             REDIS_PID=$!
@@ -273,6 +275,7 @@ case $MODE in
         fleet_pg() {
             local config=$1
             shift
+            free_port "$PGF"
             env OPENAI_ADMIN_KEY="$ADMIN_KEY" PERMGATE_LOG="$LOG" PERMGATE_LOG_FORMAT=json \
                 taskset -c 0 "$@" "$PERMGATE" serve --config "$WORK/$config.toml" 2>"$WORK/$config.log" &
             PG_PID=$!
@@ -321,24 +324,29 @@ case $MODE in
             callgrind_annotate "$file" 2>/dev/null | head -70 >"$OUT/callgrind-$1-self.txt"
         }
         rm -f "$OUT"/callgrind.fleet-*
+        # Every process is started from this shell (not a pipeline's subshell), so that the exit
+        # trap stops it; the figures go to files, shown as each part ends.
         start_redis
         log "req/s and CPU time, $CG_DURATION each (time: noisy on a shared machine)"
-        { timed plain; timed fleet; } | tee "$OUT/fleet-timed.txt"
+        timed plain >"$OUT/fleet-timed.txt"
+        timed fleet >>"$OUT/fleet-timed.txt"
+        cat "$OUT/fleet-timed.txt"
         log "callgrind: instructions per miss (counts: stable)"
-        {
-            stop_pid "$REDIS_PID"
-            start_redis valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.fleet-redis.%p"
-            fleet_pg fleet
-            counted redis "$REDIS_PID"
+        : >"$OUT/fleet-callgrind.txt"
+        stop_pid "$REDIS_PID"
+        start_redis valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.fleet-redis.%p"
+        fleet_pg fleet
+        counted redis "$REDIS_PID" >>"$OUT/fleet-callgrind.txt"
+        stop_pid "$PG_PID"
+        stop_pid "$REDIS_PID"
+        start_redis
+        for config in plain fleet; do
+            fleet_pg $config valgrind --tool=callgrind --instr-atstart=no \
+                --callgrind-out-file="$OUT/callgrind.fleet-permgate-$config.%p"
+            counted permgate-$config "$PG_PID" >>"$OUT/fleet-callgrind.txt"
             stop_pid "$PG_PID"
-            stop_pid "$REDIS_PID"
-            start_redis
-            fleet_pg plain valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.fleet-permgate-plain.%p"
-            counted permgate-plain "$PG_PID"
-            stop_pid "$PG_PID"
-            fleet_pg fleet valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.fleet-permgate-fleet.%p"
-            counted permgate-fleet "$PG_PID"
-        } | tee "$OUT/fleet-callgrind.txt"
+        done
+        cat "$OUT/fleet-callgrind.txt"
         log "annotations in $OUT/callgrind-{permgate-plain,permgate-fleet,redis}-*.txt"
         ;;
     *)
