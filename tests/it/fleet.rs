@@ -629,6 +629,7 @@ async fn a_page_fetched_across_a_write_or_into_a_new_incarnation_is_not_shared()
         count("t16:page:*").await == 1 && count("t16:lock:*").await == 0
     })
     .await;
+    assert_eq!(count("t16:staged:*").await, 0);
     // Each of these happens while a fill's upstream request is out (after its lookup): a write
     // of the checkpoint began and ended (its generation moved), a write of it began (its
     // pending token), Redis became another incarnation. None of those pages is shared; each
@@ -674,6 +675,7 @@ async fn a_page_fetched_across_a_write_or_into_a_new_incarnation_is_not_shared()
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(count("t16:page:*").await, 1, "after {change:?}");
+        assert_eq!(count("t16:staged:*").await, 0, "after {change:?}");
     }
 }
 
@@ -731,12 +733,40 @@ async fn a_flushed_script_cache_is_loaded_again_without_dropping_the_connection(
     let (mock, addr, _stop) = mock().await;
     let fleet = fleet_of(2, addr, &redis, "t13:").await;
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let flush = || {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    // Flushed while a fill is upstream: its page is still shared (the put goes in full).
+    let mut held = mock.hold_next();
+    let reader = fleet[0].client.clone();
+    let read = tokio::spawn(async move { reader.get(&list_path(CP2), READER).await });
+    held.arrived().await;
+    flush().await;
+    held.release();
+    assert_eq!(read.await.unwrap().status, 200);
+    eventually("the page is shared and its lock released", || {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("t13:*:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let kinds = |kind: &str| keys.iter().filter(|k| k.starts_with(kind)).count();
+            (kinds("t13:page:"), kinds("t13:lock:"), kinds("t13:staged:")) == (1, 0, 0)
+        }
+    })
+    .await;
+
+    flush().await;
 
     // A write at once: Redis has none of the scripts its calls name.
     let created = fleet[0]
