@@ -17,7 +17,7 @@
 #                                    # permgate (with and without [redis]) and of redis-server
 #
 # Knobs: SCENARIO=hit|miss (perf, callgrind), DURATION=10s (perf) / CG_DURATION=5s (callgrind,
-# and each run of fleet),
+# and each run of fleet), FLEET_CALLGRIND=0 (fleet: the timed runs only),
 # LEGS_CONNECTIONS="1 8 64" LEGS_DURATION=4s (legs), LOG="info,permgate::access=off" (PERMGATE_LOG
 # of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
 set -eu
@@ -331,6 +331,7 @@ case $MODE in
         timed plain >"$OUT/fleet-timed.txt"
         timed fleet >>"$OUT/fleet-timed.txt"
         cat "$OUT/fleet-timed.txt"
+        [ "${FLEET_CALLGRIND:-1}" = 0 ] && exit 0
         log "callgrind: instructions per miss (counts: stable)"
         : >"$OUT/fleet-callgrind.txt"
         stop_pid "$REDIS_PID"

@@ -135,6 +135,7 @@ enum Resend {
 fn no_script(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
+
 /// Entries the invalidation stream keeps (approximately); a replica further behind purges.
 const STREAM_MAXLEN: u64 = 10_000;
 /// A writer's allowance for clock rate differences (±0.4 % tolerated, see README).
