@@ -12,8 +12,12 @@
 #     benches/profile.sh legs        # misses with a 20 ms upstream on permgate's core (compare.sh's
 #                                    # miss20): packet captures split each request's time into the
 #                                    # way in, upstream and the way back (benches/legs.py)
+#     benches/profile.sh fleet       # misses with [redis] (compare.sh's fleetmiss0): per miss, the
+#                                    # Redis commands and their cost, CPU time, and instructions of
+#                                    # permgate (with and without [redis]) and of redis-server
 #
-# Knobs: SCENARIO=hit|miss (perf, callgrind), DURATION=10s (perf) / CG_DURATION=5s (callgrind),
+# Knobs: SCENARIO=hit|miss (perf, callgrind), DURATION=10s (perf) / CG_DURATION=5s (callgrind,
+# and each run of fleet), FLEET_CALLGRIND=0 (fleet: the timed runs only),
 # LEGS_CONNECTIONS="1 8 64" LEGS_DURATION=4s (legs), LOG="info,permgate::access=off" (PERMGATE_LOG
 # of the profiled permgate), PORT_BASE=18500, OUT=target/bench-profile.
 set -eu
@@ -234,8 +238,120 @@ case $MODE in
             tee -a "$OUT/legs.txt" <"$WORK/legs.txt"
         done
         ;;
+    fleet)
+        # compare.sh's fleetmiss0 taken apart: every request a new key, redis-server, the upstream
+        # and permgate on CPU 0, wrk on CPU 1. Each line is per miss: req/s and CPU time of
+        # permgate (+ redis-server) with and without [redis], the Redis commands a miss causes and
+        # their cost (INFO commandstats), then instructions (callgrind) of permgate with and
+        # without [redis] and of redis-server. timeout_ms is raised so that a redis-server under
+        # valgrind answers in time.
+        for tool in redis-server redis-cli valgrind; do
+            command -v $tool >/dev/null || { echo "missing $tool (apt-get install redis-server valgrind)" >&2; exit 1; }
+        done
+        RD=$((PORT_BASE + 5)) UPF=$((PORT_BASE + 6)) PGF=$((PORT_BASE + 7))
+        taskset -c 0 "$UPSTREAM_BIN" --listen "127.0.0.1:$UPF" --admin-key "$ADMIN_KEY" 2>/dev/null &
+        STARTED+=($!)
+        wait_port "$UPF"
+        sed -e "s|^listen = .*|listen = \"127.0.0.1:$PGF\"|" -e "s|127.0.0.1:$UP/v1|127.0.0.1:$UPF/v1|" \
+            "$WORK/pg.toml" >"$WORK/plain.toml"
+        cp "$WORK/plain.toml" "$WORK/fleet.toml"
+        printf '\n[redis]\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "permgate:profile:"\ntimeout_ms = 1000\nlease_ms = 3000\n' \
+            "$RD" >>"$WORK/fleet.toml"
+        free_port() { ! (: >"/dev/tcp/127.0.0.1/$1") 2>/dev/null || { echo "127.0.0.1:$1 is in use" >&2; exit 1; }; }
+        # start_redis [WRAPPER...] / stop_pid PID
+        start_redis() {
+            free_port "$RD"
+            taskset -c 0 "$@" redis-server --port "$RD" --bind 127.0.0.1 --save "" --appendonly no \
+                --dir "$WORK" >"$WORK/redis.log" 2>&1 &
+            REDIS_PID=$!
+            STARTED+=($REDIS_PID)
+            wait_port "$RD"
+        }
+        stop_pid() {
+            kill -TERM "$1" 2>/dev/null || true
+            wait "$1" 2>/dev/null || true
+        }
+        # fleet_pg CONFIG [WRAPPER...]: permgate on CPU 0 (PG_PID), warmed with 2 s of misses.
+        fleet_pg() {
+            local config=$1
+            shift
+            free_port "$PGF"
+            env OPENAI_ADMIN_KEY="$ADMIN_KEY" PERMGATE_LOG="$LOG" PERMGATE_LOG_FORMAT=json \
+                taskset -c 0 "$@" "$PERMGATE" serve --config "$WORK/$config.toml" 2>"$WORK/$config.log" &
+            PG_PID=$!
+            STARTED+=($PG_PID)
+            wait_port "$PGF"
+            BENCH_RUN_ID=warm-$RANDOM taskset -c 1 wrk -t1 -c8 -d2s -H "Authorization: Bearer $TOKEN" \
+                -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$PGF" >/dev/null
+        }
+        ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+        # timed CONFIG: req/s and CPU per miss (permgate, plus redis-server for the fleet).
+        timed() {
+            fleet_pg "$1"
+            local pids=("$PG_PID") t0=0 t1=0 pid requests
+            [ "$1" = fleet ] && pids+=("$REDIS_PID")
+            redis-cli -p "$RD" config resetstat >/dev/null
+            for pid in "${pids[@]}"; do t0=$((t0 + $(ticks_of "$pid"))); done
+            BENCH_RUN_ID=timed-$RANDOM taskset -c 1 wrk -t1 -c64 -d"$CG_DURATION" -H "Authorization: Bearer $TOKEN" \
+                -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$PGF" >"$WORK/wrk.txt"
+            for pid in "${pids[@]}"; do t1=$((t1 + $(ticks_of "$pid"))); done
+            requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
+            awk -v n="$requests" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v who="$1" '/Requests\/sec/ {
+                printf "%-6s %9.0f req/s (64 connections), %6.1f us CPU per miss (permgate%s)\n", who, $2, t * 1e6 / hz / n,
+                    who == "fleet" ? " + redis-server" : "" }' "$WORK/wrk.txt"
+            if [ "$1" = fleet ]; then
+                redis-cli -p "$RD" info commandstats | tr -d '\r' | awk -F'[:=,]' -v n="$requests" '/^cmdstat_/ {
+                    sub("cmdstat_", "", $1); calls += $3; usec += $5
+                    printf "  %-14s %6.2f calls per miss, %6.2f us per call\n", $1, $3 / n, $7 }
+                    END { printf "  all commands   %6.2f per miss, %6.2f us per miss (EVALSHA includes its commands)\n", calls / n, usec / n }'
+            fi
+            stop_pid "$PG_PID"
+        }
+        # counted CONFIG PID: instructions per miss of PID (under callgrind) over one wrk run.
+        counted() {
+            callgrind_control -i on "$2" >/dev/null 2>&1
+            BENCH_RUN_ID=cg-$RANDOM taskset -c 1 wrk -t1 -c8 -d"$CG_DURATION" -H "Authorization: Bearer $TOKEN" \
+                -s "$ROOT/benches/wrk/unique.lua" "http://127.0.0.1:$PGF" >"$WORK/wrk.txt"
+            callgrind_control -i off "$2" >/dev/null 2>&1
+            callgrind_control -d "$2" >/dev/null 2>&1
+            sleep 1
+            local file requests ir
+            file=$OUT/callgrind.fleet-$1.$2.1
+            requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.txt")
+            ir=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}')
+            awk -v a="$ir" -v n="$requests" -v who="$1" 'BEGIN { printf "%-14s %6d misses, %8.0f instructions per miss\n", who, n, a / n }'
+            callgrind_annotate --inclusive=yes "$file" 2>/dev/null | head -120 >"$OUT/callgrind-$1-inclusive.txt"
+            callgrind_annotate "$file" 2>/dev/null | head -70 >"$OUT/callgrind-$1-self.txt"
+        }
+        rm -f "$OUT"/callgrind.fleet-*
+        # Every process is started from this shell (not a pipeline's subshell), so that the exit
+        # trap stops it; the figures go to files, shown as each part ends.
+        start_redis
+        log "req/s and CPU time, $CG_DURATION each (time: noisy on a shared machine)"
+        timed plain >"$OUT/fleet-timed.txt"
+        timed fleet >>"$OUT/fleet-timed.txt"
+        cat "$OUT/fleet-timed.txt"
+        [ "${FLEET_CALLGRIND:-1}" = 0 ] && exit 0
+        log "callgrind: instructions per miss (counts: stable)"
+        : >"$OUT/fleet-callgrind.txt"
+        stop_pid "$REDIS_PID"
+        start_redis valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.fleet-redis.%p"
+        fleet_pg fleet
+        counted redis "$REDIS_PID" >>"$OUT/fleet-callgrind.txt"
+        stop_pid "$PG_PID"
+        stop_pid "$REDIS_PID"
+        start_redis
+        for config in plain fleet; do
+            fleet_pg $config valgrind --tool=callgrind --instr-atstart=no \
+                --callgrind-out-file="$OUT/callgrind.fleet-permgate-$config.%p"
+            counted permgate-$config "$PG_PID" >>"$OUT/fleet-callgrind.txt"
+            stop_pid "$PG_PID"
+        done
+        cat "$OUT/fleet-callgrind.txt"
+        log "annotations in $OUT/callgrind-{permgate-plain,permgate-fleet,redis}-*.txt"
+        ;;
     *)
-        echo "usage: $0 perf|callgrind|syscalls|legs" >&2
+        echo "usage: $0 perf|callgrind|syscalls|legs|fleet" >&2
         exit 2
         ;;
 esac

@@ -26,15 +26,17 @@
 //! - **Without a lease** (Redis unreachable, the replica paused or cut off) the proxy reads
 //!   from upstream and refuses writes; this module only says whether the lease is held.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, LazyLock, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, TlsCertificates};
+use redis::{AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, RedisWrite, TlsCertificates};
+use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
@@ -45,17 +47,95 @@ use crate::metrics::Metrics;
 use crate::route::{Checkpoint, ListQuery};
 use crate::secret;
 
-const RENEW: &str = concat!(
-    include_str!("fleet/ensure.lua"),
-    include_str!("fleet/renew.lua")
-);
-const PUBLISH: &str = concat!(
-    include_str!("fleet/ensure.lua"),
-    include_str!("fleet/publish.lua")
-);
-const ACK: &str = include_str!("fleet/ack.lua");
-const LOOKUP: &str = include_str!("fleet/lookup.lua");
-const PUT: &str = include_str!("fleet/put.lua");
+/// A script as sent: by its SHA1 (`EVALSHA`; each connection loads every script first), in full
+/// (`EVAL`) only after Redis answered NOSCRIPT (its script cache was flushed).
+struct Script {
+    body: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(body: &'static str) -> Script {
+        let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, body.as_bytes());
+        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Script { body, sha }
+    }
+
+    /// `EVALSHA <sha> <keys>`: the caller appends the keys, then the arguments.
+    fn call(&self, keys: usize) -> Cmd {
+        let mut command = redis::cmd("EVALSHA");
+        command.arg(&self.sha).arg(keys);
+        command
+    }
+
+    /// The same call as `EVAL` with the script's text (which loads it too).
+    fn in_full(&self, call: &Cmd) -> Cmd {
+        let mut command = redis::cmd("EVAL");
+        command.arg(self.body);
+        for arg in call.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = arg {
+                command.arg(bytes);
+            }
+        }
+        command
+    }
+}
+
+struct Scripts {
+    renew: Script,
+    publish: Script,
+    ack: Script,
+    lookup: Script,
+    put: Script,
+}
+
+impl Scripts {
+    fn all(&self) -> [&Script; 5] {
+        [
+            &self.renew,
+            &self.publish,
+            &self.ack,
+            &self.lookup,
+            &self.put,
+        ]
+    }
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    renew: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        include_str!("fleet/ensure.lua"),
+        include_str!("fleet/renew.lua")
+    )),
+    publish: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        include_str!("fleet/ensure.lua"),
+        include_str!("fleet/publish.lua")
+    )),
+    ack: Script::new(include_str!("fleet/ack.lua")),
+    lookup: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        include_str!("fleet/lookup.lua")
+    )),
+    put: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        include_str!("fleet/put.lua")
+    )),
+});
+
+/// Whether a script call whose script Redis lacks is sent again in full.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    Yes,
+    /// No: the caller may make one round trip only (a lookup); the lease task reloads the
+    /// scripts.
+    No,
+}
+
+fn no_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
 /// Entries the invalidation stream keeps (approximately); a replica further behind purges.
 const STREAM_MAXLEN: u64 = 10_000;
 /// A writer's allowance for clock rate differences (±0.4 % tolerated, see README).
@@ -65,6 +145,9 @@ const WRITER_FACTOR: f64 = 1.01;
 const ACK_RECHECK: Duration = Duration::from_millis(10);
 /// Renewals retry this often at most after a failure.
 const RENEW_RETRY: Duration = Duration::from_millis(100);
+/// Pages waiting to be shared at most (past it a put is a call of its own), and per call.
+const PUT_QUEUE: usize = 1024;
+const PUT_BATCH: usize = 32;
 
 /// A page as stored in Redis: when it was fetched, its status and body.
 pub struct SharedPage {
@@ -134,6 +217,10 @@ pub struct Fleet {
     acked: tokio::sync::Notify,
     /// Connections made so far: the ack listener resubscribes when it moves.
     connections: AtomicU64,
+    /// Redis answered NOSCRIPT: the lease task loads the scripts again.
+    scripts_lost: AtomicBool,
+    /// The put task's queue (from [`start`]).
+    puts: OnceLock<mpsc::Sender<Put>>,
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
@@ -271,6 +358,8 @@ impl Fleet {
             writes: AtomicU64::new(0),
             acked: tokio::sync::Notify::new(),
             connections: AtomicU64::new(0),
+            scripts_lost: AtomicBool::new(false),
+            puts: OnceLock::new(),
         })
     }
 
@@ -324,7 +413,78 @@ impl Fleet {
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
-        match tokio::time::timeout(self.timeout, call).await {
+        self.settle(tokio::time::timeout(self.timeout, call).await)
+    }
+
+    /// Runs one script call ([`Script::call`]) within the timeout. NOSCRIPT (Redis' script
+    /// cache was flushed) does not drop the connection: with [`Resend::Yes`] the call is sent
+    /// again in full, else it fails and the lease task reloads the scripts.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        call: &Cmd,
+        resend: Resend,
+    ) -> Option<T> {
+        let mut connection = self.connection()?;
+        let answer = tokio::time::timeout(self.timeout, call.query_async::<T>(&mut connection));
+        let answer = answer.await;
+        self.answered(answer, script, call, &mut connection, resend)
+            .await
+    }
+
+    /// [`Fleet::eval`] of the last command of `pipe`, sent after the others in one write (their
+    /// answers ignored, their errors not).
+    async fn eval_after<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        pipe: &redis::Pipeline,
+        resend: Resend,
+    ) -> Option<T> {
+        let mut connection = self.connection()?;
+        let call = pipe.cmd_iter().last()?;
+        let answer = tokio::time::timeout(self.timeout, pipe.query_async::<(T,)>(&mut connection));
+        let answer = answer.await.map(|answer| answer.map(|(value,)| value));
+        self.answered(answer, script, call, &mut connection, resend)
+            .await
+    }
+
+    /// What a script call's answer gives; after NOSCRIPT, the call alone again in full (the
+    /// commands sent before it did run).
+    async fn answered<T: redis::FromRedisValue>(
+        &self,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        script: &Script,
+        call: &Cmd,
+        connection: &mut MultiplexedConnection,
+        resend: Resend,
+    ) -> Option<T> {
+        match answer {
+            Ok(Err(e)) if no_script(&e) => {
+                self.scripts_lost.store(true, Ordering::Relaxed);
+                if resend == Resend::No {
+                    return None;
+                }
+                self.guarded(script.in_full(call).query_async(connection))
+                    .await
+            }
+            answer => self.settle(answer),
+        }
+    }
+
+    /// Loads every script on `connection` (one round trip), so that calls can name them.
+    async fn load_scripts(connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let mut load = redis::pipe();
+        for script in SCRIPTS.all() {
+            load.cmd("SCRIPT").arg("LOAD").arg(script.body).ignore();
+        }
+        load.query_async(connection).await
+    }
+
+    fn settle<T>(
+        &self,
+        answer: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        match answer {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 self.degrade(&format!("redis error: {:?}", e.kind()));
@@ -348,10 +508,10 @@ impl Fleet {
         format!("{}{name}", self.prefix)
     }
 
-    /// `EVAL` of one of the scripts with the sequence keys first, then `keys`, then `args`.
-    fn script(body: &str, keys: &[String], args: &[&str]) -> redis::Cmd {
-        let mut command = redis::cmd("EVAL");
-        command.arg(body).arg(keys.len()).arg(keys).arg(args);
+    /// A call of `script` with `keys`, then `args`.
+    fn script(script: &Script, keys: &[String], args: &[&str]) -> Cmd {
+        let mut command = script.call(keys.len());
+        command.arg(keys).arg(args);
         command
     }
 
@@ -384,11 +544,12 @@ impl Fleet {
         };
         let lease_ms = self.lease.as_millis().to_string();
         let command = Self::script(
-            RENEW,
+            &SCRIPTS.renew,
             &self.sequence_keys(),
             &[&self.id, &lease_ms, &known, &applied.to_string()],
         );
-        let (incarnation, seq, live): (String, u64, u64) = self.run(&command).await.ok_or(())?;
+        let reply = self.eval(&SCRIPTS.renew, &command, Resend::Yes).await;
+        let (incarnation, seq, live): (String, u64, u64) = reply.ok_or(())?;
         self.replicas_live.store(live, Ordering::Relaxed);
         let mut s = self.sync.lock().await;
         if s.incarnation.as_deref() != Some(incarnation.as_str()) {
@@ -480,8 +641,8 @@ impl Fleet {
         let keys = [self.key("incarnation"), self.key("acks")];
         let channel = self.key("acked");
         let args = [self.id.as_str(), &seq.to_string(), incarnation, &channel];
-        let command = Self::script(ACK, &keys, &args);
-        self.run::<i64>(&command).await;
+        let command = Self::script(&SCRIPTS.ack, &keys, &args);
+        self.eval::<i64>(&SCRIPTS.ack, &command, Resend::Yes).await;
     }
 
     /// Reads the stream from where this replica stands, on `stream` (a dedicated connection: the
@@ -565,9 +726,10 @@ impl Fleet {
             &pending_ms,
             &STREAM_MAXLEN.to_string(),
         ];
-        let command = Self::script(PUBLISH, &keys, &args);
+        let command = Self::script(&SCRIPTS.publish, &keys, &args);
         type Reply = (u64, u64, u64, String, Vec<String>);
-        let (seq, now, fence, _incarnation, leases): Reply = self.run(&command).await?;
+        let reply = self.eval(&SCRIPTS.publish, &command, Resend::Yes).await;
+        let (seq, now, fence, _incarnation, leases): Reply = reply?;
         let arrived = lease_clock();
         let waits = leases
             .chunks(2)
@@ -750,31 +912,24 @@ impl Fleet {
         let incarnation = self.renewed.load_full()?;
         let suffix = Self::page_suffix(checkpoint, query);
         let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
-        let keys = [
-            self.key("epoch"),
-            self.gen_key(checkpoint),
-            self.pending_key(checkpoint),
-            self.key("incarnation"),
-        ];
-        let lock_ms = lock_for.as_millis().max(1).to_string();
-        let mode_arg = match mode {
-            LookupMode::Page => "page",
-            LookupMode::Lock => "lock",
-        };
-        let command = Self::script(
-            LOOKUP,
-            &keys,
-            &[
-                &self.prefix,
-                &suffix,
-                &owner,
-                &lock_ms,
-                mode_arg,
-                &incarnation,
-            ],
-        );
+        let (prefix, cp) = (self.prefix.as_str(), checkpoint.as_str());
+        let mut call = SCRIPTS.lookup.call(4);
+        arg_of(&mut call, &[prefix, "incarnation"]);
+        arg_of(&mut call, &[prefix, "epoch"]);
+        arg_of(&mut call, &[prefix, "gen:", cp]);
+        arg_of(&mut call, &[prefix, "pending:", cp]);
+        call.arg(prefix)
+            .arg(&suffix)
+            .arg(&owner)
+            .arg(lock_for.as_millis().max(1) as u64)
+            .arg(match mode {
+                LookupMode::Page => "page",
+                LookupMode::Lock => "lock",
+            })
+            .arg(incarnation.as_str());
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
-        let (epoch, generation, pending, locked, page) = self.run::<Reply>(&command).await?;
+        let reply = self.eval::<Reply>(&SCRIPTS.lookup, &call, Resend::No);
+        let (epoch, generation, pending, locked, page) = reply.await?;
         Some(match (pending, locked, page) {
             (1, _, _) => Lookup::Pending,
             (_, _, Some(raw)) => match SharedPage::decode(&raw) {
@@ -794,40 +949,115 @@ impl Fleet {
     }
 
     /// In the background, after the answer: stores the fetched page for `keep_for` unless a
-    /// write began or ended since the lookup (the script compares generations and looks for a
-    /// pending write), and releases the fetch lock either way (`page: None`: release only).
-    pub fn share(self: &Arc<Self>, share: Share, page: Option<(u16, &[u8])>, keep_for: Duration) {
-        let value = page.map_or_else(Vec::new, |(status, body)| {
-            let mut value = BytesMut::with_capacity(10 + body.len());
-            value.put_u64(unix_millis());
-            value.put_u16(status);
-            value.put_slice(body);
-            value.to_vec()
-        });
-        let keys = [
-            self.key("epoch"),
-            self.gen_key(&share.checkpoint),
-            self.pending_key(&share.checkpoint),
-            self.key("incarnation"),
-        ];
-        let px = keep_for.as_millis().max(1).to_string();
-        let mut command = redis::cmd("EVAL");
-        command
-            .arg(PUT)
-            .arg(keys.len())
-            .arg(&keys[..])
-            .arg(&self.prefix)
-            .arg(&share.suffix)
-            .arg(&share.owner)
-            .arg(&share.epoch)
-            .arg(&share.generation)
-            .arg(value)
-            .arg(px)
-            .arg(share.incarnation.as_str());
+    /// write began or ended since the lookup (PUT compares generations and looks for a pending
+    /// write), and releases the fetch lock either way (`page: None`: release only). Queued for
+    /// the put task, which sends whatever queued meanwhile in one call; with the queue full
+    /// (Redis slower than the misses) the put is a call of its own.
+    pub fn share(self: &Arc<Self>, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
+        let put = Put {
+            share,
+            page: page.map(|(status, body)| (unix_millis(), status, body)),
+            keep_ms: keep_for.as_millis().max(1) as u64,
+        };
+        let put = match self.puts.get() {
+            Some(queue) => match queue.try_send(put) {
+                Ok(()) => return,
+                Err(TrySendError::Full(put) | TrySendError::Closed(put)) => put,
+            },
+            None => put,
+        };
         let fleet = self.clone();
-        tokio::spawn(async move {
-            fleet.run::<i64>(&command).await;
-        });
+        tokio::spawn(async move { fleet.put(std::slice::from_ref(&put)).await });
+    }
+
+    /// PUT for a batch: one call, one incarnation check, however many pages. Each page goes
+    /// ahead of it in the same write, to a staged key with a plain `SET`: a value handed to a
+    /// script costs Redis a hash of every byte when Lua interns it (~4 µs for a 2.5 KB page),
+    /// and PUT only renames the staged key to the shared page's, after its checks.
+    async fn put(&self, batch: &[Put]) {
+        let mut pipe = redis::pipe();
+        for stage in batch.iter().filter_map(|put| self.stage(put)) {
+            pipe.add_command(stage).ignore();
+        }
+        pipe.add_command(self.put_call(batch));
+        self.eval_after::<i64>(&SCRIPTS.put, &pipe, Resend::Yes)
+            .await;
+    }
+
+    /// `SET {prefix}staged:{owner} <page> PX <keep>`: the page where no lookup reads it.
+    fn stage(&self, put: &Put) -> Option<Cmd> {
+        let (fetched, status, body) = put.page.as_ref()?;
+        let mut set = redis::cmd("SET");
+        arg_of(&mut set, &[&self.prefix, "staged:", &put.share.owner]);
+        {
+            // `fetched at (unix ms, 8 bytes) | status (2 bytes) | body` (`SharedPage::decode`).
+            let mut value = set.writer_for_next_arg();
+            for piece in [&fetched.to_be_bytes()[..], &status.to_be_bytes(), body] {
+                let _ = value.write_all(piece);
+            }
+        }
+        set.arg("PX").arg(put.keep_ms);
+        Some(set)
+    }
+
+    fn put_call(&self, batch: &[Put]) -> Cmd {
+        let prefix = self.prefix.as_str();
+        let mut call = SCRIPTS.put.call(2 + 5 * batch.len());
+        arg_of(&mut call, &[prefix, "incarnation"]);
+        arg_of(&mut call, &[prefix, "epoch"]);
+        for put in batch {
+            let (s, cp) = (&put.share, put.share.checkpoint.as_str());
+            let (epoch, generation, suffix) = (&s.epoch, &s.generation, &s.suffix);
+            arg_of(&mut call, &[prefix, "gen:", cp]);
+            arg_of(&mut call, &[prefix, "pending:", cp]);
+            arg_of(
+                &mut call,
+                &[prefix, "page:", epoch, ":", generation, ":", suffix],
+            );
+            arg_of(
+                &mut call,
+                &[prefix, "lock:", epoch, ":", generation, ":", suffix],
+            );
+            arg_of(&mut call, &[prefix, "staged:", &s.owner]);
+        }
+        for put in batch {
+            let s = &put.share;
+            call.arg(s.incarnation.as_str())
+                .arg(&s.epoch)
+                .arg(&s.generation)
+                .arg(&s.owner)
+                .arg(if put.page.is_some() { "1" } else { "0" });
+        }
+        call
+    }
+}
+
+/// Appends one argument made of `parts`, written in place.
+fn arg_of(call: &mut Cmd, parts: &[&str]) {
+    let mut arg = call.writer_for_next_arg();
+    for part in parts {
+        let _ = arg.write_all(part.as_bytes());
+    }
+}
+
+/// A fetched page (or only a lock to release) on its way to Redis.
+struct Put {
+    share: Share,
+    /// When it was fetched (unix ms), its status and body; `None`: release the lock only.
+    page: Option<(u64, u16, Bytes)>,
+    keep_ms: u64,
+}
+
+/// Sends the queued puts: whatever queued while the previous call was out goes in the next one
+/// (at most [`PUT_BATCH`]). Ends with the fleet (its queue closes).
+async fn put_task(fleet: Weak<Fleet>, mut queue: mpsc::Receiver<Put>) {
+    let mut batch = Vec::with_capacity(PUT_BATCH);
+    while queue.recv_many(&mut batch, PUT_BATCH).await > 0 {
+        let Some(fleet) = fleet.upgrade() else {
+            return;
+        };
+        fleet.put(&batch).await;
+        batch.clear();
     }
 }
 
@@ -846,12 +1076,14 @@ impl SharedPage {
 
 /// Connections and the background tasks.
 impl Fleet {
-    /// One connection attempt plus a PING, within the timeout; `response` bounds each command.
-    async fn connect(&self, response: Duration) -> Result<MultiplexedConnection, String> {
+    /// One connection attempt plus a PING, within the timeout. The connection sets no deadline
+    /// of its own: every command on it runs under one of the caller's (`guarded`, `eval`,
+    /// `follow`), one timer each.
+    async fn connect(&self) -> Result<MultiplexedConnection, String> {
         let wait = self.timeout.max(Duration::from_millis(500));
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(wait))
-            .set_response_timeout(Some(response));
+            .set_response_timeout(None);
         let mut connection = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -872,7 +1104,13 @@ impl Fleet {
     /// Connects and turns the connection on. The local cache is kept: the next renewal decides
     /// whether anything was missed (catch-up) or everything must go (new incarnation, gap).
     async fn establish(&self) -> Result<(), String> {
-        let connection = self.connect(self.timeout).await?;
+        let mut connection = self.connect().await?;
+        let wait = self.timeout.max(Duration::from_millis(500));
+        match tokio::time::timeout(wait, Self::load_scripts(&mut connection)).await {
+            Ok(Ok(())) => self.scripts_lost.store(false, Ordering::Relaxed),
+            Ok(Err(e)) => return Err(format!("loading the scripts: {:?}", e.kind())),
+            Err(_) => return Err("loading the scripts timed out".into()),
+        }
         self.connection.store(Some(Arc::new(connection)));
         self.connections.fetch_add(1, Ordering::Relaxed);
         // No lookups on the new connection before its first renewal succeeds (`lookup`).
@@ -894,6 +1132,11 @@ impl Fleet {
                 return wait;
             }
             *backoff = Duration::from_millis(100);
+        }
+        if self.scripts_lost.swap(false, Ordering::Relaxed) {
+            if let Some(mut connection) = self.connection() {
+                self.guarded(Self::load_scripts(&mut connection)).await;
+            }
         }
         if self.renew(cache).await.is_ok() {
             renew_every
@@ -918,6 +1161,10 @@ pub async fn start(fleet: &Arc<Fleet>, cache: &Arc<PageCache>) {
         Err(why) => {
             warn!(target: "permgate::fleet", reason = %why, "redis unreachable at startup: starting degraded (no lease: reads go upstream, writes are refused)");
         }
+    }
+    let (queue, puts) = mpsc::channel(PUT_QUEUE);
+    if fleet.puts.set(queue).is_ok() {
+        tokio::spawn(put_task(Arc::downgrade(fleet), puts));
     }
     let handles = Handles {
         fleet: Arc::downgrade(fleet),
@@ -981,8 +1228,7 @@ async fn stream_task(handles: Handles) {
             continue;
         }
         if stream.is_none() {
-            let response = fleet.lease / 3 + fleet.timeout;
-            stream = fleet.connect(response).await.ok();
+            stream = fleet.connect().await.ok();
         }
         let followed = match stream.as_mut() {
             Some(connection) => fleet.follow(&cache, connection).await,
@@ -1064,6 +1310,28 @@ mod tests {
         assert_eq!(wait_until(7 * MS, 50_000, 51_000), 7 * MS + 1012 * MS);
         // A deadline already past: only the 2 ms allowance.
         assert_eq!(wait_until(7 * MS, 50_000, 49_000), 9 * MS);
+    }
+
+    #[test]
+    fn a_script_is_called_by_the_sha1_redis_names_it_by_and_resent_with_the_same_arguments() {
+        let script = Script::new("return 1");
+        // What `SCRIPT LOAD "return 1"` answers.
+        assert_eq!(script.sha, "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+        let mut call = script.call(1);
+        call.arg("k").arg(7);
+        let args = |c: &Cmd| {
+            c.args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => "(not an argument)".into(),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(args(&call), ["EVALSHA", &script.sha, "1", "k", "7"]);
+        assert_eq!(
+            args(&script.in_full(&call)),
+            ["EVAL", "return 1", "1", "k", "7"]
+        );
     }
 
     #[test]

@@ -397,7 +397,7 @@ async fn fetch_shared(
                 let keep_for = page.map_or(Duration::ZERO, |p| p.keep_for());
                 fleet.share(
                     share,
-                    page.map(|p| (p.status.as_u16(), &p.body[..])),
+                    page.map(|p| (p.status.as_u16(), p.body.clone())),
                     keep_for,
                 );
                 return fetched;

@@ -1,4 +1,4 @@
--- LOOKUP  KEYS: epoch gen pending incarnation
+-- LOOKUP (after RUN)  KEYS: incarnation epoch gen pending
 -- ARGV: prefix cp_and_query owner lock_ms mode known_inc
 -- A miss's one call before upstream. mode: page (the shared page, else try the fetch lock)
 -- | lock (only the lock: the shared copy was too old).
@@ -6,17 +6,15 @@
 -- Answers "pending" (fetch, store nothing) unless this Redis is the incarnation the caller
 -- renewed with, as ENSURE would find it: after a restart or failover (a new run_id) epoch and
 -- gen may have lost increments while older pages survived, until a renewal moves the epoch.
-local ok, info = pcall(redis.call, 'INFO', 'server')
-local run = (ok and string.match(info, 'run_id:(%w+)')) or 'norunid'
-local inc = redis.call('GET', KEYS[4])
-if not inc or inc ~= ARGV[6] or string.sub(inc, 1, #run + 1) ~= run .. ':' then
+-- A write is pending while its checkpoint's pending set exists: the set holds every live
+-- token, and a token past its deadline stays in it only until PUBLISH clears it or the set
+-- expires, so existence errs on the side of "pending" (and needs no clock).
+local v = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
+if v[1] ~= ARGV[6] or not of_run(v[1], run_id()) then
   return {'0', '0', 1, 0, false}
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('GET', KEYS[1]) or '0'
-local gen = redis.call('GET', KEYS[2]) or '0'
-if redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf') > 0 then return {epoch, gen, 1, 0, false} end
+local epoch, gen = v[2] or '0', v[3] or '0'
+if redis.call('EXISTS', KEYS[4]) == 1 then return {epoch, gen, 1, 0, false} end
 local s = epoch .. ':' .. gen .. ':' .. ARGV[2]
 if ARGV[5] == 'page' then
   local page = redis.call('GET', ARGV[1] .. 'page:' .. s)

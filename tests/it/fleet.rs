@@ -52,18 +52,27 @@ fn ensure_redis_server() {
 
 impl Redis {
     fn start_on(port: u16) -> Redis {
+        Redis::start_in(port, None)
+    }
+
+    /// With `dir`, `SAVE` writes a snapshot there and a restart on `dir` loads it.
+    fn start_in(port: u16, dir: Option<&std::path::Path>) -> Redis {
         ensure_redis_server();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        if let Some(dir) = dir {
+            command.arg("--dir").arg(dir);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -503,6 +512,294 @@ async fn a_redis_restored_from_before_a_write_is_not_trusted_for_shared_pages() 
         again.cache_status()
     );
     assert_eq!(mock.count(&Method::GET), 3);
+}
+
+#[tokio::test]
+async fn a_redis_restarted_from_a_snapshot_is_a_new_incarnation_for_shared_pages() {
+    let dir = TempDir::new("fleet-snapshot");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = Redis::start_in(port, Some(&dir.0));
+    let (_mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t14:").await;
+    assert_eq!(
+        fleet[0].client.get(&list_path(CP), READER).await.status,
+        200
+    );
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let shared = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("t14:page:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.len() == 1
+    };
+    eventually("the page is shared", || shared(conn.clone())).await;
+    // A snapshot with the shared page and the incarnation key, then a write it does not have.
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let created = fleet[0]
+        .client
+        .post(
+            &list_path(CP),
+            WRITER,
+            r#"{"project_ids":["proj_restored"]}"#,
+        )
+        .await;
+    assert_eq!(created.status, 200);
+    let id = created.ids()[0].clone();
+
+    // The same keys in a new process: only its run_id says it is not the Redis the write went
+    // through. Each replica sees a new incarnation, and the restored page is not served.
+    redis.stop();
+    let _redis = Redis::start_in(port, Some(&dir.0));
+    for r in &fleet {
+        eventually("the restored Redis is a new incarnation", || async {
+            metric(
+                r,
+                "permgate_fleet_resync_purges_total{reason=\"incarnation\"}",
+            )
+            .await
+                == 1.0
+        })
+        .await;
+    }
+    let after = fleet[1].client.get(&list_path(CP), READER).await;
+    assert_eq!(after.ids()[0], id, "{}", after.cache_status());
+}
+
+#[tokio::test]
+async fn nothing_fetched_while_a_write_is_pending_is_stored_here_or_in_redis() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(1, addr, &redis, "t15:").await;
+    // A write of CP began on a replica that died before it ended: its pending token, as
+    // PUBLISH adds it, lives on.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("ZADD")
+        .arg(format!("t15:pending:{CP}"))
+        .arg(i64::MAX / 2)
+        .arg("dead-replica-0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let read = fleet[0].client.get(&list_path(CP), READER).await;
+        assert_eq!(read.status, 200);
+        assert_ne!(read.cache_status(), "permgate; hit");
+    }
+    assert_eq!(mock.count(&Method::GET), 2, "both reads went upstream");
+    let pages: Vec<String> = redis::cmd("KEYS")
+        .arg("t15:page:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pages.is_empty(), "{pages:?}");
+}
+
+#[tokio::test]
+async fn a_page_fetched_across_a_write_or_into_a_new_incarnation_is_not_shared() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(1, addr, &redis, "t16:").await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let count = |pattern: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            keys.len()
+        }
+    };
+    // A page fetched with nothing in between is shared, and its lock released.
+    fleet[0].client.get(&list_path(CP2), READER).await;
+    eventually("the page is shared", || async {
+        count("t16:page:*").await == 1 && count("t16:lock:*").await == 0
+    })
+    .await;
+    assert_eq!(count("t16:staged:*").await, 0);
+    // Each of these happens while a fill's upstream request is out (after its lookup): a write
+    // of the checkpoint began and ended (its generation moved), a write of it began (its
+    // pending token), Redis became another incarnation. None of those pages is shared; each
+    // lock is released.
+    let changes: [(&str, redis::Cmd); 3] = [
+        ("", redis::cmd("INCR").arg(format!("t16:gen:{CP}")).clone()),
+        (
+            "?limit=5",
+            redis::cmd("ZADD")
+                .arg(format!("t16:pending:{CP}"))
+                .arg(i64::MAX / 2)
+                .arg("writer-0")
+                .clone(),
+        ),
+        (
+            "CP2?limit=6",
+            redis::cmd("SET")
+                .arg("t16:incarnation")
+                .arg("0123456789abcdef0123456789abcdef01234567:1")
+                .clone(),
+        ),
+    ];
+    for (query, change) in changes {
+        let mut held = mock.hold_next();
+        let reader = fleet[0].client.clone();
+        let path = match query.strip_prefix("CP2") {
+            Some(query) => format!("{}{query}", list_path(CP2)),
+            None => format!("{}{query}", list_path(CP)),
+        };
+        let read = tokio::spawn(async move { reader.get(&path, READER).await });
+        held.arrived().await;
+        assert_eq!(count("t16:lock:*").await, 1, "the fill holds the lock");
+        let _: redis::Value = change.query_async(&mut conn.clone()).await.unwrap();
+        held.release();
+        assert_eq!(read.await.unwrap().status, 200);
+        // Released by the put, well before it would expire (the upstream deadline, 3 s).
+        let released = Instant::now();
+        while count("t16:lock:*").await != 0 {
+            assert!(
+                released.elapsed() < Duration::from_secs(1),
+                "after {change:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(count("t16:page:*").await, 1, "after {change:?}");
+        assert_eq!(count("t16:staged:*").await, 0, "after {change:?}");
+    }
+}
+
+#[tokio::test]
+async fn pages_fetched_at_once_are_shared_in_batches_and_all_arrive() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t17:").await;
+    let path = |n: usize| format!("{}?after=perm_batch{n}", list_path(CP));
+    // Their puts queue up behind one another: most go in shared calls.
+    let reads: Vec<_> = (0..40)
+        .map(|n| {
+            let client = fleet[0].client.clone();
+            let path = path(n);
+            tokio::spawn(async move { client.get(&path, READER).await.status })
+        })
+        .collect();
+    for read in reads {
+        assert_eq!(read.await.unwrap(), 200);
+    }
+    assert_eq!(mock.count(&Method::GET), 40);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    eventually("every page is shared and every lock released", || {
+        let mut conn = conn.clone();
+        async move {
+            let pages: Vec<String> = redis::cmd("KEYS")
+                .arg("t17:page:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let locks: Vec<String> = redis::cmd("KEYS")
+                .arg("t17:lock:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            pages.len() == 40 && locks.is_empty()
+        }
+    })
+    .await;
+    for n in 0..40 {
+        let shared = fleet[1].client.get(&path(n), READER).await;
+        assert_eq!(shared.status, 200);
+    }
+    assert_eq!(
+        mock.count(&Method::GET),
+        40,
+        "the other replica asked upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_flushed_script_cache_is_loaded_again_without_dropping_the_connection() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t13:").await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let flush = || {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    };
+    // Flushed while a fill is upstream: its page is still shared (the put goes in full).
+    let mut held = mock.hold_next();
+    let reader = fleet[0].client.clone();
+    let read = tokio::spawn(async move { reader.get(&list_path(CP2), READER).await });
+    held.arrived().await;
+    flush().await;
+    held.release();
+    assert_eq!(read.await.unwrap().status, 200);
+    eventually("the page is shared and its lock released", || {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("t13:*:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let kinds = |kind: &str| keys.iter().filter(|k| k.starts_with(kind)).count();
+            (kinds("t13:page:"), kinds("t13:lock:"), kinds("t13:staged:")) == (1, 0, 0)
+        }
+    })
+    .await;
+
+    flush().await;
+
+    // A write at once: Redis has none of the scripts its calls name.
+    let created = fleet[0]
+        .client
+        .post(
+            &list_path(CP),
+            WRITER,
+            r#"{"project_ids":["proj_flushed"]}"#,
+        )
+        .await;
+    assert_eq!(created.status, 200);
+    let id = created.ids()[0].clone();
+    assert_eq!(
+        fleet[1].client.get(&list_path(CP), READER).await.ids()[0],
+        id
+    );
+    // The scripts are loaded again: a page one replica fetched is shared with the other.
+    let mut n = 0;
+    eventually("pages are shared again", || {
+        n += 1;
+        let path = format!("{}?after=perm_flushed{n}", list_path(CP));
+        let (fleet, mock) = (&fleet, &mock);
+        async move {
+            fleet[0].client.get(&path, READER).await;
+            let before = mock.count(&Method::GET);
+            let shared = fleet[1].client.get(&path, READER).await;
+            shared.status == 200 && mock.count(&Method::GET) == before
+        }
+    })
+    .await;
+    for r in &fleet {
+        assert_eq!(metric(r, "permgate_fleet_degraded_total").await, 0.0);
+    }
 }
 
 const LEASE: Duration = Duration::from_millis(600);
