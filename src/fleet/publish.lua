@@ -9,8 +9,11 @@ local op = ARGV[3]
 if ARGV[2] == '*' then redis.call('INCR', KEYS[3]) else redis.call('INCR', KEYS[7]) end
 if op == 'begin' then
   redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now)
-  redis.call('ZADD', KEYS[8], now + tonumber(ARGV[5]), ARGV[4])
-  redis.call('PEXPIRE', KEYS[8], ARGV[5])
+  local ms = tonumber(ARGV[5])
+  redis.call('ZADD', KEYS[8], now + ms, ARGV[4])
+  -- The set lives as long as its longest token: a write with a shorter deadline (another
+  -- replica's upstream settings) must not cut short one already pending.
+  if redis.call('PTTL', KEYS[8]) < ms then redis.call('PEXPIRE', KEYS[8], ms) end
 elseif op == 'end' then
   redis.call('ZREM', KEYS[8], ARGV[4])
 end

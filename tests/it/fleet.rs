@@ -605,6 +605,51 @@ async fn nothing_fetched_while_a_write_is_pending_is_stored_here_or_in_redis() {
     assert!(pages.is_empty(), "{pages:?}");
 }
 
+/// PUBLISH as permgate sends it (the same files, in the same order).
+const PUBLISH: &str = concat!(
+    include_str!("../../src/fleet/run.lua"),
+    include_str!("../../src/fleet/ensure.lua"),
+    include_str!("../../src/fleet/publish.lua")
+);
+
+/// A write that begins with a shorter deadline (another replica's upstream settings) does not
+/// shorten how long a write already pending keeps its checkpoint's pending set alive.
+#[tokio::test]
+async fn a_shorter_pending_write_does_not_cut_short_a_longer_one() {
+    let redis = Redis::start();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = [
+        "inc", "acks", "epoch", "seq", "inv", "leases", "gen", "pending",
+    ];
+    let mut begin = |token: &str, pending_ms: u64| {
+        let mut command = redis::cmd("EVAL");
+        command.arg(PUBLISH).arg(keys.len());
+        for key in keys {
+            command.arg(format!("t16:{key}"));
+        }
+        command
+            .arg(1000)
+            .arg(CP)
+            .arg("begin")
+            .arg(token)
+            .arg(pending_ms)
+            .arg(1000);
+        command
+    };
+    let _: redis::Value = begin("long", 60_000).query_async(&mut conn).await.unwrap();
+    let _: redis::Value = begin("short", 100).query_async(&mut conn).await.unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("t16:pending")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 59_000,
+        "the set must outlive the longer write: {ttl} ms left"
+    );
+}
+
 #[tokio::test]
 async fn a_page_fetched_across_a_write_or_into_a_new_incarnation_is_not_shared() {
     let redis = Redis::start();
