@@ -622,7 +622,7 @@ async fn a_shorter_pending_write_does_not_cut_short_a_longer_one() {
     let keys = [
         "inc", "acks", "epoch", "seq", "inv", "leases", "gen", "pending",
     ];
-    let mut begin = |token: &str, pending_ms: u64| {
+    let begin = |token: &str, pending_ms: u64| {
         let mut command = redis::cmd("EVAL");
         command.arg(PUBLISH).arg(keys.len());
         for key in keys {
