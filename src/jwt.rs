@@ -168,10 +168,17 @@ impl KeySet {
     }
 }
 
-/// A verified token's claims that matter here.
+/// A verified token's claims that matter here, and the key set that verified it.
 struct Verified {
     subject: Arc<str>,
     exp: u64,
+    keys: [u8; 32],
+}
+
+/// A key and the fingerprint of the set it was found in.
+struct Found {
+    key: Arc<Key>,
+    keys: [u8; 32],
 }
 
 /// A verified token as remembered.
@@ -311,19 +318,18 @@ impl Verifier {
 
     /// The subject of a valid token, or a 401 that says why; a valid token is remembered.
     pub async fn verify(&self, token: &[u8]) -> Result<Arc<str>, Error> {
-        let keys = self.keys.load().fingerprint;
         match self.verify_signed(token).await {
             Ok(verified) => {
                 self.metrics.jwt_verification("ok");
-                // Remembered with the keys it was checked against: if they changed meanwhile,
-                // it is not used (the remembered fingerprint is not the current one).
+                // Tagged with the set whose key verified it: used only while that set is the
+                // current one, whatever was loaded before or since.
                 let now = now();
                 let until = verified.exp.saturating_add(self.leeway);
                 self.remembered.put(Remembrance {
                     token: token.into(),
                     subject: verified.subject.clone(),
                     until: until.min(now.saturating_add(MAX_KEY_AGE.as_secs())),
-                    keys,
+                    keys: verified.keys,
                 });
                 Ok(verified.subject)
             }
@@ -343,7 +349,7 @@ impl Verifier {
             "ES256" => (Algorithm::ES256, &self.es256),
             _ => return Err(Rejection::UnsupportedAlgorithm),
         };
-        let key = self.key_for(header.kid.as_deref(), alg).await?;
+        let Found { key, keys } = self.key_for(header.kid.as_deref(), alg).await?;
         // Algorithm confusion: the key decides the algorithm, not the token.
         if key.alg != alg {
             return Err(Rejection::UnsupportedAlgorithm);
@@ -358,26 +364,37 @@ impl Verifier {
             subject: sub.into(),
             // Non-negative and finite: jsonwebtoken checked it against the clock.
             exp: exp as u64,
+            keys,
         })
     }
 
     /// The key for `kid`, re-reading the JWKS once if it is unknown and the last such re-read
     /// is [`UNKNOWN_KID_REFETCH`] old.
-    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Arc<Key>, Rejection> {
-        if let Some(key) = self.keys.load().find(kid, alg) {
-            return Ok(key);
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Found, Rejection> {
+        if let Some(found) = self.find(kid, alg) {
+            return Ok(found);
         }
         let mut last = self.loading.lock().await;
         // Loaded by another request while this one waited?
-        if let Some(key) = self.keys.load().find(kid, alg) {
-            return Ok(key);
+        if let Some(found) = self.find(kid, alg) {
+            return Ok(found);
         }
         if last.is_some_and(|at| at.elapsed() < UNKNOWN_KID_REFETCH) {
             return Err(Rejection::UnknownKey);
         }
         *last = Some(Instant::now());
         self.load_locked("a token named an unknown key").await;
-        self.keys.load().find(kid, alg).ok_or(Rejection::UnknownKey)
+        self.find(kid, alg).ok_or(Rejection::UnknownKey)
+    }
+
+    /// The key in the current set, with that set's fingerprint.
+    fn find(&self, kid: Option<&str>, alg: Algorithm) -> Option<Found> {
+        let set = self.keys.load();
+        let key = set.find(kid, alg)?;
+        Some(Found {
+            key,
+            keys: set.fingerprint,
+        })
     }
 
     /// Re-reads the JWKS now (SIGHUP); a failure keeps the current keys and is logged.

@@ -423,6 +423,29 @@ async fn a_verified_token_is_remembered_until_it_expires() {
         .contains("has expired"));
 }
 
+/// A token whose key arrived with a re-read (its unknown `kid`) is remembered with the keys
+/// that verified it: once those keys are gone again, even back to the very set that was there
+/// before, it is checked again and refused.
+#[tokio::test]
+async fn a_token_remembered_with_keys_that_were_withdrawn_is_refused() {
+    let dir = TempDir::new("withdrawn");
+    let (a, added) = (rsa_key(0, "a"), ec_key("added"));
+    let gw = gateway_with_keys(&dir, &[&a], "").await;
+    let file = dir.path("jwks.json");
+    replace_file(&file, &jwks(&[&a, &added]));
+    let token = added.sign(&claims(BILLING));
+    assert_eq!(gw.client.get(&list_path(CP), &token).await.status, 200);
+    // The issuer withdraws the key: the set is the one permgate started with.
+    replace_file(&file, &jwks(&[&a]));
+    gw.state.jwt.as_ref().unwrap().reload().await;
+    let r = gw.client.get(&list_path(CP), &token).await;
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown key"));
+}
+
 #[tokio::test]
 async fn jwks_file_rotation_rereads_for_an_unknown_kid_at_most_once_per_10s_and_on_reload() {
     let dir = TempDir::new("rotation");
