@@ -36,7 +36,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, RedisWrite, TlsCertificates};
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
 
@@ -951,23 +951,22 @@ impl Fleet {
     /// In the background, after the answer: stores the fetched page for `keep_for` unless a
     /// write began or ended since the lookup (PUT compares generations and looks for a pending
     /// write), and releases the fetch lock either way (`page: None`: release only). Queued for
-    /// the put task, which sends whatever queued meanwhile in one call; with the queue full
-    /// (Redis slower than the misses) the put is a call of its own.
-    pub fn share(self: &Arc<Self>, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
+    /// the put task, which sends whatever queued meanwhile in one call. With the queue full
+    /// (Redis slower than the misses) the page is not shared and counted: memory and calls in
+    /// flight stay bounded, and the fetch lock runs out by itself (`lock_ms`).
+    pub fn share(&self, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
         let put = Put {
             share,
             page: page.map(|(status, body)| (unix_millis(), status, body)),
             keep_ms: keep_for.as_millis().max(1) as u64,
         };
-        let put = match self.puts.get() {
-            Some(queue) => match queue.try_send(put) {
-                Ok(()) => return,
-                Err(TrySendError::Full(put) | TrySendError::Closed(put)) => put,
-            },
-            None => put,
-        };
-        let fleet = self.clone();
-        tokio::spawn(async move { fleet.put(std::slice::from_ref(&put)).await });
+        let queued = self
+            .puts
+            .get()
+            .is_some_and(|queue| queue.try_send(put).is_ok());
+        if !queued {
+            self.metrics.fleet_share_dropped();
+        }
     }
 
     /// PUT for a batch: one call, one incarnation check, however many pages. Each page goes

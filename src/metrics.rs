@@ -196,6 +196,7 @@ pub struct Metrics {
     fleet_degraded: Counter,
     fleet_connects: Counter,
     fleet_shared_hits: Counter,
+    fleet_shares_dropped: Counter,
     fleet: FleetMetrics,
     tls_reloads: Family<Outcome, Counter>,
     jwt_verifications: Family<Outcome, Counter>,
@@ -423,6 +424,10 @@ const FLEET_SHARED_HITS: Desc = (
     "permgate_fleet_shared_hits",
     "Local misses answered from the fleet's shared cache in Redis",
 );
+const FLEET_SHARES_DROPPED: Desc = (
+    "permgate_fleet_shares_dropped",
+    "Fetched pages not shared through Redis: the queue of pages to share was full",
+);
 const TLS_RELOADS: Desc = (
     "permgate_tls_reloads",
     "Reloads of the data listener's certificate and key ([server.tls]), by result",
@@ -504,6 +509,7 @@ impl Metrics {
             fleet_degraded: register_if(fleet, r, FLEET_DEGRADED, Counter::default()),
             fleet_connects: register_if(fleet, r, FLEET_CONNECTS, Counter::default()),
             fleet_shared_hits: register_if(fleet, r, FLEET_SHARED_HITS, Counter::default()),
+            fleet_shares_dropped: register_if(fleet, r, FLEET_SHARES_DROPPED, Counter::default()),
             fleet: FleetMetrics::build(fleet, r),
             tls_reloads: register(r, TLS_RELOADS, Family::default()),
             jwt_verifications: register(r, JWT_VERIFICATIONS, Family::default()),
@@ -609,6 +615,10 @@ impl Metrics {
 
     pub fn fleet_shared_hit(&self) {
         self.fleet_shared_hits.inc();
+    }
+
+    pub fn fleet_share_dropped(&self) {
+        self.fleet_shares_dropped.inc();
     }
 
     pub fn fleet_lease_lapsed(&self) {
