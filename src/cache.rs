@@ -386,8 +386,10 @@ pub struct PageCache {
     /// `no-cache` refreshes in flight, bounded the same way.
     refreshes: RefreshMap,
     generations: Arc<[AtomicU64]>,
-    /// When dead pages were last swept (see [`PageCache::invalidate_checkpoint`]).
+    /// When dead pages were last swept (see [`PageCache::sweep_dead_pages`]).
     last_sweep: Mutex<Option<Instant>>,
+    /// A write since then found the last sweep too recent: the next upkeep sweeps.
+    unswept: AtomicBool,
     hasher: foldhash::fast::RandomState,
     clock: Clock,
     config: CacheConfig,
@@ -432,6 +434,7 @@ impl PageCache {
             refreshes: Mutex::default(),
             generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             last_sweep: Mutex::default(),
+            unswept: AtomicBool::new(false),
             hasher: foldhash::fast::RandomState::default(),
             clock,
             config: config.clone(),
@@ -479,18 +482,21 @@ impl PageCache {
     /// no longer its shard's, at most once per [`SWEEP_INTERVAL`]. moka checks each registered
     /// sweep against older entries on every read and in its upkeep until the sweep is done, so
     /// one per write would make reads and writes pay in proportion to the write rate (writes
-    /// back to back had a tail of tens of milliseconds). Pages a later write kills before the
-    /// next sweep stay unreachable meanwhile, and least recently used, so the first to go when
-    /// the cache is full.
+    /// back to back had a tail of tens of milliseconds). Pages that writes kill meanwhile are
+    /// unreachable at once and swept by the next upkeep after the interval
+    /// ([`PageCache::run_pending_tasks`], every second).
     fn sweep_dead_pages(&self) {
         let now = self.clock.now();
         let Ok(mut last) = self.last_sweep.try_lock() else {
-            return; // Another write is registering one.
+            self.unswept.store(true, Ordering::Relaxed);
+            return;
         };
         if last.is_some_and(|at| now.saturating_duration_since(at) < SWEEP_INTERVAL) {
+            self.unswept.store(true, Ordering::Relaxed);
             return;
         }
         *last = Some(now);
+        self.unswept.store(false, Ordering::Relaxed);
         let generations = self.generations.clone();
         let dead = move |key: &PageKey, _: &Arc<Page>| {
             key.generation < generations[key.shard as usize].load(Ordering::Acquire)
@@ -732,8 +738,12 @@ impl PageCache {
         self.pages.weighted_size()
     }
 
-    /// Applies moka's deferred bookkeeping now (tests and stats).
+    /// Applies moka's deferred bookkeeping now (the gateway's upkeep every second, tests and
+    /// stats), with a sweep of dead pages if writes left some unswept and it is due.
     pub async fn run_pending_tasks(&self) {
+        if self.unswept.load(Ordering::Relaxed) {
+            self.sweep_dead_pages();
+        }
         self.pages.run_pending_tasks().await;
     }
 }
@@ -819,7 +829,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dead_pages_a_burst_of_writes_leaves_are_freed_by_the_next_write_after_the_interval() {
+    async fn dead_pages_a_burst_of_writes_leaves_are_freed_by_the_upkeep_after_the_interval() {
         let clock = Clock::default();
         let cache = PageCache::new(&config(), clock.clone(), Counter::default());
         let store = |name: &'static str| {
@@ -838,12 +848,9 @@ mod tests {
         let fresh = cache.key(cp("ft:b"), ListQuery::default());
         assert_ne!(fresh, b, "yet no read can reach it");
         clock.advance(SWEEP_INTERVAL);
-        cache.invalidate_checkpoint(&cp("ft:c"));
+        cache.run_pending_tasks().await; // The upkeep after the interval, no write needed.
         cache.run_pending_tasks().await;
-        assert!(
-            cache.get(&b).await.is_none(),
-            "the next write's sweep frees it"
-        );
+        assert!(cache.get(&b).await.is_none(), "freed by the upkeep's sweep");
     }
 
     #[tokio::test]
