@@ -426,6 +426,21 @@ impl Identity {
 }
 
 impl Config {
+    /// The settings a reload does not apply, as `check-config` shows them (secrets redacted):
+    /// every table but the client list, without the admin key's source (a reload reads the
+    /// key again from the source the new file names).
+    pub fn restart_only(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut view = match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(view)) => view,
+            _ => serde_json::Map::new(),
+        };
+        view.remove("clients");
+        if let Some(serde_json::Value::Object(upstream)) = view.get_mut("upstream") {
+            upstream.remove("admin_key");
+        }
+        view
+    }
+
     /// Parses and validates a config file's text. `env` looks up `PERMGATE_LISTEN`,
     /// `PERMGATE_ADMIN_LISTEN` and `PERMGATE_UPSTREAM_URL`, which override the file.
     pub fn parse(text: &str, env: &Env) -> Result<Config, ConfigError> {

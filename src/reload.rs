@@ -5,7 +5,7 @@
 //! A bad new file (unparsable config, missing or empty key) keeps the old state, logs why and
 //! counts a failed reload. Requests in flight finish with the key and clients they started
 //! with. Only the client list and the key are reloaded; every other setting applies at the
-//! next restart. SIGHUP also reopens the audit file (log rotation), re-reads the JWKS of
+//! next restart, and a reload whose file changes one says so (a warning naming the tables). SIGHUP also reopens the audit file (log rotation), re-reads the JWKS of
 //! `[jwt]` (see `jwt::Verifier::reload`), and reloads the data listener's certificate and
 //! key (`[server.tls]`): `tls::watch` listens for the signal itself, next to its own polling
 //! of those files, and counts in `permgate_tls_reloads_total`.
@@ -25,8 +25,10 @@ use crate::env::SharedEnv;
 use crate::secret::{self, AdminKey, KeySource};
 use crate::state::AppState;
 
-/// Re-reads `path` and the admin key and applies them, or keeps the old state.
-pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), String> {
+/// Re-reads `path` and the admin key and applies them, or keeps the old state. Returns the
+/// tables whose settings the new file changes but a reload does not apply (they are logged as
+/// a warning: they take effect at the next restart).
+pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<Vec<String>, String> {
     let result = Config::load(path, &**env)
         .map_err(|e| e.to_string())
         .and_then(|config| {
@@ -47,7 +49,21 @@ pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<(), Stri
                 clients = config.clients.len(),
                 "reloaded the admin key and client list"
             );
-            Ok(())
+            let new = config.restart_only();
+            let changed: Vec<String> = (state.restart_only.keys())
+                .chain(new.keys())
+                .filter(|table| state.restart_only.get(*table) != new.get(*table))
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !changed.is_empty() {
+                warn!(
+                    tables = %changed.join(", "),
+                    "the config file changes settings a reload does not apply; they take effect at the next restart"
+                );
+            }
+            Ok(changed)
         }
         Err(why) => {
             state.metrics.key_reload(false);

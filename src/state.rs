@@ -51,6 +51,9 @@ pub struct AppState {
     /// `server.admin_token_sha256`: what `/metrics` and cache purges require (see `admin`).
     /// Applies from startup; a reload does not change it.
     pub admin_token_sha256: Option<[u8; 32]>,
+    /// The settings a reload does not apply, as the gateway started with them (see
+    /// `reload::reload`, which names those a new file changes).
+    pub restart_only: serde_json::Map<String, serde_json::Value>,
 }
 
 impl AppState {
@@ -96,6 +99,7 @@ impl AppState {
             max_body_bytes: config.server.max_body_bytes,
             upstream_deadline: config.upstream.request_timeout,
             admin_token_sha256: config.server.admin_token_sha256,
+            restart_only: config.restart_only(),
         }))
     }
 

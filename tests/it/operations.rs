@@ -211,6 +211,41 @@ async fn a_bad_new_key_file_keeps_the_old_key_and_counts_a_failure() {
     assert!(logs().contains("reload failed; keeping the previous admin key and clients"));
 }
 
+/// A reload applies the client list and the key; a new file that also changes settings only
+/// a restart applies is reloaded all the same, and the reload names those tables and warns.
+#[tokio::test]
+async fn a_reload_names_the_settings_only_a_restart_applies() {
+    init_logs();
+    let mock = MockUpstream::new(ADMIN_KEY);
+    let (mock_addr, _stop) = serve_mock(&mock).await;
+    let files = files("restartonly", mock_addr, "");
+    let env: SharedEnv = Arc::new(|_| None);
+    let config = Config::load(&files.config, &*env).unwrap();
+    let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
+    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
+    let digest = hex::encode(permgate::auth::digest(b"newcomer-token"));
+    let newcomer = format!(
+        "\n[[clients]]\nname = \"newcomer\"\ntoken_sha256 = \"{digest}\"\ncheckpoints = [\"*\"]\n"
+    );
+    write_config(&files.config, mock_addr, &files.key, &newcomer);
+    let changed = reload::reload(&state, &files.config, &env).unwrap();
+    assert!(changed.is_empty(), "only clients changed: {changed:?}");
+
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    let text = text
+        .replace("ttl_seconds = 60", "ttl_seconds = 5")
+        .replace("drain_timeout_ms = 5000", "drain_timeout_ms = 100");
+    std::fs::write(&files.config, text).unwrap();
+    let changed = reload::reload(&state, &files.config, &env).unwrap();
+    assert_eq!(changed, ["cache", "server"]);
+    assert!(logs().contains("the config file changes settings a reload does not apply"));
+    let (addr, _shutdown) = serve_state(&state, &config).await;
+    let r = TestClient::new(addr)
+        .get(&list_path(CP), "newcomer-token")
+        .await;
+    assert_eq!(r.status, 200, "the client list was applied all the same");
+}
+
 #[tokio::test]
 async fn sighup_adds_a_client_to_a_running_gateway() {
     let mock = MockUpstream::new(ADMIN_KEY);
