@@ -552,3 +552,54 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The Python of a virtualenv with the official `openai` SDK (kept between runs of this test
+/// binary, made once per run if missing), or `None` (with a note) where python3's venv or pip
+/// is unavailable; under CI that fails the test instead.
+pub async fn sdk_python() -> Option<std::path::PathBuf> {
+    static PYTHON: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let python = tokio::task::spawn_blocking(|| PYTHON.get_or_init(make_sdk_venv).clone())
+        .await
+        .unwrap();
+    if python.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs python3 with venv and pip to run the SDK tests"
+        );
+        eprintln!(
+            "skipped: python3 -m venv / pip install openai unavailable (set CI to require it)"
+        );
+    }
+    python
+}
+
+fn make_sdk_venv() -> Option<std::path::PathBuf> {
+    use std::process::{Command, Stdio};
+    let venv = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sdk-venv");
+    let python = venv.join("bin/python");
+    let has_openai = |python: &std::path::Path| {
+        Command::new(python)
+            .args(["-c", "import openai"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_openai(&python) {
+        return Some(python);
+    }
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    (made && has_openai(&python)).then_some(python)
+}

@@ -777,3 +777,65 @@ async fn a_client_certificate_naming_a_client_wins_over_the_bearer_and_gets_its_
     let r = no_cert.get(&list_path(CP2), Some(READER)).await.unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// The official Python SDK, pointed at permgate over HTTPS with a client certificate in its
+/// httpx client, gets exactly the grants of the client its certificate names (its `api_key`
+/// names nobody).
+#[tokio::test]
+async fn the_python_sdk_with_a_client_certificate_gets_its_clients_grants() {
+    let Some(python) = sdk_python().await else {
+        return;
+    };
+    let (server_ca, clients_ca) = (Ca::new("server"), Ca::new("clients"));
+    let mut files = Files::new("mtls-sdk");
+    let leaf = server_ca.server();
+    files.install(&leaf.cert_pem, &leaf.key_pem);
+    let ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
+    let tls = files.table(&format!(
+        "client_ca_file = \"{}\"\nrequire_client_cert = true",
+        ca_file.display()
+    ));
+    let billing = format!(
+        "\n[[clients]]\nname = \"billing\"\ntls_identity = \"{SPIFFE}\"\ncheckpoints = [\"{CP}\"]\n"
+    );
+    let gw = start_tls("", &(tls + &billing)).await;
+    let caller = clients_ca.client();
+    let server_ca_file = files.write("server-ca.pem", &server_ca.cert.pem());
+    let cert_file = files.write("caller.crt", &caller.cert_pem);
+    let key_file = files.write("caller.key", &caller.key_pem);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/sdk/client_certificate.py"
+    );
+    let base_url = format!("https://localhost:{}/v1", gw.addr.port());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(&base_url)
+            .args([&server_ca_file, &cert_file, &key_file])
+            .args([CP, CP2])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the SDK script failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["listed 10", "denied 403 permission_denied"]
+    );
+    let metrics = gw.state.render_metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("permgate_requests_total{")
+                && l.contains("client=\"billing\"")
+                && l.contains("status_class=\"2xx\"")),
+        "{metrics}"
+    );
+}
