@@ -622,13 +622,7 @@ impl PageCache {
                 return (Ok(page), false);
             }
         }
-        let outcome = match fetch.await {
-            Ok(page) => {
-                self.pages.insert(key.clone(), page.clone()).await;
-                Ok(page)
-            }
-            Err(e) => Err(Arc::new(e)),
-        };
+        let outcome = self.fetch_and_store(key, fetch).await;
         leading.publish(outcome.clone());
         (outcome, true)
     }
@@ -689,15 +683,23 @@ impl PageCache {
                 None => continue,
             }
         };
-        let outcome = match fetch.await {
+        let outcome = self.fetch_and_store(key, fetch).await;
+        leading.publish(outcome.clone());
+        (outcome, true)
+    }
+
+    /// A leader's fetch: the page it returns is stored at `key`.
+    async fn fetch_and_store<F>(&self, key: &PageKey, fetch: F) -> FillOutcome
+    where
+        F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
+    {
+        match fetch.await {
             Ok(page) => {
                 self.pages.insert(key.clone(), page.clone()).await;
                 Ok(page)
             }
             Err(e) => Err(Arc::new(e)),
-        };
-        leading.publish(outcome.clone());
-        (outcome, true)
+        }
     }
 
     /// How many `no-cache` reads of `key` wait for its next refresh to start (tests and
