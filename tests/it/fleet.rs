@@ -10,7 +10,6 @@ use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
 use permgate::fleet::Lease;
-use permgate::mock_upstream::MockUpstream;
 use permgate::secret::AdminKey;
 use permgate::state::AppState;
 use std::time::Instant;
@@ -164,15 +163,6 @@ async fn fleet_of(n: usize, mock: SocketAddr, redis: &Redis, prefix: &str) -> Ve
         replicas.push(replica(&text).await);
     }
     replicas
-}
-
-async fn mock() -> (MockUpstream, SocketAddr, watch::Sender<bool>) {
-    let mock = MockUpstream::new(ADMIN_KEY);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(mock.clone().serve(listener, stopped));
-    (mock, addr, stop)
 }
 
 #[tokio::test]

@@ -2,7 +2,6 @@
 //! only (`--port 0`) under a CA made at test time; gateways trust it through `redis.ca_file`
 //! alone, and a gateway without that CA (or with another one) cannot connect and runs degraded.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -11,12 +10,10 @@ use std::time::Duration;
 use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
-use permgate::mock_upstream::MockUpstream;
 use permgate::secret::AdminKey;
 use permgate::state::AppState;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 use crate::support::*;
 
@@ -127,15 +124,6 @@ async fn replica(text: &str) -> Replica {
 
 fn healthy(replica: &Replica) -> bool {
     replica.state.fleet.as_ref().unwrap().is_healthy()
-}
-
-async fn mock() -> (MockUpstream, SocketAddr, watch::Sender<bool>) {
-    let mock = MockUpstream::new(ADMIN_KEY);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(mock.clone().serve(listener, stopped));
-    (mock, addr, stop)
 }
 
 #[tokio::test]

@@ -18,7 +18,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use permgate::mock_upstream::MockUpstream;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -666,11 +665,7 @@ async fn an_https_jwks_url_is_trusted_through_upstream_ca_file() {
 async fn sighup_rereads_the_jwks_file_of_a_running_gateway() {
     let dir = TempDir::new("sighup");
     let (a, b) = (rsa_key(0, "a"), ec_key("b"));
-    let mock = MockUpstream::new(ADMIN_KEY);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(mock.serve(listener, stopped));
+    let (_mock, mock_addr, _stop) = mock().await;
     let file = dir.path("jwks.json");
     std::fs::write(&file, jwks(&[&a])).unwrap();
     let config = dir.path("permgate.toml");

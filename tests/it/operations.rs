@@ -14,8 +14,6 @@ use permgate::mock_upstream::MockUpstream;
 use permgate::reload;
 use permgate::secret::AdminKey;
 use permgate::state::AppState;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::support::*;
 
@@ -90,12 +88,13 @@ fn write_config(path: &Path, mock: std::net::SocketAddr, key: &Path, extra_clien
     std::fs::rename(&tmp, path).unwrap();
 }
 
-async fn serve_mock(mock: &MockUpstream) -> (std::net::SocketAddr, watch::Sender<bool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(mock.clone().serve(listener, stopped));
-    (addr, stop)
+/// The gateway's state from `files`, with an environment that sets nothing.
+fn load_state(files: &Files) -> (SharedEnv, Config, Arc<AppState>) {
+    let env: SharedEnv = Arc::new(|_| None);
+    let config = Config::load(&files.config, &*env).unwrap();
+    let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
+    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
+    (env, config, state)
 }
 
 async fn reloads(state: &AppState, result: &str) -> bool {
@@ -109,10 +108,7 @@ async fn rotating_the_key_file_keeps_traffic_flowing_with_no_5xx() {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (mock_addr, _stop) = serve_mock(&mock).await;
     let files = files("rotate", mock_addr, "");
-    let env: SharedEnv = Arc::new(|_| None);
-    let config = Config::load(&files.config, &*env).unwrap();
-    let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
-    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
+    let (env, config, state) = load_state(&files);
     let (addr, _shutdown) = serve_state(&state, &config).await;
     let watcher = tokio::spawn(reload::watch(
         state.clone(),
@@ -195,10 +191,7 @@ async fn a_bad_new_key_file_keeps_the_old_key_and_counts_a_failure() {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (mock_addr, _stop) = serve_mock(&mock).await;
     let files = files("badkey", mock_addr, "");
-    let env: SharedEnv = Arc::new(|_| None);
-    let config = Config::load(&files.config, &*env).unwrap();
-    let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
-    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
+    let (env, config, state) = load_state(&files);
     std::fs::write(&files.key, "   \n").unwrap();
     assert!(reload::reload(&state, &files.config, &env).is_err());
     assert!(reloads(&state, "failure").await);
@@ -219,10 +212,7 @@ async fn a_reload_names_the_settings_only_a_restart_applies() {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (mock_addr, _stop) = serve_mock(&mock).await;
     let files = files("restartonly", mock_addr, "");
-    let env: SharedEnv = Arc::new(|_| None);
-    let config = Config::load(&files.config, &*env).unwrap();
-    let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
-    let state = AppState::new(&config, key, Clock::default(), None).unwrap();
+    let (env, config, state) = load_state(&files);
     let digest = hex::encode(permgate::auth::digest(b"newcomer-token"));
     let newcomer = format!(
         "\n[[clients]]\nname = \"newcomer\"\ntoken_sha256 = \"{digest}\"\ncheckpoints = [\"*\"]\n"

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use permgate::mock_upstream::MockUpstream;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::support::*;
 
@@ -47,10 +45,7 @@ async fn a_minute_at_full_speed_stays_correct_and_bounded() {
     let big = "ft:gpt-4o-mini-2024-07-18:acme:soak:000";
     mock.seed(big, 5000);
     let ids = Arc::new(mock.permission_ids(big));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = watch::channel(false);
-    tokio::spawn(mock.clone().serve(listener, stopped));
+    let (mock_addr, _stop) = serve_mock(&mock).await;
 
     let dir = std::env::temp_dir().join(format!("permgate-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -603,3 +603,19 @@ fn make_sdk_venv() -> Option<std::path::PathBuf> {
             .is_ok_and(|s| s.success());
     (made && has_openai(&python)).then_some(python)
 }
+
+/// Serves `mock` on a loopback port until the returned sender is dropped or sends `true`.
+pub async fn serve_mock(mock: &MockUpstream) -> (SocketAddr, watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(mock.clone().serve(listener, stopped));
+    (addr, stop)
+}
+
+/// A new mock upstream (holding [`ADMIN_KEY`]) served as [`serve_mock`] does.
+pub async fn mock() -> (MockUpstream, SocketAddr, watch::Sender<bool>) {
+    let mock = MockUpstream::new(ADMIN_KEY);
+    let (addr, stop) = serve_mock(&mock).await;
+    (mock, addr, stop)
+}

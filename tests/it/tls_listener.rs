@@ -575,6 +575,17 @@ async fn start_mtls(
     clients_ca: &Ca,
     required: bool,
 ) -> (TlsGateway, Files) {
+    start_mtls_with(name, server_ca, clients_ca, required, "").await
+}
+
+/// [`start_mtls`] with `more` after the `[server.tls]` table (clients, say).
+async fn start_mtls_with(
+    name: &str,
+    server_ca: &Ca,
+    clients_ca: &Ca,
+    required: bool,
+    more: &str,
+) -> (TlsGateway, Files) {
     let mut files = Files::new(name);
     let leaf = server_ca.server();
     files.install(&leaf.cert_pem, &leaf.key_pem);
@@ -583,7 +594,12 @@ async fn start_mtls(
         "client_ca_file = \"{}\"\nrequire_client_cert = {required}",
         ca_file.display()
     );
-    (start_tls("", &files.table(&extra)).await, files)
+    (start_tls("", &(files.table(&extra) + more)).await, files)
+}
+
+/// A client named by the SPIFFE ID of [`Ca::client`], granted `CP` only.
+fn billing_client() -> String {
+    format!("\n[[clients]]\nname = \"billing\"\ntls_identity = \"{SPIFFE}\"\ncheckpoints = [\"{CP}\"]\n")
 }
 
 #[tokio::test]
@@ -729,18 +745,14 @@ async fn sighup_reloads_the_certificate_of_a_running_gateway() {
 #[tokio::test]
 async fn a_client_certificate_naming_a_client_wins_over_the_bearer_and_gets_its_grants() {
     let (server_ca, clients_ca) = (Ca::new("server"), Ca::new("clients"));
-    let mut files = Files::new("mtls-identity");
-    let leaf = server_ca.server();
-    files.install(&leaf.cert_pem, &leaf.key_pem);
-    let ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
-    let tls = files.table(&format!(
-        "client_ca_file = \"{}\"\nrequire_client_cert = false",
-        ca_file.display()
-    ));
-    let billing = format!(
-        "\n[[clients]]\nname = \"billing\"\ntls_identity = \"{SPIFFE}\"\ncheckpoints = [\"{CP}\"]\n"
-    );
-    let gw = start_tls("", &(tls + &billing)).await;
+    let (gw, _files) = start_mtls_with(
+        "mtls-identity",
+        &server_ca,
+        &clients_ca,
+        false,
+        &billing_client(),
+    )
+    .await;
     let mut with_cert = open(
         gw.addr,
         client(&server_ca, Some(&clients_ca.client()), &["h2"]),
@@ -787,18 +799,8 @@ async fn the_python_sdk_with_a_client_certificate_gets_its_clients_grants() {
         return;
     };
     let (server_ca, clients_ca) = (Ca::new("server"), Ca::new("clients"));
-    let mut files = Files::new("mtls-sdk");
-    let leaf = server_ca.server();
-    files.install(&leaf.cert_pem, &leaf.key_pem);
-    let ca_file = files.write("clients-ca.pem", &clients_ca.cert.pem());
-    let tls = files.table(&format!(
-        "client_ca_file = \"{}\"\nrequire_client_cert = true",
-        ca_file.display()
-    ));
-    let billing = format!(
-        "\n[[clients]]\nname = \"billing\"\ntls_identity = \"{SPIFFE}\"\ncheckpoints = [\"{CP}\"]\n"
-    );
-    let gw = start_tls("", &(tls + &billing)).await;
+    let (gw, files) =
+        start_mtls_with("mtls-sdk", &server_ca, &clients_ca, true, &billing_client()).await;
     let caller = clients_ca.client();
     let server_ca_file = files.write("server-ca.pem", &server_ca.cert.pem());
     let cert_file = files.write("caller.crt", &caller.cert_pem);
