@@ -7,12 +7,11 @@
 //! No sleeps: each exchange ends in a close the server makes (a refusal, or `Connection:
 //! close`); `timeout` only guards against hangs.
 
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::Method;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -55,22 +54,7 @@ fn get(close: bool) -> String {
     )
 }
 
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        let found = self
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name));
-        found.map(|(_, v)| v.as_str())
-    }
-
+impl RawResponse {
     /// permgate's refusal: 400 `invalid_parameter` naming `transfer-encoding`, with a request
     /// id, and the connection closing.
     fn assert_refusal(&self, what: &str) {
@@ -88,65 +72,17 @@ impl Raw {
     }
 }
 
-/// Length-delimited HTTP/1.1 responses, in order.
-fn responses(mut bytes: &[u8]) -> Vec<Raw> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut response = httparse::Response::new(&mut headers);
-        let httparse::Status::Complete(len) = response.parse(bytes).expect("a response head")
-        else {
-            panic!("incomplete response: {:?}", String::from_utf8_lossy(bytes));
-        };
-        let headers: Vec<(String, String)> = response
-            .headers
-            .iter()
-            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into()))
-            .collect();
-        let status = response.code.unwrap();
-        let cl = headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"));
-        let cl: usize = cl.expect("content-length").1.parse().unwrap();
-        assert!(bytes.len() >= len + cl, "truncated: {bytes:?}");
-        let body = bytes[len..len + cl].to_vec();
-        out.push(Raw {
-            status,
-            headers,
-            body,
-        });
-        bytes = &bytes[len + cl..];
-    }
-    out
-}
-
-/// Everything the server sends until it closes, and whether it closed cleanly (FIN, not a reset).
-async fn read_to_close(reader: &mut (impl AsyncRead + Unpin)) -> (Vec<u8>, Option<ErrorKind>) {
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(GUARD, reader.read_to_end(&mut buf))
-        .await
-        .expect("the server closed the connection in time");
-    (buf, read.err().map(|e| e.kind()))
-}
-
 /// Writes `bytes` (concurrently with reading: an early answer-and-close must still be seen)
 /// and reads until the server closes.
-async fn exchange(addr: SocketAddr, bytes: impl Into<Vec<u8>>) -> Vec<Raw> {
-    let bytes = bytes.into();
-    let (mut reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
-    let write = tokio::spawn(async move {
-        let _ = writer.write_all(&bytes).await;
-        writer
-    });
-    let (received, error) = read_to_close(&mut reader).await;
-    let _writer = write.await.unwrap();
+async fn exchange(addr: SocketAddr, bytes: impl Into<Vec<u8>>) -> Vec<RawResponse> {
+    let (received, error) = raw_exchange(addr, bytes).await;
     assert_eq!(
         error,
         None,
         "closed cleanly: {:?}",
         String::from_utf8_lossy(&received)
     );
-    responses(&received)
+    raw_responses(&received)
 }
 
 /// One exchange that must be refused, with nothing sent upstream.
@@ -333,7 +269,7 @@ async fn a_refusal_comes_after_the_answers_before_it() {
     held.release();
     let (received, error) = read_to_close(&mut reader).await;
     assert_eq!(error, None);
-    let all = responses(&received);
+    let all = raw_responses(&received);
     assert_eq!(all.len(), 2, "{all:?}");
     assert_eq!(all[0].status, 200, "the GET's answer first: {all:?}");
     assert_eq!(all[0].header("connection"), None, "{all:?}");
@@ -366,11 +302,11 @@ async fn a_refusal_on_a_kept_alive_connection_after_a_served_request() {
         );
         received.extend_from_slice(&buf[..n]);
     }
-    assert_eq!(responses(&received)[0].status, 200);
+    assert_eq!(raw_responses(&received)[0].status, 200);
     stream.write_all(ambiguous_post().as_bytes()).await.unwrap();
     let (rest, error) = read_to_close(&mut stream).await;
     assert_eq!(error, None);
-    let all = responses(&rest);
+    let all = raw_responses(&rest);
     assert_eq!(all.len(), 1, "{all:?}");
     all[0].assert_refusal("second request on the connection");
     assert_eq!(gw.mock.count(&Method::POST), 1);
@@ -431,7 +367,7 @@ async fn a_refusal_reaches_a_client_that_is_still_sending() {
     );
     let (received, error) = read_to_close(&mut stream).await;
     assert_eq!(error, None, "{:?}", String::from_utf8_lossy(&received));
-    let all = responses(&received);
+    let all = raw_responses(&received);
     assert_eq!(all.len(), 1, "{all:?}");
     all[0].assert_refusal("still sending");
     assert!(gw.mock.requests().is_empty());
@@ -452,7 +388,7 @@ async fn requests_sent_byte_by_byte_are_checked_the_same() {
         }
         let (received, error) = read_to_close(&mut stream).await;
         assert_eq!(error, None);
-        responses(&received)
+        raw_responses(&received)
     };
     let all = send(ambiguous_post()).await;
     assert_eq!(all.len(), 1, "{all:?}");

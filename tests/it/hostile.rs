@@ -538,21 +538,7 @@ fn smuggled_get() -> String {
     )
 }
 
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
 impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
     /// hyper's automatic answer to a message it could not parse: empty, closes, no request id
     /// (permgate's handler never ran).
     fn assert_from_hyper(&self, status: u16) {
@@ -597,39 +583,7 @@ struct Exchange {
 impl Exchange {
     /// Every HTTP/1.1 response in the stream (each must be length-delimited).
     fn responses(&self) -> Vec<RawResponse> {
-        let mut out = Vec::new();
-        let mut rest = &self.bytes[..];
-        while !rest.is_empty() {
-            let head_end = rest
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .unwrap_or_else(|| panic!("incomplete response head: {self:?}"));
-            let head = std::str::from_utf8(&rest[..head_end]).expect("ASCII head");
-            let mut lines = head.split("\r\n");
-            let status_line = lines.next().unwrap();
-            assert!(status_line.starts_with("HTTP/1.1 "), "{status_line:?}");
-            let status = status_line[9..12].parse().expect("status code");
-            let headers: Vec<(String, String)> = lines
-                .map(|l| {
-                    let (k, v) = l.split_once(':').expect("header line");
-                    (k.trim().to_ascii_lowercase(), v.trim().to_owned())
-                })
-                .collect();
-            let len: usize = headers
-                .iter()
-                .find(|(k, _)| k == "content-length")
-                .map(|(_, v)| v.parse().unwrap())
-                .unwrap_or_else(|| panic!("no content-length: {head}"));
-            let body_start = head_end + 4;
-            assert!(rest.len() >= body_start + len, "truncated body: {self:?}");
-            out.push(RawResponse {
-                status,
-                headers,
-                body: rest[body_start..body_start + len].to_vec(),
-            });
-            rest = &rest[body_start + len..];
-        }
-        out
+        raw_responses(&self.bytes)
     }
 
     /// The one response, with the connection closed right after it.
@@ -640,26 +594,10 @@ impl Exchange {
     }
 }
 
-/// Writes `bytes` (concurrently with reading, so an early answer-and-close is seen even if the
-/// write fails) and reads until the server closes.
+/// [`raw_exchange`], kept whole.
 async fn exchange(addr: SocketAddr, bytes: impl Into<Vec<u8>>) -> Exchange {
-    let bytes = bytes.into();
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut reader, mut writer) = stream.into_split();
-    let write = tokio::spawn(async move {
-        // A write error is expected when the server answers early and closes.
-        let _ = writer.write_all(&bytes).await;
-        writer
-    });
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(GUARD, reader.read_to_end(&mut buf))
-        .await
-        .expect("the server closed the connection in time (no hang)");
-    let _writer = write.await.unwrap();
-    Exchange {
-        bytes: buf,
-        read_error: read.err().map(|e| e.kind()),
-    }
+    let (bytes, read_error) = raw_exchange(addr, bytes).await;
+    Exchange { bytes, read_error }
 }
 
 /// Writes `bytes`, half-closes, and reads until the server closes.
@@ -667,14 +605,8 @@ async fn exchange_then_eof(addr: SocketAddr, bytes: &[u8]) -> Exchange {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
     stream.shutdown().await.unwrap();
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(GUARD, stream.read_to_end(&mut buf))
-        .await
-        .expect("the server closed the connection in time (no hang)");
-    Exchange {
-        bytes: buf,
-        read_error: read.err().map(|e| e.kind()),
-    }
+    let (bytes, read_error) = read_to_close(&mut stream).await;
+    Exchange { bytes, read_error }
 }
 
 fn assert_no_upstream(gw: &Gateway, what: &str) {

@@ -101,11 +101,7 @@ pub async fn start() -> Gateway {
 /// Starts a mock and a gateway; `edit` may change the config text before it is parsed.
 pub async fn start_with(edit: impl FnOnce(&mut String)) -> Gateway {
     init_logs();
-    let mock = MockUpstream::new(ADMIN_KEY);
-    let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_addr = mock_listener.local_addr().unwrap();
-    let (mock_stop, mock_stopped) = watch::channel(false);
-    tokio::spawn(mock.clone().serve(mock_listener, mock_stopped));
+    let (mock, mock_addr, mock_stop) = mock().await;
     let mut text = base_config(mock_addr);
     edit(&mut text);
     let (state, addr, admin_addr, shutdown, served) = start_gateway_with_admin(&text).await;
@@ -618,4 +614,94 @@ pub async fn mock() -> (MockUpstream, SocketAddr, watch::Sender<bool>) {
     let mock = MockUpstream::new(ADMIN_KEY);
     let (addr, stop) = serve_mock(&mock).await;
     (mock, addr, stop)
+}
+
+/// An HTTP/1.1 response read off a raw connection (header names in lower case).
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Every HTTP/1.1 response in `bytes`, in order; each must be length-delimited.
+pub fn raw_responses(mut rest: &[u8]) -> Vec<RawResponse> {
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let shown = String::from_utf8_lossy(rest).into_owned();
+        let head_end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("incomplete response head: {shown:?}"));
+        let head = std::str::from_utf8(&rest[..head_end]).expect("ASCII head");
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        assert!(status_line.starts_with("HTTP/1.1 "), "{status_line:?}");
+        let status = status_line[9..12].parse().expect("status code");
+        let headers: Vec<(String, String)> = lines
+            .map(|l| {
+                let (k, v) = l.split_once(':').expect("header line");
+                (k.trim().to_ascii_lowercase(), v.trim().to_owned())
+            })
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or_else(|| panic!("no content-length: {head}"));
+        let body_start = head_end + 4;
+        assert!(rest.len() >= body_start + len, "truncated body: {shown:?}");
+        out.push(RawResponse {
+            status,
+            headers,
+            body: rest[body_start..body_start + len].to_vec(),
+        });
+        rest = &rest[body_start + len..];
+    }
+    out
+}
+
+/// How long a raw exchange waits for the server to close.
+const RAW_CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// Everything the server sends until it closes, and how the read ended: `None` for a clean
+/// close (FIN), `Some(kind)` for an error (e.g. a reset).
+pub async fn read_to_close(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(RAW_CLOSE_WAIT, reader.read_to_end(&mut buf))
+        .await
+        .expect("the server closed the connection in time (no hang)");
+    (buf, read.err().map(|e| e.kind()))
+}
+
+/// Writes `bytes` on a new connection (concurrently with reading, so an early answer-and-close
+/// is seen even if the write fails) and reads until the server closes (see [`read_to_close`]).
+pub async fn raw_exchange(
+    addr: SocketAddr,
+    bytes: impl Into<Vec<u8>>,
+) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    use tokio::io::AsyncWriteExt;
+    let bytes = bytes.into();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let write = tokio::spawn(async move {
+        // A write error is expected when the server answers early and closes.
+        let _ = writer.write_all(&bytes).await;
+        writer
+    });
+    let received = read_to_close(&mut reader).await;
+    let _writer = write.await.unwrap();
+    received
 }

@@ -189,11 +189,7 @@ impl Drop for TlsGateway {
 /// `server_keys` go in `[server]`, `tls_table` is the whole `[server.tls]` table.
 async fn start_tls(server_keys: &str, tls_table: &str) -> TlsGateway {
     init_logs();
-    let mock = MockUpstream::new(ADMIN_KEY);
-    let mock_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_addr = mock_listener.local_addr().unwrap();
-    let (mock_stop, mock_stopped) = watch::channel(false);
-    tokio::spawn(mock.clone().serve(mock_listener, mock_stopped));
+    let (mock, mock_addr, mock_stop) = mock().await;
     let text = base_config(mock_addr)
         .replace(
             "drain_timeout_ms = 5000",
