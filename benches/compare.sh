@@ -340,7 +340,7 @@ start_permgate() {
     permgate_config "$name" "$port" "$upstream" "$@"
     if [ -n "${PG_ADMIN_LISTEN:-}" ]; then admin=(PERMGATE_ADMIN_LISTEN="$PG_ADMIN_LISTEN"); fi
     start "$name" "$port" env OPENAI_ADMIN_KEY="$ADMIN_KEY" PERMGATE_LOG="$filter" \
-        PERMGATE_LOG_FORMAT=json "${admin[@]}" "$PERMGATE" serve --config "$WORK/$name.toml"
+        PERMGATE_LOG_FORMAT=json "${admin[@]}" "${PG_BIN:-$PERMGATE}" serve --config "$WORK/$name.toml"
 }
 
 # metric NAME SYSTEM: the value of a metric on SYSTEM's admin listener (0 if absent)
@@ -589,7 +589,7 @@ measure() {
 
 systems_of() {
     case $1 in
-        hit10) echo "ref10 ref10busy nginx pg pglog" ;;
+        hit10) echo "${HIT10_SYSTEMS:-ref10 ref10busy nginx pg pglog}${BASELINE:+ pgbase}" ;;
         hit100) echo "ref100 nginx pg" ;;
         keys10k) echo "nginx pg" ;;
         miss0) echo "direct0 nginx pg" ;;
@@ -932,6 +932,9 @@ PORT[direct20]=${PORT[up20]}
 quiet="info,permgate::access=off"
 start_permgate pg $((PORT_BASE + 30)) up0 "$quiet" "ttl_seconds = 3600"
 start_permgate pglog $((PORT_BASE + 32)) up0 "info" "ttl_seconds = 3600"
+if [ -n "${BASELINE:-}" ]; then
+    PG_BIN=$BASELINE start_permgate pgbase $((PORT_BASE + 47)) up0 "$quiet" "ttl_seconds = 3600"
+fi
 start_permgate pgmiss0 $((PORT_BASE + 33)) up0 "$quiet" "ttl_seconds = 3600"
 start_permgate pgmiss20 $((PORT_BASE + 34)) up20 "$quiet" "ttl_seconds = 3600"
 if tls_wanted; then

@@ -46,9 +46,10 @@ use std::time::{Duration, SystemTime};
 use hyper::header::HeaderValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::error::Error;
+use crate::head_timer::HeadTimer;
 use crate::observability;
 
 /// How long a refused connection keeps reading (and discarding) after its 400, so that bytes
@@ -70,6 +71,8 @@ const PARAM: &str = "transfer-encoding";
 pub struct FramingGuard<IO> {
     io: IO,
     scanner: Scanner,
+    /// `server.header_read_timeout_ms` for each head awaited.
+    head_timer: HeadTimer,
     state: State,
     /// The reader, while a refusal waits for the earlier requests' answers to be written.
     waiting: Option<Waker>,
@@ -98,10 +101,12 @@ enum State {
 impl<IO> FramingGuard<IO> {
     /// `max_head`: hyper's HTTP/1 read buffer limit (`max_buf_size`). A head still incomplete
     /// at that size is passed on for hyper to answer 431, and nothing after it.
-    pub fn new(io: IO, max_head: usize) -> FramingGuard<IO> {
+    /// `header_read_timeout`: how long a head awaited may take (see [`HeadTimer`]).
+    pub fn new(io: IO, max_head: usize, header_read_timeout: Duration) -> FramingGuard<IO> {
         FramingGuard {
             io,
             scanner: Scanner::new(max_head),
+            head_timer: HeadTimer::new(header_read_timeout),
             state: State::Open,
             waiting: None,
         }
@@ -132,7 +137,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
     /// state changed with nothing to hand over.
     fn read_open(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<bool>> {
         let before = buf.filled().len();
-        ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        if Pin::new(&mut self.io).poll_read(cx, buf)?.is_pending() {
+            return self.poll_head_timeout(cx);
+        }
         let deliver = match self.scanner.on_read(&buf.filled()[before..]) {
             Verdict::Pass => return Poll::Ready(Ok(true)),
             Verdict::Doom { deliver } => {
@@ -152,6 +159,32 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
         };
         buf.set_filled(before + deliver);
         Poll::Ready(Ok(deliver > 0))
+    }
+
+    /// Once the last answer is written, the wait for the next head starts. hyper reads again
+    /// only when its task is woken, so the timer is armed here, with the connection task's
+    /// waker, to wake it when the wait is over.
+    fn start_head_timer(&mut self, cx: &mut Context<'_>) {
+        if let Some(head) = self.scanner.awaited_head() {
+            if self.head_timer.poll_expired(head, cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+    }
+
+    /// Nothing to read: while a head is awaited, the connection fails once it has waited for
+    /// the header read timeout (hyper then closes it).
+    fn poll_head_timeout(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let Some(head) = self.scanner.awaited_head() else {
+            return Poll::Pending;
+        };
+        ready!(self.head_timer.poll_expired(head, cx));
+        debug!("no complete request head within the header read timeout; closing the connection");
+        self.state = State::Closed;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no complete request head within the header read timeout",
+        )))
     }
 
     /// A refusal's turn comes once every earlier request is answered. If the answers could
@@ -258,6 +291,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         }
         let n = ready!(Pin::new(&mut this.io).poll_write(cx, data))?;
         this.wrote(&data[..n]);
+        this.start_head_timer(cx);
         Poll::Ready(Ok(n))
     }
 
@@ -280,6 +314,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
                 break;
             }
         }
+        this.start_head_timer(cx);
         Poll::Ready(Ok(n))
     }
 
@@ -406,6 +441,8 @@ struct Scanner {
     response_head: HeadBuf,
     /// An answer's head is written and its body is not finished.
     answering: bool,
+    /// Request heads completed so far.
+    heads: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -456,6 +493,7 @@ impl Scanner {
             write: WritePhase::Head,
             response_head: HeadBuf::default(),
             answering: false,
+            heads: 0,
         }
     }
 
@@ -549,6 +587,7 @@ impl Scanner {
     }
 
     fn start_body(&mut self, head: RequestHead, used: usize) -> Step {
+        self.heads += 1;
         self.read = match head.framing {
             Framing::Refuse(refusal) => {
                 self.read = ReadPhase::Stopped;
@@ -571,6 +610,15 @@ impl Scanner {
         if self.write != WritePhase::Untracked {
             self.requests.push_back(method);
         }
+    }
+
+    /// The number of the head the connection waits for (heads completed before it), while it
+    /// waits for one: between requests once every answer is written, or with part of a head
+    /// read. `None` while a request is being read or answered, and on HTTP/2.
+    fn awaited_head(&self) -> Option<u64> {
+        let between = matches!(self.read, ReadPhase::Preface(_) | ReadPhase::Head);
+        let answered = !matches!(self.unanswered(), Some(n) if n > 0);
+        (between && answered).then_some(self.heads)
     }
 
     /// Requests handed to hyper and not yet fully answered; `None` once the answers cannot be

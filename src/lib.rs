@@ -14,7 +14,7 @@
 //!
 //! Layers (imports point down only): leaves `error`, `clock`, `env`, `secret`, `config`,
 //! `route`, `tls`; mechanisms `cache`, `metrics`, `ratelimit`, `breaker`, `auth`, `jwt`,
-//! `upstream`, `audit`, `fleet`, `framing`, `access_log`, `otel`, `observability`; app `state`,
+//! `upstream`, `audit`, `fleet`, `head_timer`, `framing`, `access_log`, `otel`, `observability`; app `state`,
 //! `request_log`, `proxy`, `admin`, `reload`, `server`, `mock_upstream`, `cli`.
 #![forbid(unsafe_code)]
 
@@ -31,6 +31,7 @@ pub mod env;
 pub mod error;
 pub mod fleet;
 pub mod framing;
+pub mod head_timer;
 pub mod jwt;
 pub mod metrics;
 pub mod mock_upstream;

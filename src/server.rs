@@ -18,8 +18,10 @@
 //! open requests here: the service counts a request from its headers until its response body
 //! is sent or dropped. A peer that ignores the GOAWAY is dropped after one more idle period.
 //! Authentication plays no part: an unauthenticated connection is held exactly as long as an
-//! authenticated one. hyper also arms `header_read_timeout` while an HTTP/1 keep-alive
-//! connection waits for its next request, so HTTP/1 closes after the smaller of the two.
+//! authenticated one. The header read timeout also runs while an HTTP/1 keep-alive connection
+//! waits for its next request, so HTTP/1 closes after the smaller of the two. It is not hyper's
+//! `header_read_timeout` (which re-arms a timer per request) but the
+//! [`HeadTimer`](crate::head_timer::HeadTimer) in the [`FramingGuard`] below hyper.
 //!
 //! TLS (`[server.tls]`, SPEC "The front door"): the handshake runs on the connection's own task,
 //! holding its slot, and must finish within `server.header_read_timeout_ms` of the accept;
@@ -223,8 +225,6 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
@@ -308,7 +308,11 @@ where
             match tls {
                 None => {
                     let watched = ConnectionWatch::new(drain, &limits, accepted);
-                    let io = TokioIo::new(FramingGuard::new(stream, head_limit));
+                    let io = TokioIo::new(FramingGuard::new(
+                        stream,
+                        head_limit,
+                        limits.header_read_timeout,
+                    ));
                     serve_io(&builder, io, handler, None, watched, peer).await;
                 }
                 Some(acceptor) => {
@@ -320,7 +324,11 @@ where
                     };
                     let identity = tls::peer_identity(stream.get_ref().1);
                     let watched = ConnectionWatch::new(drain, &limits, accepted);
-                    let io = TokioIo::new(FramingGuard::new(stream, head_limit));
+                    let io = TokioIo::new(FramingGuard::new(
+                        stream,
+                        head_limit,
+                        limits.header_read_timeout,
+                    ));
                     serve_io(&builder, io, handler, identity, watched, peer).await;
                 }
             }

@@ -398,6 +398,57 @@ async fn slow_loris_and_idle_keep_alive_connections_are_closed() {
     );
 }
 
+/// The header read timeout holds for every head on a keep-alive connection, not only the
+/// first: after an answered request, a next head that keeps trickling in (so the connection is
+/// never silent) is cut off within `header_read_timeout_ms`, although the idle timeout is long.
+#[tokio::test]
+async fn a_trickling_head_after_a_keep_alive_request_is_disconnected() {
+    let gw = start_with(|c| {
+        limited(c);
+        *c = c.replace(
+            "header_read_timeout_ms = 300",
+            "header_read_timeout_ms = 300\nidle_timeout_ms = 60000",
+        );
+    })
+    .await;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n",
+        list_path(CP)
+    );
+    let (mut stream, answer) = raw(gw.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let started = tokio::time::Instant::now();
+    let head = b"GET /v1/fine_tuning/checkpoints/x/permissions HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let mut bytes = head.iter().chain(std::iter::repeat(&b'a'));
+    let mut buf = [0u8; 1024];
+    let closed_after = loop {
+        if started.elapsed() > Duration::from_secs(5) {
+            panic!("a head still trickling in after 5 s was not cut off");
+        }
+        let byte = *bytes.next().unwrap();
+        if stream.write_all(&[byte]).await.is_err() {
+            break started.elapsed();
+        }
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(n)) => panic!(
+                "answered a partial head: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(_) => {}
+        }
+    };
+    assert!(
+        closed_after >= Duration::from_millis(250),
+        "cut off before the timeout: {closed_after:?}"
+    );
+    assert_eq!(
+        gw.mock.requests().len(),
+        1,
+        "only the first request reached upstream"
+    );
+}
+
 #[tokio::test]
 async fn connections_past_max_connections_wait_for_a_free_slot() {
     let gw = start_with(|c| {

@@ -1,0 +1,113 @@
+//! The HTTP/1 header read timeout (`server.header_read_timeout_ms`, slow loris): once a
+//! connection waits for a request head, the head must be complete within the timeout, or the
+//! connection is closed. [`FramingGuard`](crate::framing::FramingGuard) runs it below hyper,
+//! where it sees when each head starts being awaited and when it is complete.
+//!
+//! Why not hyper's own `header_read_timeout`: hyper drops its timer after every head and makes
+//! a new one for the next (an allocation, a timer-wheel insertion and removal, a clock read and
+//! an extra pass of its dispatch loop per request), which on a cache hit cost about as much as
+//! everything permgate itself does. Here one timer per connection is armed lazily: a head
+//! awaited costs one clock read, and the timer moves only when it fires before the deadline of
+//! the head now awaited (at most once per timeout period), not once per request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+/// One connection's header read deadline. See the module documentation.
+#[derive(Debug)]
+pub struct HeadTimer {
+    limit: Duration,
+    /// The number of the head awaited (heads completed before it) and when it must be complete.
+    awaited: Option<(u64, Instant)>,
+    /// Fires at or before the deadline of the head awaited; created on the first wait.
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl HeadTimer {
+    pub fn new(limit: Duration) -> HeadTimer {
+        HeadTimer {
+            limit,
+            awaited: None,
+            sleep: None,
+        }
+    }
+
+    /// Called while the connection waits for head number `head` (the count of heads completed
+    /// before it): ready once that head has been awaited for the whole limit. The wait starts
+    /// at the first call for a new `head`.
+    pub fn poll_expired(&mut self, head: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = match self.awaited {
+            Some((awaited, deadline)) if awaited == head => deadline,
+            _ => {
+                let deadline = Instant::now() + self.limit;
+                self.awaited = Some((head, deadline));
+                deadline
+            }
+        };
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            ready!(sleep.as_mut().poll(cx));
+            // Armed for an earlier head: move it to this one's deadline, and wait again.
+            if sleep.deadline() >= deadline {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(deadline);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_millis(150);
+
+    /// Polls the wait for `head` once, without blocking.
+    async fn expired(timer: &mut HeadTimer, head: u64) -> bool {
+        poll_fn(|cx| Poll::Ready(timer.poll_expired(head, cx).is_ready())).await
+    }
+
+    /// Waits for `head` until it expires; how long that took.
+    async fn wait(timer: &mut HeadTimer, head: u64) -> Duration {
+        let started = Instant::now();
+        poll_fn(|cx| timer.poll_expired(head, cx)).await;
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_head_awaited_for_the_limit_expires() {
+        let mut timer = HeadTimer::new(LIMIT);
+        let waited = wait(&mut timer, 0).await;
+        assert!(waited >= LIMIT, "{waited:?}");
+        assert!(expired(&mut timer, 0).await, "stays expired");
+    }
+
+    #[tokio::test]
+    async fn each_head_gets_the_whole_limit_from_when_it_is_first_awaited() {
+        let mut timer = HeadTimer::new(LIMIT);
+        assert!(!expired(&mut timer, 0).await);
+        // Head 0 arrives late in its period; head 1 is awaited from then on.
+        tokio::time::sleep(LIMIT * 2 / 3).await;
+        let waited = wait(&mut timer, 1).await;
+        assert!(waited >= LIMIT, "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_timer_that_fired_for_a_head_no_longer_awaited_is_moved() {
+        let mut timer = HeadTimer::new(LIMIT);
+        assert!(!expired(&mut timer, 0).await);
+        // Head 0 completed; head 1 is first awaited after head 0's deadline has passed.
+        tokio::time::sleep(2 * LIMIT).await;
+        assert!(!expired(&mut timer, 1).await, "head 1 has just started");
+        let waited = wait(&mut timer, 1).await;
+        assert!(waited >= LIMIT - Duration::from_millis(5), "{waited:?}");
+    }
+}
