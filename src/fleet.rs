@@ -6,7 +6,9 @@
 //!   live by its own clock (`CLOCK_BOOTTIME`, counted from before the renewal was sent, minus a
 //!   margin: it ends before Redis' deadline for it). A renewal returns the fleet's invalidation
 //!   sequence number; the lease is extended only once every invalidation up to it is applied.
-//!   A hit makes no Redis call: [`Fleet::lease`] is one atomic load and one clock read.
+//!   A hit makes no Redis call: [`Fleet::lease`] is one atomic load and one clock read. A
+//!   replica shutting down resigns after its drain ([`Fleet::resign`]), so writes elsewhere do
+//!   not wait for its lease to run out.
 //! - **Acknowledged invalidations.** Writes and purges get a sequence number and go on the
 //!   stream `{prefix}inv`; every replica applies the entries in order and acknowledges them in
 //!   `{prefix}acks`. A write publishes one before its upstream call and one after, and each time
@@ -87,16 +89,18 @@ struct Scripts {
     ack: Script,
     lookup: Script,
     put: Script,
+    resign: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 5] {
+    fn all(&self) -> [&Script; 6] {
         [
             &self.renew,
             &self.publish,
             &self.ack,
             &self.lookup,
             &self.put,
+            &self.resign,
         ]
     }
 }
@@ -121,6 +125,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fleet/run.lua"),
         include_str!("fleet/put.lua")
     )),
+    resign: Script::new(include_str!("fleet/resign.lua")),
 });
 
 /// Whether a script call whose script Redis lacks is sent again in full.
@@ -221,6 +226,8 @@ pub struct Fleet {
     scripts_lost: AtomicBool,
     /// The put task's queue (from [`start`]).
     puts: OnceLock<mpsc::Sender<Put>>,
+    /// [`Fleet::resign`] ran: no lease is taken again.
+    resigned: AtomicBool,
 }
 
 /// The Redis password named by `[redis]`, read from its env var or file.
@@ -360,6 +367,7 @@ impl Fleet {
             connections: AtomicU64::new(0),
             scripts_lost: AtomicBool::new(false),
             puts: OnceLock::new(),
+            resigned: AtomicBool::new(false),
         })
     }
 
@@ -537,6 +545,9 @@ impl Fleet {
     /// Renews the lease. It is extended only after every invalidation up to the sequence number
     /// the renewal returned is applied, and only if the reply came back in time to be of use.
     async fn renew(&self, cache: &PageCache) -> Result<(), ()> {
+        if self.resigned.load(Ordering::Acquire) {
+            return Err(());
+        }
         let sent = lease_clock();
         let (known, applied) = {
             let s = self.sync.lock().await;
@@ -637,6 +648,36 @@ impl Fleet {
 
     /// Tells writers every invalidation up to `seq` is applied here. A lost ack only makes them
     /// wait longer (the next renewal carries it, or the lease runs out).
+    /// Leaves the fleet, for a replica whose requests have all been answered (after the drain):
+    /// its lease ends here and in Redis, so writes through the other replicas no longer wait
+    /// for it to run out (up to `lease_ms` each, once), and those already waiting for its
+    /// acknowledgement stop. It serves nothing from its cache afterwards. `false` if Redis did
+    /// not answer (the lease then runs out by itself, as after a crash).
+    pub async fn resign(&self) -> bool {
+        self.resigned.store(true, Ordering::Release);
+        self.lease_until.store(0, Ordering::Release);
+        let incarnation = self.renewed.load_full();
+        let keys = [
+            self.key("incarnation"),
+            self.key("acks"),
+            self.key("leases"),
+        ];
+        let channel = self.key("acked");
+        let known = incarnation.as_deref().map_or("", String::as_str);
+        let args = [self.id.as_str(), known, &channel];
+        let command = Self::script(&SCRIPTS.resign, &keys, &args);
+        let left = self
+            .eval::<i64>(&SCRIPTS.resign, &command, Resend::Yes)
+            .await
+            .is_some();
+        if left {
+            info!(target: "permgate::fleet", "left the fleet: writes elsewhere no longer wait for this replica");
+        } else {
+            warn!(target: "permgate::fleet", "could not leave the fleet (redis did not answer): writes elsewhere wait for this replica's lease to run out");
+        }
+        left
+    }
+
     async fn ack(&self, seq: u64, incarnation: &str) {
         let keys = [self.key("incarnation"), self.key("acks")];
         let channel = self.key("acked");

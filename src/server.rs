@@ -157,6 +157,10 @@ pub async fn serve_with_tls(
     state.start_draining();
     let _ = stop_data.send(true);
     let _ = data_loop.await;
+    // Every data request is answered: writes through other replicas need not wait for this one.
+    if let Some(fleet) = &state.fleet {
+        fleet.resign().await;
+    }
     let _ = stop_admin.send(true);
     if let Some(admin_loop) = admin_loop {
         let _ = admin_loop.await;

@@ -936,6 +936,45 @@ async fn a_paused_replica_never_serves_the_old_list_after_a_write_elsewhere() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A replica shut down with SIGTERM leaves the fleet once its drain is over: a write through
+/// another replica right after it has exited does not wait for its lease to run out.
+#[tokio::test]
+async fn a_replica_shut_down_gracefully_does_not_hold_up_writes() {
+    let redis = Redis::start();
+    let (_mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t14:");
+    let a = replica(&text).await;
+    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
+    let (b, b_client, dir) = serve_process(&text, "resign").await;
+    lease_up(&b_client).await;
+    tokio::time::sleep_until(fence_over.into()).await;
+
+    signal(&b, "TERM");
+    let exited = tokio::task::spawn_blocking(move || {
+        let mut b = b;
+        b.0.wait().unwrap()
+    });
+    let status = tokio::time::timeout(Duration::from_secs(10), exited)
+        .await
+        .expect("B exits after its drain")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    // B renewed its lease at most a third of a lease before it exited: it would still be live.
+    let (created, took) = create(&a.client, "proj_after_b").await;
+    assert_eq!(created.status, 200);
+    let expiry = "permgate_fleet_writes_waited_for_lease_expiry_total";
+    assert_eq!(
+        metric(&a, expiry).await,
+        0.0,
+        "the write waited for the departed replica's lease ({took:?})"
+    );
+    assert_eq!(
+        a.client.get(&list_path(CP), WRITER).await.ids()[0],
+        created.ids()[0]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A TCP relay that can go silent: it keeps the connections open but stops passing bytes
 /// (no FIN, no RST), like a network that drops packets.
 struct Relay {
