@@ -166,7 +166,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
     /// waker, to wake it when the wait is over.
     fn start_head_timer(&mut self, cx: &mut Context<'_>) {
         if let Some(head) = self.scanner.awaited_head() {
-            if self.head_timer.poll_expired(head, cx).is_ready() {
+            if self.head_timer.start(head, cx).is_ready() {
                 cx.waker().wake_by_ref();
             }
         }

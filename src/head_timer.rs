@@ -40,14 +40,7 @@ impl HeadTimer {
     /// before it): ready once that head has been awaited for the whole limit. The wait starts
     /// at the first call for a new `head`.
     pub fn poll_expired(&mut self, head: u64, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = match self.awaited {
-            Some((awaited, deadline)) if awaited == head => deadline,
-            _ => {
-                let deadline = Instant::now() + self.limit;
-                self.awaited = Some((head, deadline));
-                deadline
-            }
-        };
+        let deadline = self.await_head(head);
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -60,11 +53,38 @@ impl HeadTimer {
             sleep.as_mut().reset(deadline);
         }
     }
+
+    /// Starts the wait for head number `head` where nothing reads yet (hyper reads once woken):
+    /// like [`HeadTimer::poll_expired`], but the timer is polled only when it would not wake
+    /// the task by the deadline anyway (not made yet, or already fired). Armed for an earlier
+    /// deadline, it wakes the task then, and the reader's poll moves it on.
+    pub fn start(&mut self, head: u64, cx: &mut Context<'_>) -> Poll<()> {
+        self.await_head(head);
+        match &self.sleep {
+            Some(sleep) if !sleep.is_elapsed() => Poll::Pending,
+            _ => self.poll_expired(head, cx),
+        }
+    }
+
+    /// The deadline of head number `head`, set at the first call for it.
+    fn await_head(&mut self, head: u64) -> Instant {
+        match self.awaited {
+            Some((awaited, deadline)) if awaited == head => deadline,
+            _ => {
+                let deadline = Instant::now() + self.limit;
+                self.awaited = Some((head, deadline));
+                deadline
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::task::Waker;
 
     use super::*;
 
@@ -98,6 +118,49 @@ mod tests {
         tokio::time::sleep(LIMIT * 2 / 3).await;
         let waited = wait(&mut timer, 1).await;
         assert!(waited >= LIMIT, "{waited:?}");
+    }
+
+    /// A wait started where nothing reads still wakes the task: at its deadline, or earlier
+    /// when the timer was armed for an earlier head (the reader's poll then moves it on).
+    #[tokio::test]
+    async fn a_wait_started_without_a_reader_wakes_the_task() {
+        let woken = Arc::new(Woken(AtomicBool::new(false)));
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        let until_woken = |woken: Arc<Woken>| async move {
+            let started = Instant::now();
+            while !woken.0.swap(false, Ordering::SeqCst) {
+                assert!(started.elapsed() < 20 * LIMIT, "never woken");
+                tokio::time::sleep(LIMIT / 20).await;
+            }
+        };
+        let mut timer = HeadTimer::new(LIMIT);
+        let head0 = Instant::now();
+        assert!(timer.start(0, &mut cx).is_pending(), "a new timer");
+        tokio::time::sleep(LIMIT / 2).await;
+        let head1 = Instant::now();
+        assert!(timer.start(1, &mut cx).is_pending(), "armed for head 0");
+        until_woken(woken.clone()).await;
+        assert!(
+            head0.elapsed() >= LIMIT,
+            "woken at head 0's deadline, not before"
+        );
+        wait(&mut timer, 1).await;
+        assert!(head1.elapsed() >= LIMIT - Duration::from_millis(5));
+        // Fired for head 1; head 2 is awaited well after that.
+        tokio::time::sleep(LIMIT).await;
+        let head2 = Instant::now();
+        assert!(timer.start(2, &mut cx).is_pending(), "fired: armed again");
+        until_woken(woken.clone()).await;
+        assert!(head2.elapsed() >= LIMIT - Duration::from_millis(5));
+    }
+
+    struct Woken(AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::SeqCst);
+        }
     }
 
     #[tokio::test]

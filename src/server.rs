@@ -36,11 +36,14 @@ use std::convert::Infallible;
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -449,7 +452,11 @@ where
     tokio::pin!(connection);
     let mut closing = false;
     let dropped = loop {
-        tokio::select! {
+        // Polled only when its own timer or the drain wakes it, not on every wake-up of the
+        // connection's task (one per request).
+        let event = OnWake::new(Box::pin(watched.next_event()));
+        tokio::pin!(event);
+        let event = tokio::select! {
             biased;
             result = &mut connection => {
                 if let Err(e) = result {
@@ -457,17 +464,16 @@ where
                 }
                 return;
             }
-            changed = watched.drain.changed() => match changed {
-                Ok(()) => connection.as_mut().graceful_shutdown(),
-                Err(_) => break "still open when the drain timeout passed",
-            },
-            started = watched.requests.quiet(watched.first_request, watched.idle) => {
-                if !started {
-                    break "no request within the header read timeout";
-                }
-                if closing {
-                    break "still open one idle timeout after its shutdown began";
-                }
+            event = &mut event => event,
+        };
+        match event {
+            Watched::Drain => connection.as_mut().graceful_shutdown(),
+            Watched::DrainTimeout => break "still open when the drain timeout passed",
+            Watched::Quiet { started: false } => break "no request within the header read timeout",
+            Watched::Quiet { .. } if closing => {
+                break "still open one idle timeout after its shutdown began"
+            }
+            Watched::Quiet { .. } => {
                 debug!(%peer, "no request in flight for the idle timeout; shutting down");
                 connection.as_mut().graceful_shutdown();
                 closing = true;
@@ -475,6 +481,76 @@ where
         }
     };
     debug!(%peer, reason = dropped, "connection closed");
+}
+
+/// What a connection's watch saw.
+enum Watched {
+    /// The listener drains: shut down gracefully.
+    Drain,
+    /// The drain timeout passed.
+    DrainTimeout,
+    /// No request open for the period; `started`: whether one ever started.
+    Quiet { started: bool },
+}
+
+impl ConnectionWatch {
+    async fn next_event(&mut self) -> Watched {
+        tokio::select! {
+            changed = self.drain.changed() => match changed {
+                Ok(()) => Watched::Drain,
+                Err(_) => Watched::DrainTimeout,
+            },
+            started = self.requests.quiet(self.first_request, self.idle) => Watched::Quiet { started },
+        }
+    }
+}
+
+/// A future polled only after its own waker fired (and once at first): the task that awaits
+/// it next to another future is not made to poll it each time the other one wakes the task.
+struct OnWake<F> {
+    future: F,
+    flag: Arc<WakeFlag>,
+}
+
+struct WakeFlag {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> OnWake<F> {
+    fn new(future: F) -> OnWake<F> {
+        let flag = Arc::new(WakeFlag {
+            fired: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        OnWake { future, flag }
+    }
+}
+
+impl<F: Future + Unpin> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        // Registered before the flag is read: a wake in between is not lost.
+        this.flag.task.register(cx.waker());
+        if !this.flag.fired.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(this.flag.clone());
+        Pin::new(&mut this.future).poll(&mut Context::from_waker(&waker))
+    }
 }
 
 /// Requests on one connection: how many are open, whether one ever started, and when the last
@@ -574,6 +650,52 @@ mod tests {
     fn connection() -> (Arc<Activity>, Requests) {
         let activity = Arc::new(Activity::new());
         (activity.clone(), Requests(activity))
+    }
+
+    /// The inner future is polled at first and then only after its own waker fired, however
+    /// often the task polls the wrapper; a wake of the inner future wakes the task.
+    #[test]
+    fn on_wake_polls_its_future_only_when_woken() {
+        struct Counted {
+            polls: Arc<AtomicUsize>,
+            waker: Arc<std::sync::Mutex<Option<Waker>>>,
+            ready_after: usize,
+        }
+        impl Future for Counted {
+            type Output = usize;
+            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
+                let polls = self.polls.fetch_add(1, Ordering::SeqCst) + 1;
+                *self.waker.lock().unwrap() = Some(cx.waker().clone());
+                if polls >= self.ready_after {
+                    Poll::Ready(polls)
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+        struct TaskWakes(AtomicUsize);
+        impl Wake for TaskWakes {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let (polls, inner_waker) = (Arc::new(AtomicUsize::new(0)), Arc::default());
+        let mut future = OnWake::new(Counted {
+            polls: polls.clone(),
+            waker: Arc::clone(&inner_waker),
+            ready_after: 2,
+        });
+        let task = Arc::new(TaskWakes(AtomicUsize::new(0)));
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..5 {
+            assert!(Pin::new(&mut future).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled once, at first");
+        let woken = inner_waker.lock().unwrap().take().unwrap();
+        woken.wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was woken");
+        assert_eq!(Pin::new(&mut future).poll(&mut cx), Poll::Ready(2));
     }
 
     #[tokio::test]
