@@ -933,7 +933,7 @@ quiet="info,permgate::access=off"
 start_permgate pg $((PORT_BASE + 30)) up0 "$quiet" "ttl_seconds = 3600"
 start_permgate pglog $((PORT_BASE + 32)) up0 "info" "ttl_seconds = 3600"
 if [ -n "${BASELINE:-}" ]; then
-    PG_BIN=$BASELINE start_permgate pgbase $((PORT_BASE + 47)) up0 "$quiet" "ttl_seconds = 3600"
+    PG_BIN=$BASELINE start_permgate pgbase $((PORT_BASE + 24)) up0 "$quiet" "ttl_seconds = 3600"
 fi
 start_permgate pgmiss0 $((PORT_BASE + 33)) up0 "$quiet" "ttl_seconds = 3600"
 start_permgate pgmiss20 $((PORT_BASE + 34)) up20 "$quiet" "ttl_seconds = 3600"
