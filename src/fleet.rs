@@ -545,7 +545,7 @@ impl Fleet {
     /// Renews the lease. It is extended only after every invalidation up to the sequence number
     /// the renewal returned is applied, and only if the reply came back in time to be of use.
     async fn renew(&self, cache: &PageCache) -> Result<(), ()> {
-        if self.resigned.load(Ordering::Acquire) {
+        if self.resigned() {
             return Err(());
         }
         let sent = lease_clock();
@@ -585,7 +585,9 @@ impl Fleet {
         }
         self.position.send_replace((s.generation, s.applied));
         let until = lease_end(sent, self.lease);
-        if until <= lease_clock() {
+        // Resigned while this renewal was out (`resign` sets it under this lock): the lease
+        // stays given up.
+        if until <= lease_clock() || self.resigned() {
             return Err(());
         }
         // After the generation bumps above: a reader that sees this lease sees them.
@@ -646,25 +648,22 @@ impl Fleet {
         }
     }
 
-    /// Tells writers every invalidation up to `seq` is applied here. A lost ack only makes them
-    /// wait longer (the next renewal carries it, or the lease runs out).
     /// Leaves the fleet, for a replica whose requests have all been answered (after the drain):
     /// its lease ends here and in Redis, so writes through the other replicas no longer wait
     /// for it to run out (up to `lease_ms` each, once), and those already waiting for its
     /// acknowledgement stop. It serves nothing from its cache afterwards. `false` if Redis did
     /// not answer (the lease then runs out by itself, as after a crash).
     pub async fn resign(&self) -> bool {
-        self.resigned.store(true, Ordering::Release);
-        self.lease_until.store(0, Ordering::Release);
-        let incarnation = self.renewed.load_full();
-        let keys = [
-            self.key("incarnation"),
-            self.key("acks"),
-            self.key("leases"),
-        ];
+        {
+            // Under the lock a renewal extends the lease with: one under way cannot extend it
+            // after this (see `renew`).
+            let _s = self.sync.lock().await;
+            self.resigned.store(true, Ordering::Release);
+            self.lease_until.store(0, Ordering::Release);
+        }
+        let keys = [self.key("acks"), self.key("leases")];
         let channel = self.key("acked");
-        let known = incarnation.as_deref().map_or("", String::as_str);
-        let args = [self.id.as_str(), known, &channel];
+        let args = [self.id.as_str(), &channel];
         let command = Self::script(&SCRIPTS.resign, &keys, &args);
         let left = self
             .eval::<i64>(&SCRIPTS.resign, &command, Resend::Yes)
@@ -678,6 +677,13 @@ impl Fleet {
         left
     }
 
+    /// Whether [`Fleet::resign`] ran.
+    fn resigned(&self) -> bool {
+        self.resigned.load(Ordering::Acquire)
+    }
+
+    /// Tells writers every invalidation up to `seq` is applied here. A lost ack only makes them
+    /// wait longer (the next renewal carries it, or the lease runs out).
     async fn ack(&self, seq: u64, incarnation: &str) {
         let keys = [self.key("incarnation"), self.key("acks")];
         let channel = self.key("acked");
@@ -1235,8 +1241,14 @@ async fn lease_task(handles: Handles) {
         let Some((fleet, cache)) = handles.upgrade() else {
             return;
         };
+        if fleet.resigned() {
+            return;
+        }
         let started = tokio::time::Instant::now();
         let wait = fleet.lease_turn(&cache, &mut backoff).await;
+        if fleet.resigned() {
+            return;
+        }
         let now_held = fleet.lease() == Lease::Held;
         if held && !now_held {
             fleet.metrics.fleet_lease_lapsed();

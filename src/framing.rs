@@ -614,10 +614,12 @@ impl Scanner {
 
     /// The number of the head the connection waits for (heads completed before it), while it
     /// waits for one: between requests once every answer is written, or with part of a head
-    /// read. `None` while a request is being read or answered, and on HTTP/2.
+    /// read. `None` while a request is being read or answered (or once the answers cannot be
+    /// followed), and on HTTP/2.
     fn awaited_head(&self) -> Option<u64> {
         let between = matches!(self.read, ReadPhase::Preface(_) | ReadPhase::Head);
-        let answered = !matches!(self.unanswered(), Some(n) if n > 0);
+        // Answers that cannot be followed may still be under way: no deadline then.
+        let answered = self.unanswered() == Some(0);
         (between && answered).then_some(self.heads)
     }
 

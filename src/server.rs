@@ -232,6 +232,8 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // The framing guard times request heads (see `head_timer`); hyper's timer is off.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
@@ -454,8 +456,7 @@ where
     let dropped = loop {
         // Polled only when its own timer or the drain wakes it, not on every wake-up of the
         // connection's task (one per request).
-        let event = OnWake::new(Box::pin(watched.next_event()));
-        tokio::pin!(event);
+        let mut watch = OnWake::new(Box::pin(watched.next_event()));
         let event = tokio::select! {
             biased;
             result = &mut connection => {
@@ -464,8 +465,9 @@ where
                 }
                 return;
             }
-            event = &mut event => event,
+            event = &mut watch => event,
         };
+        drop(watch);
         match event {
             Watched::Drain => connection.as_mut().graceful_shutdown(),
             Watched::DrainTimeout => break "still open when the drain timeout passed",
@@ -476,6 +478,8 @@ where
             Watched::Quiet { .. } => {
                 debug!(%peer, "no request in flight for the idle timeout; shutting down");
                 connection.as_mut().graceful_shutdown();
+                // The peer gets a whole idle period from here to close.
+                watched.requests.restart();
                 closing = true;
             }
         }
@@ -603,6 +607,14 @@ impl Drop for OpenRequest {
 struct Requests(Arc<Activity>);
 
 impl Requests {
+    /// Starts the idle period anew, as if a request had just ended.
+    fn restart(&self) {
+        let activity = &self.0;
+        activity
+            .last_end
+            .fetch_max(activity.now(), Ordering::AcqRel);
+    }
+
     /// Resolves once no request has been open for `idle` (for `first_request` while none has
     /// started), with whether one ever started. A request that starts or ends restarts the
     /// wait, even one that starts and ends between two looks (its end time moves).

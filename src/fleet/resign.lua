@@ -1,13 +1,13 @@
--- RESIGN  KEYS: incarnation acks leases   ARGV: id known_inc channel
+-- RESIGN  KEYS: acks leases   ARGV: id channel
 -- A replica leaving after its drain (it serves nothing from here on): its lease ends now, so no
--- later write waits for it (RENEW's sweep removes it a minute on); in its incarnation it counts
--- as having applied every invalidation, so writes already waiting for it stop waiting, and a
--- renewal of it still under way cannot take the lease back (RENEW checks that mark).
+-- later write waits for it (RENEW's sweep removes it and its ack a minute on), and it counts as
+-- having applied every invalidation, so writes already waiting for it stop waiting, and a
+-- renewal of it still under way cannot take the lease back (RENEW checks that mark). Whatever
+-- incarnation its last renewal saw: leaving is safe in any. Nothing to do without a lease entry.
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[3], 'XX', now, ARGV[1])
-if redis.call('GET', KEYS[1]) == ARGV[2] then
-  redis.call('ZADD', KEYS[2], 'inf', ARGV[1])
-  redis.call('PUBLISH', ARGV[3], 'resigned')
-end
+redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
+redis.call('ZADD', KEYS[1], 'inf', ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'resigned')
 return 1

@@ -165,14 +165,27 @@ async fn an_http2_peer_that_ignores_the_goaway_is_dropped() {
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
     frames.extend_from_slice(b"\x00\x00\x06\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x01x");
     stream.write_all(&frames).await.unwrap();
-    let mut received = Vec::new();
-    tokio::time::timeout(BOUND, stream.read_to_end(&mut received))
+    let (mut received, mut goaway_at) = (Vec::new(), None);
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+            if goaway_at.is_none() && frame_types(&received).contains(&0x7) {
+                goaway_at = Some(tokio::time::Instant::now());
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, read_all)
         .await
-        .expect("dropped in time")
-        .ok();
+        .expect("dropped in time");
     let types = frame_types(&received);
     assert!(types.contains(&0x1), "the request was answered: {types:?}");
-    assert!(types.contains(&0x7), "a GOAWAY came first: {types:?}");
+    let goaway_at = goaway_at.unwrap_or_else(|| panic!("a GOAWAY came first: {types:?}"));
+    let grace = goaway_at.elapsed();
+    assert!(
+        grace >= Duration::from_millis(IDLE_MS * 3 / 4),
+        "dropped {grace:?} after the GOAWAY, not one idle period later"
+    );
     assert!(logs().contains("still open one idle timeout after its shutdown began"));
 }
 

@@ -415,9 +415,10 @@ async fn a_trickling_head_after_a_keep_alive_request_is_disconnected() {
         "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n",
         list_path(CP)
     );
+    // Before the request: the wait for the next head starts once its answer is written.
+    let started = tokio::time::Instant::now();
     let (mut stream, answer) = raw(gw.addr, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let started = tokio::time::Instant::now();
     let head = b"GET /v1/fine_tuning/checkpoints/x/permissions HTTP/1.1\r\nHost: x\r\nX-Slow: ";
     let mut bytes = head.iter().chain(std::iter::repeat(&b'a'));
     let mut buf = [0u8; 1024];
