@@ -504,6 +504,176 @@ async fn a_redis_restored_from_before_a_write_is_not_trusted_for_shared_pages() 
     assert_eq!(mock.count(&Method::GET), 3);
 }
 
+/// A TCP relay that can move its open connections to another Redis between two commands, as a
+/// proxy in front of a failed-over primary does: the client keeps its connection and never
+/// sees a reconnect.
+struct SwapRelay {
+    addr: SocketAddr,
+    target: watch::Sender<SocketAddr>,
+    /// Connections accepted, and connections moved by a swap.
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    moved: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SwapRelay {
+    async fn start(target: SocketAddr) -> SwapRelay {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (target, _) = watch::channel(target);
+        let (open, moved) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (targets, counts) = (target.clone(), (open.clone(), moved.clone()));
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut to = targets.subscribe();
+                let (open, moved) = (counts.0.clone(), counts.1.clone());
+                open.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
+                    loop {
+                        let target = *to.borrow_and_update();
+                        let Ok(mut server) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        loop {
+                            tokio::select! {
+                                read = client.read(&mut up) => match read {
+                                    Ok(n @ 1..) if server.write_all(&up[..n]).await.is_ok() => {}
+                                    _ => return,
+                                },
+                                read = server.read(&mut down) => match read {
+                                    Ok(n @ 1..) if client.write_all(&down[..n]).await.is_ok() => {}
+                                    _ => return,
+                                },
+                                _ = to.changed() => break,
+                            }
+                        }
+                        moved.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        SwapRelay {
+            addr,
+            target,
+            open,
+            moved,
+        }
+    }
+
+    /// Moves every open connection to `target`; returns once each has its new connection.
+    async fn swap(&self, target: SocketAddr) {
+        use std::sync::atomic::Ordering;
+        let open = self.open.load(Ordering::SeqCst);
+        self.target.send_replace(target);
+        eventually("every connection moved", || async {
+            self.moved.load(Ordering::SeqCst) >= open
+        })
+        .await;
+    }
+}
+
+/// What the incarnation key cannot show: a Redis that is a copy of the one a replica renewed
+/// with (a replica promoted by a failover, with the incarnation key it replicated), reached
+/// over the same connection. LOOKUP compares Redis' run id with the incarnation's and does not
+/// trust the copy's generations, which miss the writes the old primary took after the copy.
+#[tokio::test]
+async fn a_redis_swapped_behind_an_open_connection_is_not_trusted_for_shared_pages() {
+    let (primary, copy) = (Redis::start(), Redis::start());
+    let (mock, addr, _stop) = mock().await;
+    // A long lease: no renewal (every 10 s) runs during the test, as for a replica that reached
+    // the promoted copy one round trip before its renewal.
+    let text = base_config(addr)
+        + &primary
+            .section("t15:")
+            .replace("lease_ms = 600", "lease_ms = 30000");
+    let relay = SwapRelay::start(format!("127.0.0.1:{}", primary.port).parse().unwrap()).await;
+    let first = replica(&text).await;
+    let second = replica(&text.replace(
+        &format!("redis://127.0.0.1:{}", primary.port),
+        &format!("redis://{}", relay.addr),
+    ))
+    .await;
+    assert_eq!(first.client.get(&list_path(CP), READER).await.status, 200);
+    assert_eq!(mock.count(&Method::GET), 1);
+    let connect = |port: u16| async move {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    };
+    let (mut old, mut new) = (connect(primary.port).await, connect(copy.port).await);
+    let keys = |mut conn: redis::aio::MultiplexedConnection, pattern: &'static str| async move {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys
+    };
+    eventually("the page is shared", || async {
+        keys(old.clone(), "t15:page:*").await.len() == 1
+    })
+    .await;
+
+    // The copy: every key as it stands now, the incarnation key included.
+    for key in keys(old.clone(), "t15:*").await {
+        let dumped: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut old)
+            .await
+            .unwrap();
+        let Some(dumped) = dumped else { continue };
+        let _: () = redis::cmd("RESTORE")
+            .arg(&key)
+            .arg(0)
+            .arg(dumped)
+            .arg("REPLACE")
+            .query_async(&mut new)
+            .await
+            .unwrap();
+    }
+    // A promoted replica lacks the primary's script cache (NOSCRIPT would send this lookup
+    // upstream once, and the lease task would load the scripts): load LOOKUP as replicas send
+    // it, the same script the primary has cached.
+    let lookup = concat!(
+        include_str!("../../src/fleet/run.lua"),
+        include_str!("../../src/fleet/lookup.lua")
+    );
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(lookup)
+        .query_async(&mut new)
+        .await
+        .unwrap();
+    let cached: Vec<bool> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .query_async(&mut old)
+        .await
+        .unwrap();
+    assert_eq!(cached, [true], "LOOKUP as the replicas send it");
+    // After the copy, a write reaches upstream and moves the checkpoint's generation on the
+    // old primary only (what PUBLISH does): the copy still holds the page from before it.
+    mock.seed(CP, 1);
+    let _: i64 = redis::cmd("INCR")
+        .arg(format!("t15:gen:{CP}"))
+        .query_async(&mut old)
+        .await
+        .unwrap();
+
+    relay
+        .swap(format!("127.0.0.1:{}", copy.port).parse().unwrap())
+        .await;
+    let after = second.client.get(&list_path(CP), READER).await;
+    assert_eq!(after.status, 200);
+    assert_eq!(
+        after.ids(),
+        mock.permission_ids(CP),
+        "the copy's page from before the write was served: {}",
+        after.cache_status()
+    );
+    assert_eq!(mock.count(&Method::GET), 2);
+}
+
 #[tokio::test]
 async fn a_redis_restarted_from_a_snapshot_is_a_new_incarnation_for_shared_pages() {
     let dir = TempDir::new("fleet-snapshot");
