@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -511,13 +512,12 @@ struct SwapRelay {
     addr: SocketAddr,
     target: watch::Sender<SocketAddr>,
     /// Connections accepted, and connections moved by a swap.
-    open: Arc<std::sync::atomic::AtomicUsize>,
-    moved: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    moved: Arc<AtomicUsize>,
 }
 
 impl SwapRelay {
     async fn start(target: SocketAddr) -> SwapRelay {
-        use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (target, _) = watch::channel(target);
@@ -563,7 +563,6 @@ impl SwapRelay {
 
     /// Moves every open connection to `target`; returns once each has its new connection.
     async fn swap(&self, target: SocketAddr) {
-        use std::sync::atomic::Ordering;
         let open = self.open.load(Ordering::SeqCst);
         self.target.send_replace(target);
         eventually("every connection moved", || async {
@@ -589,11 +588,7 @@ async fn a_redis_swapped_behind_an_open_connection_is_not_trusted_for_shared_pag
             .replace("lease_ms = 600", "lease_ms = 30000");
     let relay = SwapRelay::start(format!("127.0.0.1:{}", primary.port).parse().unwrap()).await;
     let first = replica(&text).await;
-    let second = replica(&text.replace(
-        &format!("redis://127.0.0.1:{}", primary.port),
-        &format!("redis://{}", relay.addr),
-    ))
-    .await;
+    let second = replica(&through(&text, &primary, relay.addr)).await;
     assert_eq!(first.client.get(&list_path(CP), READER).await.status, 200);
     assert_eq!(mock.count(&Method::GET), 1);
     let connect = |port: u16| async move {
@@ -1039,6 +1034,22 @@ async fn serve_process(text: &str, name: &str) -> (Process, TestClient, std::pat
     (process, TestClient::new(addr), dir)
 }
 
+/// Replica A in this process and replica B as a process (it can be paused or stopped), B
+/// holding its lease, returned once the new Redis' fence is over: past it only B's lease can
+/// hold a write through A.
+async fn replica_and_process(
+    text: &str,
+    name: &str,
+) -> (Replica, (Process, TestClient, std::path::PathBuf)) {
+    let a = replica(text).await;
+    // The incarnation began when A took its first lease: its fence is over by then.
+    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
+    let b = serve_process(text, name).await;
+    lease_up(&b.1).await;
+    tokio::time::sleep_until(fence_over.into()).await;
+    (a, b)
+}
+
 async fn create(client: &TestClient, project: &str) -> (TestResponse, Duration) {
     let started = Instant::now();
     let body = format!(r#"{{"project_ids":["{project}"]}}"#);
@@ -1051,13 +1062,7 @@ async fn a_paused_replica_never_serves_the_old_list_after_a_write_elsewhere() {
     let redis = Redis::start();
     let (_mock, addr, _stop) = mock().await;
     let text = config_text(addr, &redis, "t6:");
-    let a = replica(&text).await;
-    // The incarnation began when A took its first lease: its fence is over by then.
-    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
-    let (b, b_client, dir) = serve_process(&text, "paused").await;
-    lease_up(&b_client).await;
-    // A new Redis fences writes for one lease term; past it only B's lease can hold a write.
-    tokio::time::sleep_until(fence_over.into()).await;
+    let (a, (b, b_client, dir)) = replica_and_process(&text, "paused").await;
 
     // (a) Paused across the whole write: the write waits for B's lease to run out, no longer.
     signal(&b, "STOP");
@@ -1113,11 +1118,7 @@ async fn a_replica_shut_down_gracefully_does_not_hold_up_writes() {
     let redis = Redis::start();
     let (_mock, addr, _stop) = mock().await;
     let text = config_text(addr, &redis, "t14:");
-    let a = replica(&text).await;
-    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
-    let (b, b_client, dir) = serve_process(&text, "resign").await;
-    lease_up(&b_client).await;
-    tokio::time::sleep_until(fence_over.into()).await;
+    let (a, (b, _, dir)) = replica_and_process(&text, "resign").await;
 
     signal(&b, "TERM");
     let exited = tokio::task::spawn_blocking(move || {
@@ -1204,10 +1205,11 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut open: watch::
     }
 }
 
-fn through(text: &str, redis: &Redis, relay: &Relay) -> String {
+/// `text` with Redis reached through the relay at `relay`.
+fn through(text: &str, redis: &Redis, relay: SocketAddr) -> String {
     text.replace(
         &format!("redis://127.0.0.1:{}", redis.port),
-        &format!("redis://{}", relay.addr),
+        &format!("redis://{relay}"),
     )
 }
 
@@ -1220,7 +1222,7 @@ async fn a_replica_cut_off_silently_never_serves_the_old_list_and_writes_wait_at
     let a = replica(&text).await;
     // The incarnation began when A took its first lease: its fence is over by then.
     let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
-    let b = replica(&through(&text, &redis, &relay)).await;
+    let b = replica(&through(&text, &redis, relay.addr)).await;
     lease_up(&b.client).await;
     // A new Redis fences writes for one lease term; past it only B's lease can hold a write.
     tokio::time::sleep_until(fence_over.into()).await;
@@ -1297,7 +1299,7 @@ async fn a_write_right_after_a_redis_restart_waits_for_leases_the_old_redis_gran
     let text = config_text(addr, &redis, "t8:").replace("lease_ms = 600", "lease_ms = 2000");
     let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
     let a = replica(&text).await;
-    let b = replica(&through(&text, &redis, &relay)).await;
+    let b = replica(&through(&text, &redis, relay.addr)).await;
     lease_up(&a.client).await;
     lease_up(&b.client).await;
 
@@ -1491,7 +1493,7 @@ async fn randomized_history_never_reads_a_list_older_than_a_completed_write() {
     for i in 0..3 {
         // Each replica reaches Redis through its own relay, which can go silent.
         let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
-        let text = through(&text, &redis, &relay);
+        let text = through(&text, &redis, relay.addr);
         let (process, client, dir) = serve_process(&text, &format!("history{i}")).await;
         lease_up(&client).await;
         processes.push((process, relay, dir));

@@ -336,6 +336,14 @@ async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (TcpStream, String) 
     (stream, String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// A keep-alive GET of the list, as raw HTTP/1.1.
+fn list_request() -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n",
+        list_path(CP)
+    )
+}
+
 /// Waits for the peer to close: read returns 0 or an error.
 async fn closed_by_server(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 1024];
@@ -386,10 +394,7 @@ async fn slow_loris_and_idle_keep_alive_connections_are_closed() {
         "half-sent headers: disconnected"
     );
 
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n",
-        list_path(CP)
-    );
+    let request = list_request();
     let (mut idle, answer) = raw(gw.addr, request.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
@@ -411,10 +416,7 @@ async fn a_trickling_head_after_a_keep_alive_request_is_disconnected() {
         );
     })
     .await;
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n",
-        list_path(CP)
-    );
+    let request = list_request();
     // Before the request: the wait for the next head starts once its answer is written.
     let started = tokio::time::Instant::now();
     let (mut stream, answer) = raw(gw.addr, request.as_bytes()).await;
@@ -460,10 +462,7 @@ async fn connections_past_max_connections_wait_for_a_free_slot() {
         );
     })
     .await;
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {READER}\r\n\r\n",
-        list_path(CP)
-    );
+    let request = list_request();
     let (first, a) = raw(gw.addr, request.as_bytes()).await;
     let (_second, b) = raw(gw.addr, request.as_bytes()).await;
     assert!(a.starts_with("HTTP/1.1 200") && b.starts_with("HTTP/1.1 200"));
