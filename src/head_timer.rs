@@ -11,7 +11,7 @@
 //! the head now awaited (at most once per timeout period), not once per request.
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -45,7 +45,10 @@ impl HeadTimer {
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         loop {
-            ready!(sleep.as_mut().poll(cx));
+            // Outside tokio's cooperative budget: a poll the budget refused would register no
+            // waker (tokio makes a sleep's timer on its first admitted poll) while the sleep
+            // reads as not elapsed, and `start` would then trust a timer that never fires.
+            ready!(pin!(tokio::task::unconstrained(sleep.as_mut())).poll(cx));
             // Armed for an earlier head: move it to this one's deadline, and wait again.
             if sleep.deadline() >= deadline {
                 return Poll::Ready(());
@@ -153,6 +156,38 @@ mod tests {
         assert!(timer.start(2, &mut cx).is_pending(), "fired: armed again");
         until_woken(woken.clone()).await;
         assert!(head2.elapsed() >= LIMIT);
+    }
+
+    /// A wait begun while the task's cooperative budget is spent (a read just before it was
+    /// refused by the budget) still has a timer: a later `start` that relies on it is woken.
+    #[tokio::test]
+    async fn a_wait_begun_with_the_budget_spent_still_wakes_the_task() {
+        let woken = Arc::new(Woken(AtomicBool::new(false)));
+        let waker = Waker::from(woken.clone());
+        let mut timer = HeadTimer::new(LIMIT);
+        let first = poll_fn(|cx| {
+            // Spends the budget of this poll, as a burst of pipelined requests does.
+            for _ in 0..1_000 {
+                let _ = pin!(tokio::task::consume_budget()).poll(cx);
+            }
+            Poll::Ready(timer.poll_expired(0, &mut Context::from_waker(&waker)))
+        })
+        .await;
+        assert!(first.is_pending(), "head 0 has only just been awaited");
+        tokio::task::yield_now().await;
+        woken.0.store(false, Ordering::SeqCst);
+        // Head 0 arrives, its answer is written, and head 1 is awaited where nothing reads.
+        let head1 = Instant::now();
+        assert!(timer
+            .start(1, &mut Context::from_waker(&waker))
+            .is_pending());
+        while !woken.0.load(Ordering::SeqCst) {
+            assert!(
+                head1.elapsed() < 20 * LIMIT,
+                "never woken: head 1 has no deadline"
+            );
+            tokio::time::sleep(LIMIT / 20).await;
+        }
     }
 
     struct Woken(AtomicBool);
