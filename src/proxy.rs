@@ -245,8 +245,8 @@ async fn refresh(
 
 /// A list read on a replica without a fleet lease: its cache may have missed invalidations, so
 /// the answer comes from an upstream fetch that started after this read arrived (shared with
-/// the other reads waiting for the same key, as `no-cache` reads share). With
-/// `redis.degraded_ttl_seconds` > 0 the operator traded that for pages up to that age.
+/// the other reads waiting for the same key, as `no-cache` reads share), and is not stored.
+/// With `redis.degraded_ttl_seconds` > 0 the operator traded that for pages up to that age.
 async fn unleased(
     state: &Arc<AppState>,
     key: PageKey,
@@ -269,6 +269,18 @@ async fn unleased(
     }
     let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
     let fetch = fetch_upstream(state, &key, Some(&client.name), request_id, upstream_status);
+    // Passed through, not stored: without a lease nothing tells this replica of a write under
+    // way elsewhere, whose end may never reach it (the writer can lose Redis too), so a page
+    // fetched now could not be vouched for once the lease is back. Kept only where the
+    // operator chose pages up to `degraded_ttl` old.
+    let fetch = async {
+        let fetched = fetch.await;
+        if degraded_ttl.is_zero() {
+            unstored(fetched)
+        } else {
+            fetched
+        }
+    };
     let (result, fetched) = state.cache.refresh(&key, fetch).await;
     log.cache_status = Some(if fetched {
         CacheStatus::NoLease

@@ -1148,61 +1148,82 @@ async fn a_replica_shut_down_gracefully_does_not_hold_up_writes() {
 
 /// A TCP relay that can go silent: it keeps the connections open but stops passing bytes
 /// (no FIN, no RST), like a network that drops packets.
+/// What a [`Relay`] does with Redis traffic.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// Forwards nothing and closes nothing: bytes read are held and delivered on resume.
+    Stalled,
+    /// Connections are closed (held bytes lost) and new ones refused.
+    Cut,
+}
+
 struct Relay {
     addr: SocketAddr,
-    open: watch::Sender<bool>,
+    gate: watch::Sender<Gate>,
 }
 
 impl Relay {
     async fn start(target: SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (open, _) = watch::channel(true);
-        let gate = open.clone();
+        let (gate, _) = watch::channel(Gate::Open);
+        let gates = gate.clone();
         tokio::spawn(async move {
             // Accepts even while stalled: connecting works, nothing answers.
             while let Ok((client, _)) = listener.accept().await {
+                if *gates.borrow() == Gate::Cut {
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(target).await else {
                     continue;
                 };
                 let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
-                tokio::spawn(pump(cr, sw, gate.subscribe()));
-                tokio::spawn(pump(sr, cw, gate.subscribe()));
+                tokio::spawn(pump(cr, sw, gates.subscribe()));
+                tokio::spawn(pump(sr, cw, gates.subscribe()));
             }
         });
-        Relay { addr, open }
+        Relay { addr, gate }
     }
 
     fn stall(&self) {
-        self.open.send_replace(false);
+        self.gate.send_replace(Gate::Stalled);
+    }
+
+    fn cut(&self) {
+        self.gate.send_replace(Gate::Cut);
     }
 
     fn resume(&self) {
-        self.open.send_replace(true);
+        self.gate.send_replace(Gate::Open);
     }
 }
 
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut open: watch::Receiver<bool>) {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut gate: watch::Receiver<Gate>) {
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if open.wait_for(|o| *o).await.is_err() {
-            return;
-        }
-        let n = match from.read(&mut buf).await {
+    while unstalled(&mut gate).await {
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            _ = gate.wait_for(|g| *g == Gate::Cut) => return,
+        };
+        let n = match read {
             Ok(0) | Err(_) => {
                 let _ = to.shutdown().await;
                 return;
             }
             Ok(n) => n,
         };
-        // Read just before a stall: held, delivered late.
-        if open.wait_for(|o| *o).await.is_err() {
-            return;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
+        // Read just before a stall: held, delivered late (lost if the relay is cut).
+        if !unstalled(&mut gate).await || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
+}
+
+/// Waits out a stall: whether the relay is open (not cut).
+async fn unstalled(gate: &mut watch::Receiver<Gate>) -> bool {
+    let open = gate.wait_for(|g| *g != Gate::Stalled).await;
+    matches!(open.as_deref(), Ok(Gate::Open))
 }
 
 /// `text` with Redis reached through the relay at `relay`.
@@ -1290,6 +1311,65 @@ async fn a_replica_cut_off_silently_never_serves_the_old_list_and_writes_wait_at
         !metrics.contains("permgate_fleet_resync_purges_total{"),
         "caught up exactly: {metrics}"
     );
+}
+
+/// A write whose end never reaches Redis (its replica, and another, lose Redis mid-write,
+/// and Redis itself stays up: no new incarnation) leaves nothing stale behind: what the other
+/// replica fetched without a lease in the meantime was passed through, not stored, so it is
+/// not served as a hit once the lease is back.
+#[tokio::test]
+async fn a_page_fetched_without_a_lease_is_not_kept_for_after_the_lease() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let text = config_text(addr, &redis, "t9:");
+    let (to_a, to_b) = (redis_relay(&redis).await, redis_relay(&redis).await);
+    let a = replica(&through(&text, &redis, to_a.addr)).await;
+    let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
+    let b = replica(&through(&text, &redis, to_b.addr)).await;
+    tokio::time::sleep_until(fence_over.into()).await;
+
+    // The create reaches upstream (B has dropped its pages), then both lose Redis.
+    mock.push_fault(permgate::mock_upstream::Fault::Delay(Duration::from_secs(2)));
+    let writer = a.client.clone();
+    let write = tokio::spawn(async move { create(&writer, "proj_lost_end").await });
+    let posts = mock.clone();
+    eventually("the create is at upstream", || async {
+        posts.count(&Method::POST) == 1
+    })
+    .await;
+    to_a.cut();
+    to_b.cut();
+    let lapsed = b.state.clone();
+    eventually("B's lease runs out", || async {
+        lapsed.fleet.as_ref().unwrap().lease() == Lease::Lapsed
+    })
+    .await;
+    // Upstream has not applied the create yet: the old list.
+    let during = b.client.get(&list_path(CP), WRITER).await;
+    assert_eq!(during.cache_status(), NO_LEASE);
+    let (created, _) = write.await.unwrap();
+    assert_eq!(created.status, 200);
+    let id = created.ids()[0].clone();
+    assert!(!during.ids().contains(&id));
+
+    to_a.resume();
+    to_b.resume();
+    let held = b.state.clone();
+    eventually("B holds a lease again", || async {
+        held.fleet.as_ref().unwrap().lease() == Lease::Held
+    })
+    .await;
+    let after = b.client.get(&list_path(CP), WRITER).await;
+    assert!(
+        after.ids().contains(&id),
+        "a list from before a completed write, {}",
+        after.cache_status()
+    );
+}
+
+/// A relay in front of `redis`.
+async fn redis_relay(redis: &Redis) -> Relay {
+    Relay::start(([127, 0, 0, 1], redis.port).into()).await
 }
 
 #[tokio::test]
