@@ -908,7 +908,8 @@ impl Fleet {
 pub enum Lookup {
     /// Another replica's copy of the page.
     Page(SharedPage),
-    /// This replica holds the fleet's fetch lock for the key: fetch, then [`Fleet::share`].
+    /// This replica holds the fleet's fetch lock for the key: fetch, then share the page
+    /// through [`Fleet::fetching`].
     Fetch(Share),
     /// Another replica is fetching it: look again shortly.
     Busy,
@@ -931,6 +932,32 @@ pub struct Share {
     epoch: String,
     generation: String,
     incarnation: Arc<String>,
+}
+
+/// This replica's fetch of a page whose fleet fetch lock it holds. Sharing the page releases
+/// the lock; so does dropping it unshared (its request was cancelled: the caller went away, a
+/// drain timed out), so the other replicas stop waiting for a page that will not come rather
+/// than polling until the lock runs out (the upstream deadline).
+pub struct Fetching<'a> {
+    fleet: &'a Fleet,
+    share: Option<Share>,
+}
+
+impl Fetching<'_> {
+    /// Shares the fetched page (`None`: the fetch failed; the lock is only released).
+    pub fn share(mut self, page: Option<(u16, Bytes)>, keep_for: Duration) {
+        if let Some(share) = self.share.take() {
+            self.fleet.share(share, page, keep_for);
+        }
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        if let Some(share) = self.share.take() {
+            self.fleet.share(share, None, Duration::ZERO);
+        }
+    }
 }
 
 /// The shared second tier.
@@ -995,13 +1022,22 @@ impl Fleet {
         })
     }
 
+    /// The fetch that [`Lookup::Fetch`] asked of this replica, holding the fleet's fetch lock
+    /// until it shares its page, or until it is dropped unshared (the request was cancelled).
+    pub fn fetching(&self, share: Share) -> Fetching<'_> {
+        Fetching {
+            fleet: self,
+            share: Some(share),
+        }
+    }
+
     /// In the background, after the answer: stores the fetched page for `keep_for` unless a
     /// write began or ended since the lookup (PUT compares generations and looks for a pending
     /// write), and releases the fetch lock either way (`page: None`: release only). Queued for
     /// the put task, which sends whatever queued meanwhile in one call. With the queue full
     /// (Redis slower than the misses) the page is not shared and counted: memory and calls in
     /// flight stay bounded, and the fetch lock runs out by itself (`lock_ms`).
-    pub fn share(&self, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
+    fn share(&self, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
         let put = Put {
             share,
             page: page.map(|(status, body)| (unix_millis(), status, body)),

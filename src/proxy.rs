@@ -404,14 +404,11 @@ async fn fetch_shared(
                 mode = LookupMode::Lock;
             }
             Some(Lookup::Fetch(share)) => {
+                let fetching = fleet.fetching(share);
                 let fetched = fetch_upstream(state, key, client, request_id, upstream_status).await;
                 let page = fetched.as_ref().ok();
                 let keep_for = page.map_or(Duration::ZERO, |p| p.keep_for());
-                fleet.share(
-                    share,
-                    page.map(|p| (p.status.as_u16(), p.body.clone())),
-                    keep_for,
-                );
+                fetching.share(page.map(|p| (p.status.as_u16(), p.body.clone())), keep_for);
                 return fetched;
             }
             // Another replica is fetching: look for its page shortly, unless that would take

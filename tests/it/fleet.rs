@@ -250,6 +250,37 @@ async fn replicas_times_concurrent_cold_requests_make_one_upstream_request() {
     );
 }
 
+/// The replica holding a key's fetch lock loses its request (the caller went away) mid-fetch:
+/// the lock is released then, and another replica's miss fetches at once instead of polling
+/// for a page that will not come until the lock runs out (the upstream deadline, 3 s here).
+#[tokio::test]
+async fn a_cancelled_fetch_releases_the_fleet_fetch_lock() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t10:").await;
+    let path = format!("{}?limit=5", list_path(CP));
+    let mut held = mock.hold_next();
+    let (client, cancelled) = (fleet[0].client.clone(), path.clone());
+    let leader = tokio::spawn(async move { client.get(&cancelled, READER).await });
+    held.arrived().await;
+    leader.abort();
+    let state = fleet[0].state.clone();
+    eventually("the request is dropped", || async {
+        state.in_flight() == 0
+    })
+    .await;
+    held.release();
+    let started = Instant::now();
+    let read = fleet[1].client.get(&path, READER).await;
+    let took = started.elapsed();
+    assert_eq!(read.status, 200);
+    assert!(
+        took < Duration::from_secs(1),
+        "waited {took:?} on a lock nobody holds"
+    );
+    assert_eq!(mock.count(&Method::GET), 2);
+}
+
 #[tokio::test]
 async fn redis_killed_and_restarted_reads_go_upstream_writes_are_refused_then_all_recovers() {
     let mut redis = Redis::start();
@@ -1329,7 +1360,9 @@ async fn a_page_fetched_without_a_lease_is_not_kept_for_after_the_lease() {
     tokio::time::sleep_until(fence_over.into()).await;
 
     // The create reaches upstream (B has dropped its pages), then both lose Redis.
-    mock.push_fault(permgate::mock_upstream::Fault::Delay(Duration::from_secs(2)));
+    mock.push_fault(permgate::mock_upstream::Fault::Delay(Duration::from_secs(
+        2,
+    )));
     let writer = a.client.clone();
     let write = tokio::spawn(async move { create(&writer, "proj_lost_end").await });
     let posts = mock.clone();
