@@ -181,7 +181,15 @@ async fn list(
 
     let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
     // The miss path is boxed so that a hit's future stays small.
-    let fetch = fetch(state, &key, Some(&client.name), request_id, upstream_status);
+    let mode = LookupMode::Page;
+    let fetch = fetch(
+        state,
+        &key,
+        Some(&client.name),
+        request_id,
+        upstream_status,
+        mode,
+    );
     let (result, fetched) = Box::pin(cache.fill(&key, fetch)).await;
     let status = if fetched {
         CacheStatus::MissStored
@@ -224,7 +232,15 @@ async fn refresh(
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
     let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
-    let fetch = fetch(state, &key, Some(&client.name), request_id, upstream_status);
+    let mode = LookupMode::Lock;
+    let fetch = fetch(
+        state,
+        &key,
+        Some(&client.name),
+        request_id,
+        upstream_status,
+        mode,
+    );
     let (result, fetched) = state.cache.refresh(&key, fetch).await;
     log.cache_status = Some(match (fetched, &result) {
         (true, Ok(_)) => CacheStatus::RefreshStored,
@@ -308,7 +324,8 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
     tokio::spawn(
         async move {
             let mut status = None;
-            match fetch(&state, &key, None, &request_id, &mut status).await {
+            let mode = LookupMode::Page;
+            match fetch(&state, &key, None, &request_id, &mut status, mode).await {
                 Ok(fresh) => state.cache.insert(key, fresh).await,
                 Err(FillError::Uncacheable(_)) => state.cache.remove_if_same(&key, &stale).await,
                 Err(FillError::Failed(e)) => {
@@ -328,16 +345,21 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
 type Fetched = Result<Arc<Page>, FillError>;
 
 /// A miss: from the fleet's shared cache if there is one, else from upstream, in `client`'s
-/// upstream slots (`None`: a background refresh).
+/// upstream slots (`None`: a background refresh). `LookupMode::Lock`: a `no-cache` read,
+/// which takes neither the fleet's shared copy nor another replica's fetch (both may predate
+/// the read) and asks upstream itself, sharing what it gets when it holds the fetch lock.
 async fn fetch(
     state: &AppState,
     key: &PageKey,
     client: Option<&ClientLabel>,
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
+    mode: LookupMode,
 ) -> Fetched {
     match &state.fleet {
-        Some(fleet) => fetch_shared(state, fleet, key, client, request_id, upstream_status).await,
+        Some(fleet) => {
+            fetch_shared(state, fleet, key, client, request_id, upstream_status, mode).await
+        }
         None => fetch_upstream(state, key, client, request_id, upstream_status).await,
     }
 }
@@ -376,10 +398,11 @@ async fn fetch_shared(
     client: Option<&ClientLabel>,
     request_id: &HeaderValue,
     upstream_status: &mut Option<StatusCode>,
+    mut mode: LookupMode,
 ) -> Fetched {
     let (checkpoint, query) = (&key.checkpoint, &key.query);
     let deadline = tokio::time::Instant::now() + state.upstream_deadline;
-    let mut mode = LookupMode::Page;
+    let no_cache = mode == LookupMode::Lock;
     loop {
         let lookup = fleet
             .lookup(checkpoint, query, state.upstream_deadline, mode)
@@ -412,8 +435,10 @@ async fn fetch_shared(
                 return fetched;
             }
             // Another replica is fetching: look for its page shortly, unless that would take
-            // past the deadline; then ask upstream ourselves.
-            Some(Lookup::Busy) if tokio::time::Instant::now() + SHARED_POLL < deadline => {
+            // past the deadline or the read is `no-cache`; then ask upstream ourselves.
+            Some(Lookup::Busy)
+                if !no_cache && tokio::time::Instant::now() + SHARED_POLL < deadline =>
+            {
                 tokio::time::sleep(SHARED_POLL).await;
                 mode = LookupMode::Page;
             }

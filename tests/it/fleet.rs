@@ -281,6 +281,61 @@ async fn a_cancelled_fetch_releases_the_fleet_fetch_lock() {
     assert_eq!(mock.count(&Method::GET), 2);
 }
 
+/// `Cache-Control: no-cache` asks upstream even when the fleet has a fresh shared copy, and
+/// the fresh page replaces it.
+#[tokio::test]
+async fn a_no_cache_read_asks_upstream_not_the_shared_copy() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    let fleet = fleet_of(2, addr, &redis, "t11:").await;
+    assert_eq!(
+        fleet[0].client.get(&list_path(CP), READER).await.status,
+        200
+    );
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    // The fleet's copy of the page (one key), as text.
+    let shared = || {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("t11:page:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let key = keys.first()?;
+            let page: Vec<u8> = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            Some(String::from_utf8_lossy(&page).into_owned())
+        }
+    };
+    eventually("the page is shared", || async { shared().await.is_some() }).await;
+    // Upstream changes behind permgate's back.
+    mock.seed(CP, 3);
+    let fresh = mock.permission_ids(CP);
+    let no_cache = [("cache-control", "no-cache")];
+    let read = fleet[1]
+        .client
+        .send(Method::GET, &list_path(CP), Some(READER), &no_cache, None)
+        .await;
+    assert_eq!(read.status, 200);
+    let mut ids = read.ids();
+    ids.sort();
+    let mut expected = fresh.clone();
+    expected.sort();
+    assert_eq!(ids, expected, "{}", read.cache_status());
+    assert_eq!(mock.count(&Method::GET), 2);
+    eventually("the fresh page replaces the fleet's copy", || async {
+        shared()
+            .await
+            .is_some_and(|page| fresh.iter().all(|id| page.contains(id.as_str())))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn redis_killed_and_restarted_reads_go_upstream_writes_are_refused_then_all_recovers() {
     let mut redis = Redis::start();
