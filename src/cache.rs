@@ -553,6 +553,11 @@ impl PageCache {
         self.aged_page(status, body, Duration::ZERO)
     }
 
+    /// How long a 200 and a 404 stay fresh after they were fetched (a 404 not cached: zero).
+    pub fn fresh_windows(&self) -> [Duration; 2] {
+        [self.config.ttl, self.config.negative_ttl]
+    }
+
     /// Like [`PageCache::page`] for a page fetched `age` ago (by another replica).
     pub fn aged_page(&self, status: StatusCode, body: &[u8], age: Duration) -> Option<Arc<Page>> {
         let (fresh_for, keep_for) = match status {

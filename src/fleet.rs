@@ -917,7 +917,8 @@ pub enum Lookup {
     Pending,
 }
 
-/// Which lookup: the shared page (else the lock), or only the lock (the copy was too old).
+/// Which lookup: the shared page (else the lock), or only the lock (a `no-cache` read; or the
+/// copy the lookup found was no longer fresh when it arrived).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LookupMode {
     Page,
@@ -969,14 +970,16 @@ impl Fleet {
         s
     }
 
-    /// One script: the fleet's generation, a pending write, the shared page, and (without a
-    /// page) the fleet's fetch lock, all at once. `None`: Redis failed.
+    /// One script: the fleet's generation, a pending write, the shared page if it is still
+    /// fresh (`fresh`: how long a shared 200 and a shared 404 stay fresh after they were
+    /// fetched), and otherwise the fleet's fetch lock, all at once. `None`: Redis failed.
     pub async fn lookup(
         &self,
         checkpoint: &Checkpoint,
         query: &ListQuery,
         lock_for: Duration,
         mode: LookupMode,
+        fresh: [Duration; 2],
     ) -> Option<Lookup> {
         // Until a renewal on this connection succeeded, Redis may be a new incarnation this
         // replica knows nothing of: no lookup (the miss fetches and stores nothing).
@@ -1001,6 +1004,10 @@ impl Fleet {
                 LookupMode::Lock => "lock",
             })
             .arg(incarnation.as_str());
+        let now = unix_millis();
+        for fresh_for in fresh {
+            call.arg(now.saturating_sub(fresh_for.as_millis() as u64));
+        }
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
         let reply = self.eval::<Reply>(&SCRIPTS.lookup, &call, Resend::No);
         let (epoch, generation, pending, locked, page) = reply.await?;

@@ -404,8 +404,9 @@ async fn fetch_shared(
     let deadline = tokio::time::Instant::now() + state.upstream_deadline;
     let no_cache = mode == LookupMode::Lock;
     loop {
+        let fresh = state.cache.fresh_windows();
         let lookup = fleet
-            .lookup(checkpoint, query, state.upstream_deadline, mode)
+            .lookup(checkpoint, query, state.upstream_deadline, mode, fresh)
             .await;
         match lookup {
             None | Some(Lookup::Pending) => {
@@ -414,8 +415,9 @@ async fn fetch_shared(
             }
             Some(Lookup::Page(shared)) => {
                 let status = StatusCode::from_u16(shared.status).unwrap_or(StatusCode::OK);
-                // Only a copy still fresh by its own age (Redis keeps it through the stale
-                // windows); an older one is as good as none: take the lock, fetch, share.
+                // LOOKUP returns only a copy still fresh by its own age; one that aged past
+                // its TTL on the way (a clock tick) is as good as none: take the lock, fetch,
+                // share.
                 if let Some(page) = state
                     .cache
                     .aged_page(status, &shared.body, shared.age)

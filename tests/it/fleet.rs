@@ -503,16 +503,50 @@ async fn a_shared_page_older_than_its_ttl_is_fetched_again_not_served() {
         .await
         .unwrap();
 
-    // A replica with nothing cached locally asks upstream instead of serving that copy...
+    // A replica with nothing cached locally asks upstream instead of serving that copy, after
+    // one Redis call (LOOKUP finds the copy too old and takes the fetch lock at once)...
     let second = replica(&text).await;
+    let scripts_before = mget_calls(&mut conn).await;
     let fetched = second.client.get(&list_path(CP), READER).await;
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.cache_status(), "permgate; fwd=miss; stored");
     assert_eq!(mock.count(&Method::GET), 2, "the hour-old copy was served");
+    eventually("the page is shared and its lock released", || {
+        let mut conn = conn.clone();
+        async move {
+            let locks: Vec<String> = redis::cmd("KEYS")
+                .arg("t5:lock:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            locks.is_empty()
+        }
+    })
+    .await;
+    assert_eq!(
+        mget_calls(&mut conn).await - scripts_before,
+        2,
+        "one LOOKUP before upstream, one PUT after"
+    );
     // ...and shares what it fetched: the next cold replica takes it without asking upstream.
     let third = replica(&text).await;
     assert_eq!(third.client.get(&list_path(CP), READER).await.status, 200);
     assert_eq!(mock.count(&Method::GET), 2);
+}
+
+/// LOOKUP and PUT calls so far: the only scripts that run `MGET` (`INFO commandstats`
+/// counts the commands scripts run).
+async fn mget_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_mget:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
