@@ -148,6 +148,13 @@ const WRITER_FACTOR: f64 = 1.01;
 /// How often a waiting writer looks at the acknowledgements again without a wake-up (acks
 /// publish one on `{prefix}acked`; a lost one costs this much).
 const ACK_RECHECK: Duration = Duration::from_millis(10);
+/// Whether scripts may call `INFO` (run at each connect). Without it a script cannot tell a
+/// Redis restarted from a snapshot, or failed over, from the one before (`run.lua`), so such a
+/// Redis would not fence writes from before it or drop pages it cannot vouch for: no lease.
+const INFO_PROBE: &str = "return pcall(redis.call, 'INFO', 'server') and 1 or 0";
+const NO_INFO: &str =
+    "scripts may not call INFO (renamed, or denied by an ACL): without the run id a \
+     restart from a snapshot or a failover goes unnoticed, so no lease is taken";
 /// Renewals retry this often at most after a failure.
 const RENEW_RETRY: Duration = Duration::from_millis(100);
 /// Pages waiting to be shared at most (past it a put is a call of its own), and per call.
@@ -561,6 +568,12 @@ impl Fleet {
         );
         let reply = self.eval(&SCRIPTS.renew, &command, Resend::Yes).await;
         let (incarnation, seq, live): (String, u64, u64) = reply.ok_or(())?;
+        if incarnation.starts_with("norunid:") {
+            // INFO was taken from scripts since the connection was made: reconnect (and fail
+            // the probe there, saying why) rather than trust an incarnation blind to restarts.
+            self.healthy.store(false, Ordering::Release);
+            return Err(());
+        }
         self.replicas_live.store(live, Ordering::Relaxed);
         let mut s = self.sync.lock().await;
         if s.incarnation.as_deref() != Some(incarnation.as_str()) {
@@ -1199,6 +1212,13 @@ impl Fleet {
             Ok(Ok(())) => self.scripts_lost.store(false, Ordering::Relaxed),
             Ok(Err(e)) => return Err(format!("loading the scripts: {:?}", e.kind())),
             Err(_) => return Err("loading the scripts timed out".into()),
+        }
+        let probe = redis::cmd("EVAL").arg(INFO_PROBE).arg(0).to_owned();
+        match tokio::time::timeout(wait, probe.query_async::<i64>(&mut connection)).await {
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) => return Err(NO_INFO.into()),
+            Ok(Err(e)) => return Err(format!("calling INFO from a script: {:?}", e.kind())),
+            Err(_) => return Err("calling INFO from a script timed out".into()),
         }
         self.connection.store(Some(Arc::new(connection)));
         self.connections.fetch_add(1, Ordering::Relaxed);

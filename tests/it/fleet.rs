@@ -52,11 +52,12 @@ fn ensure_redis_server() {
 
 impl Redis {
     fn start_on(port: u16) -> Redis {
-        Redis::start_in(port, None)
+        Redis::start_in(port, None, &[])
     }
 
-    /// With `dir`, `SAVE` writes a snapshot there and a restart on `dir` loads it.
-    fn start_in(port: u16, dir: Option<&std::path::Path>) -> Redis {
+    /// With `dir`, `SAVE` writes a snapshot there and a restart on `dir` loads it; `options`
+    /// are more of redis-server's.
+    fn start_in(port: u16, dir: Option<&std::path::Path>, options: &[&str]) -> Redis {
         ensure_redis_server();
         let mut command = Command::new("redis-server");
         command.args([
@@ -72,6 +73,7 @@ impl Redis {
         if let Some(dir) = dir {
             command.arg("--dir").arg(dir);
         }
+        command.args(options);
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -94,12 +96,16 @@ impl Redis {
     }
 
     fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    fn start_with(options: &[&str]) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        Redis::start_on(port)
+        Redis::start_in(port, None, options)
     }
 
     fn stop(&mut self) {
@@ -134,6 +140,17 @@ fn config_text(mock: SocketAddr, redis: &Redis, prefix: &str) -> String {
 }
 
 async fn replica(text: &str) -> Replica {
+    let replica = starting_replica(text).await;
+    let healthy = replica.state.clone();
+    eventually("the replica holds a lease", || async {
+        healthy.fleet.as_ref().unwrap().lease() == Lease::Held
+    })
+    .await;
+    replica
+}
+
+/// A replica serving, whether or not it has a lease yet.
+async fn starting_replica(text: &str) -> Replica {
     init_logs();
     let config = Config::parse(text, &|_| None).unwrap();
     let state = AppState::new(
@@ -145,11 +162,6 @@ async fn replica(text: &str) -> Replica {
     .unwrap();
     state.start_fleet().await;
     let (addr, shutdown) = serve_state(&state, &config).await;
-    let healthy = state.clone();
-    eventually("the replica holds a lease", || async {
-        healthy.fleet.as_ref().unwrap().lease() == Lease::Held
-    })
-    .await;
     Replica {
         state,
         client: TestClient::new(addr),
@@ -534,6 +546,39 @@ async fn a_shared_page_older_than_its_ttl_is_fetched_again_not_served() {
     assert_eq!(mock.count(&Method::GET), 2);
 }
 
+/// A Redis whose scripts may not call INFO cannot tell a restart from a snapshot, or a
+/// failover, from the Redis before: no replica takes a lease from it, and the log says why.
+#[tokio::test]
+async fn a_redis_that_hides_info_from_scripts_grants_no_lease() {
+    let redis = Redis::start_with(&["--rename-command", "INFO", ""]);
+    let (_mock, addr, _stop) = mock().await;
+    let refused = starting_replica(&config_text(addr, &redis, "t12:")).await;
+    tokio::time::sleep(3 * LEASE).await;
+    assert_eq!(refused.state.fleet.as_ref().unwrap().lease(), Lease::Lapsed);
+    let read = refused.client.get(&list_path(CP), READER).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.cache_status(), NO_LEASE);
+    assert!(logs().contains("scripts may not call INFO"), "{}", logs());
+
+    // INFO denied to scripts after the replica connected (an ACL): its lease lapses.
+    let redis = Redis::start();
+    let leased = replica(&config_text(addr, &redis, "t12:")).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-info")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let state = leased.state.clone();
+    eventually("the lease lapses", || async {
+        state.fleet.as_ref().unwrap().lease() == Lease::Lapsed
+    })
+    .await;
+}
+
 /// LOOKUP and PUT calls so far: the only scripts that run `MGET` (`INFO commandstats`
 /// counts the commands scripts run).
 async fn mget_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
@@ -797,7 +842,7 @@ async fn a_redis_restarted_from_a_snapshot_is_a_new_incarnation_for_shared_pages
         .local_addr()
         .unwrap()
         .port();
-    let mut redis = Redis::start_in(port, Some(&dir.0));
+    let mut redis = Redis::start_in(port, Some(&dir.0), &[]);
     let (_mock, addr, _stop) = mock().await;
     let fleet = fleet_of(2, addr, &redis, "t14:").await;
     assert_eq!(
@@ -834,7 +879,7 @@ async fn a_redis_restarted_from_a_snapshot_is_a_new_incarnation_for_shared_pages
     // The same keys in a new process: only its run_id says it is not the Redis the write went
     // through. Each replica sees a new incarnation, and the restored page is not served.
     redis.stop();
-    let _redis = Redis::start_in(port, Some(&dir.0));
+    let _redis = Redis::start_in(port, Some(&dir.0), &[]);
     for r in &fleet {
         eventually("the restored Redis is a new incarnation", || async {
             metric(
