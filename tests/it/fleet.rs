@@ -1311,8 +1311,57 @@ async fn a_replica_shut_down_gracefully_does_not_hold_up_writes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A TCP relay that can go silent: it keeps the connections open but stops passing bytes
-/// (no FIN, no RST), like a network that drops packets.
+/// A replica that resigns while Redis has no lease entry for it (its first renewal still on
+/// its way, or the entry swept after a long outage) is still marked as having left: a renewal
+/// of it arriving after that finds the mark (acknowledged to infinity) and takes no lease, and
+/// the ended entry lets the sweep remove the mark later.
+#[tokio::test]
+async fn a_replica_without_a_lease_entry_still_resigns() {
+    let redis = Redis::start();
+    let (_mock, addr, _stop) = mock().await;
+    let replica = replica(&config_text(addr, &redis, "t15:")).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg("t15:leases")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let [id] = &ids[..] else {
+        panic!("one replica: {ids:?}")
+    };
+    let _: i64 = redis::cmd("ZREM")
+        .arg("t15:leases")
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(replica.state.fleet.as_ref().unwrap().resign().await);
+    let mark: Option<String> = redis::cmd("ZSCORE")
+        .arg("t15:acks")
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mark.as_deref(), Some("inf"), "marked as having left");
+    let ended: Option<f64> = redis::cmd("ZSCORE")
+        .arg("t15:leases")
+        .arg(id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    assert!(
+        ended.is_some_and(|t| t <= now_ms),
+        "an ended entry: {ended:?}"
+    );
+}
+
 /// What a [`Relay`] does with Redis traffic.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Gate {
@@ -1323,6 +1372,8 @@ enum Gate {
     Cut,
 }
 
+/// A TCP relay that can go silent (it keeps the connections open but stops passing bytes: no
+/// FIN, no RST, like a network that drops packets) or cut every connection.
 struct Relay {
     addr: SocketAddr,
     gate: watch::Sender<Gate>,
