@@ -867,9 +867,11 @@ impl Fleet {
     ) -> Result<Ticket, ()> {
         let n = self.writes.fetch_add(1, Ordering::Relaxed);
         let token = format!("{}-{n}", self.id);
-        // The marker outlives the BEGIN wait, the upstream call and some slack.
+        // The marker outlives the BEGIN wait (the reply's way back and one late ack check can
+        // each add a Redis timeout to the lease), the upstream call and some slack.
         let lease_ms = self.lease.as_millis() as f64 * WRITER_FACTOR;
-        let pending_ms = lease_ms.ceil() as u64 + 2 + deadline.as_millis() as u64 + 1000;
+        let late_ms = 2 * self.timeout.as_millis() as u64;
+        let pending_ms = lease_ms.ceil() as u64 + 2 + late_ms + deadline.as_millis() as u64 + 1000;
         let fanout = self.publish(Some(checkpoint), "begin", &token, pending_ms);
         let fanout = fanout.await.ok_or(())?;
         self.await_fanout(fanout).await;
