@@ -155,6 +155,8 @@ pub async fn serve_with_tls(
         })
     };
     shutdown.await;
+    // One drain for the process: the admin listener, stopped last, gets what is left of it.
+    let drained_by = tokio::time::Instant::now() + limits.drain_timeout;
     maintenance.abort();
     info!("shutdown requested: readiness is now false, draining");
     state.start_draining();
@@ -165,8 +167,15 @@ pub async fn serve_with_tls(
         fleet.resign().await;
     }
     let _ = stop_admin.send(true);
-    if let Some(admin_loop) = admin_loop {
-        let _ = admin_loop.await;
+    if let Some(mut admin_loop) = admin_loop {
+        if tokio::time::timeout_at(drained_by, &mut admin_loop)
+            .await
+            .is_err()
+        {
+            // Dropping the accept loop closes its connections.
+            admin_loop.abort();
+            warn!("drain timeout passed; closing the admin listener's connections");
+        }
     }
     info!("drained; bye");
 }

@@ -232,6 +232,47 @@ async fn connections_still_busy_when_the_drain_timeout_passes_are_closed() {
     held.release();
 }
 
+/// Shutdown lasts one `drain_timeout_ms`, not one per listener: an admin connection that the
+/// graceful close cannot end (a head half sent) is closed when the data drain has used up the
+/// time, though the admin listener is stopped only after that drain.
+#[tokio::test]
+async fn shutdown_drains_both_listeners_within_one_drain_timeout() {
+    const DRAIN: Duration = Duration::from_millis(1000);
+    let mut gw = start_with(|c| {
+        *c = c.replacen(
+            "drain_timeout_ms = 5000",
+            "drain_timeout_ms = 1000\nidle_timeout_ms = 30000\nheader_read_timeout_ms = 30000",
+            1,
+        );
+    })
+    .await;
+    let mut held = gw.mock.hold_next();
+    // A request still waiting for upstream when the drain ends.
+    let mut busy = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nhost: permgate\r\nauthorization: Bearer {READER}\r\n\r\n",
+        list_path(CP)
+    );
+    busy.write_all(request.as_bytes()).await.unwrap();
+    held.arrived().await;
+    let mut admin = TcpStream::connect(gw.admin_addr).await.unwrap();
+    admin
+        .write_all(b"GET /readyz HTTP/1.1\r\nhost: permgate\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    gw.shutdown().await;
+    let took = started.elapsed();
+    assert!(
+        took < DRAIN + DRAIN / 2,
+        "shutdown took {took:?} with a {DRAIN:?} drain timeout"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(BOUND, admin.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the admin connection was closed");
+    held.release();
+}
+
 /// A peer that never takes its response body (an HTTP/2 stream window of 0) must not hold its
 /// slot: the request counts as done once answered, so the connection gets its GOAWAY after the
 /// idle timeout and is dropped one idle period later, though the body was never sent.
