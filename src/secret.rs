@@ -7,7 +7,7 @@
 //!
 //! It also owns the two guards of SPEC "Hygiene rules": [`looks_like_api_key`], the one rule
 //! for text that must never be printed (an admin key pasted into the wrong config key), with
-//! [`redact_api_keys`] applying it to text on its way out; and [`AdminKey::appears_in`], which
+//! [`redact_api_keys`] applying it to text on its way out; and [`AdminKey::leaks_in`], which
 //! finds any 6-character piece of the loaded key in an upstream body.
 
 use std::borrow::Cow;
@@ -258,7 +258,7 @@ pub struct AdminKey {
     pieces: Arc<AhoCorasick>,
 }
 
-/// The length of the key pieces [`AdminKey::appears_in`] looks for (SPEC "Hygiene rules").
+/// The length of the key pieces [`AdminKey::leaks_in`] looks for (SPEC "Hygiene rules").
 pub const PIECE: usize = 6;
 
 impl AdminKey {
@@ -289,12 +289,23 @@ impl AdminKey {
         Self::new(&value).map_err(|e| KeyError(format!("{}: {e}", source.describe(KEY))))
     }
 
-    /// Whether `bytes` hold any [`PIECE`]-byte piece of the key: such text is never passed on,
-    /// stored or logged. Every window is a pattern, so a masked form showing only the key's
-    /// start and end (`sk-XXXXX****…YYYYYY`) is found too. A key shorter than a piece is
-    /// matched whole.
-    pub fn appears_in(&self, bytes: &[u8]) -> bool {
-        self.pieces.is_match(bytes)
+    /// Whether `bytes` hold a [`PIECE`]-byte piece of the key that is not also in one of `sent`:
+    /// such text is never passed on, stored or logged. Every window is a pattern, so a masked
+    /// form showing only the key's start and end (`sk-XXXXX****…YYYYYY`) is found too. A key
+    /// shorter than a piece is matched whole.
+    ///
+    /// `sent` is what the caller put in the request `bytes` answer: upstream quotes parts of a
+    /// request back (a 404 names the checkpoint, a create lists its project ids). Refusing an
+    /// answer for a piece the caller sent itself would tell the caller which of its guesses
+    /// are pieces of the key, and so the key, a character at a time; a piece found only where
+    /// the caller put it tells the caller nothing it did not send.
+    pub fn leaks_in(&self, bytes: &[u8], sent: &[&[u8]]) -> bool {
+        self.pieces.find_overlapping_iter(bytes).any(|found| {
+            let piece = &bytes[found.range()];
+            !sent
+                .iter()
+                .any(|s| memchr::memmem::find(s, piece).is_some())
+        })
     }
 
     /// The `Authorization` header for upstream requests (marked sensitive). Only `upstream`
@@ -500,7 +511,7 @@ mod tests {
     }
 
     #[test]
-    fn appears_in_finds_any_six_character_piece_of_the_key() {
+    fn leaks_in_finds_any_six_character_piece_of_the_key() {
         let key = AdminKey::new(KEY).unwrap();
         let masked = format!("{}{}{}", &KEY[..8], "*".repeat(12), &KEY[KEY.len() - 6..]);
         for leaking in [
@@ -509,16 +520,29 @@ mod tests {
             format!("...{}...", &KEY[10..16]),
             KEY[KEY.len() - 6..].to_string(),
         ] {
-            assert!(key.appears_in(leaking.as_bytes()), "{leaking}");
+            assert!(key.leaks_in(leaking.as_bytes(), &[]), "{leaking}");
         }
         for clean in [
             &KEY[10..15],
             r#"{"object":"list","data":[],"has_more":false}"#,
             "",
         ] {
-            assert!(!key.appears_in(clean.as_bytes()), "{clean}");
+            assert!(!key.leaks_in(clean.as_bytes(), &[]), "{clean}");
         }
         let short = AdminKey::new("sk-1").unwrap();
-        assert!(short.appears_in(b"x sk-1 y") && !short.appears_in(b"sk-2"));
+        assert!(short.leaks_in(b"x sk-1 y", &[]) && !short.leaks_in(b"sk-2", &[]));
+    }
+
+    #[test]
+    fn a_piece_the_caller_sent_is_not_a_leak_but_any_other_piece_still_is() {
+        let key = AdminKey::new(KEY).unwrap();
+        let guess = format!("guess-{}", &KEY[10..16]);
+        let quoted = format!("The model checkpoint '{guess}' does not exist.");
+        assert!(!key.leaks_in(quoted.as_bytes(), &[b"other", guess.as_bytes()]));
+        // The caller's guess does not cover what upstream adds of its own.
+        let both = format!("{quoted} Key: {}", &KEY[20..26]);
+        assert!(key.leaks_in(both.as_bytes(), &[guess.as_bytes()]));
+        // Nor does a guess that only overlaps a longer piece quoted by upstream.
+        assert!(key.leaks_in(&KEY.as_bytes()[8..18], &[guess.as_bytes()]));
     }
 }

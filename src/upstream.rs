@@ -24,6 +24,7 @@
 //! - **Attempts**: a write's answer lists what upstream did with each attempt, for the audit
 //!   trail; a read collects none and allocates nothing for it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -539,6 +540,7 @@ impl Upstream {
         } else {
             permit.success();
         }
+        let quoted = call.decoded_target();
         Attempt {
             sent: Some(Attempted::Status(status)),
             status: Some(status),
@@ -547,8 +549,7 @@ impl Upstream {
                 status,
                 &reply.headers,
                 reply.body,
-                Shape::of(&call.method),
-                &call.key,
+                &call.check(&quoted),
                 call.id(),
                 attempt,
             ),
@@ -565,22 +566,54 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-/// Turns upstream's final answer into what the caller gets. `shape` is what a 2xx must look
-/// like; `key` is the admin key the request was sent with. A passthrough never holds a piece
-/// of `key` (SPEC "Hygiene rules"); bodies are never logged, only their status and size.
+/// What an answer to one request is checked against.
+struct Check<'a> {
+    /// What a 2xx must look like.
+    shape: Shape,
+    /// The admin key the request was sent with.
+    key: &'a AdminKey,
+    /// What the caller put in the request, as upstream may quote it: the path and query as
+    /// sent and percent-decoded, and the body.
+    sent: [&'a [u8]; 3],
+}
+
+impl Call<'_> {
+    fn check<'c>(&'c self, decoded_target: &'c [u8]) -> Check<'c> {
+        let target = self.uri.path_and_query().map_or("", |p| p.as_str());
+        Check {
+            shape: Shape::of(&self.method),
+            key: &self.key,
+            sent: [
+                target.as_bytes(),
+                decoded_target,
+                self.body.as_deref().unwrap_or_default(),
+            ],
+        }
+    }
+
+    /// The request's path and query, percent-decoded (see [`Check::sent`]).
+    fn decoded_target(&self) -> Cow<'_, [u8]> {
+        let target = self.uri.path_and_query().map_or("", |p| p.as_str());
+        percent_encoding::percent_decode_str(target).into()
+    }
+}
+
+/// Turns upstream's final answer into what the caller gets. A passthrough never holds a piece
+/// of the admin key that the caller did not send itself (SPEC "Hygiene rules"; see
+/// [`AdminKey::leaks_in`]); bodies are never logged, only their status and size.
 fn classify(
     status: StatusCode,
     headers: &HeaderMap,
     body: Bytes,
-    shape: Shape,
-    key: &AdminKey,
+    check: &Check<'_>,
     request_id: &str,
     attempt: u32,
 ) -> Result<Passthrough, Error> {
+    let Check { shape, key, sent } = check;
     let passthrough = status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 422);
     if passthrough {
         // One JSON pass: a 2xx is parsed as the endpoint's shape, anything else only as JSON.
-        let refused = if key.appears_in(&body) {
+        let refused = if key.leaks_in(&body, sent) {
             Some("upstream's answer contains a piece of the admin key; answering 502 instead")
         } else if status.is_success() {
             (!shape.matches(&body)).then(|| shape.mismatch())
@@ -746,13 +779,27 @@ mod tests {
     const DELETED: &str = r#"{"object":"checkpoint.permission","id":"cp_1","deleted":true}"#;
 
     fn classified(status: u16, method: Method, body: &str) -> Result<Passthrough, Error> {
+        classified_after(status, method, body, b"")
+    }
+
+    /// `classified` for an answer to a request that carried `sent`.
+    fn classified_after(
+        status: u16,
+        method: Method,
+        body: &str,
+        sent: &[u8],
+    ) -> Result<Passthrough, Error> {
         let key = AdminKey::new(KEY).unwrap();
+        let check = Check {
+            shape: Shape::of(&method),
+            key: &key,
+            sent: [sent, b"", b""],
+        };
         classify(
             StatusCode::from_u16(status).unwrap(),
             &HeaderMap::new(),
             Bytes::from(body.to_owned()),
-            Shape::of(&method),
-            &key,
+            &check,
             "test",
             1,
         )
@@ -783,6 +830,23 @@ mod tests {
             classified(404, Method::GET, &clean_404).unwrap().status,
             404
         );
+    }
+
+    /// Upstream quoting the caller's own checkpoint id back, with a piece of the key in it: the
+    /// same answer as for any other id (else the status would tell the caller its guess is a
+    /// piece of the key). A piece upstream adds itself is still refused.
+    #[test]
+    fn a_piece_of_the_key_the_caller_sent_is_quoted_back_as_any_other_text() {
+        let id = format!("ft:acme:guess-{}", &KEY[10..16]);
+        let path = format!("/v1/fine_tuning/checkpoints/{id}/permissions");
+        let quoted = format!(
+            r#"{{"error":{{"message":"The model checkpoint '{id}' does not exist","type":"invalid_request_error","param":null,"code":null}}}}"#
+        );
+        let passed = classified_after(404, Method::GET, &quoted, path.as_bytes());
+        assert_eq!(passed.unwrap().status, 404);
+        let with_more = quoted.replace("does not", &format!("{} does not", &KEY[20..26]));
+        let refused = classified_after(404, Method::GET, &with_more, path.as_bytes());
+        assert!(matches!(refused, Err(Error::UpstreamError)));
     }
 
     #[test]

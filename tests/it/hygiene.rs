@@ -268,6 +268,25 @@ async fn a_404_quoting_the_masked_key_is_a_502_and_is_not_remembered() {
     );
 }
 
+/// The attack: a reader puts a guess in a checkpoint id; upstream's 404 quotes the id back. Had
+/// a guess that is a piece of the admin key turned the 404 into a 502, each answer would say
+/// whether the guess is right, and the key would fall a character at a time. Every guess gets
+/// upstream's 404; so does a writer's create listing a guess among its project ids.
+#[tokio::test]
+async fn guesses_at_the_admin_key_quoted_back_by_upstream_all_get_the_same_answer() {
+    let gw = start().await;
+    let checkpoint = |guess: &str| format!("ft:gpt-4o-mini-2024-07-18:acme:guess-{guess}");
+    for guess in [&ADMIN_KEY[9..15], "zzzzzz"] {
+        let r = gw.client.get(&list_path(&checkpoint(guess)), READER).await;
+        let text = String::from_utf8_lossy(&r.body);
+        assert_eq!(r.status, 404, "guess {guess}: {text}");
+        assert!(text.contains(guess), "upstream quoted it: {text}");
+    }
+    let body = format!(r#"{{"project_ids":["proj_{}"]}}"#, &ADMIN_KEY[20..26]);
+    let created = gw.client.post(&list_path(CP), WRITER, &body).await;
+    assert_eq!(created.status, 200, "{:?}", created.body);
+}
+
 #[tokio::test]
 async fn a_200_holding_the_key_is_a_502_never_cached_nor_served_to_another_client() {
     let gw = start().await;
