@@ -90,10 +90,12 @@ struct Scripts {
     lookup: Script,
     put: Script,
     resign: Script,
+    /// Whether scripts here see a run id (`run.lua`): run at each connect.
+    probe: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 6] {
+    fn all(&self) -> [&Script; 7] {
         [
             &self.renew,
             &self.publish,
@@ -101,6 +103,7 @@ impl Scripts {
             &self.lookup,
             &self.put,
             &self.resign,
+            &self.probe,
         ]
     }
 }
@@ -126,6 +129,10 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fleet/put.lua")
     )),
     resign: Script::new(include_str!("fleet/resign.lua")),
+    probe: Script::new(concat!(
+        include_str!("fleet/run.lua"),
+        "return run_id() ~= 'norunid' and 1 or 0\n"
+    )),
 });
 
 /// Whether a script call whose script Redis lacks is sent again in full.
@@ -148,12 +155,11 @@ const WRITER_FACTOR: f64 = 1.01;
 /// How often a waiting writer looks at the acknowledgements again without a wake-up (acks
 /// publish one on `{prefix}acked`; a lost one costs this much).
 const ACK_RECHECK: Duration = Duration::from_millis(10);
-/// Whether scripts may call `INFO` (run at each connect). Without it a script cannot tell a
-/// Redis restarted from a snapshot, or failed over, from the one before (`run.lua`), so such a
-/// Redis would not fence writes from before it or drop pages it cannot vouch for: no lease.
-const INFO_PROBE: &str = "return pcall(redis.call, 'INFO', 'server') and 1 or 0";
-const NO_INFO: &str =
-    "scripts may not call INFO (renamed, or denied by an ACL): without the run id a \
+/// Why a Redis whose scripts see no run id (`INFO` renamed or denied by an ACL, or no `run_id`
+/// in it) grants no lease: a script could not tell it, restarted from a snapshot or failed
+/// over, from the Redis before, so writes from before it would not be fenced nor pages it
+/// cannot vouch for dropped. Checked at each connect (`probe`).
+const NO_RUN_ID: &str = "scripts may not call INFO or it names no run_id: without the run id a \
      restart from a snapshot or a failover goes unnoticed, so no lease is taken";
 /// Renewals retry this often at most after a failure.
 const RENEW_RETRY: Duration = Duration::from_millis(100);
@@ -569,8 +575,9 @@ impl Fleet {
         let reply = self.eval(&SCRIPTS.renew, &command, Resend::Yes).await;
         let (incarnation, seq, live): (String, u64, u64) = reply.ok_or(())?;
         if incarnation.starts_with("norunid:") {
-            // INFO was taken from scripts since the connection was made: reconnect (and fail
-            // the probe there, saying why) rather than trust an incarnation blind to restarts.
+            // The run id went missing since the connection was made (an ACL took INFO away):
+            // reconnect (the probe there fails and says why) rather than trust an incarnation
+            // blind to restarts.
             self.healthy.store(false, Ordering::Release);
             return Err(());
         }
@@ -1215,12 +1222,12 @@ impl Fleet {
             Ok(Err(e)) => return Err(format!("loading the scripts: {:?}", e.kind())),
             Err(_) => return Err("loading the scripts timed out".into()),
         }
-        let probe = redis::cmd("EVAL").arg(INFO_PROBE).arg(0).to_owned();
+        let probe = SCRIPTS.probe.call(0);
         match tokio::time::timeout(wait, probe.query_async::<i64>(&mut connection)).await {
             Ok(Ok(1)) => {}
-            Ok(Ok(_)) => return Err(NO_INFO.into()),
-            Ok(Err(e)) => return Err(format!("calling INFO from a script: {:?}", e.kind())),
-            Err(_) => return Err("calling INFO from a script timed out".into()),
+            Ok(Ok(_)) => return Err(NO_RUN_ID.into()),
+            Ok(Err(e)) => return Err(format!("probing for the run id: {:?}", e.kind())),
+            Err(_) => return Err("probing for the run id timed out".into()),
         }
         self.connection.store(Some(Arc::new(connection)));
         self.connections.fetch_add(1, Ordering::Relaxed);
