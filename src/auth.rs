@@ -125,6 +125,9 @@ pub enum Credential<'c, 'h> {
 }
 
 /// 401 for a verified JWT whose `sub` no client has.
+const CERTIFICATE_NAMES_TWO_CLIENTS: &str =
+    "The client certificate names more than one permgate client; it must name exactly one.";
+
 pub const NO_CLIENT_FOR_SUBJECT: &str =
     "The JWT is valid, but no permgate client is configured for its subject (sub).";
 
@@ -165,7 +168,7 @@ impl Clients {
         authorization: Option<&'h HeaderValue>,
         jwt: bool,
     ) -> Result<Credential<'c, 'h>, Error> {
-        if let Some(client) = peer.and_then(|p| self.by_certificate(p)) {
+        if let Some(client) = peer.map(|p| self.by_certificate(p)).transpose()?.flatten() {
             return Ok(Credential::Client(client));
         }
         let token = authorization
@@ -198,19 +201,40 @@ impl Clients {
             .ok_or(Error::InvalidApiKey)
     }
 
-    /// The first name of the certificate that is a configured `tls_identity`. DNS names match
-    /// without regard to case.
-    fn by_certificate(&self, peer: &PeerIdentity) -> Option<&Arc<Client>> {
+    /// The client the certificate's names name: a URI name matches a URI `tls_identity`
+    /// exactly (one without a scheme matches nothing: it is not a DNS name), a DNS name a DNS
+    /// one without regard to case. 401 when its names name two clients: which one it is would
+    /// otherwise depend on the order of its names.
+    fn by_certificate(&self, peer: &PeerIdentity) -> Result<Option<&Arc<Client>>, Error> {
         if self.by_tls_identity.is_empty() {
-            return None;
+            return Ok(None);
         }
-        peer.names.iter().find_map(|name| {
-            self.by_tls_identity.get(name.as_str()).or_else(|| {
-                (!name.contains("://"))
-                    .then(|| self.by_tls_identity.get(name.to_ascii_lowercase().as_str()))
+        let mut named: Option<&Arc<Client>> = None;
+        for (i, name) in peer.names.iter().enumerate() {
+            let client = if i < peer.uris {
+                // A configured URI always has one (`config::tls_identity`).
+                name.contains("://")
+                    .then(|| self.by_tls_identity.get(name.as_str()))
                     .flatten()
-            })
-        })
+            } else {
+                self.by_tls_identity.get(name.as_str()).or_else(|| {
+                    name.bytes()
+                        .any(|b| b.is_ascii_uppercase())
+                        .then(|| self.by_tls_identity.get(name.to_ascii_lowercase().as_str()))
+                        .flatten()
+                })
+            };
+            match (named, client) {
+                (Some(a), Some(b)) if !Arc::ptr_eq(a, b) => {
+                    return Err(Error::Unauthenticated {
+                        reason: CERTIFICATE_NAMES_TWO_CLIENTS,
+                    })
+                }
+                (None, Some(b)) => named = Some(b),
+                _ => {}
+            }
+        }
+        Ok(named)
     }
 }
 
@@ -342,9 +366,10 @@ mod tests {
         ])
     }
 
-    fn peer(names: &[&str]) -> PeerIdentity {
+    fn peer(uris: &[&str], dns: &[&str]) -> PeerIdentity {
         PeerIdentity {
-            names: names.iter().map(|n| n.to_string()).collect(),
+            names: uris.iter().chain(dns).map(|n| n.to_string()).collect(),
+            uris: uris.len(),
         }
     }
 
@@ -359,7 +384,10 @@ mod tests {
     #[test]
     fn a_verified_certificate_naming_a_client_wins_whatever_the_bearer() {
         let c = identities();
-        let spiffe = peer(&["other.example", "spiffe://cluster.local/ns/billing/sa/api"]);
+        let spiffe = peer(
+            &["spiffe://cluster.local/ns/billing/sa/api"],
+            &["other.example"],
+        );
         // The SDKs always send a bearer token: a valid static token of another client, a JWT,
         // garbage, or none.
         for bearer in [
@@ -378,19 +406,47 @@ mod tests {
             }
         }
         // DNS names match without regard to case; URIs only exactly.
-        let dns = peer(&["Billing.SVC.cluster.local"]);
+        let dns = peer(&[], &["Billing.SVC.cluster.local"]);
         assert_eq!(name_of(c.identify(Some(&dns), None, false)), "dns");
-        let upper = peer(&["SPIFFE://cluster.local/ns/billing/sa/api"]);
+        let upper = peer(&["SPIFFE://cluster.local/ns/billing/sa/api"], &[]);
         assert_eq!(
             name_of(c.identify(Some(&upper), None, false)),
             "error:invalid_api_key"
         );
     }
 
+    /// A URI name is matched as a URI only, and a certificate naming two clients names none:
+    /// where a CA lets a requester choose its URI names but polices DNS names, neither can be
+    /// used to pass as a DNS-named client.
+    #[test]
+    fn a_certificate_is_one_client_by_the_right_kind_of_name_or_none() {
+        let c = identities();
+        let unschemed = peer(&["billing.svc.cluster.local"], &[]);
+        let h = header("Bearer tok-s");
+        assert_eq!(
+            name_of(c.identify(Some(&unschemed), Some(&h), false)),
+            "static",
+            "not the DNS client"
+        );
+        let both = peer(
+            &["spiffe://cluster.local/ns/billing/sa/api"],
+            &["billing.svc.cluster.local"],
+        );
+        assert_eq!(
+            name_of(c.identify(Some(&both), Some(&h), false)),
+            "error:invalid_api_key"
+        );
+        let twice = peer(
+            &[],
+            &["billing.svc.cluster.local", "Billing.svc.cluster.local"],
+        );
+        assert_eq!(name_of(c.identify(Some(&twice), None, false)), "dns");
+    }
+
     #[test]
     fn a_certificate_naming_no_client_falls_back_to_the_bearer() {
         let c = identities();
-        let stranger = peer(&["spiffe://cluster.local/ns/other/sa/x"]);
+        let stranger = peer(&["spiffe://cluster.local/ns/other/sa/x"], &[]);
         let h = header("Bearer tok-s");
         assert_eq!(
             name_of(c.identify(Some(&stranger), Some(&h), false)),

@@ -89,7 +89,10 @@ pub fn https_connector(
 /// a request's copy is a reference count.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerIdentity {
+    /// Its URI names, then its DNS names.
     pub names: Arc<[String]>,
+    /// How many of `names` are URI names: a URI name never matches a DNS `tls_identity`.
+    pub uris: usize,
 }
 
 /// A PEM file larger than this holds no certificate chain or key.
@@ -298,14 +301,20 @@ fn client_verifier(
 pub fn identity_of(certificate: &CertificateDer<'_>) -> Option<PeerIdentity> {
     let cert = webpki::EndEntityCert::try_from(certificate).ok()?;
     let printable = |name: &&str| !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic());
-    let uris = cert.valid_uri_names().filter(printable);
+    let mut names: Vec<String> = cert
+        .valid_uri_names()
+        .filter(printable)
+        .map(str::to_owned)
+        .collect();
+    let uris = names.len();
     let dns = cert
         .valid_dns_names()
         .filter(printable)
         .filter(|name| !name.starts_with('*'));
-    let names: Vec<String> = uris.chain(dns).map(str::to_owned).collect();
+    names.extend(dns.map(str::to_owned));
     (!names.is_empty()).then(|| PeerIdentity {
         names: names.into(),
+        uris,
     })
 }
 
@@ -421,6 +430,20 @@ mod tests {
             identity_of(&cert),
             Some(PeerIdentity {
                 names: [spiffe.into(), "api.billing.svc.cluster.local".into()].into(),
+                uris: 1,
+            })
+        );
+    }
+
+    /// A URI name without a scheme stays a URI name (it can never pass for a DNS name).
+    #[test]
+    fn a_uri_name_without_a_scheme_is_still_a_uri_name() {
+        let cert = cert_with(vec![uri("billing.svc.cluster.local")]);
+        assert_eq!(
+            identity_of(&cert),
+            Some(PeerIdentity {
+                names: ["billing.svc.cluster.local".into()].into(),
+                uris: 1,
             })
         );
     }
