@@ -11,6 +11,7 @@ use hyper::Method;
 use permgate::clock::Clock;
 use permgate::config::Config;
 use permgate::fleet::Lease;
+use permgate::mock_upstream::Fault;
 use permgate::secret::AdminKey;
 use permgate::state::AppState;
 use std::time::Instant;
@@ -141,12 +142,17 @@ fn config_text(mock: SocketAddr, redis: &Redis, prefix: &str) -> String {
 
 async fn replica(text: &str) -> Replica {
     let replica = starting_replica(text).await;
-    let healthy = replica.state.clone();
-    eventually("the replica holds a lease", || async {
-        healthy.fleet.as_ref().unwrap().lease() == Lease::Held
+    until_lease(&replica, Lease::Held).await;
+    replica
+}
+
+/// Waits (bounded) until the replica's lease is `lease`.
+async fn until_lease(replica: &Replica, lease: Lease) {
+    let state = replica.state.clone();
+    eventually(&format!("the lease is {lease:?}"), || async {
+        state.fleet.as_ref().unwrap().lease() == lease
     })
     .await;
-    replica
 }
 
 /// A replica serving, whether or not it has a lease yet.
@@ -269,7 +275,7 @@ async fn replicas_times_concurrent_cold_requests_make_one_upstream_request() {
 async fn a_cancelled_fetch_releases_the_fleet_fetch_lock() {
     let redis = Redis::start();
     let (mock, addr, _stop) = mock().await;
-    let fleet = fleet_of(2, addr, &redis, "t10:").await;
+    let fleet = fleet_of(2, addr, &redis, "t19:").await;
     let path = format!("{}?limit=5", list_path(CP));
     let mut held = mock.hold_next();
     let (client, cancelled) = (fleet[0].client.clone(), path.clone());
@@ -299,7 +305,7 @@ async fn a_cancelled_fetch_releases_the_fleet_fetch_lock() {
 async fn a_no_cache_read_asks_upstream_not_the_shared_copy() {
     let redis = Redis::start();
     let (mock, addr, _stop) = mock().await;
-    let fleet = fleet_of(2, addr, &redis, "t11:").await;
+    let fleet = fleet_of(2, addr, &redis, "t20:").await;
     assert_eq!(
         fleet[0].client.get(&list_path(CP), READER).await.status,
         200
@@ -311,7 +317,7 @@ async fn a_no_cache_read_asks_upstream_not_the_shared_copy() {
         let mut conn = conn.clone();
         async move {
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("t11:page:*")
+                .arg("t20:page:*")
                 .query_async(&mut conn)
                 .await
                 .unwrap();
@@ -393,11 +399,7 @@ async fn redis_killed_and_restarted_reads_go_upstream_writes_are_refused_then_al
     // again; the first write waits out the fence at most.
     let _redis = Redis::start_on(redis.port);
     for r in &fleet {
-        let state = r.state.clone();
-        eventually("lease again", || async {
-            state.fleet.as_ref().unwrap().lease() == Lease::Held
-        })
-        .await;
+        until_lease(r, Lease::Held).await;
     }
     let before = mock.count(&Method::GET);
     let r = fleet[1].client.get(&list_path(CP), READER).await;
@@ -552,7 +554,7 @@ async fn a_shared_page_older_than_its_ttl_is_fetched_again_not_served() {
 async fn a_redis_that_hides_info_from_scripts_grants_no_lease() {
     let redis = Redis::start_with(&["--rename-command", "INFO", ""]);
     let (_mock, addr, _stop) = mock().await;
-    let refused = starting_replica(&config_text(addr, &redis, "t12:")).await;
+    let refused = starting_replica(&config_text(addr, &redis, "t21:")).await;
     tokio::time::sleep(3 * LEASE).await;
     assert_eq!(refused.state.fleet.as_ref().unwrap().lease(), Lease::Lapsed);
     let read = refused.client.get(&list_path(CP), READER).await;
@@ -562,7 +564,7 @@ async fn a_redis_that_hides_info_from_scripts_grants_no_lease() {
 
     // INFO denied to scripts after the replica connected (an ACL): its lease lapses.
     let redis = Redis::start();
-    let leased = replica(&config_text(addr, &redis, "t12:")).await;
+    let leased = replica(&config_text(addr, &redis, "t21:")).await;
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("ACL")
@@ -572,11 +574,7 @@ async fn a_redis_that_hides_info_from_scripts_grants_no_lease() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let state = leased.state.clone();
-    eventually("the lease lapses", || async {
-        state.fleet.as_ref().unwrap().lease() == Lease::Lapsed
-    })
-    .await;
+    until_lease(&leased, Lease::Lapsed).await;
 }
 
 /// LOOKUP and PUT calls so far: the only scripts that run `MGET` (`INFO commandstats`
@@ -1320,12 +1318,12 @@ async fn a_replica_without_a_lease_entry_still_resigns() {
     let redis = Redis::start();
     let (_mock, addr, _stop) = mock().await;
     // Renewals a lease apart (10 s): none re-adds the entry this test removes.
-    let text = config_text(addr, &redis, "t15:").replace("lease_ms = 600", "lease_ms = 30000");
+    let text = config_text(addr, &redis, "t22:").replace("lease_ms = 600", "lease_ms = 30000");
     let replica = replica(&text).await;
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let ids: Vec<String> = redis::cmd("ZRANGE")
-        .arg("t15:leases")
+        .arg("t22:leases")
         .arg(0)
         .arg(-1)
         .query_async(&mut conn)
@@ -1335,21 +1333,21 @@ async fn a_replica_without_a_lease_entry_still_resigns() {
         panic!("one replica: {ids:?}")
     };
     let _: i64 = redis::cmd("ZREM")
-        .arg("t15:leases")
+        .arg("t22:leases")
         .arg(id)
         .query_async(&mut conn)
         .await
         .unwrap();
     replica.state.fleet.as_ref().unwrap().resign().await;
     let mark: Option<String> = redis::cmd("ZSCORE")
-        .arg("t15:acks")
+        .arg("t22:acks")
         .arg(id)
         .query_async(&mut conn)
         .await
         .unwrap();
     assert_eq!(mark.as_deref(), Some("inf"), "marked as having left");
     let ended: Option<f64> = redis::cmd("ZSCORE")
-        .arg("t15:leases")
+        .arg("t22:leases")
         .arg(id)
         .query_async(&mut conn)
         .await
@@ -1539,7 +1537,7 @@ async fn a_replica_cut_off_silently_never_serves_the_old_list_and_writes_wait_at
 async fn a_page_fetched_without_a_lease_is_not_kept_for_after_the_lease() {
     let redis = Redis::start();
     let (mock, addr, _stop) = mock().await;
-    let text = config_text(addr, &redis, "t9:");
+    let text = config_text(addr, &redis, "t18:");
     let (to_a, to_b) = (redis_relay(&redis).await, redis_relay(&redis).await);
     let a = replica(&through(&text, &redis, to_a.addr)).await;
     let fence_over = Instant::now() + LEASE + Duration::from_millis(50);
@@ -1547,9 +1545,7 @@ async fn a_page_fetched_without_a_lease_is_not_kept_for_after_the_lease() {
     tokio::time::sleep_until(fence_over.into()).await;
 
     // The create reaches upstream (B has dropped its pages), then both lose Redis.
-    mock.push_fault(permgate::mock_upstream::Fault::Delay(Duration::from_secs(
-        2,
-    )));
+    mock.push_fault(Fault::Delay(Duration::from_secs(2)));
     let writer = a.client.clone();
     let write = tokio::spawn(async move { create(&writer, "proj_lost_end").await });
     let posts = mock.clone();
@@ -1559,11 +1555,7 @@ async fn a_page_fetched_without_a_lease_is_not_kept_for_after_the_lease() {
     .await;
     to_a.cut();
     to_b.cut();
-    let lapsed = b.state.clone();
-    eventually("B's lease runs out", || async {
-        lapsed.fleet.as_ref().unwrap().lease() == Lease::Lapsed
-    })
-    .await;
+    until_lease(&b, Lease::Lapsed).await;
     // Upstream has not applied the create yet: the old list.
     let during = b.client.get(&list_path(CP), WRITER).await;
     assert_eq!(during.cache_status(), NO_LEASE);
@@ -1574,11 +1566,7 @@ async fn a_page_fetched_without_a_lease_is_not_kept_for_after_the_lease() {
 
     to_a.resume();
     to_b.resume();
-    let held = b.state.clone();
-    eventually("B holds a lease again", || async {
-        held.fleet.as_ref().unwrap().lease() == Lease::Held
-    })
-    .await;
+    until_lease(&b, Lease::Held).await;
     let after = b.client.get(&list_path(CP), WRITER).await;
     assert!(
         after.ids().contains(&id),
@@ -1869,11 +1857,7 @@ async fn with_degraded_ttl_a_replica_without_a_lease_serves_young_pages_by_choic
     let r = replica(&text).await;
     lease_up(&r.client).await;
     redis.stop();
-    let state = r.state.clone();
-    eventually("the lease lapsed", || async {
-        state.fleet.as_ref().unwrap().lease() == Lease::Lapsed
-    })
-    .await;
+    until_lease(&r, Lease::Lapsed).await;
     let before = mock.count(&Method::GET);
     let read = r.client.get(&list_path(CP), WRITER).await;
     assert_eq!(read.status, 200);
