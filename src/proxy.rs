@@ -5,6 +5,7 @@
 //! error and report the request. Only the route, the client, the call and what happened travel
 //! between the steps.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,17 +180,8 @@ async fn list(
         }
     }
 
-    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
     // The miss path is boxed so that a hit's future stays small.
-    let mode = LookupMode::Page;
-    let fetch = fetch(
-        state,
-        &key,
-        Some(&client.name),
-        request_id,
-        upstream_status,
-        mode,
-    );
+    let fetch = fetch_for(state, &key, client, log, LookupMode::Page);
     let (result, fetched) = Box::pin(cache.fill(&key, fetch)).await;
     let status = if fetched {
         CacheStatus::MissStored
@@ -231,16 +223,7 @@ async fn refresh(
     client: &Client,
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
-    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
-    let mode = LookupMode::Lock;
-    let fetch = fetch(
-        state,
-        &key,
-        Some(&client.name),
-        request_id,
-        upstream_status,
-        mode,
-    );
+    let fetch = fetch_for(state, &key, client, log, LookupMode::Lock);
     let (result, fetched) = state.cache.refresh(&key, fetch).await;
     log.cache_status = Some(match (fetched, &result) {
         (true, Ok(_)) => CacheStatus::RefreshStored,
@@ -343,6 +326,25 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
 }
 
 type Fetched = Result<Arc<Page>, FillError>;
+
+/// [`fetch`] for `client`'s read: in its upstream slots, upstream's status noted in `log`.
+fn fetch_for<'a>(
+    state: &'a AppState,
+    key: &'a PageKey,
+    client: &'a Client,
+    log: &'a mut RequestLog,
+    mode: LookupMode,
+) -> impl Future<Output = Fetched> + 'a {
+    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
+    fetch(
+        state,
+        key,
+        Some(&client.name),
+        request_id,
+        upstream_status,
+        mode,
+    )
+}
 
 /// A miss: from the fleet's shared cache if there is one, else from upstream, in `client`'s
 /// upstream slots (`None`: a background refresh). `LookupMode::Lock`: a `no-cache` read,
