@@ -308,6 +308,12 @@ impl AdminKey {
         })
     }
 
+    /// Whether `bytes` hold any piece of the key at all: the quick search that tells nearly
+    /// every answer apart before [`AdminKey::leaks_in`] walks one piece by piece.
+    pub fn appears_in(&self, bytes: &[u8]) -> bool {
+        self.pieces.is_match(bytes)
+    }
+
     /// The `Authorization` header for upstream requests (marked sensitive). Only `upstream`
     /// calls this.
     pub fn authorization(&self) -> &HeaderValue {

@@ -540,7 +540,6 @@ impl Upstream {
         } else {
             permit.success();
         }
-        let quoted = call.decoded_target();
         Attempt {
             sent: Some(Attempted::Status(status)),
             status: Some(status),
@@ -549,7 +548,7 @@ impl Upstream {
                 status,
                 &reply.headers,
                 reply.body,
-                &call.check(&quoted),
+                &call.check(),
                 call.id(),
                 attempt,
             ),
@@ -572,29 +571,32 @@ struct Check<'a> {
     shape: Shape,
     /// The admin key the request was sent with.
     key: &'a AdminKey,
-    /// What the caller put in the request, as upstream may quote it: the path and query as
-    /// sent and percent-decoded, and the body.
-    sent: [&'a [u8]; 3],
+    /// The request's path and query as sent, and its body: what upstream may quote back.
+    target: &'a str,
+    body: &'a [u8],
+}
+
+impl Check<'_> {
+    /// Whether `answer` holds a piece of the admin key the request did not carry (in its path
+    /// and query, as sent or percent-decoded, or its body): see [`AdminKey::leaks_in`].
+    fn leaks_in(&self, answer: &[u8]) -> bool {
+        if !self.key.appears_in(answer) {
+            return false;
+        }
+        let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode_str(self.target).into();
+        let sent = [self.target.as_bytes(), &decoded, self.body];
+        self.key.leaks_in(answer, &sent)
+    }
 }
 
 impl Call<'_> {
-    fn check<'c>(&'c self, decoded_target: &'c [u8]) -> Check<'c> {
-        let target = self.uri.path_and_query().map_or("", |p| p.as_str());
+    fn check(&self) -> Check<'_> {
         Check {
             shape: Shape::of(&self.method),
             key: &self.key,
-            sent: [
-                target.as_bytes(),
-                decoded_target,
-                self.body.as_deref().unwrap_or_default(),
-            ],
+            target: self.uri.path_and_query().map_or("", |p| p.as_str()),
+            body: self.body.as_deref().unwrap_or_default(),
         }
-    }
-
-    /// The request's path and query, percent-decoded (see [`Check::sent`]).
-    fn decoded_target(&self) -> Cow<'_, [u8]> {
-        let target = self.uri.path_and_query().map_or("", |p| p.as_str());
-        percent_encoding::percent_decode_str(target).into()
     }
 }
 
@@ -609,14 +611,13 @@ fn classify(
     request_id: &str,
     attempt: u32,
 ) -> Result<Passthrough, Error> {
-    let Check { shape, key, sent } = check;
     let passthrough = status.is_success() || matches!(status.as_u16(), 400 | 404 | 409 | 422);
     if passthrough {
         // One JSON pass: a 2xx is parsed as the endpoint's shape, anything else only as JSON.
-        let refused = if key.leaks_in(&body, sent) {
+        let refused = if check.leaks_in(&body) {
             Some("upstream's answer contains a piece of the admin key; answering 502 instead")
         } else if status.is_success() {
-            (!shape.matches(&body)).then(|| shape.mismatch())
+            (!check.shape.matches(&body)).then(|| check.shape.mismatch())
         } else if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
             Some("upstream sent a body that is not JSON")
         } else {
@@ -779,7 +780,7 @@ mod tests {
     const DELETED: &str = r#"{"object":"checkpoint.permission","id":"cp_1","deleted":true}"#;
 
     fn classified(status: u16, method: Method, body: &str) -> Result<Passthrough, Error> {
-        classified_after(status, method, body, b"")
+        classified_after(status, method, body, "")
     }
 
     /// `classified` for an answer to a request that carried `sent`.
@@ -787,13 +788,14 @@ mod tests {
         status: u16,
         method: Method,
         body: &str,
-        sent: &[u8],
+        sent: &str,
     ) -> Result<Passthrough, Error> {
         let key = AdminKey::new(KEY).unwrap();
         let check = Check {
             shape: Shape::of(&method),
             key: &key,
-            sent: [sent, b"", b""],
+            target: sent,
+            body: b"",
         };
         classify(
             StatusCode::from_u16(status).unwrap(),
@@ -842,10 +844,10 @@ mod tests {
         let quoted = format!(
             r#"{{"error":{{"message":"The model checkpoint '{id}' does not exist","type":"invalid_request_error","param":null,"code":null}}}}"#
         );
-        let passed = classified_after(404, Method::GET, &quoted, path.as_bytes());
+        let passed = classified_after(404, Method::GET, &quoted, &path);
         assert_eq!(passed.unwrap().status, 404);
         let with_more = quoted.replace("does not", &format!("{} does not", &KEY[20..26]));
-        let refused = classified_after(404, Method::GET, &with_more, path.as_bytes());
+        let refused = classified_after(404, Method::GET, &with_more, &path);
         assert!(matches!(refused, Err(Error::UpstreamError)));
     }
 
