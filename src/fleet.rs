@@ -17,7 +17,8 @@
 //!   serve a page from before it.
 //! - **Incarnations.** A Redis that restarted, failed over or lost its keys is a new
 //!   incarnation: every replica drops its cache, and writes wait one lease term (the fence) for
-//!   leases the old Redis granted.
+//!   leases the old Redis granted. Scripts tell one Redis process from another by its run id
+//!   (`INFO`); a Redis whose scripts cannot see one grants no lease (probed at each connect).
 //! - **Shared second tier.** On a local miss a replica reads `{prefix}page:…` (keyed by the
 //!   fleet epoch and the checkpoint's generation) before going upstream; a fleet-wide lock lets
 //!   one replica fetch while the others poll for its page. Nothing fetched while a write of the
