@@ -124,10 +124,11 @@ pub enum Credential<'c, 'h> {
     Jwt(&'h [u8]),
 }
 
-/// 401 for a verified JWT whose `sub` no client has.
+/// 401 for a verified client certificate whose names name two clients.
 const CERTIFICATE_NAMES_TWO_CLIENTS: &str =
     "The client certificate names more than one permgate client; it must name exactly one.";
 
+/// 401 for a verified JWT whose `sub` no client has.
 pub const NO_CLIENT_FOR_SUBJECT: &str =
     "The JWT is valid, but no permgate client is configured for its subject (sub).";
 

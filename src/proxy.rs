@@ -405,8 +405,8 @@ async fn fetch_shared(
     let (checkpoint, query) = (&key.checkpoint, &key.query);
     let deadline = tokio::time::Instant::now() + state.upstream_deadline;
     let no_cache = mode == LookupMode::Lock;
+    let fresh = state.cache.fresh_windows();
     loop {
-        let fresh = state.cache.fresh_windows();
         let lookup = fleet
             .lookup(checkpoint, query, state.upstream_deadline, mode, fresh)
             .await;
