@@ -93,10 +93,11 @@ struct Scripts {
     resign: Script,
     /// Whether scripts here see a run id (`run.lua`): run at each connect.
     probe: Script,
+    unlock: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 7] {
+    fn all(&self) -> [&Script; 8] {
         [
             &self.renew,
             &self.publish,
@@ -105,6 +106,7 @@ impl Scripts {
             &self.put,
             &self.resign,
             &self.probe,
+            &self.unlock,
         ]
     }
 }
@@ -130,6 +132,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
         include_str!("fleet/put.lua")
     )),
     resign: Script::new(include_str!("fleet/resign.lua")),
+    unlock: Script::new(include_str!("fleet/unlock.lua")),
     probe: Script::new(concat!(
         include_str!("fleet/run.lua"),
         "return run_id() ~= 'norunid' and 1 or 0\n"
@@ -239,7 +242,7 @@ pub struct Fleet {
     /// Redis answered NOSCRIPT: the lease task loads the scripts again.
     scripts_lost: AtomicBool,
     /// The put task's queue (from [`start`]).
-    puts: OnceLock<mpsc::Sender<Put>>,
+    puts: OnceLock<mpsc::Sender<Queued>>,
     /// [`Fleet::resign`] ran: no lease is taken again.
     resigned: AtomicBool,
 }
@@ -1010,8 +1013,12 @@ impl Fleet {
             return None;
         }
         let incarnation = self.renewed.load_full()?;
-        let suffix = Self::page_suffix(checkpoint, query);
-        let owner = format!("{}-{:016x}", self.id, fastrand::u64(..));
+        let lock = Unlock {
+            checkpoint: checkpoint.clone(),
+            suffix: Self::page_suffix(checkpoint, query),
+            owner: format!("{}-{:016x}", self.id, fastrand::u64(..)),
+        };
+        let (suffix, owner) = (&lock.suffix, &lock.owner);
         let (prefix, cp) = (self.prefix.as_str(), checkpoint.as_str());
         let mut call = SCRIPTS.lookup.call(4);
         arg_of(&mut call, &[prefix, "incarnation"]);
@@ -1019,8 +1026,8 @@ impl Fleet {
         arg_of(&mut call, &[prefix, "gen:", cp]);
         arg_of(&mut call, &[prefix, "pending:", cp]);
         call.arg(prefix)
-            .arg(&suffix)
-            .arg(&owner)
+            .arg(suffix)
+            .arg(owner)
             .arg(lock_for.as_millis().max(1) as u64)
             .arg(match mode {
                 LookupMode::Page => "page",
@@ -1031,17 +1038,32 @@ impl Fleet {
         for fresh_for in fresh {
             call.arg(now.saturating_sub(fresh_for.as_millis() as u64));
         }
+        // Until its answer comes, the call may take the fetch lock: released if the answer
+        // never reaches this request (cancelled while the call is out, or no answer).
+        let mut locking = Locking {
+            fleet: self,
+            lock: Some(lock),
+        };
         type Reply = (String, String, i64, i64, Option<Vec<u8>>);
         let reply = self.eval::<Reply>(&SCRIPTS.lookup, &call, Resend::No);
         let (epoch, generation, pending, locked, page) = reply.await?;
-        Some(match (pending, locked, page) {
-            (1, _, _) => Lookup::Pending,
-            (_, _, Some(raw)) => match SharedPage::decode(&raw) {
+        Some(match (pending, locked, page, locking.lock.take()) {
+            (1, ..) => Lookup::Pending,
+            (_, _, Some(raw), _) => match SharedPage::decode(&raw) {
                 Some(page) => Lookup::Page(page),
                 None => Lookup::Busy,
             },
-            (_, 1, None) => Lookup::Fetch(Share {
-                checkpoint: checkpoint.clone(),
+            (
+                _,
+                1,
+                None,
+                Some(Unlock {
+                    checkpoint,
+                    suffix,
+                    owner,
+                }),
+            ) => Lookup::Fetch(Share {
+                checkpoint,
                 suffix,
                 owner,
                 epoch,
@@ -1064,19 +1086,23 @@ impl Fleet {
     /// In the background, after the answer: stores the fetched page for `keep_for` unless a
     /// write began or ended since the lookup (PUT compares generations and looks for a pending
     /// write), and releases the fetch lock either way (`page: None`: release only). Queued for
-    /// the put task, which sends whatever queued meanwhile in one call. With the queue full
-    /// (Redis slower than the misses) the page is not shared and counted: memory and calls in
-    /// flight stay bounded, and the fetch lock runs out by itself (`lock_ms`).
+    /// the put task, which sends whatever queued meanwhile in one call.
     fn share(&self, share: Share, page: Option<(u16, Bytes)>, keep_for: Duration) {
-        let put = Put {
+        self.queue(Queued::Put(Put {
             share,
             page: page.map(|(status, body)| (unix_millis(), status, body)),
             keep_ms: keep_for.as_millis().max(1) as u64,
-        };
+        }));
+    }
+
+    /// For the put task. With the queue full (Redis slower than the misses) nothing is sent,
+    /// and that is counted: memory and calls in flight stay bounded, and a fetch lock left
+    /// behind runs out by itself (`lock_ms`).
+    fn queue(&self, item: Queued) {
         let queued = self
             .puts
             .get()
-            .is_some_and(|queue| queue.try_send(put).is_ok());
+            .is_some_and(|queue| queue.try_send(item).is_ok());
         if !queued {
             self.metrics.fleet_share_dropped();
         }
@@ -1086,14 +1112,43 @@ impl Fleet {
     /// ahead of it in the same write, to a staged key with a plain `SET`: a value handed to a
     /// script costs Redis a hash of every byte when Lua interns it (~4 µs for a 2.5 KB page),
     /// and PUT only renames the staged key to the shared page's, after its checks.
-    async fn put(&self, batch: &[Put]) {
+    /// Releases of the locks of cancelled lookups (UNLOCK) go in the same write, before it.
+    async fn put(&self, batch: &[Queued]) {
+        let (mut puts, mut unlocks) = (Vec::new(), Vec::new());
+        for item in batch {
+            match item {
+                Queued::Put(put) => puts.push(put),
+                Queued::Unlock(unlock) => unlocks.push(unlock),
+            }
+        }
         let mut pipe = redis::pipe();
-        for stage in batch.iter().filter_map(|put| self.stage(put)) {
+        for stage in puts.iter().filter_map(|put| self.stage(put)) {
             pipe.add_command(stage).ignore();
         }
-        pipe.add_command(self.put_call(batch));
-        self.eval_after::<i64>(&SCRIPTS.put, &pipe, Resend::Yes)
-            .await;
+        if !unlocks.is_empty() {
+            pipe.add_command(self.unlock_call(&unlocks)).ignore();
+        }
+        let script = if puts.is_empty() {
+            &SCRIPTS.unlock
+        } else {
+            pipe.add_command(self.put_call(&puts));
+            &SCRIPTS.put
+        };
+        self.eval_after::<i64>(script, &pipe, Resend::Yes).await;
+    }
+
+    fn unlock_call(&self, unlocks: &[&Unlock]) -> Cmd {
+        let prefix = self.prefix.as_str();
+        let mut call = SCRIPTS.unlock.call(1 + unlocks.len());
+        arg_of(&mut call, &[prefix, "epoch"]);
+        for unlock in unlocks {
+            arg_of(&mut call, &[prefix, "gen:", unlock.checkpoint.as_str()]);
+        }
+        call.arg(prefix);
+        for unlock in unlocks {
+            call.arg(&unlock.suffix).arg(&unlock.owner);
+        }
+        call
     }
 
     /// `SET {prefix}staged:{owner} <page> PX <keep>`: the page where no lookup reads it.
@@ -1112,7 +1167,7 @@ impl Fleet {
         Some(set)
     }
 
-    fn put_call(&self, batch: &[Put]) -> Cmd {
+    fn put_call(&self, batch: &[&Put]) -> Cmd {
         let prefix = self.prefix.as_str();
         let mut call = SCRIPTS.put.call(2 + 5 * batch.len());
         arg_of(&mut call, &[prefix, "incarnation"]);
@@ -1160,9 +1215,39 @@ struct Put {
     keep_ms: u64,
 }
 
-/// Sends the queued puts: whatever queued while the previous call was out goes in the next one
-/// (at most [`PUT_BATCH`]). Ends with the fleet (its queue closes).
-async fn put_task(fleet: Weak<Fleet>, mut queue: mpsc::Receiver<Put>) {
+/// What the put task sends to Redis after the answers.
+enum Queued {
+    Put(Put),
+    Unlock(Unlock),
+}
+
+/// The fetch lock a LOOKUP may have taken, to release although its answer never came.
+struct Unlock {
+    checkpoint: Checkpoint,
+    suffix: String,
+    owner: String,
+}
+
+/// A LOOKUP under way. Dropped before its answer reached it (the request was cancelled: the
+/// caller went away, a drain timed out) or without one (Redis failed or was late), it queues
+/// the release of the lock the call may have taken, so that the other replicas do not poll
+/// for a page that will not come until the lock runs out (the upstream deadline).
+struct Locking<'a> {
+    fleet: &'a Fleet,
+    lock: Option<Unlock>,
+}
+
+impl Drop for Locking<'_> {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            self.fleet.queue(Queued::Unlock(lock));
+        }
+    }
+}
+
+/// Sends the queued puts and releases: whatever queued while the previous call was out goes in
+/// the next one (at most [`PUT_BATCH`]). Ends with the fleet (its queue closes).
+async fn put_task(fleet: Weak<Fleet>, mut queue: mpsc::Receiver<Queued>) {
     let mut batch = Vec::with_capacity(PUT_BATCH);
     while queue.recv_many(&mut batch, PUT_BATCH).await > 0 {
         let Some(fleet) = fleet.upgrade() else {

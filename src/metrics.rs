@@ -426,7 +426,7 @@ const FLEET_SHARED_HITS: Desc = (
 );
 const FLEET_SHARES_DROPPED: Desc = (
     "permgate_fleet_shares_dropped",
-    "Fetched pages not shared through Redis: the queue of pages to share was full",
+    "Fetched pages not shared (or fetch locks not released) through Redis: the queue for Redis was full",
 );
 const TLS_RELOADS: Desc = (
     "permgate_tls_reloads",

@@ -299,6 +299,51 @@ async fn a_cancelled_fetch_releases_the_fleet_fetch_lock() {
     assert_eq!(mock.count(&Method::GET), 2);
 }
 
+/// A replica's request is cancelled while its LOOKUP is still on the way to Redis: the call
+/// then takes the fetch lock for a fetch that never happens. The replica releases it once the
+/// call is through, so another replica's miss fetches at once instead of polling until the
+/// lock runs out (the upstream deadline, 3 s here).
+#[tokio::test]
+async fn a_lookup_cancelled_on_its_way_releases_the_lock_it_takes() {
+    let redis = Redis::start();
+    let (mock, addr, _stop) = mock().await;
+    // Redis may be slow here without the replica giving up on it.
+    let text = config_text(addr, &redis, "t23:")
+        .replace("timeout_ms = 100", "timeout_ms = 5000")
+        .replace("lease_ms = 600", "lease_ms = 30000");
+    let relay = Relay::start(([127, 0, 0, 1], redis.port).into()).await;
+    let a = replica(&through(&text, &redis, relay.addr)).await;
+    let b = replica(&text).await;
+    let path = format!("{}?limit=6", list_path(CP));
+    relay.stall();
+    let (client, cancelled) = (a.client.clone(), path.clone());
+    let request = tokio::spawn(async move { client.get(&cancelled, READER).await });
+    let state = a.state.clone();
+    eventually("the read is in flight", || async { state.in_flight() == 1 }).await;
+    // Its LOOKUP is written at once, into the stalled relay.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    request.abort();
+    eventually("the read is dropped", || async { state.in_flight() == 0 }).await;
+    relay.resume();
+    // A's calls reach Redis in order: once a later lookup of A's is answered, the cancelled
+    // one has taken its lock (and what A sent after it has run).
+    let other = format!("{}?limit=7", list_path(CP));
+    assert_eq!(a.client.get(&other, READER).await.status, 200);
+    let started = Instant::now();
+    let read = b.client.get(&path, READER).await;
+    let took = started.elapsed();
+    assert_eq!(read.status, 200);
+    assert!(
+        took < Duration::from_secs(1),
+        "waited {took:?} on a lock nobody holds"
+    );
+    assert_eq!(
+        mock.count(&Method::GET),
+        2,
+        "the cancelled read never fetched"
+    );
+}
+
 /// `Cache-Control: no-cache` asks upstream even when the fleet has a fresh shared copy, and
 /// the fresh page replaces it.
 #[tokio::test]
