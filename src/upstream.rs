@@ -578,14 +578,35 @@ struct Check<'a> {
 
 impl Check<'_> {
     /// Whether `answer` holds a piece of the admin key the request did not carry (in its path
-    /// and query, as sent or percent-decoded, or its body): see [`AdminKey::leaks_in`].
+    /// and query, as sent or percent-decoded, or its body): see [`AdminKey::leaks_in`]. A JSON
+    /// answer is read as its reader would read it too: with `\uXXXX` escapes a key can be
+    /// written so that no byte run of it matches, so when the answer has one, every string in
+    /// it (names and values) is checked once unescaped.
     fn leaks_in(&self, answer: &[u8]) -> bool {
-        if !self.key.appears_in(answer) {
+        let escaped = memchr::memmem::find(answer, b"\\u").is_some();
+        if !escaped && !self.key.appears_in(answer) {
             return false;
         }
         let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode_str(self.target).into();
         let sent = [self.target.as_bytes(), &decoded, self.body];
-        self.key.leaks_in(answer, &sent)
+        let leaks = |text: &[u8]| self.key.appears_in(text) && self.key.leaks_in(text, &sent);
+        leaks(answer)
+            || (escaped
+                && serde_json::from_slice::<serde_json::Value>(answer)
+                    .is_ok_and(|json| any_string(&json, &mut |s| leaks(s.as_bytes()))))
+    }
+}
+
+/// Whether `found` holds for any string in `json`, object member names included.
+fn any_string(json: &serde_json::Value, found: &mut impl FnMut(&str) -> bool) -> bool {
+    use serde_json::Value;
+    match json {
+        Value::String(s) => found(s),
+        Value::Array(items) => items.iter().any(|item| any_string(item, found)),
+        Value::Object(members) => members
+            .iter()
+            .any(|(name, value)| found(name) || any_string(value, found)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 

@@ -317,6 +317,56 @@ async fn a_200_holding_the_key_is_a_502_never_cached_nor_served_to_another_clien
     assert_eq!(r.error().0, "upstream_error");
 }
 
+/// `text` with every third character written as a JSON `\uXXXX` escape: no six bytes of the
+/// key in a row, the same string to any JSON reader.
+fn json_escaped(text: &str) -> String {
+    text.chars()
+        .enumerate()
+        .map(|(i, c)| match i % 3 {
+            0 => format!("\\u{:04x}", c as u32),
+            _ => c.to_string(),
+        })
+        .collect()
+}
+
+/// Upstream (or anything on its way) writing the key with JSON escapes hides it from a search
+/// of the bytes, not from the caller's JSON parser: such answers are 502s too, never stored.
+#[tokio::test]
+async fn an_answer_holding_the_key_in_json_escapes_is_a_502() {
+    let gw = start().await;
+    let escaped = list_holding_the_key().replace(ADMIN_KEY, &json_escaped(ADMIN_KEY));
+    let parsed: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+    assert_eq!(
+        parsed["data"][0]["project_id"], ADMIN_KEY,
+        "the same list to a reader"
+    );
+    gw.mock.push_fault(answer(200, escaped));
+    let message = format!("The key {} is bad.", json_escaped(ADMIN_KEY));
+    let error = format!(
+        r#"{{"error":{{"message":"{message}","type":"invalid_request_error","param":null,"code":null}}}}"#
+    );
+    gw.mock.push_fault(answer(404, error));
+    for _ in 0..2 {
+        let r = gw.client.get(&list_path(CP), READER).await;
+        assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.error().0, "upstream_error");
+    }
+    let r = gw.client.get(&list_path(CP), READER).await;
+    assert_eq!(r.status, 200);
+    assert!(r.cache_status().starts_with("permgate; fwd=miss"), "{r:?}");
+    // Escapes alone change nothing: a list written with them passes when it holds no key.
+    let plain = list_holding_the_key().replace(ADMIN_KEY, "proj_escaped");
+    gw.mock.push_fault(answer(
+        200,
+        plain.replace("proj_escaped", &json_escaped("proj_escaped")),
+    ));
+    let r = gw
+        .client
+        .get(&format!("{}?limit=3", list_path(CP)), READER)
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
 #[tokio::test]
 async fn a_2xx_that_is_not_the_endpoints_shape_is_a_502() {
     let gw = start().await;
