@@ -69,7 +69,8 @@ async fn handle_inner(
         log.set_unrouted();
         return Err(Error::UriTooLong);
     }
-    let matched = route::match_route(&parts.method, parts.uri.path())?;
+    let matched =
+        route::match_route(&parts.method, parts.uri.path()).inspect_err(|_| log.set_unrouted())?;
     log.set_operation(matched.operation);
     let client = authenticate(state, &parts).await?;
     log.set_client(&client);

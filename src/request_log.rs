@@ -95,8 +95,8 @@ impl RequestLog {
         self.operation = Some(operation);
     }
 
-    /// The request is refused before routing (414). A POST or DELETE is still a write
-    /// attempt, so it is audited, with no route.
+    /// The request is refused before it has a route (414, 404, 405). A POST or DELETE is
+    /// still a write attempt, so it is audited, with no route.
     pub fn set_unrouted(&mut self) {
         self.unrouted_write = matches!(self.method, Method::POST | Method::DELETE);
     }

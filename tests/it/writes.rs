@@ -285,3 +285,41 @@ async fn a_write_refused_for_its_uri_length_is_audited_without_a_route() {
     }
     assert!(!std::fs::read_to_string(&path).unwrap().contains(WRITER));
 }
+
+/// A POST or DELETE that no route takes (405, 404) is a write attempt too: audited, with no
+/// route, and nothing reaches upstream.
+#[tokio::test]
+async fn a_write_no_route_takes_is_audited_without_a_route() {
+    let (path, audit) = audit_file("audit-unrouted");
+    let gw = start_with(|c| c.push_str(&audit)).await;
+    let attempts = [
+        (Method::DELETE, list_path(CP), 405),
+        (Method::POST, format!("{}/cp_1", list_path(CP)), 405),
+        (Method::DELETE, format!("{}/", list_path(CP)), 404),
+        (Method::POST, "/v1/files".to_string(), 404),
+    ];
+    let mut responses = Vec::new();
+    for (method, target, status) in &attempts {
+        let r = gw
+            .client
+            .send(method.clone(), target, Some(WRITER), &[], Some("{}"))
+            .await;
+        assert_eq!(r.status, *status, "{method} {target}");
+        responses.push(r);
+    }
+    assert_eq!(
+        gw.client.get("/v1/files", READER).await.status,
+        404,
+        "reads are not audited"
+    );
+    assert!(gw.mock.requests().is_empty());
+    let lines = audit_lines(&path);
+    assert_eq!(lines.len(), attempts.len(), "{lines:?}");
+    for (line, ((method, _, status), r)) in lines.iter().zip(attempts.iter().zip(&responses)) {
+        assert_eq!(line["method"], method.as_str());
+        assert_eq!(line["request_id"], r.header("x-request-id"));
+        assert!(line["route"].is_null(), "{line}");
+        assert_eq!(line["status"], *status);
+        assert_eq!(line["outcome"], "rejected");
+    }
+}
