@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use hyper::header::{HeaderValue, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
@@ -70,10 +70,11 @@ fn admin_token_ok(state: &AppState, req: &Request<Incoming>) -> bool {
     let Some(expected) = &state.admin_token_sha256 else {
         return true;
     };
-    let token = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| auth::bearer_token(v.as_bytes()));
+    // Exactly one Authorization field: with two, which one counts would be a guess.
+    let token = match auth::Authorization::of(req.headers()) {
+        auth::Authorization::One(v) => auth::bearer_token(v.as_bytes()),
+        auth::Authorization::None | auth::Authorization::Several => None,
+    };
     // A missing token is still hashed and compared, so both refusals take the same path.
     same_digest(&auth::digest(token.unwrap_or_default()), expected) && token.is_some()
 }

@@ -128,6 +128,36 @@ pub enum Credential<'c, 'h> {
 const CERTIFICATE_NAMES_TWO_CLIENTS: &str =
     "The client certificate names more than one permgate client; it must name exactly one.";
 
+/// 401 for a request with more than one `Authorization` field: which one counts would be a
+/// guess, and a proxy in front may have checked the other.
+const SEVERAL_AUTHORIZATIONS: &str =
+    "The request has more than one Authorization header; send exactly one.";
+
+/// A request's `Authorization` fields, as [`Clients::identify`] reads them.
+#[derive(Debug, Clone, Copy)]
+pub enum Authorization<'h> {
+    None,
+    One(&'h HeaderValue),
+    Several,
+}
+
+impl<'h> Authorization<'h> {
+    pub fn of(headers: &'h hyper::HeaderMap) -> Authorization<'h> {
+        let mut fields = headers.get_all(hyper::header::AUTHORIZATION).iter();
+        match (fields.next(), fields.next()) {
+            (None, _) => Authorization::None,
+            (Some(header), None) => Authorization::One(header),
+            (Some(_), Some(_)) => Authorization::Several,
+        }
+    }
+}
+
+impl<'h> From<Option<&'h HeaderValue>> for Authorization<'h> {
+    fn from(header: Option<&'h HeaderValue>) -> Authorization<'h> {
+        header.map_or(Authorization::None, Authorization::One)
+    }
+}
+
 /// 401 for a verified JWT whose `sub` no client has.
 pub const NO_CLIENT_FOR_SUBJECT: &str =
     "The JWT is valid, but no permgate client is configured for its subject (sub).";
@@ -166,13 +196,22 @@ impl Clients {
     pub fn identify<'c, 'h>(
         &'c self,
         peer: Option<&PeerIdentity>,
-        authorization: Option<&'h HeaderValue>,
+        authorization: Authorization<'h>,
         jwt: bool,
     ) -> Result<Credential<'c, 'h>, Error> {
         if let Some(client) = peer.map(|p| self.by_certificate(p)).transpose()?.flatten() {
             return Ok(Credential::Client(client));
         }
-        let token = authorization
+        let header = match authorization {
+            Authorization::Several => {
+                return Err(Error::Unauthenticated {
+                    reason: SEVERAL_AUTHORIZATIONS,
+                })
+            }
+            Authorization::One(header) => Some(header),
+            Authorization::None => None,
+        };
+        let token = header
             .and_then(|v| bearer_token(v.as_bytes()))
             .ok_or(Error::InvalidApiKey)?;
         if jwt && is_jwt_shaped(token) {
@@ -400,7 +439,7 @@ mod tests {
             let h = bearer.map(header);
             for jwt in [false, true] {
                 assert_eq!(
-                    name_of(c.identify(Some(&spiffe), h.as_ref(), jwt)),
+                    name_of(c.identify(Some(&spiffe), Authorization::from(h.as_ref()), jwt)),
                     "spiffe",
                     "{bearer:?}"
                 );
@@ -408,10 +447,13 @@ mod tests {
         }
         // DNS names match without regard to case; URIs only exactly.
         let dns = peer(&[], &["Billing.SVC.cluster.local"]);
-        assert_eq!(name_of(c.identify(Some(&dns), None, false)), "dns");
+        assert_eq!(
+            name_of(c.identify(Some(&dns), Authorization::from(None), false)),
+            "dns"
+        );
         let upper = peer(&["SPIFFE://cluster.local/ns/billing/sa/api"], &[]);
         assert_eq!(
-            name_of(c.identify(Some(&upper), None, false)),
+            name_of(c.identify(Some(&upper), Authorization::from(None), false)),
             "error:invalid_api_key"
         );
     }
@@ -425,7 +467,7 @@ mod tests {
         let unschemed = peer(&["billing.svc.cluster.local"], &[]);
         let h = header("Bearer tok-s");
         assert_eq!(
-            name_of(c.identify(Some(&unschemed), Some(&h), false)),
+            name_of(c.identify(Some(&unschemed), Authorization::from(Some(&h)), false)),
             "static",
             "not the DNS client"
         );
@@ -434,14 +476,17 @@ mod tests {
             &["billing.svc.cluster.local"],
         );
         assert_eq!(
-            name_of(c.identify(Some(&both), Some(&h), false)),
+            name_of(c.identify(Some(&both), Authorization::from(Some(&h)), false)),
             "error:invalid_api_key"
         );
         let twice = peer(
             &[],
             &["billing.svc.cluster.local", "Billing.svc.cluster.local"],
         );
-        assert_eq!(name_of(c.identify(Some(&twice), None, false)), "dns");
+        assert_eq!(
+            name_of(c.identify(Some(&twice), Authorization::from(None), false)),
+            "dns"
+        );
     }
 
     #[test]
@@ -450,25 +495,34 @@ mod tests {
         let stranger = peer(&["spiffe://cluster.local/ns/other/sa/x"], &[]);
         let h = header("Bearer tok-s");
         assert_eq!(
-            name_of(c.identify(Some(&stranger), Some(&h), false)),
+            name_of(c.identify(Some(&stranger), Authorization::from(Some(&h)), false)),
             "static"
         );
         assert_eq!(
-            name_of(c.identify(Some(&stranger), None, true)),
+            name_of(c.identify(Some(&stranger), Authorization::from(None), true)),
             "error:invalid_api_key"
         );
-        assert_eq!(name_of(c.identify(None, Some(&h), true)), "static");
+        assert_eq!(
+            name_of(c.identify(None, Authorization::from(Some(&h)), true)),
+            "static"
+        );
     }
 
     #[test]
     fn a_bearer_with_two_dots_is_a_jwt_only_when_jwt_is_configured() {
         let c = identities();
         let dotted = header("Bearer a.b.c");
-        assert_eq!(name_of(c.identify(None, Some(&dotted), true)), "jwt:a.b.c");
-        assert_eq!(name_of(c.identify(None, Some(&dotted), false)), "dotted");
+        assert_eq!(
+            name_of(c.identify(None, Authorization::from(Some(&dotted)), true)),
+            "jwt:a.b.c"
+        );
+        assert_eq!(
+            name_of(c.identify(None, Authorization::from(Some(&dotted)), false)),
+            "dotted"
+        );
         for other in ["Bearer a.b", "Bearer a.b.c.d", "Bearer abc"] {
             assert_eq!(
-                name_of(c.identify(None, Some(&header(other)), true)),
+                name_of(c.identify(None, Authorization::from(Some(&header(other))), true)),
                 "error:invalid_api_key",
                 "{other}"
             );

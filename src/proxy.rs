@@ -13,14 +13,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH,
-    TRANSFER_ENCODING,
+    HeaderValue, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING,
 };
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::{info_span, Instrument};
 
-use crate::auth::{Client, Credential};
+use crate::auth::{Authorization, Client, Credential};
 use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey};
 use crate::error::{json_response, Body, Error, Passthrough};
 use crate::fleet::{Fleet, Lease, Lookup, LookupMode};
@@ -124,7 +123,7 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<Arc<Client>, Er
     let token = {
         let clients = state.clients();
         let peer = parts.extensions.get::<PeerIdentity>();
-        let authorization = parts.headers.get(AUTHORIZATION);
+        let authorization = Authorization::of(&parts.headers);
         match clients.identify(peer, authorization, state.jwt.is_some())? {
             Credential::Client(client) => return Ok(client.clone()),
             Credential::Jwt(token) => token,

@@ -93,6 +93,12 @@ async fn metrics_and_purge_need_the_admin_token() {
             )
             .await;
         assert_refused(&basic, &format!("{method} {path} with a Basic scheme"));
+        let twice = [("authorization", format!("Bearer {WRONG_TOKEN}"))];
+        let twice = [(twice[0].0, twice[0].1.as_str())];
+        let r = admin
+            .send(method.clone(), path, Some(ADMIN_TOKEN), &twice, None)
+            .await;
+        assert_refused(&r, &format!("{method} {path} with a second Authorization"));
         let ok = admin
             .send(method.clone(), path, Some(ADMIN_TOKEN), &[], None)
             .await;

@@ -59,6 +59,40 @@ async fn missing_or_unknown_tokens_are_401_without_upstream() {
     assert!(gw.mock.requests().is_empty());
 }
 
+/// Two `Authorization` fields are ambiguous whatever they hold (a proxy in front may have
+/// checked the other one): 401, in either order, even when both name the same client.
+#[tokio::test]
+async fn two_authorization_headers_are_401_whatever_they_hold() {
+    let gw = start().await;
+    let path = list_path(CP);
+    let (reader, bogus) = (
+        format!("Bearer {READER}"),
+        "Bearer not-a-client".to_string(),
+    );
+    for (first, second) in [(&reader, &bogus), (&bogus, &reader), (&reader, &reader)] {
+        let headers = [
+            ("authorization", first.as_str()),
+            ("authorization", second.as_str()),
+        ];
+        let r = gw
+            .client
+            .send(Method::GET, &path, None, &headers, None)
+            .await;
+        assert_eq!(r.status, 401, "{first} then {second}");
+        assert_eq!(r.error().0, "invalid_api_key");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than one Authorization header"),
+            "{:?}",
+            r.json()
+        );
+    }
+    assert!(gw.mock.requests().is_empty());
+    assert_eq!(gw.client.get(&path, READER).await.status, 200);
+}
+
 #[tokio::test]
 async fn ungranted_checkpoints_are_403_without_upstream() {
     let gw = start().await;
