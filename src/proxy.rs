@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    HeaderValue, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING,
+    HeaderValue, AGE, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+    TRANSFER_ENCODING,
 };
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
@@ -96,6 +97,7 @@ async fn handle_inner(
         }
         Call::Create => {
             let body = Box::pin(read_body(state, &parts.headers, body)).await?;
+            json_content(&parts.headers)?;
             let create = CreateBody::parse(&body)?;
             let forwarded = create.forwarded();
             log.project_ids = Some(create.project_ids);
@@ -545,6 +547,29 @@ fn wants_no_cache(headers: &hyper::HeaderMap) -> bool {
                 .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
         })
     })
+}
+
+/// A create's body must be declared JSON (`Content-Type: application/json`, parameters such as
+/// `charset` allowed), as the API defines it and every SDK sends it. Anything else is refused:
+/// a browser can send a cross-site POST without asking first only as `text/plain`, a form or
+/// no type at all, and with a client certificate it would send the caller's identity along.
+fn json_content(headers: &hyper::HeaderMap) -> Result<(), Error> {
+    let mut types = headers.get_all(CONTENT_TYPE).iter();
+    let json = match (types.next(), types.next()) {
+        (Some(value), None) => value.to_str().is_ok_and(|v| {
+            let media = v.split(';').next().unwrap_or_default();
+            media.trim().eq_ignore_ascii_case("application/json")
+        }),
+        _ => false,
+    };
+    if json {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "content-type",
+            "Send the request body as JSON, with one Content-Type: application/json header.",
+        ))
+    }
 }
 
 /// Reads a create's body: plain (or chunked) JSON only, at most `server.max_body_bytes`, within

@@ -286,6 +286,62 @@ async fn a_write_refused_for_its_uri_length_is_audited_without_a_route() {
     assert!(!std::fs::read_to_string(&path).unwrap().contains(WRITER));
 }
 
+/// A create must be declared JSON: a browser's cross-site POST (`text/plain`, a form, or no
+/// type, sent without a preflight, with a client certificate if it holds one) is a 400 that
+/// reaches nothing upstream, as are two types. JSON with parameters or in capitals passes.
+#[tokio::test]
+async fn a_create_not_declared_json_is_400_and_reaches_nothing() {
+    let (path, audit) = audit_file("audit-content-type");
+    let gw = start_with(|c| c.push_str(&audit)).await;
+    let body = r#"{"project_ids":["proj_csrf"]}"#;
+    let refused: [&[(&str, &str)]; 5] = [
+        &[],
+        &[("content-type", "text/plain;charset=UTF-8")],
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &[("content-type", "application/jsonp")],
+        &[
+            ("content-type", "application/json"),
+            ("content-type", "text/plain"),
+        ],
+    ];
+    for headers in refused {
+        let r = gw
+            .client
+            .send(
+                Method::POST,
+                &list_path(CP),
+                Some(WRITER),
+                headers,
+                Some(body),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{headers:?}");
+        assert_eq!(
+            r.error(),
+            ("invalid_parameter".into(), Some("content-type".into()))
+        );
+    }
+    assert!(gw.mock.requests().is_empty());
+    assert_eq!(
+        audit_lines(&path).len(),
+        refused.len(),
+        "each attempt is audited"
+    );
+    for json in ["application/json; charset=utf-8", "Application/JSON"] {
+        let r = gw
+            .client
+            .send(
+                Method::POST,
+                &list_path(CP),
+                Some(WRITER),
+                &[("content-type", json)],
+                Some(body),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{json}");
+    }
+}
+
 /// A POST or DELETE that no route takes (405, 404) is a write attempt too: audited, with no
 /// route, and nothing reaches upstream.
 #[tokio::test]
