@@ -98,6 +98,7 @@ fn serve(path: &Path) -> Result<(), String> {
     let _otel = observability::init(&env)?;
     let config = Config::load(path, &env).map_err(|e| e.to_string())?;
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    config.refuse_key_pieces(&key).map_err(|e| e.to_string())?;
     let redis_password = match &config.redis {
         Some(redis) => fleet::password(redis, &env)?,
         None => None,
@@ -240,8 +241,9 @@ fn mock_upstream(listen: SocketAddr, admin_key: &str) -> Result<(), String> {
 
 fn check_config(path: &Path) -> Result<(), String> {
     let config = Config::load(path, &env).map_err(|e| e.to_string())?;
-    println!("{}", config.resolved_view()?);
     let key = AdminKey::load(&config.upstream.admin_key, &env).map_err(|e| e.to_string())?;
+    config.refuse_key_pieces(&key).map_err(|e| e.to_string())?;
+    println!("{}", config.resolved_view()?);
     if let Some(redis) = &config.redis {
         fleet::password(redis, &env)?;
     }

@@ -34,6 +34,7 @@ pub fn reload(state: &AppState, path: &Path, env: &SharedEnv) -> Result<Vec<Stri
         .and_then(|config| {
             let key =
                 AdminKey::load(&config.upstream.admin_key, &**env).map_err(|e| e.to_string())?;
+            config.refuse_key_pieces(&key).map_err(|e| e.to_string())?;
             Ok((config, key))
         });
     match result {

@@ -256,6 +256,8 @@ pub struct AdminKey {
     authorization: HeaderValue,
     /// Finds any [`PIECE`]-byte piece of the key; built once per key (load, reload).
     pieces: Arc<AhoCorasick>,
+    /// The same, but for the pieces wholly inside the key's public prefix (`sk-admin-`).
+    secret_pieces: Arc<AhoCorasick>,
 }
 
 /// The length of the key pieces [`AdminKey::leaks_in`] looks for (SPEC "Hygiene rules").
@@ -278,7 +280,8 @@ impl AdminKey {
         authorization.set_sensitive(true);
         Ok(AdminKey {
             authorization,
-            pieces: Arc::new(piece_matcher(key)?),
+            pieces: Arc::new(piece_matcher(key.as_bytes())?),
+            secret_pieces: Arc::new(piece_matcher(secret_part(key.as_bytes()))?),
         })
     }
 
@@ -314,6 +317,14 @@ impl AdminKey {
         self.pieces.is_match(bytes)
     }
 
+    /// Whether `bytes` hold a piece of the key that holds part of its secret: a piece wholly
+    /// inside its public prefix (`sk-admin-`, lower-case words each ending in `-`, the same for
+    /// every key of its kind) does not count. For the operator's own text (config values),
+    /// where `-admin` in a client's name is no leak; answers use [`AdminKey::appears_in`].
+    pub fn secret_appears_in(&self, bytes: &[u8]) -> bool {
+        self.secret_pieces.is_match(bytes)
+    }
+
     /// The `Authorization` header for upstream requests (marked sensitive). Only `upstream`
     /// calls this.
     pub fn authorization(&self) -> &HeaderValue {
@@ -321,9 +332,28 @@ impl AdminKey {
     }
 }
 
+/// `key` from the first window that reaches past its public prefix: lower-case words each
+/// followed by `-` (`sk-admin-`), as long as a whole piece is left after it.
+fn secret_part(key: &[u8]) -> &[u8] {
+    let mut prefix = 0;
+    loop {
+        let word = key[prefix..]
+            .iter()
+            .take_while(|b| b.is_ascii_lowercase())
+            .count();
+        if word == 0
+            || key.get(prefix + word) != Some(&b'-')
+            || prefix + word + 1 + PIECE > key.len()
+        {
+            break;
+        }
+        prefix += word + 1;
+    }
+    &key[(prefix + 1).saturating_sub(PIECE).min(prefix)..]
+}
+
 /// One automaton over every [`PIECE`]-byte window of `key` (the whole key if shorter).
-fn piece_matcher(key: &str) -> Result<AhoCorasick, KeyError> {
-    let bytes = key.as_bytes();
+fn piece_matcher(bytes: &[u8]) -> Result<AhoCorasick, KeyError> {
     let windows: Vec<&[u8]> = if bytes.len() < PIECE {
         vec![bytes]
     } else {
@@ -353,6 +383,21 @@ mod tests {
     use super::*;
 
     const KEY: &str = "sk-admin-TESTKEY0123456789abcdef";
+
+    #[test]
+    fn the_public_prefix_is_no_secret_piece() {
+        let key = AdminKey::new(KEY).unwrap();
+        for own in ["ops-admin-reader", "sk-admin-", "batch-admin"] {
+            assert!(key.appears_in(own.as_bytes()), "{own}");
+            assert!(!key.secret_appears_in(own.as_bytes()), "{own}");
+        }
+        for leak in ["sk-admin-TESTKEY", "dmin-T", "KEY012", "9abcde", "n-TESTK"] {
+            assert!(key.secret_appears_in(leak.as_bytes()), "{leak}");
+        }
+        assert_eq!(secret_part(b"sk-admin-TESTKEY0123"), b"dmin-TESTKEY0123");
+        assert_eq!(secret_part(b"sk-Zq9XvLk2"), b"sk-Zq9XvLk2");
+        assert_eq!(secret_part(b"abc"), b"abc");
+    }
 
     #[test]
     fn debug_and_display_never_show_the_key() {

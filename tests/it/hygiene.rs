@@ -105,6 +105,21 @@ fn pasted_configs() -> Vec<(&'static str, String)> {
             "audit.path looks like an API key",
             format!("{base}\n[audit]\npath = \"/tmp/{k}.jsonl\"\n"),
         ),
+        // Parts of the key that do not look like one: found by the key itself, once loaded.
+        (
+            "clients[0].name holds a piece of the admin key",
+            base.replace(
+                "name = \"reader\"",
+                &format!("name = \"svc-{}\"", &k[5..17]),
+            ),
+        ),
+        (
+            "clients[1].checkpoints[0] holds a piece of the admin key",
+            format!(
+                "{base}{}",
+                second_client("other", &format!("\"ft:x:{}*\"", &k[20..30]))
+            ),
+        ),
     ]
 }
 
