@@ -90,6 +90,8 @@ fn write_config(path: &Path, mock: std::net::SocketAddr, key: &Path, extra_clien
 
 /// The gateway's state from `files`, with an environment that sets nothing.
 fn load_state(files: &Files) -> (SharedEnv, Config, Arc<AppState>) {
+    // The tests read what reloads log, whichever test runs first.
+    init_logs();
     let env: SharedEnv = Arc::new(|_| None);
     let config = Config::load(&files.config, &*env).unwrap();
     let key = AdminKey::load(&config.upstream.admin_key, &*env).unwrap();
