@@ -46,8 +46,8 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
             let mut response = Response::new(Full::new(Bytes::from(state.render_metrics().await)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                // OpenMetrics, which the encoder writes: the older text format has no `info` type,
-                // and Prometheus refuses the scrape if told it is that format.
+                // OpenMetrics, which the encoder writes (`_total` series, `# EOF`): Prometheus
+                // reads it, and refuses the scrape if told it is the older text format.
                 HeaderValue::from_static(
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),

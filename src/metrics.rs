@@ -15,7 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::cache::CacheStatus;
@@ -448,7 +447,10 @@ const JWKS_KEYS: Desc = (
     "permgate_jwks_keys",
     "Usable keys (RS256, ES256) in the JWKS last loaded",
 );
-const BUILD: Desc = ("permgate_build", "Build information");
+const BUILD: Desc = (
+    "permgate_build_info",
+    "Build information: 1, with the version as a label",
+);
 
 /// Registers `metric` under a name and help text and returns it: a clone shares the registered
 /// series.
@@ -518,9 +520,11 @@ impl Metrics {
             jwks_keys: register(r, JWKS_KEYS, Gauge::default()),
             registry: Registry::default(),
         };
-        let (name, help) = BUILD;
+        // A gauge at 1, not OpenMetrics' `info` type: the older text format's tools (promtool
+        // check metrics, other scrapers) know no `info`, and the series is the same.
+        let build: Family<BuildLabels, Gauge> = register(&mut registry, BUILD, Family::default());
         let version = env!("CARGO_PKG_VERSION");
-        registry.register(name, help, Info::new(BuildLabels { version }));
+        build.get_or_create(&BuildLabels { version }).set(1);
         // Series that alerts watch for their first increment exist from the start, at 0.
         for result in ["success", "failure"] {
             drop(m.key_reloads.get_or_create(&Outcome { result }));
