@@ -11,7 +11,7 @@
 //! (`secret::looks_like_api_key`), whichever key it was pasted into, is refused outright.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -664,12 +664,13 @@ impl Config {
     pub fn refuse_key_pieces(&self, key: &AdminKey) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         if let Ok(values) = serde_json::to_value(self) {
-            for_each_text(&values, &mut String::new(), &mut |at, text| {
+            secret::any_json_text(&values, &mut |at, text| {
                 if key.secret_appears_in(text.as_bytes()) {
                     problems.push(format!(
                         "{at} holds a piece of the admin key (its value is not shown): the key goes only in the environment variable or file that upstream.admin_key_env or admin_key_file names"
                     ));
                 }
+                false
             });
         }
         if problems.is_empty() {
@@ -677,33 +678,6 @@ impl Config {
         } else {
             Err(ConfigError(problems))
         }
-    }
-}
-
-/// Calls `found` with every string in `value` and where it is (`clients[0].name`).
-fn for_each_text(value: &serde_json::Value, at: &mut String, found: &mut impl FnMut(&str, &str)) {
-    use serde_json::Value;
-    let len = at.len();
-    match value {
-        Value::String(text) => found(at, text),
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                let _ = write!(at, "[{i}]");
-                for_each_text(item, at, found);
-                at.truncate(len);
-            }
-        }
-        Value::Object(members) => {
-            for (name, member) in members {
-                if !at.is_empty() {
-                    at.push('.');
-                }
-                at.push_str(name);
-                for_each_text(member, at, found);
-                at.truncate(len);
-            }
-        }
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
     }
 }
 

@@ -332,6 +332,44 @@ impl AdminKey {
     }
 }
 
+/// Whether `found` holds for any string in `value`, object member names included, given where
+/// it is (`clients[0].name`); every string is visited while it does not. Where key pieces are
+/// looked for in JSON: a config's values, an upstream answer written with escapes.
+pub fn any_json_text(
+    value: &serde_json::Value,
+    found: &mut impl FnMut(&str, &str) -> bool,
+) -> bool {
+    fn walk(
+        value: &serde_json::Value,
+        at: &mut String,
+        found: &mut impl FnMut(&str, &str) -> bool,
+    ) -> bool {
+        use serde_json::Value;
+        use std::fmt::Write as _;
+        let len = at.len();
+        let hit = match value {
+            Value::String(text) => found(at, text),
+            Value::Array(items) => items.iter().enumerate().any(|(i, item)| {
+                at.truncate(len);
+                let _ = write!(at, "[{i}]");
+                walk(item, at, found)
+            }),
+            Value::Object(members) => members.iter().any(|(name, member)| {
+                at.truncate(len);
+                if len > 0 {
+                    at.push('.');
+                }
+                at.push_str(name);
+                found(at, name) || walk(member, at, found)
+            }),
+            Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        };
+        at.truncate(len);
+        hit
+    }
+    walk(value, &mut String::new(), found)
+}
+
 /// `key` from the first window that reaches past its public prefix: lower-case words each
 /// followed by `-` (`sk-admin-`), as long as a whole piece is left after it.
 fn secret_part(key: &[u8]) -> &[u8] {

@@ -50,7 +50,7 @@ use crate::config::UpstreamConfig;
 use crate::error::{Error, Passthrough};
 use crate::metrics::{ClientLabel, Metrics, Shed};
 use crate::route::{Checkpoint, ListQuery};
-use crate::secret::AdminKey;
+use crate::secret::{self, AdminKey};
 use crate::tls::{self, Alpn};
 
 /// Larger upstream bodies are treated as malformed (a 100-item page is about 15 KiB).
@@ -584,29 +584,20 @@ impl Check<'_> {
     /// it (names and values) is checked once unescaped.
     fn leaks_in(&self, answer: &[u8]) -> bool {
         let escaped = memchr::memmem::find(answer, b"\\u").is_some();
-        if !escaped && !self.key.appears_in(answer) {
+        let raw = self.key.appears_in(answer);
+        if !escaped && !raw {
             return false;
         }
         let decoded: Cow<'_, [u8]> = percent_encoding::percent_decode_str(self.target).into();
         let sent = [self.target.as_bytes(), &decoded, self.body];
-        let leaks = |text: &[u8]| self.key.appears_in(text) && self.key.leaks_in(text, &sent);
-        leaks(answer)
+        (raw && self.key.leaks_in(answer, &sent))
             || (escaped
-                && serde_json::from_slice::<serde_json::Value>(answer)
-                    .is_ok_and(|json| any_string(&json, &mut |s| leaks(s.as_bytes()))))
-    }
-}
-
-/// Whether `found` holds for any string in `json`, object member names included.
-fn any_string(json: &serde_json::Value, found: &mut impl FnMut(&str) -> bool) -> bool {
-    use serde_json::Value;
-    match json {
-        Value::String(s) => found(s),
-        Value::Array(items) => items.iter().any(|item| any_string(item, found)),
-        Value::Object(members) => members
-            .iter()
-            .any(|(name, value)| found(name) || any_string(value, found)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+                && serde_json::from_slice::<serde_json::Value>(answer).is_ok_and(|json| {
+                    secret::any_json_text(&json, &mut |_, text| {
+                        let text = text.as_bytes();
+                        self.key.appears_in(text) && self.key.leaks_in(text, &sent)
+                    })
+                }))
     }
 }
 

@@ -294,7 +294,7 @@ async fn a_create_not_declared_json_is_400_and_reaches_nothing() {
     let (path, audit) = audit_file("audit-content-type");
     let gw = start_with(|c| c.push_str(&audit)).await;
     let body = r#"{"project_ids":["proj_csrf"]}"#;
-    let refused: [&[(&str, &str)]; 5] = [
+    let refused: [&'static [(&str, &str)]; 5] = [
         &[],
         &[("content-type", "text/plain;charset=UTF-8")],
         &[("content-type", "application/x-www-form-urlencoded")],
@@ -304,17 +304,13 @@ async fn a_create_not_declared_json_is_400_and_reaches_nothing() {
             ("content-type", "text/plain"),
         ],
     ];
+    let list = list_path(CP);
+    let create = |headers: &'static [(&'static str, &'static str)]| {
+        gw.client
+            .send(Method::POST, &list, Some(WRITER), headers, Some(body))
+    };
     for headers in refused {
-        let r = gw
-            .client
-            .send(
-                Method::POST,
-                &list_path(CP),
-                Some(WRITER),
-                headers,
-                Some(body),
-            )
-            .await;
+        let r = create(headers).await;
         assert_eq!(r.status, 400, "{headers:?}");
         assert_eq!(
             r.error(),
@@ -327,18 +323,12 @@ async fn a_create_not_declared_json_is_400_and_reaches_nothing() {
         refused.len(),
         "each attempt is audited"
     );
-    for json in ["application/json; charset=utf-8", "Application/JSON"] {
-        let r = gw
-            .client
-            .send(
-                Method::POST,
-                &list_path(CP),
-                Some(WRITER),
-                &[("content-type", json)],
-                Some(body),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{json}");
+    let json: [&[(&str, &str)]; 2] = [
+        &[("content-type", "application/json; charset=utf-8")],
+        &[("content-type", "Application/JSON")],
+    ];
+    for headers in json {
+        assert_eq!(create(headers).await.status, 200, "{headers:?}");
     }
 }
 
