@@ -230,6 +230,13 @@ pub enum FillError {
     /// caching).
     Uncacheable(Passthrough),
     Failed(Error),
+    /// The 503 of the client whose read led the fetch: that client held all its upstream
+    /// slots (`max_concurrency_per_client`). Its own reads share it; another client's reads
+    /// are not refused by it.
+    ClientShed {
+        client: Arc<str>,
+        error: Error,
+    },
 }
 
 /// Expires negative (404) pages after their `negative_ttl`; 200s have no per-entry expiry (the
@@ -705,6 +712,24 @@ impl PageCache {
             }
             Err(e) => Err(Arc::new(e)),
         }
+    }
+
+    /// Whether a fill of `key` is under way and, if so, how many reads wait for it (tests and
+    /// debugging): the holders of that fill other than the map and its leader, one each.
+    pub fn fill_waiters(&self, key: &PageKey) -> Option<usize> {
+        let fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
+        fills.get(key).map(|fill| Arc::strong_count(fill) - 2)
+    }
+
+    /// Whether a refresh of `key` is fetching (tests and debugging).
+    pub fn refresh_running(&self, key: &PageKey) -> bool {
+        let refreshes = self
+            .refreshes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        refreshes
+            .get(key)
+            .is_some_and(|slot| slot.running.is_some())
     }
 
     /// How many `no-cache` reads of `key` wait for its next refresh to start (tests and

@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tracing::{info_span, Instrument};
 
 use crate::auth::{Authorization, Client, Credential};
-use crate::cache::{CacheStatus, FillError, Freshness, Page, PageKey};
+use crate::cache::{CacheStatus, FillError, FillOutcome, Freshness, Page, PageKey};
 use crate::error::{json_response, Body, Error, Passthrough};
 use crate::fleet::{Fleet, Lease, Lookup, LookupMode};
 use crate::metrics::ClientLabel;
@@ -184,7 +184,12 @@ async fn list(
 
     // The miss path is boxed so that a hit's future stays small.
     let fetch = fetch_for(state, &key, client, log, LookupMode::Page);
-    let (result, fetched) = Box::pin(cache.fill(&key, fetch)).await;
+    let mut filled = Box::pin(cache.fill(&key, fetch)).await;
+    if inherited_shed(&filled, client) {
+        let fetch = fetch_for(state, &key, client, log, LookupMode::Page);
+        filled = Box::pin(cache.fill(&key, fetch)).await;
+    }
+    let (result, fetched) = filled;
     let status = if fetched {
         CacheStatus::MissStored
     } else {
@@ -200,7 +205,7 @@ async fn list(
             }
             match (&*failure, stale) {
                 (FillError::Uncacheable(reply), _) => Ok(reply.clone().into_response()),
-                (FillError::Failed(_), Some(page)) => {
+                (FillError::Failed(_) | FillError::ClientShed { .. }, Some(page)) => {
                     log.cache_status = Some(CacheStatus::StaleIfError);
                     let age = cache.age_seconds(&page);
                     tracing::warn!(
@@ -210,7 +215,9 @@ async fn list(
                     );
                     Ok(page_response(&page, Some(age)))
                 }
-                (FillError::Failed(e), None) => Err(e.clone()),
+                (FillError::Failed(e) | FillError::ClientShed { error: e, .. }, None) => {
+                    Err(e.clone())
+                }
             }
         }
     }
@@ -226,7 +233,12 @@ async fn refresh(
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
     let fetch = fetch_for(state, &key, client, log, LookupMode::Lock);
-    let (result, fetched) = state.cache.refresh(&key, fetch).await;
+    let mut refreshed = state.cache.refresh(&key, fetch).await;
+    if inherited_shed(&refreshed, client) {
+        let fetch = fetch_for(state, &key, client, log, LookupMode::Lock);
+        refreshed = state.cache.refresh(&key, fetch).await;
+    }
+    let (result, fetched) = refreshed;
     log.cache_status = Some(match (fetched, &result) {
         (true, Ok(_)) => CacheStatus::RefreshStored,
         (true, Err(_)) => CacheStatus::Refresh,
@@ -235,13 +247,7 @@ async fn refresh(
             CacheStatus::RefreshCollapsed
         }
     });
-    match result {
-        Ok(page) => Ok(page_response(&page, None)),
-        Err(failure) => match &*failure {
-            FillError::Uncacheable(reply) => Ok(reply.clone().into_response()),
-            FillError::Failed(e) => Err(e.clone()),
-        },
-    }
+    passed_on(result)
 }
 
 /// A list read on a replica without a fleet lease: its cache may have missed invalidations, so
@@ -268,32 +274,60 @@ async fn unleased(
             }
         }
     }
-    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
-    let fetch = fetch_upstream(state, &key, Some(&client.name), request_id, upstream_status);
-    // Passed through, not stored: without a lease nothing tells this replica of a write under
-    // way elsewhere, whose end may never reach it (the writer can lose Redis too), so a page
-    // fetched now could not be vouched for once the lease is back. Kept only where the
-    // operator chose pages up to `degraded_ttl` old.
-    let fetch = async {
-        let fetched = fetch.await;
-        if degraded_ttl.is_zero() {
-            unstored(fetched)
-        } else {
-            fetched
-        }
-    };
-    let (result, fetched) = state.cache.refresh(&key, fetch).await;
+    let fetch = unleased_fetch(state, &key, client, log, degraded_ttl);
+    let mut refreshed = state.cache.refresh(&key, fetch).await;
+    if inherited_shed(&refreshed, client) {
+        let fetch = unleased_fetch(state, &key, client, log, degraded_ttl);
+        refreshed = state.cache.refresh(&key, fetch).await;
+    }
+    let (result, fetched) = refreshed;
     log.cache_status = Some(if fetched {
         CacheStatus::NoLease
     } else {
         state.metrics.coalesced_wait();
         CacheStatus::NoLeaseCollapsed
     });
-    match result {
+    passed_on(result)
+}
+
+/// An unleased read's fetch: passed through, not stored. Without a lease nothing tells this
+/// replica of a write under way elsewhere, whose end may never reach it (the writer can lose
+/// Redis too), so a page fetched now could not be vouched for once the lease is back. Kept
+/// only where the operator chose pages up to `degraded_ttl` old.
+async fn unleased_fetch(
+    state: &AppState,
+    key: &PageKey,
+    client: &Client,
+    log: &mut RequestLog,
+    degraded_ttl: Duration,
+) -> Fetched {
+    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
+    let fetched = fetch_upstream(state, key, Some(&client.name), request_id, upstream_status).await;
+    if degraded_ttl.is_zero() {
+        unstored(fetched)
+    } else {
+        fetched
+    }
+}
+
+/// A read that waited for another client's fetch, which that client's own upstream limit shed
+/// (`max_concurrency_per_client`), asks again: it leads a fetch in its own client's slots, or
+/// joins one under way. Once only, so a read is not held up by a chain of such clients.
+fn inherited_shed((outcome, fetched): &(FillOutcome, bool), client: &Client) -> bool {
+    let Err(failure) = outcome else {
+        return false;
+    };
+    matches!(&**failure, FillError::ClientShed { client: by, .. } if !fetched && **by != *client.name.0)
+}
+
+/// A refresh's outcome as the read's answer: the page, an upstream answer passed through, or
+/// the error.
+fn passed_on(outcome: FillOutcome) -> Result<Response<Body>, Error> {
+    match outcome {
         Ok(page) => Ok(page_response(&page, None)),
         Err(failure) => match &*failure {
             FillError::Uncacheable(reply) => Ok(reply.clone().into_response()),
-            FillError::Failed(e) => Err(e.clone()),
+            FillError::Failed(e) | FillError::ClientShed { error: e, .. } => Err(e.clone()),
         },
     }
 }
@@ -313,7 +347,7 @@ fn spawn_refresh(state: &Arc<AppState>, key: PageKey, stale: Arc<Page>, request_
             match fetch(&state, &key, None, &request_id, &mut status, mode).await {
                 Ok(fresh) => state.cache.insert(key, fresh).await,
                 Err(FillError::Uncacheable(_)) => state.cache.remove_if_same(&key, &stale).await,
-                Err(FillError::Failed(e)) => {
+                Err(FillError::Failed(e) | FillError::ClientShed { error: e, .. }) => {
                     tracing::warn!(
                         request_id = request_id.to_str().unwrap_or_default(),
                         code = e.code(),
@@ -381,7 +415,13 @@ async fn fetch_upstream(
         .send(&key.checkpoint, target, None, request_id, client)
         .await;
     *upstream_status = sent.status;
-    let reply = sent.result.map_err(FillError::Failed)?;
+    let reply = sent.result.map_err(|error| match client {
+        Some(client) if sent.client_shed => FillError::ClientShed {
+            client: client.0.clone(),
+            error,
+        },
+        _ => FillError::Failed(error),
+    })?;
     state
         .cache
         .page(reply.status, &reply.body)

@@ -135,6 +135,9 @@ pub struct Sent {
     /// Each attempt that reached upstream, in order: filled for a create or delete (the audit
     /// trail), empty for a list.
     pub attempts: Vec<Attempted>,
+    /// The 503 is the calling client's own: it held all its upstream slots for the whole wait
+    /// (`max_concurrency_per_client`). Another client asking the same is not refused by it.
+    pub client_shed: bool,
 }
 
 /// The slots one attempt holds while it talks to upstream.
@@ -170,6 +173,8 @@ struct Attempt {
     result: Result<Passthrough, Error>,
     /// `Some` when the failure is transient; the delay upstream asked for, if any.
     retry: Option<Option<Duration>>,
+    /// See [`Sent::client_shed`].
+    client_shed: bool,
 }
 
 impl Attempt {
@@ -180,6 +185,7 @@ impl Attempt {
             status: None,
             result: Err(error),
             retry: None,
+            client_shed: false,
         }
     }
 }
@@ -268,6 +274,7 @@ impl Upstream {
             status: None,
             result: Err(Error::UpstreamError),
             attempts: Vec::new(),
+            client_shed: false,
         };
         let uri = match self.uri(checkpoint, &target) {
             Ok(uri) => uri,
@@ -302,6 +309,7 @@ impl Upstream {
             }
             sent.status = outcome.status;
             sent.result = outcome.result;
+            sent.client_shed = outcome.client_shed;
             let Some(asked) = outcome
                 .retry
                 .filter(|_| idempotent && attempt <= self.max_retries)
@@ -341,7 +349,7 @@ impl Upstream {
     async fn attempt(&self, call: &Call<'_>, attempt: u32) -> Attempt {
         let admitted = match self.admit(call, attempt).await {
             Ok(admitted) => admitted,
-            Err(shed) => return Attempt::fatal(shed),
+            Err(shed) => return shed,
         };
         let request = self.request(call);
         let started = Instant::now();
@@ -361,17 +369,17 @@ impl Upstream {
     /// `queue_timeout` (and the deadline); otherwise the 503 that sheds the attempt without
     /// calling upstream. The client's slot comes first, so a client past its share waits
     /// without holding a global slot that another client could use.
-    async fn admit(&self, call: &Call<'_>, attempt: u32) -> Result<Admitted<'_>, Error> {
+    async fn admit(&self, call: &Call<'_>, attempt: u32) -> Result<Admitted<'_>, Attempt> {
         let Some(breaker) = self.breaker.try_acquire() else {
             warn!(
                 request_id = call.id(),
                 attempt, "circuit open: answering without calling upstream"
             );
             self.metrics.shed(Shed::CircuitOpen);
-            return Err(Error::Unavailable {
+            return Err(Attempt::fatal(Error::Unavailable {
                 reason: "The upstream API is failing; the gateway is not calling it for a moment.",
                 retry_after: self.breaker.open_remaining(),
-            });
+            }));
         };
         let wait_until = call.deadline.min(Instant::now() + self.queue_timeout);
         // Shedding drops the breaker's leave without a verdict: a shed probe lets the next
@@ -400,10 +408,10 @@ impl Upstream {
                     "upstream concurrency limit reached; shedding the request"
                 );
                 self.metrics.shed(Shed::QueueFull);
-                Err(Error::Unavailable {
+                Err(Attempt::fatal(Error::Unavailable {
                     reason: "Too many requests are waiting for the upstream API. Retry shortly.",
                     retry_after: Some(self.queue_timeout),
-                })
+                }))
             }
         }
     }
@@ -425,7 +433,7 @@ impl Upstream {
     }
 
     /// The 503 for a client that held all its upstream slots for the whole wait.
-    fn shed_client(&self, call: &Call<'_>, client: &ClientLabel, attempt: u32) -> Error {
+    fn shed_client(&self, call: &Call<'_>, client: &ClientLabel, attempt: u32) -> Attempt {
         warn!(
             request_id = call.id(),
             attempt,
@@ -434,10 +442,13 @@ impl Upstream {
             "client's upstream concurrency limit reached; shedding the request"
         );
         self.metrics.shed(Shed::ClientConcurrency);
-        Error::Unavailable {
-            reason:
-                "This client has too many requests waiting for the upstream API. Retry shortly.",
-            retry_after: Some(self.queue_timeout),
+        Attempt {
+            client_shed: true,
+            ..Attempt::fatal(Error::Unavailable {
+                reason:
+                    "This client has too many requests waiting for the upstream API. Retry shortly.",
+                retry_after: Some(self.queue_timeout),
+            })
         }
     }
 
@@ -513,9 +524,8 @@ impl Upstream {
                 permit.failure();
                 return Attempt {
                     sent: Some(Attempted::Error),
-                    status: None,
-                    result: Err(Error::UpstreamError),
                     retry: Some(None),
+                    ..Attempt::fatal(Error::UpstreamError)
                 };
             }
             Err(_) => {
@@ -552,6 +562,7 @@ impl Upstream {
                 call.id(),
                 attempt,
             ),
+            client_shed: false,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! SPEC "Hygiene rules": one client cannot take all upstream capacity. Each client holds at
 //! most `upstream.max_concurrency_per_client` upstream slots, and concurrent `no-cache` reads
-//! of one key share one upstream fetch that started after they arrived. Upstream replies are
-//! held at the mock to park requests; nothing here waits on a timer.
+//! of one key share one upstream fetch that started after they arrived. A client's shed is its
+//! own: another client's read that waited on its fetch fetches again in its own slots.
+//! Upstream replies are held at the mock to park requests; nothing here waits on a timer but
+//! the shed reads' `queue_timeout_ms`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -161,4 +163,141 @@ async fn a_client_holding_its_share_of_upstream_slots_is_shed_and_others_are_not
         .get(&format!("{}?limit=3", list_path(CP)), READER)
         .await;
     assert_eq!(r.status, 200);
+}
+
+/// Two slots per client, and a wait of 2 s for one: long enough for other reads to join a
+/// waiting fetch whatever the machine's load; the parked reads outlast the test.
+fn long_waits(c: &mut String) {
+    two_slots_per_client(c);
+    *c = c
+        .replace("queue_timeout_ms = 200", "queue_timeout_ms = 2000")
+        .replace("request_timeout_ms = 3000", "request_timeout_ms = 20000");
+}
+
+#[tokio::test]
+async fn a_read_collapsed_into_a_shed_clients_fetch_fetches_in_its_own_clients_slots() {
+    let gw = start_with(long_waits).await;
+    let mut held = [gw.mock.hold_next(), gw.mock.hold_next()];
+    let parked: Vec<_> = (1..=2)
+        .map(|limit| {
+            let client = TestClient::new(gw.addr);
+            let path = format!("{}?limit={limit}", list_path(CP));
+            tokio::spawn(async move { client.get(&path, READER).await })
+        })
+        .collect();
+    for h in &mut held {
+        h.arrived().await;
+    }
+    let path = format!("{}?limit=3", list_path(CP));
+    let query = ListQuery {
+        limit: 3,
+        ..ListQuery::default()
+    };
+    let key = gw.state.cache.key(Checkpoint::parse(CP).unwrap(), query);
+    let read = |token: &'static str| {
+        let (client, path) = (TestClient::new(gw.addr), path.clone());
+        tokio::spawn(async move { client.get(&path, token).await })
+    };
+    // The reader leads the fetch of `?limit=3` and waits for one of its own slots...
+    let shed = read(READER);
+    eventually("the reader's fetch is under way", || async {
+        gw.state.cache.fill_waiters(&key) == Some(0)
+    })
+    .await;
+    // ...and the writer's read of the same page joins it, then another of the reader's.
+    let joined = read(WRITER);
+    eventually("the writer's read waits for the reader's fetch", || async {
+        gw.state.cache.fill_waiters(&key) == Some(1)
+    })
+    .await;
+    let also_shed = read(READER);
+    eventually("a second reader's read waits too", || async {
+        gw.state.cache.fill_waiters(&key) == Some(2)
+    })
+    .await;
+
+    for shed in [shed, also_shed] {
+        let shed = shed.await.unwrap();
+        assert_eq!(
+            shed.status, 503,
+            "the reader's reads share its 503: {:?}",
+            shed.body
+        );
+        assert_eq!(shed.error().0, "unavailable");
+    }
+    // The reader's limit is the reader's: the writer's read fetches in the writer's slots.
+    let joined = joined.await.unwrap();
+    assert_eq!(joined.status, 200, "{:?}", joined.body);
+    assert_eq!(joined.cache_status(), "permgate; fwd=miss; stored");
+    assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
+    for h in held {
+        h.release();
+    }
+    for r in parked {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_no_cache_read_waiting_on_a_shed_clients_refresh_refreshes_in_its_own_clients_slots() {
+    let gw = start_with(long_waits).await;
+    let mut held = [gw.mock.hold_next(), gw.mock.hold_next()];
+    let parked: Vec<_> = (1..=2)
+        .map(|limit| {
+            let client = TestClient::new(gw.addr);
+            let path = format!("{}?limit={limit}", list_path(CP));
+            tokio::spawn(async move { client.get(&path, READER).await })
+        })
+        .collect();
+    for h in &mut held {
+        h.arrived().await;
+    }
+    let path = format!("{}?limit=3", list_path(CP));
+    let query = ListQuery {
+        limit: 3,
+        ..ListQuery::default()
+    };
+    let key = gw.state.cache.key(Checkpoint::parse(CP).unwrap(), query);
+    let read = |token: &'static str| {
+        let (client, path) = (TestClient::new(gw.addr), path.clone());
+        tokio::spawn(async move {
+            let no_cache = [("cache-control", "no-cache")];
+            client
+                .send(Method::GET, &path, Some(token), &no_cache, None)
+                .await
+        })
+    };
+    // The reader's first refresh runs (waiting for a slot of its own); its second waits to
+    // run next, and the writer's read joins that one.
+    let first = read(READER);
+    eventually("the reader's refresh runs", || async {
+        gw.state.cache.refresh_running(&key)
+    })
+    .await;
+    let second = read(READER);
+    eventually("the reader's next refresh waits", || async {
+        gw.state.cache.refresh_waiters(&key) == 1
+    })
+    .await;
+    let joined = read(WRITER);
+    eventually(
+        "the writer's read joins the reader's next refresh",
+        || async { gw.state.cache.refresh_waiters(&key) == 2 },
+    )
+    .await;
+
+    for shed in [first, second] {
+        let shed = shed.await.unwrap();
+        assert_eq!(shed.status, 503, "{:?}", shed.body);
+    }
+    let joined = joined.await.unwrap();
+    assert_eq!(joined.status, 200, "{:?}", joined.body);
+    assert_eq!(joined.cache_status(), "permgate; fwd=request; stored");
+    assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
+    for h in held {
+        h.release();
+    }
+    for r in parked {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
 }
