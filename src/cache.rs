@@ -232,11 +232,22 @@ pub enum FillError {
     Failed(Error),
     /// The 503 of the client whose read led the fetch: that client held all its upstream
     /// slots (`max_concurrency_per_client`). Its own reads share it; another client's reads
-    /// are not refused by it.
+    /// are not refused by it (see [`PageCache::fill`]).
     ClientShed {
         client: Arc<str>,
         error: Error,
     },
+}
+
+impl FillError {
+    /// The client whose own limit refused the fetch, when it is not `reader`: a read of
+    /// `reader` that waited on that fetch fetches for itself instead of taking the 503.
+    fn shed_other_than(&self, reader: &str) -> Option<&Arc<str>> {
+        match self {
+            FillError::ClientShed { client, .. } if **client != *reader => Some(client),
+            _ => None,
+        }
+    }
 }
 
 /// Expires negative (404) pages after their `negative_ttl`; 200s have no per-entry expiry (the
@@ -268,13 +279,22 @@ impl Expiry<PageKey, Arc<Page>> for NegativeExpiry {
 
 /// One fill in flight: its leader publishes the outcome and wakes the waiters. A leader that
 /// goes away without an outcome wakes them too, and one of them leads.
-#[derive(Default)]
 struct Fill {
     outcome: OnceLock<FillOutcome>,
     done: Notify,
+    /// The client whose read leads it (whose upstream slots its fetch takes).
+    led_by: Arc<str>,
 }
 
 impl Fill {
+    fn led_by(reader: &Arc<str>) -> Arc<Fill> {
+        Arc::new(Fill {
+            outcome: OnceLock::new(),
+            done: Notify::new(),
+            led_by: reader.clone(),
+        })
+    }
+
     /// The outcome once the fill is done; `done` must have been made while the fill was still
     /// in its map, so the wake-up cannot be missed. `None`: its leader went away without one.
     async fn outcome_after(&self, done: Notified<'_>) -> Option<FillOutcome> {
@@ -596,25 +616,36 @@ impl PageCache {
     /// already at `key` stays there until the new one replaces it. The bool is true for the
     /// caller whose `fetch` ran (false: collapsed into another caller's fill, or found what it
     /// had just stored). If the caller running `fetch` is cancelled, a waiter takes over.
-    pub async fn fill<F>(&self, key: &PageKey, fetch: F) -> (FillOutcome, bool)
+    ///
+    /// `reader` is the caller's client. A fill that ends in its leader's client's own shed
+    /// ([`FillError::ClientShed`]) hands that 503 to that client's reads only: a read of
+    /// another client then leads the next fill, joins one led by a third client, or, when the
+    /// next fill is led by the shed client again, fetches without joining it. So one client's
+    /// flood never refuses another's reads, and a read waits on a shed fill at most once.
+    pub async fn fill<F>(&self, key: &PageKey, reader: &Arc<str>, fetch: F) -> (FillOutcome, bool)
     where
         F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
     {
+        // The client whose shed this read inherited: it does not wait on that client again.
+        let mut shed_by: Option<Arc<str>> = None;
         let leading = loop {
             let fill;
             let done;
             {
                 let mut fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
                 match fills.entry(key.clone()) {
+                    Entry::Occupied(entry) if shed_by.as_ref() == Some(&entry.get().led_by) => {
+                        break None;
+                    }
                     Entry::Occupied(entry) => fill = entry.get().clone(),
                     Entry::Vacant(entry) => {
-                        let fill = Arc::new(Fill::default());
+                        let fill = Fill::led_by(reader);
                         entry.insert(fill.clone());
-                        break Leading {
+                        break Some(Leading {
                             fills: &self.fills,
                             key,
                             fill,
-                        };
+                        });
                     }
                 }
                 // Made while the entry is still in the map: its leader removes it under this
@@ -623,6 +654,10 @@ impl PageCache {
                 done = fill.done.notified();
             }
             match fill.outcome_after(done).await {
+                Some(Err(failure)) if shed_by.is_none() => match failure.shed_other_than(reader) {
+                    Some(client) => shed_by = Some(client.clone()),
+                    None => return (Err(failure), false),
+                },
                 Some(outcome) => return (outcome, false),
                 // No outcome: the leader was cancelled; try to lead.
                 None => continue,
@@ -630,12 +665,16 @@ impl PageCache {
         };
         if let Some(page) = self.pages.get(key).await {
             if self.freshness(&page) == Freshness::Fresh {
-                leading.publish(Ok(page.clone()));
+                if let Some(leading) = leading {
+                    leading.publish(Ok(page.clone()));
+                }
                 return (Ok(page), false);
             }
         }
         let outcome = self.fetch_and_store(key, fetch).await;
-        leading.publish(outcome.clone());
+        if let Some(leading) = leading {
+            leading.publish(outcome.clone());
+        }
         (outcome, true)
     }
 
@@ -644,11 +683,20 @@ impl PageCache {
     /// never joins a fetch already under way; it joins (or leads) the next one, which starts
     /// when the running one ends. So a key has at most one refresh fetching and one waiting,
     /// however many reads arrive. The bool is true for the caller whose `fetch` ran. If that
-    /// caller is cancelled, a waiter takes over.
-    pub async fn refresh<F>(&self, key: &PageKey, fetch: F) -> (FillOutcome, bool)
+    /// caller is cancelled, a waiter takes over. `reader` and another client's shed: as in
+    /// [`PageCache::fill`].
+    pub async fn refresh<F>(
+        &self,
+        key: &PageKey,
+        reader: &Arc<str>,
+        fetch: F,
+    ) -> (FillOutcome, bool)
     where
         F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
     {
+        // As in `fill`: a read that inherited another client's shed does not wait on that
+        // client's refresh again.
+        let mut shed_by: Option<Arc<str>> = None;
         let leading = loop {
             // The fill to wait for: the one to join, or the running one this leader follows.
             let wait_on;
@@ -661,10 +709,13 @@ impl PageCache {
                     .unwrap_or_else(PoisonError::into_inner);
                 let slot = refreshes.entry(key.clone()).or_default();
                 if let Some(next) = &slot.next {
+                    if shed_by.as_ref() == Some(&next.led_by) {
+                        break None;
+                    }
                     wait_on = next.clone();
                     follows = None;
                 } else if let Some(running) = slot.running.clone() {
-                    let fill = Arc::new(Fill::default());
+                    let fill = Fill::led_by(reader);
                     slot.next = Some(fill.clone());
                     wait_on = running;
                     follows = Some(Refreshing {
@@ -673,13 +724,13 @@ impl PageCache {
                         fill,
                     });
                 } else {
-                    let fill = Arc::new(Fill::default());
+                    let fill = Fill::led_by(reader);
                     slot.running = Some(fill.clone());
-                    break Refreshing {
+                    break Some(Refreshing {
                         refreshes: &self.refreshes,
                         key,
                         fill,
-                    };
+                    });
                 }
                 // Made under the lock, as in `fill`: the wake-up cannot be missed.
                 done = wait_on.done.notified();
@@ -687,16 +738,22 @@ impl PageCache {
             let outcome = wait_on.outcome_after(done).await;
             if let Some(leading) = follows {
                 leading.start();
-                break leading;
+                break Some(leading);
             }
             match outcome {
+                Some(Err(failure)) if shed_by.is_none() => match failure.shed_other_than(reader) {
+                    Some(client) => shed_by = Some(client.clone()),
+                    None => return (Err(failure), false),
+                },
                 Some(outcome) => return (outcome, false),
                 // Its leader was cancelled; join or lead another (it starts after this read).
                 None => continue,
             }
         };
         let outcome = self.fetch_and_store(key, fetch).await;
-        leading.publish(outcome.clone());
+        if let Some(leading) = leading {
+            leading.publish(outcome.clone());
+        }
         (outcome, true)
     }
 
@@ -784,6 +841,11 @@ impl PageCache {
 mod tests {
     use super::*;
 
+    /// The client of the reads in these tests.
+    fn reader() -> Arc<str> {
+        Arc::from("reader")
+    }
+
     fn config() -> CacheConfig {
         CacheConfig {
             ttl: Duration::from_secs(60),
@@ -822,7 +884,9 @@ mod tests {
         let before = cache.key(cp("ft:a"), ListQuery::default());
         cache.invalidate_checkpoint(&cp("ft:a"));
         let page = cache.page(StatusCode::OK, b"old").unwrap();
-        let (stored, _) = cache.fill(&before, async { Fill::Ok(page) }).await;
+        let (stored, _) = cache
+            .fill(&before, &reader(), async { Fill::Ok(page) })
+            .await;
         assert!(stored.is_ok());
         let after = cache.key(cp("ft:a"), ListQuery::default());
         assert_ne!(before, after);
@@ -894,7 +958,7 @@ mod tests {
         cache.insert(key.clone(), stale.clone()).await;
         clock.advance(Duration::from_secs(100));
         let (result, fetched) = cache
-            .fill(&key, async {
+            .fill(&key, &reader(), async {
                 Fill::Err(FillError::Failed(Error::UpstreamError))
             })
             .await;
@@ -903,6 +967,98 @@ mod tests {
             .get(&key)
             .await
             .is_some_and(|p| Arc::ptr_eq(&p, &stale)));
+    }
+
+    /// A fetch that its client's own limit refused.
+    fn shed_by(client: &str) -> Fill {
+        Fill::Err(FillError::ClientShed {
+            client: Arc::from(client),
+            error: Error::UpstreamError,
+        })
+    }
+
+    /// Polls `future` once: pending, it has found (or made) its fill and waits on it.
+    fn waits<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        use futures_util::FutureExt as _;
+        future.now_or_never().is_none()
+    }
+
+    #[tokio::test]
+    async fn another_clients_read_never_waits_twice_on_a_shed_client() {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flooder"), Arc::from("other"));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let fetch = async {
+            let _ = released.await;
+            shed_by("flooder")
+        };
+        let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
+        assert!(waits(&mut first), "the flooder's read leads");
+        let mut own = Box::pin(cache.fill(&key, &flooder, async { Fill::Err(uncacheable()) }));
+        assert!(waits(&mut own), "its second read waits on it");
+        let page = cache.page(StatusCode::OK, b"mine").unwrap();
+        let mut read = Box::pin(cache.fill(&key, &other, async { Fill::Ok(page) }));
+        assert!(waits(&mut read), "so does another client's read");
+        release.send(()).unwrap();
+        let (outcome, fetched) = first.await;
+        assert!(fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }));
+        // The flooder's next read leads the next fill before the other read looks again.
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        let fetch = async {
+            let _ = held.await;
+            shed_by("flooder")
+        };
+        let mut next = Box::pin(cache.fill(&key, &flooder, fetch));
+        assert!(waits(&mut next));
+        let (outcome, fetched) = own.await;
+        assert!(
+            !fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }),
+            "the flooder's own reads share its 503"
+        );
+        let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the other read does not wait on the flooder's next fill");
+        assert!(fetched, "it fetched for itself");
+        assert_eq!(&outcome.unwrap().body[..], b"mine");
+    }
+
+    #[tokio::test]
+    async fn another_clients_no_cache_read_never_waits_twice_on_a_shed_client() {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flooder"), Arc::from("other"));
+        let (release_running, running) = tokio::sync::oneshot::channel::<()>();
+        let (release_next, next) = tokio::sync::oneshot::channel::<()>();
+        let mut first = Box::pin(cache.refresh(&key, &flooder, async {
+            let _ = running.await;
+            shed_by("flooder")
+        }));
+        assert!(waits(&mut first), "the flooder's refresh runs");
+        let mut second = Box::pin(cache.refresh(&key, &flooder, async {
+            let _ = next.await;
+            shed_by("flooder")
+        }));
+        assert!(waits(&mut second), "its second waits to run next");
+        let page = cache.page(StatusCode::OK, b"mine").unwrap();
+        let mut read = Box::pin(cache.refresh(&key, &other, async { Fill::Ok(page) }));
+        assert!(waits(&mut read), "another client's read joins the next one");
+        release_running.send(()).unwrap();
+        assert!(first.await.0.is_err());
+        assert!(waits(&mut second), "the next refresh runs");
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        let mut third = Box::pin(cache.refresh(&key, &flooder, async {
+            let _ = held.await;
+            shed_by("flooder")
+        }));
+        assert!(waits(&mut third), "the flooder's third waits to run next");
+        release_next.send(()).unwrap();
+        assert!(second.await.0.is_err());
+        let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the other read does not wait on the flooder's third refresh");
+        assert!(fetched, "it fetched for itself");
+        assert_eq!(&outcome.unwrap().body[..], b"mine");
     }
 
     #[tokio::test]
@@ -917,7 +1073,7 @@ mod tests {
                     let _ = started.send(());
                     std::future::pending::<Fill>().await
                 };
-                cache.fill(&key, fetch).await
+                cache.fill(&key, &reader(), fetch).await
             }
         });
         leading.await.unwrap();
@@ -925,7 +1081,7 @@ mod tests {
             let (cache, key) = (cache.clone(), key.clone());
             async move {
                 let page = cache.page(StatusCode::OK, b"new").unwrap();
-                cache.fill(&key, async { Fill::Ok(page) }).await
+                cache.fill(&key, &reader(), async { Fill::Ok(page) }).await
             }
         });
         // Let the waiter find the leader's fill and wait on it, then cancel the leader.
@@ -954,7 +1110,7 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     Fill::Err(uncacheable())
                 };
-                cache.fill(&key, fetch).await
+                cache.fill(&key, &reader(), fetch).await
             })
         });
         let outcomes = futures_util::future::join_all(fills).await;
@@ -1000,7 +1156,7 @@ mod tests {
                 let _ = released.await;
                 Fill::Ok(page)
             };
-            cache.refresh(&key, fetch).await
+            cache.refresh(&key, &reader(), fetch).await
         });
         (task, started, release)
     }
@@ -1022,7 +1178,7 @@ mod tests {
                         fetches.fetch_add(1, Ordering::Relaxed);
                         Fill::Ok(page)
                     };
-                    cache.refresh(&key, fetch).await
+                    cache.refresh(&key, &reader(), fetch).await
                 })
             })
             .collect();
@@ -1062,7 +1218,9 @@ mod tests {
             let (cache, key) = (cache.clone(), key.clone());
             async move {
                 let page = cache.page(StatusCode::OK, b"joined").unwrap();
-                cache.refresh(&key, async { Fill::Ok(page) }).await
+                cache
+                    .refresh(&key, &reader(), async { Fill::Ok(page) })
+                    .await
             }
         });
         until("a read joined it", || cache.refresh_waiters(&key) == 2).await;

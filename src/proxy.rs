@@ -184,12 +184,7 @@ async fn list(
 
     // The miss path is boxed so that a hit's future stays small.
     let fetch = fetch_for(state, &key, client, log, LookupMode::Page);
-    let mut filled = Box::pin(cache.fill(&key, fetch)).await;
-    if inherited_shed(&filled, client) {
-        let fetch = fetch_for(state, &key, client, log, LookupMode::Page);
-        filled = Box::pin(cache.fill(&key, fetch)).await;
-    }
-    let (result, fetched) = filled;
+    let (result, fetched) = Box::pin(cache.fill(&key, &client.name.0, fetch)).await;
     let status = if fetched {
         CacheStatus::MissStored
     } else {
@@ -233,12 +228,7 @@ async fn refresh(
     log: &mut RequestLog,
 ) -> Result<Response<Body>, Error> {
     let fetch = fetch_for(state, &key, client, log, LookupMode::Lock);
-    let mut refreshed = state.cache.refresh(&key, fetch).await;
-    if inherited_shed(&refreshed, client) {
-        let fetch = fetch_for(state, &key, client, log, LookupMode::Lock);
-        refreshed = state.cache.refresh(&key, fetch).await;
-    }
-    let (result, fetched) = refreshed;
+    let (result, fetched) = state.cache.refresh(&key, &client.name.0, fetch).await;
     log.cache_status = Some(match (fetched, &result) {
         (true, Ok(_)) => CacheStatus::RefreshStored,
         (true, Err(_)) => CacheStatus::Refresh,
@@ -274,13 +264,21 @@ async fn unleased(
             }
         }
     }
-    let fetch = unleased_fetch(state, &key, client, log, degraded_ttl);
-    let mut refreshed = state.cache.refresh(&key, fetch).await;
-    if inherited_shed(&refreshed, client) {
-        let fetch = unleased_fetch(state, &key, client, log, degraded_ttl);
-        refreshed = state.cache.refresh(&key, fetch).await;
-    }
-    let (result, fetched) = refreshed;
+    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
+    let fetch = fetch_upstream(state, &key, Some(&client.name), request_id, upstream_status);
+    // Passed through, not stored: without a lease nothing tells this replica of a write under
+    // way elsewhere, whose end may never reach it (the writer can lose Redis too), so a page
+    // fetched now could not be vouched for once the lease is back. Kept only where the
+    // operator chose pages up to `degraded_ttl` old.
+    let fetch = async {
+        let fetched = fetch.await;
+        if degraded_ttl.is_zero() {
+            unstored(fetched)
+        } else {
+            fetched
+        }
+    };
+    let (result, fetched) = state.cache.refresh(&key, &client.name.0, fetch).await;
     log.cache_status = Some(if fetched {
         CacheStatus::NoLease
     } else {
@@ -288,36 +286,6 @@ async fn unleased(
         CacheStatus::NoLeaseCollapsed
     });
     passed_on(result)
-}
-
-/// An unleased read's fetch: passed through, not stored. Without a lease nothing tells this
-/// replica of a write under way elsewhere, whose end may never reach it (the writer can lose
-/// Redis too), so a page fetched now could not be vouched for once the lease is back. Kept
-/// only where the operator chose pages up to `degraded_ttl` old.
-async fn unleased_fetch(
-    state: &AppState,
-    key: &PageKey,
-    client: &Client,
-    log: &mut RequestLog,
-    degraded_ttl: Duration,
-) -> Fetched {
-    let (request_id, upstream_status) = (&log.request_id, &mut log.upstream_status);
-    let fetched = fetch_upstream(state, key, Some(&client.name), request_id, upstream_status).await;
-    if degraded_ttl.is_zero() {
-        unstored(fetched)
-    } else {
-        fetched
-    }
-}
-
-/// A read that waited for another client's fetch, which that client's own upstream limit shed
-/// (`max_concurrency_per_client`), asks again: it leads a fetch in its own client's slots, or
-/// joins one under way. Once only, so a read is not held up by a chain of such clients.
-fn inherited_shed((outcome, fetched): &(FillOutcome, bool), client: &Client) -> bool {
-    let Err(failure) = outcome else {
-        return false;
-    };
-    matches!(&**failure, FillError::ClientShed { client: by, .. } if !fetched && **by != *client.name.0)
 }
 
 /// A refresh's outcome as the read's answer: the page, an upstream answer passed through, or

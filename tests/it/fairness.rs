@@ -1,7 +1,8 @@
 //! SPEC "Hygiene rules": one client cannot take all upstream capacity. Each client holds at
 //! most `upstream.max_concurrency_per_client` upstream slots, and concurrent `no-cache` reads
 //! of one key share one upstream fetch that started after they arrived. A client's shed is its
-//! own: another client's read that waited on its fetch fetches again in its own slots.
+//! own: another client's read that waited on its fetch fetches again (here in its own slots;
+//! the flood case, where the shed client leads the next fetch too, is in `cache`'s tests).
 //! Upstream replies are held at the mock to park requests; nothing here waits on a timer but
 //! the shed reads' `queue_timeout_ms`.
 
@@ -169,9 +170,13 @@ async fn a_client_holding_its_share_of_upstream_slots_is_shed_and_others_are_not
 /// waiting fetch whatever the machine's load; the parked reads outlast the test.
 fn long_waits(c: &mut String) {
     two_slots_per_client(c);
-    *c = c
-        .replace("queue_timeout_ms = 200", "queue_timeout_ms = 2000")
-        .replace("request_timeout_ms = 3000", "request_timeout_ms = 20000");
+    for (from, to) in [
+        ("queue_timeout_ms = 200", "queue_timeout_ms = 2000"),
+        ("request_timeout_ms = 3000", "request_timeout_ms = 20000"),
+    ] {
+        assert!(c.contains(from), "the base config sets {from}");
+        *c = c.replace(from, to);
+    }
 }
 
 #[tokio::test]
@@ -230,6 +235,11 @@ async fn a_read_collapsed_into_a_shed_clients_fetch_fetches_in_its_own_clients_s
     assert_eq!(joined.status, 200, "{:?}", joined.body);
     assert_eq!(joined.cache_status(), "permgate; fwd=miss; stored");
     assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
+    let metrics = gw.state.render_metrics().await;
+    assert!(
+        metrics.contains("permgate_shed_total{reason=\"client_concurrency\"} 1"),
+        "one fetch shed, shared by the reader's two reads: {metrics}"
+    );
     for h in held {
         h.release();
     }
@@ -268,7 +278,8 @@ async fn a_no_cache_read_waiting_on_a_shed_clients_refresh_refreshes_in_its_own_
         })
     };
     // The reader's first refresh runs (waiting for a slot of its own); its second waits to
-    // run next, and the writer's read joins that one.
+    // run next, and the writer's read joins that one. Both of the reader's are shed, one
+    // after the other (about 4 s).
     let first = read(READER);
     eventually("the reader's refresh runs", || async {
         gw.state.cache.refresh_running(&key)
@@ -289,11 +300,17 @@ async fn a_no_cache_read_waiting_on_a_shed_clients_refresh_refreshes_in_its_own_
     for shed in [first, second] {
         let shed = shed.await.unwrap();
         assert_eq!(shed.status, 503, "{:?}", shed.body);
+        assert_eq!(shed.error().0, "unavailable");
     }
     let joined = joined.await.unwrap();
     assert_eq!(joined.status, 200, "{:?}", joined.body);
     assert_eq!(joined.cache_status(), "permgate; fwd=request; stored");
     assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
+    let metrics = gw.state.render_metrics().await;
+    assert!(
+        metrics.contains("permgate_shed_total{reason=\"client_concurrency\"} 2"),
+        "{metrics}"
+    );
     for h in held {
         h.release();
     }
