@@ -320,6 +320,7 @@ fn full_hit(c: &mut Criterion) {
             },
             stopped,
             Limits::local(Duration::from_secs(1)),
+            None,
         ));
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

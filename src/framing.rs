@@ -31,8 +31,9 @@
 //! `Content-Length` that is not one decimal number (400), heads over its buffer (431). The
 //! guard passes such a head and then no further byte. HTTP/2 (the connection preface) passes
 //! untouched: it has no such framing, and h2 refuses `transfer-encoding` in a request.
-//! Refusals are logged (`request_id`, `reason`); they are not in the access log or metrics,
-//! which belong to requests, and this never became one.
+//! Refusals are logged (`request_id`, `reason`) and counted in
+//! `permgate_framing_refusals_total{reason}`; they are not in the access log or the request
+//! metrics, which belong to requests, and this never became one.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -40,6 +41,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -50,6 +52,7 @@ use tracing::{debug, info};
 
 use crate::error::Error;
 use crate::head_timer::HeadTimer;
+use crate::metrics::Metrics;
 use crate::observability;
 
 /// How long a refused connection keeps reading (and discarding) after its 400, so that bytes
@@ -67,7 +70,6 @@ const PARAM: &str = "transfer-encoding";
 
 /// A connection's byte stream with HTTP/1 request framing checked on the way in. See the
 /// module documentation.
-#[derive(Debug)]
 pub struct FramingGuard<IO> {
     io: IO,
     scanner: Scanner,
@@ -76,6 +78,8 @@ pub struct FramingGuard<IO> {
     state: State,
     /// The reader, while a refusal waits for the earlier requests' answers to be written.
     waiting: Option<Waker>,
+    /// Where refusals are counted (`permgate_framing_refusals_total`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Debug)]
@@ -102,13 +106,20 @@ impl<IO> FramingGuard<IO> {
     /// `max_head`: hyper's HTTP/1 read buffer limit (`max_buf_size`). A head still incomplete
     /// at that size is passed on for hyper to answer 431, and nothing after it.
     /// `header_read_timeout`: how long a head awaited may take (see [`HeadTimer`]).
-    pub fn new(io: IO, max_head: usize, header_read_timeout: Duration) -> FramingGuard<IO> {
+    /// `metrics`: where refusals are counted, if anywhere.
+    pub fn new(
+        io: IO,
+        max_head: usize,
+        header_read_timeout: Duration,
+        metrics: Option<Arc<Metrics>>,
+    ) -> FramingGuard<IO> {
         FramingGuard {
             io,
             scanner: Scanner::new(max_head),
             head_timer: HeadTimer::new(header_read_timeout),
             state: State::Open,
             waiting: None,
+            metrics,
         }
     }
 
@@ -153,6 +164,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
                     reason = refusal.reason(),
                     "request refused for ambiguous framing; closing the connection"
                 );
+                if let Some(metrics) = &self.metrics {
+                    metrics.framing_refused(refusal.label());
+                }
                 self.state = State::Refusing { refusal, id };
                 deliver
             }
@@ -400,6 +414,16 @@ impl Refusal {
             Refusal::LengthAndEncoding => "content-length with transfer-encoding",
             Refusal::NotExactlyChunked => "transfer-encoding not exactly chunked",
             Refusal::EncodingOnHttp10 => "transfer-encoding on HTTP/1.0",
+        }
+    }
+
+    /// The `reason` label of `permgate_framing_refusals_total` (one of
+    /// [`metrics::FRAMING_REFUSALS`](crate::metrics::FRAMING_REFUSALS)).
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::LengthAndEncoding => "length_and_encoding",
+            Refusal::NotExactlyChunked => "not_exactly_chunked",
+            Refusal::EncodingOnHttp10 => "encoding_on_http10",
         }
     }
 }
@@ -1119,6 +1143,17 @@ mod tests {
                 head_parsed.framing
             }
             other => panic!("{head:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_refusal_is_counted_under_a_reason_exposed_from_the_start() {
+        for refusal in [
+            Refusal::LengthAndEncoding,
+            Refusal::NotExactlyChunked,
+            Refusal::EncodingOnHttp10,
+        ] {
+            assert!(crate::metrics::FRAMING_REFUSALS.contains(&refusal.label()));
         }
     }
 

@@ -171,6 +171,13 @@ impl Shed {
     }
 }
 
+/// The `reason`s of `permgate_framing_refusals_total`, each exposed from the start (at 0).
+pub const FRAMING_REFUSALS: [&str; 3] = [
+    "length_and_encoding",
+    "not_exactly_chunked",
+    "encoding_on_http10",
+];
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -187,6 +194,7 @@ pub struct Metrics {
     cache_bytes: Gauge,
     rate_limited: Family<ClientOnly, Counter>,
     shed: Family<Reason, Counter>,
+    framing_refusals: Family<Reason, Counter>,
     circuit_open: Gauge,
     in_flight: Gauge,
     key_reloads: Family<Outcome, Counter>,
@@ -387,6 +395,10 @@ const RATE_LIMITED: Desc = (
     "permgate_rate_limited",
     "Requests refused with 429 by a client's rate limit",
 );
+const FRAMING_REFUSALS_DESC: Desc = (
+    "permgate_framing_refusals",
+    "Request heads the framing guard refused (400, connection closed) before hyper parsed them: ambiguous length or a Transfer-Encoding other than exactly chunked",
+);
 const SHED: Desc = (
     "permgate_shed",
     "Requests answered 503 without calling upstream (queue full, client over its share, circuit open)",
@@ -503,6 +515,7 @@ impl Metrics {
             cache_bytes: register(r, CACHE_BYTES, Gauge::default()),
             rate_limited: register(r, RATE_LIMITED, Family::default()),
             shed: register(r, SHED, Family::default()),
+            framing_refusals: register(r, FRAMING_REFUSALS_DESC, Family::default()),
             circuit_open: register(r, CIRCUIT_STATE, Gauge::default()),
             in_flight: register(r, IN_FLIGHT, Gauge::default()),
             key_reloads: register(r, KEY_RELOADS, Family::default()),
@@ -534,6 +547,9 @@ impl Metrics {
             drop(m.shed.get_or_create(&Reason {
                 reason: why.reason(),
             }));
+        }
+        for reason in FRAMING_REFUSALS {
+            drop(m.framing_refusals.get_or_create(&Reason { reason }));
         }
         Metrics { registry, ..m }
     }
@@ -592,6 +608,13 @@ impl Metrics {
             .get_or_create(&ClientOnly {
                 client: client.clone(),
             })
+            .inc();
+    }
+
+    /// A request head the framing guard refused; `reason` is one of [`FRAMING_REFUSALS`].
+    pub fn framing_refused(&self, reason: &'static str) {
+        self.framing_refusals
+            .get_or_create(&Reason { reason })
             .inc();
     }
 

@@ -317,7 +317,7 @@ impl MockUpstream {
             let mock = self.clone();
             async move { mock.handle(req).await }
         };
-        crate::server::serve_http(listener, handler, stop, limits).await;
+        crate::server::serve_http(listener, handler, stop, limits, None).await;
     }
 
     /// Serves one request (any body type, so tests can run it over TLS too).

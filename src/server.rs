@@ -60,6 +60,7 @@ use tracing::{debug, info, warn};
 use crate::admin;
 use crate::config::ServerConfig;
 use crate::framing::FramingGuard;
+use crate::metrics::Metrics;
 use crate::proxy;
 use crate::state::AppState;
 use crate::tls::{self, PeerIdentity};
@@ -132,6 +133,7 @@ pub async fn serve_with_tls(
         move |req| proxy::handle(data_state.clone(), req),
         data_stopped,
         limits,
+        Some(state.metrics.clone()),
     ));
     let admin_loop = admin.map(|listener| {
         let admin_state = state.clone();
@@ -140,6 +142,7 @@ pub async fn serve_with_tls(
             move |req| admin::handle(admin_state.clone(), req),
             admin_stopped,
             limits,
+            Some(state.metrics.clone()),
         ))
     });
     // moka defers expiry bookkeeping to the next access; doing it every second keeps a burst
@@ -186,24 +189,26 @@ pub async fn serve_http<H, F, B>(
     handler: H,
     stop: watch::Receiver<bool>,
     limits: Limits,
+    metrics: Option<Arc<Metrics>>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_listener(listener, None, handler, stop, limits).await;
+    serve_listener(listener, None, handler, stop, limits, metrics).await;
 }
 
 /// One accept loop, over TLS when `tls` is set: serves `handler` on every connection until
 /// `stop` turns true, then gives open connections `limits.drain_timeout` to finish their
-/// requests and drops the rest.
+/// requests and drops the rest. `metrics`, when given, counts the framing guard's refusals.
 pub async fn serve_listener<H, F, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
     mut stop: watch::Receiver<bool>,
     limits: Limits,
+    metrics: Option<Arc<Metrics>>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
@@ -218,6 +223,7 @@ pub async fn serve_listener<H, F, B>(
         drain: watch::channel(()).0,
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
+        metrics,
     };
     server.run(&mut stop).await;
     let Listener {
@@ -267,6 +273,8 @@ struct Listener<H> {
     /// One permit per open connection (`max_connections` in all).
     connections: Arc<Semaphore>,
     limits: Limits,
+    /// Where the framing guard counts its refusals (none for local tools).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<H, F, B> Listener<H>
@@ -319,6 +327,7 @@ where
         let builder = self.builder.clone();
         let mut drain = self.drain.subscribe();
         let limits = self.limits;
+        let metrics = self.metrics.clone();
         // As `connection_builder`'s buffer: a larger head is hyper's 431, not the guard's.
         let head_limit = limits.max_header_bytes.max(8192);
         tokio::spawn(async move {
@@ -330,6 +339,7 @@ where
                         stream,
                         head_limit,
                         limits.header_read_timeout,
+                        metrics,
                     ));
                     serve_io(&builder, io, handler, None, watched, peer).await;
                 }
@@ -346,6 +356,7 @@ where
                         stream,
                         head_limit,
                         limits.header_read_timeout,
+                        metrics,
                     ));
                     serve_io(&builder, io, handler, identity, watched, peer).await;
                 }

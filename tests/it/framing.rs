@@ -135,6 +135,22 @@ async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
     let r = gw.client.post(&list_path(CP), WRITER, BODY).await;
     assert_eq!(r.status, 200);
     assert_eq!(gw.mock.count(&Method::POST), 1);
+    assert_refusals(&gw, [4, 0, 0]).await;
+}
+
+/// `permgate_framing_refusals_total` by reason: length and encoding, not exactly chunked,
+/// encoding on HTTP/1.0.
+async fn assert_refusals(gw: &Gateway, counts: [u32; 3]) {
+    let metrics = gw.state.render_metrics().await;
+    let reasons = [
+        "length_and_encoding",
+        "not_exactly_chunked",
+        "encoding_on_http10",
+    ];
+    for (reason, count) in reasons.into_iter().zip(counts) {
+        let line = format!("permgate_framing_refusals_total{{reason=\"{reason}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]
@@ -168,6 +184,7 @@ async fn transfer_encodings_other_than_exactly_chunked_are_refused() {
     }
     let http10 = post_head("Transfer-Encoding: chunked\r\n").replacen("HTTP/1.1", "HTTP/1.0", 1);
     assert_refused(&gw, "chunked on HTTP/1.0", format!("{http10}{body}")).await;
+    assert_refusals(&gw, [0, 8, 1]).await;
 }
 
 #[tokio::test]

@@ -672,6 +672,7 @@ async fn identity_echo(tls: &ServerTls) -> (SocketAddr, watch::Sender<bool>) {
         handler,
         stopped,
         limits,
+        None,
     ));
     (addr, stop)
 }
