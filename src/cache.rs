@@ -11,7 +11,8 @@
 //! - **permgate decides freshness** from `stored_at` and an injectable [`Clock`]; moka's
 //!   expiry (a 200: fresh + stale windows, a 404: `negative_ttl`) only bounds memory.
 //! - **Only what may be stored is stored**: a fill that must not be cached returns `Err`, and
-//!   the fill map hands the same `Err` to every coalesced waiter.
+//!   the fill map hands the same `Err` to every coalesced waiter (but a client's own shed to
+//!   that client's waiters only: see [`Sheds`]).
 //! - **A stale page stays in place while it is refetched**: concurrent fills are coalesced in a
 //!   separate map of fills in flight (`fills`), not by removing the page, so when upstream
 //!   fails every waiter can still answer with the stale page inside `stale_if_error`.
@@ -239,14 +240,38 @@ pub enum FillError {
     },
 }
 
-impl FillError {
-    /// The client whose own limit refused the fetch, when it is not `reader`: a read of
-    /// `reader` that waited on that fetch fetches for itself instead of taking the 503.
-    fn shed_other_than(&self, reader: &str) -> Option<&Arc<str>> {
-        match self {
-            FillError::ClientShed { client, .. } if **client != *reader => Some(client),
-            _ => None,
+/// What one read learnt from the fills it waited on that ended in another client's own shed
+/// ([`FillError::ClientShed`]). That 503 is its client's, not the page's: the shed client's
+/// reads take it, and a read of another client goes on. It does not join a fill led by a
+/// client that was shed under it, nor any after two such sheds: it takes the fill over (its
+/// fill replaces that one at the key, so the reads that come after join it, and the replaced
+/// fill carries on for those already waiting on it). So a read waits on at most two shed
+/// fills, one client's flood never refuses another client's reads, and reads still share one
+/// fetch.
+#[derive(Default)]
+struct Sheds {
+    /// The clients whose shed this read inherited.
+    by: Vec<Arc<str>>,
+}
+
+impl Sheds {
+    /// Whether this read may wait on a fill led by `leader`.
+    fn may_join(&self, leader: &Arc<str>) -> bool {
+        self.by.len() < 2 && !self.by.contains(leader)
+    }
+
+    /// The waited-on fill's outcome as this read's answer, or `None` to go on: its leader was
+    /// cancelled, or it ended in another client's own shed (noted).
+    fn outcome(&mut self, reader: &str, outcome: Option<FillOutcome>) -> Option<FillOutcome> {
+        if let Some(Err(failure)) = &outcome {
+            if let FillError::ClientShed { client, .. } = &**failure {
+                if **client != *reader {
+                    self.by.push(client.clone());
+                    return None;
+                }
+            }
         }
+        outcome
     }
 }
 
@@ -284,6 +309,8 @@ struct Fill {
     done: Notify,
     /// The client whose read leads it (whose upstream slots its fetch takes).
     led_by: Arc<str>,
+    /// A refresh's ticket from when it started running (see [`PageCache::refresh`]).
+    started: AtomicU64,
 }
 
 impl Fill {
@@ -292,7 +319,14 @@ impl Fill {
             outcome: OnceLock::new(),
             done: Notify::new(),
             led_by: reader.clone(),
+            started: AtomicU64::new(0),
         })
+    }
+
+    /// Marks a refresh as running from now, with the next ticket.
+    fn start(&self, tickets: &AtomicU64) {
+        let ticket = tickets.fetch_add(1, Ordering::Relaxed);
+        self.started.store(ticket, Ordering::Relaxed);
     }
 
     /// The outcome once the fill is done; `done` must have been made while the fill was still
@@ -359,11 +393,12 @@ struct Refreshing<'a> {
 impl Refreshing<'_> {
     /// The running refresh has ended: this one is the key's running refresh from now on, and
     /// no later read joins it.
-    fn start(&self) {
+    fn start(&self, tickets: &AtomicU64) {
         let mut refreshes = self
             .refreshes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.fill.start(tickets);
         if let Some(slot) = refreshes.get_mut(self.key) {
             if slot
                 .next
@@ -412,6 +447,9 @@ pub struct PageCache {
     fills: Mutex<HashMap<PageKey, Arc<Fill>, ByKeyHash>>,
     /// `no-cache` refreshes in flight, bounded the same way.
     refreshes: RefreshMap,
+    /// Orders refresh reads' arrivals and refreshes' starts: a read may join a running refresh
+    /// whose ticket is later than its own.
+    refresh_tickets: AtomicU64,
     generations: Arc<[AtomicU64]>,
     /// When dead pages were last swept (see [`PageCache::sweep_dead_pages`]).
     last_sweep: Mutex<Option<Instant>>,
@@ -459,6 +497,7 @@ impl PageCache {
             pages,
             fills: Mutex::default(),
             refreshes: Mutex::default(),
+            refresh_tickets: AtomicU64::new(1),
             generations: (0..GENERATION_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             last_sweep: Mutex::default(),
             unswept: AtomicBool::new(false),
@@ -617,35 +656,38 @@ impl PageCache {
     /// caller whose `fetch` ran (false: collapsed into another caller's fill, or found what it
     /// had just stored). If the caller running `fetch` is cancelled, a waiter takes over.
     ///
-    /// `reader` is the caller's client. A fill that ends in its leader's client's own shed
-    /// ([`FillError::ClientShed`]) hands that 503 to that client's reads only: a read of
-    /// another client then leads the next fill, joins one led by a third client, or, when the
-    /// next fill is led by the shed client again, fetches without joining it. So one client's
-    /// flood never refuses another's reads, and a read waits on a shed fill at most once.
+    /// `reader` is the caller's client: see [`Sheds`] for what a read does when the fill it
+    /// waited on ends in another client's own shed.
     pub async fn fill<F>(&self, key: &PageKey, reader: &Arc<str>, fetch: F) -> (FillOutcome, bool)
     where
         F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
     {
-        // The client whose shed this read inherited: it does not wait on that client again.
-        let mut shed_by: Option<Arc<str>> = None;
+        let mut sheds = Sheds::default();
         let leading = loop {
             let fill;
             let done;
             {
                 let mut fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
                 match fills.entry(key.clone()) {
-                    Entry::Occupied(entry) if shed_by.as_ref() == Some(&entry.get().led_by) => {
-                        break None;
+                    Entry::Occupied(entry) if sheds.may_join(&entry.get().led_by) => {
+                        fill = entry.get().clone();
                     }
-                    Entry::Occupied(entry) => fill = entry.get().clone(),
-                    Entry::Vacant(entry) => {
+                    entry => {
+                        // Vacant, or taken over: a shed client's fill keeps its own waiters
+                        // (they hold it), and its leader, finding another fill at the key,
+                        // leaves it there.
                         let fill = Fill::led_by(reader);
-                        entry.insert(fill.clone());
-                        break Some(Leading {
+                        match entry {
+                            Entry::Occupied(entry) => *entry.into_mut() = fill.clone(),
+                            Entry::Vacant(entry) => {
+                                entry.insert(fill.clone());
+                            }
+                        }
+                        break Leading {
                             fills: &self.fills,
                             key,
                             fill,
-                        });
+                        };
                     }
                 }
                 // Made while the entry is still in the map: its leader removes it under this
@@ -653,28 +695,21 @@ impl PageCache {
                 // from a leader cancelled without an outcome.
                 done = fill.done.notified();
             }
-            match fill.outcome_after(done).await {
-                Some(Err(failure)) if shed_by.is_none() => match failure.shed_other_than(reader) {
-                    Some(client) => shed_by = Some(client.clone()),
-                    None => return (Err(failure), false),
-                },
+            match sheds.outcome(reader, fill.outcome_after(done).await) {
                 Some(outcome) => return (outcome, false),
-                // No outcome: the leader was cancelled; try to lead.
+                // No outcome for this read: its leader was cancelled, or shed for its own
+                // client; lead, join or take over the next fill.
                 None => continue,
             }
         };
         if let Some(page) = self.pages.get(key).await {
             if self.freshness(&page) == Freshness::Fresh {
-                if let Some(leading) = leading {
-                    leading.publish(Ok(page.clone()));
-                }
+                leading.publish(Ok(page.clone()));
                 return (Ok(page), false);
             }
         }
         let outcome = self.fetch_and_store(key, fetch).await;
-        if let Some(leading) = leading {
-            leading.publish(outcome.clone());
-        }
+        leading.publish(outcome.clone());
         (outcome, true)
     }
 
@@ -682,9 +717,9 @@ impl PageCache {
     /// refreshes of one key share one fetch that started after each of them arrived: a read
     /// never joins a fetch already under way; it joins (or leads) the next one, which starts
     /// when the running one ends. So a key has at most one refresh fetching and one waiting,
-    /// however many reads arrive. The bool is true for the caller whose `fetch` ran. If that
-    /// caller is cancelled, a waiter takes over. `reader` and another client's shed: as in
-    /// [`PageCache::fill`].
+    /// however many reads arrive, but while a read takes over from a shed client (see
+    /// [`Sheds`]) that client's refresh may still be fetching beside it. The bool is true for
+    /// the caller whose `fetch` ran. If that caller is cancelled, a waiter takes over.
     pub async fn refresh<F>(
         &self,
         key: &PageKey,
@@ -694,9 +729,9 @@ impl PageCache {
     where
         F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
     {
-        // As in `fill`: a read that inherited another client's shed does not wait on that
-        // client's refresh again.
-        let mut shed_by: Option<Arc<str>> = None;
+        // A refresh that starts running after this ticket fetches after this read arrived.
+        let arrived = self.refresh_tickets.fetch_add(1, Ordering::Relaxed);
+        let mut sheds = Sheds::default();
         let leading = loop {
             // The fill to wait for: the one to join, or the running one this leader follows.
             let wait_on;
@@ -708,13 +743,22 @@ impl PageCache {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 let slot = refreshes.entry(key.clone()).or_default();
-                if let Some(next) = &slot.next {
-                    if shed_by.as_ref() == Some(&next.led_by) {
-                        break None;
-                    }
-                    wait_on = next.clone();
+                // A running refresh only if it started after this read arrived (the read came
+                // back from a refresh that was cancelled or shed on it).
+                let running = slot.running.clone().filter(|running| {
+                    running.started.load(Ordering::Relaxed) > arrived
+                        && sheds.may_join(&running.led_by)
+                });
+                let next = slot
+                    .next
+                    .clone()
+                    .filter(|next| sheds.may_join(&next.led_by));
+                if let Some(joined) = running.or(next) {
+                    wait_on = joined;
                     follows = None;
                 } else if let Some(running) = slot.running.clone() {
+                    // The next refresh, this read's: a new one, or one taking over from a shed
+                    // client's (whose leader and waiters hold it and carry on).
                     let fill = Fill::led_by(reader);
                     slot.next = Some(fill.clone());
                     wait_on = running;
@@ -724,36 +768,35 @@ impl PageCache {
                         fill,
                     });
                 } else {
+                    // Nothing running. A next refresh here is a shed client's, yet to start:
+                    // it is left to start beside this one.
                     let fill = Fill::led_by(reader);
+                    fill.start(&self.refresh_tickets);
                     slot.running = Some(fill.clone());
-                    break Some(Refreshing {
+                    slot.next = None;
+                    break Refreshing {
                         refreshes: &self.refreshes,
                         key,
                         fill,
-                    });
+                    };
                 }
                 // Made under the lock, as in `fill`: the wake-up cannot be missed.
                 done = wait_on.done.notified();
             }
             let outcome = wait_on.outcome_after(done).await;
             if let Some(leading) = follows {
-                leading.start();
-                break Some(leading);
+                leading.start(&self.refresh_tickets);
+                break leading;
             }
-            match outcome {
-                Some(Err(failure)) if shed_by.is_none() => match failure.shed_other_than(reader) {
-                    Some(client) => shed_by = Some(client.clone()),
-                    None => return (Err(failure), false),
-                },
+            match sheds.outcome(reader, outcome) {
                 Some(outcome) => return (outcome, false),
-                // Its leader was cancelled; join or lead another (it starts after this read).
+                // Cancelled, or another client's shed: join, lead or take over another (it
+                // starts after this read).
                 None => continue,
             }
         };
         let outcome = self.fetch_and_store(key, fetch).await;
-        if let Some(leading) = leading {
-            leading.publish(outcome.clone());
-        }
+        leading.publish(outcome.clone());
         (outcome, true)
     }
 
@@ -843,7 +886,7 @@ mod tests {
 
     /// The client of the reads in these tests.
     fn reader() -> Arc<str> {
-        Arc::from("reader")
+        Arc::from("reads")
     }
 
     fn config() -> CacheConfig {
@@ -987,19 +1030,19 @@ mod tests {
     async fn another_clients_read_never_waits_twice_on_a_shed_client() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flooder"), Arc::from("other"));
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let fetch = async {
             let _ = released.await;
-            shed_by("flooder")
+            shed_by("flood")
         };
         let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
-        assert!(waits(&mut first), "the flooder's read leads");
+        assert!(waits(&mut first), "the flooder read leads");
         let mut own = Box::pin(cache.fill(&key, &flooder, async { Fill::Err(uncacheable()) }));
         assert!(waits(&mut own), "its second read waits on it");
         let page = cache.page(StatusCode::OK, b"mine").unwrap();
         let mut read = Box::pin(cache.fill(&key, &other, async { Fill::Ok(page) }));
-        assert!(waits(&mut read), "so does another client's read");
+        assert!(waits(&mut read), "so does another client read");
         release.send(()).unwrap();
         let (outcome, fetched) = first.await;
         assert!(fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }));
@@ -1007,18 +1050,18 @@ mod tests {
         let (_hold, held) = tokio::sync::oneshot::channel::<()>();
         let fetch = async {
             let _ = held.await;
-            shed_by("flooder")
+            shed_by("flood")
         };
         let mut next = Box::pin(cache.fill(&key, &flooder, fetch));
         assert!(waits(&mut next));
         let (outcome, fetched) = own.await;
         assert!(
             !fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }),
-            "the flooder's own reads share its 503"
+            "the flooder own reads share its 503"
         );
         let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
             .await
-            .expect("the other read does not wait on the flooder's next fill");
+            .expect("the other read does not wait on the flooder next fill");
         assert!(fetched, "it fetched for itself");
         assert_eq!(&outcome.unwrap().body[..], b"mine");
     }
@@ -1027,38 +1070,212 @@ mod tests {
     async fn another_clients_no_cache_read_never_waits_twice_on_a_shed_client() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flooder"), Arc::from("other"));
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
         let (release_running, running) = tokio::sync::oneshot::channel::<()>();
         let (release_next, next) = tokio::sync::oneshot::channel::<()>();
         let mut first = Box::pin(cache.refresh(&key, &flooder, async {
             let _ = running.await;
-            shed_by("flooder")
+            shed_by("flood")
         }));
-        assert!(waits(&mut first), "the flooder's refresh runs");
+        assert!(waits(&mut first), "the flooder refresh runs");
         let mut second = Box::pin(cache.refresh(&key, &flooder, async {
             let _ = next.await;
-            shed_by("flooder")
+            shed_by("flood")
         }));
         assert!(waits(&mut second), "its second waits to run next");
         let page = cache.page(StatusCode::OK, b"mine").unwrap();
         let mut read = Box::pin(cache.refresh(&key, &other, async { Fill::Ok(page) }));
-        assert!(waits(&mut read), "another client's read joins the next one");
+        assert!(waits(&mut read), "another client read joins the next one");
         release_running.send(()).unwrap();
         assert!(first.await.0.is_err());
         assert!(waits(&mut second), "the next refresh runs");
         let (_hold, held) = tokio::sync::oneshot::channel::<()>();
         let mut third = Box::pin(cache.refresh(&key, &flooder, async {
             let _ = held.await;
-            shed_by("flooder")
+            shed_by("flood")
         }));
-        assert!(waits(&mut third), "the flooder's third waits to run next");
+        assert!(waits(&mut third), "the flooder third waits to run next");
         release_next.send(()).unwrap();
         assert!(second.await.0.is_err());
         let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
             .await
-            .expect("the other read does not wait on the flooder's third refresh");
+            .expect("the other read does not wait on the flooder third refresh");
         assert!(fetched, "it fetched for itself");
         assert_eq!(&outcome.unwrap().body[..], b"mine");
+    }
+
+    /// A fetch that counts itself and answers `page` once `go` turns true.
+    fn held_fetch(
+        count: &Arc<AtomicU64>,
+        go: &tokio::sync::watch::Receiver<bool>,
+        page: &Arc<Page>,
+    ) -> impl std::future::Future<Output = Fill> {
+        let (count, mut go, page) = (count.clone(), go.clone(), page.clone());
+        async move {
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = go.wait_for(|go| *go).await;
+            Fill::Ok(page)
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_taking_over_from_a_shed_client_still_share_one_fetch() {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let mut first = Box::pin(cache.fill(&key, &flooder, async {
+            let _ = released.await;
+            shed_by("flood")
+        }));
+        assert!(waits(&mut first));
+        let page = cache.page(StatusCode::OK, b"shared").unwrap();
+        let fetches = Arc::new(AtomicU64::new(0));
+        let (go, going) = tokio::sync::watch::channel(false);
+        let mut reads: Vec<_> = (0..3)
+            .map(|_| Box::pin(cache.fill(&key, &other, held_fetch(&fetches, &going, &page))))
+            .collect();
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(cache.fill_waiters(&key), Some(3));
+        release.send(()).unwrap();
+        assert!(first.await.0.is_err());
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        let mut next = Box::pin(cache.fill(&key, &flooder, async {
+            let _ = held.await;
+            shed_by("flood")
+        }));
+        assert!(waits(&mut next), "the flooder leads its next fill");
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(
+            cache.fill_waiters(&key),
+            Some(2),
+            "one read took the fill over, the two others wait on it"
+        );
+        go.send(true).unwrap();
+        let mut fetched = 0;
+        for read in reads {
+            let (outcome, ran) = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .expect("no read waits on the flooder next fill");
+            assert_eq!(&outcome.unwrap().body[..], b"shared");
+            fetched += usize::from(ran);
+        }
+        assert_eq!(
+            (fetched, fetches.load(Ordering::SeqCst)),
+            (1, 1),
+            "one fetch"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_shed_on_by_two_clients_takes_the_next_fill_over() {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let [x, z, y, w]: [Arc<str>; 4] = ["x", "z", "y", "w"].map(Arc::from);
+        let (release_x, x_released) = tokio::sync::oneshot::channel::<()>();
+        let mut by_x = Box::pin(cache.fill(&key, &x, async {
+            let _ = x_released.await;
+            shed_by("x")
+        }));
+        assert!(waits(&mut by_x));
+        let page = cache.page(StatusCode::OK, b"mine").unwrap();
+        let mut read = Box::pin(cache.fill(&key, &y, async { Fill::Ok(page) }));
+        assert!(waits(&mut read));
+        release_x.send(()).unwrap();
+        assert!(by_x.await.0.is_err());
+        // Another client leads the next fill; the read joins it, and it is shed too.
+        let (release_z, z_released) = tokio::sync::oneshot::channel::<()>();
+        let mut by_z = Box::pin(cache.fill(&key, &z, async {
+            let _ = z_released.await;
+            shed_by("z")
+        }));
+        assert!(waits(&mut by_z));
+        assert!(waits(&mut read));
+        assert_eq!(
+            cache.fill_waiters(&key),
+            Some(1),
+            "the read waits on z fill"
+        );
+        release_z.send(()).unwrap();
+        assert!(by_z.await.0.is_err());
+        // A third client leads the next: the read, shed on twice, takes it over.
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        let mut by_w = Box::pin(cache.fill(&key, &w, async {
+            let _ = held.await;
+            Fill::Err(uncacheable())
+        }));
+        assert!(waits(&mut by_w));
+        let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("the read does not wait a third time");
+        assert!(fetched);
+        assert_eq!(&outcome.unwrap().body[..], b"mine");
+    }
+
+    #[tokio::test]
+    async fn no_cache_reads_taking_over_from_a_shed_client_still_share_one_fetch() {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (release_running, running) = tokio::sync::oneshot::channel::<()>();
+        let mut first = Box::pin(cache.refresh(&key, &flooder, async {
+            let _ = running.await;
+            shed_by("flood")
+        }));
+        assert!(waits(&mut first), "the flooder refresh runs");
+        let (release_next, next) = tokio::sync::oneshot::channel::<()>();
+        let mut second = Box::pin(cache.refresh(&key, &flooder, async {
+            let _ = next.await;
+            shed_by("flood")
+        }));
+        assert!(waits(&mut second), "its next waits");
+        let page = cache.page(StatusCode::OK, b"shared").unwrap();
+        let fetches = Arc::new(AtomicU64::new(0));
+        let (go, going) = tokio::sync::watch::channel(false);
+        let mut reads: Vec<_> = (0..3)
+            .map(|_| Box::pin(cache.refresh(&key, &other, held_fetch(&fetches, &going, &page))))
+            .collect();
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(
+            cache.refresh_waiters(&key),
+            4,
+            "the next refresh and three joiners"
+        );
+        release_running.send(()).unwrap();
+        assert!(first.await.0.is_err());
+        assert!(waits(&mut second), "the flooder next refresh runs");
+        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
+        let mut third = Box::pin(cache.refresh(&key, &flooder, async {
+            let _ = held.await;
+            shed_by("flood")
+        }));
+        assert!(waits(&mut third), "and its third waits to run next");
+        release_next.send(()).unwrap();
+        assert!(second.await.0.is_err());
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "one read's refresh runs");
+        go.send(true).unwrap();
+        let mut fetched = 0;
+        for read in reads {
+            let (outcome, ran) = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .expect("no read waits on the flooder next fill");
+            assert_eq!(&outcome.unwrap().body[..], b"shared");
+            fetched += usize::from(ran);
+        }
+        assert_eq!(
+            (fetched, fetches.load(Ordering::SeqCst)),
+            (1, 1),
+            "one fetch"
+        );
     }
 
     #[tokio::test]
