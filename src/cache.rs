@@ -17,8 +17,8 @@
 //!   separate map of fills in flight (`fills`), not by removing the page, so when upstream
 //!   fails every waiter can still answer with the stale page inside `stale_if_error`.
 //! - **A `no-cache` read never gets an answer older than itself**: concurrent refreshes of one
-//!   key share one fetch (`refreshes`), but a read joins only a fetch that has not started
-//!   yet; the one running may have asked upstream before the read arrived.
+//!   key share one fetch (`refreshes`), but a read joins only a fetch that starts after it
+//!   arrived: the next one, or a running one whose start ticket is later than the read's.
 //!
 //! A key is hashed once, when it is made ([`PageCache::key`]); moka and the fill map reuse that
 //! hash. The hasher is foldhash with a per-process random seed: fast, and only authenticated
@@ -240,32 +240,41 @@ pub enum FillError {
     },
 }
 
-/// What one read learnt from the fills it waited on that ended in another client's own shed
+/// One read's view of the fills it waited on that ended in another client's own shed
 /// ([`FillError::ClientShed`]). That 503 is its client's, not the page's: the shed client's
-/// reads take it, and a read of another client goes on. It does not join a fill led by a
-/// client that was shed under it, nor any after two such sheds: it takes the fill over (its
-/// fill replaces that one at the key, so the reads that come after join it, and the replaced
-/// fill carries on for those already waiting on it). So a read waits on at most two shed
-/// fills, one client's flood never refuses another client's reads, and reads still share one
-/// fetch.
-#[derive(Default)]
-struct Sheds {
+/// reads take it, and a read of another client goes on. It joins a fill led by its own
+/// client's read always, and another client's only if that client was not shed under it and
+/// it has not been shed on twice; otherwise it takes the fill over (its fill replaces that one
+/// at the key, so the reads that come after join it, and the replaced fill carries on for
+/// those already waiting on it). So a read waits on at most two shed fills, one client's
+/// flood never refuses another client's reads, and the reads that go on still share a fetch
+/// (the first of them takes over; the others, of its client, join it).
+struct Sheds<'a> {
+    /// The reading client.
+    reader: &'a Arc<str>,
     /// The clients whose shed this read inherited.
     by: Vec<Arc<str>>,
 }
 
-impl Sheds {
-    /// Whether this read may wait on a fill led by `leader`.
+impl<'a> Sheds<'a> {
+    fn of(reader: &'a Arc<str>) -> Sheds<'a> {
+        Sheds {
+            reader,
+            by: Vec::new(),
+        }
+    }
+
+    /// Whether this read may wait on a fill led by `leader`'s read.
     fn may_join(&self, leader: &Arc<str>) -> bool {
-        self.by.len() < 2 && !self.by.contains(leader)
+        leader == self.reader || (self.by.len() < 2 && !self.by.contains(leader))
     }
 
     /// The waited-on fill's outcome as this read's answer, or `None` to go on: its leader was
     /// cancelled, or it ended in another client's own shed (noted).
-    fn outcome(&mut self, reader: &str, outcome: Option<FillOutcome>) -> Option<FillOutcome> {
+    fn outcome(&mut self, outcome: Option<FillOutcome>) -> Option<FillOutcome> {
         if let Some(Err(failure)) = &outcome {
             if let FillError::ClientShed { client, .. } = &**failure {
-                if **client != *reader {
+                if client != self.reader {
                     self.by.push(client.clone());
                     return None;
                 }
@@ -372,7 +381,8 @@ impl Leading<'_> {
 }
 
 /// A key's `no-cache` refreshes in flight: the one fetching, and the one that starts when it
-/// ends. Reads may join only `next`: `running` may have asked upstream before they arrived.
+/// ends. A read joins `next`, or `running` only if it started after the read arrived (by
+/// their tickets): otherwise `running` may have asked upstream before the read arrived.
 #[derive(Default)]
 struct Refreshes {
     running: Option<Arc<Fill>>,
@@ -662,7 +672,7 @@ impl PageCache {
     where
         F: std::future::Future<Output = Result<Arc<Page>, FillError>>,
     {
-        let mut sheds = Sheds::default();
+        let mut sheds = Sheds::of(reader);
         let leading = loop {
             let fill;
             let done;
@@ -690,12 +700,12 @@ impl PageCache {
                         };
                     }
                 }
-                // Made while the entry is still in the map: its leader removes it under this
-                // lock before waking the waiters, so this future cannot miss that wake-up, even
-                // from a leader cancelled without an outcome.
+                // Made while the entry is still in the map: its leader takes this lock (to
+                // remove it, unless it was taken over) before waking the waiters, so this
+                // future cannot miss that wake-up, even from a leader cancelled without one.
                 done = fill.done.notified();
             }
-            match sheds.outcome(reader, fill.outcome_after(done).await) {
+            match sheds.outcome(fill.outcome_after(done).await) {
                 Some(outcome) => return (outcome, false),
                 // No outcome for this read: its leader was cancelled, or shed for its own
                 // client; lead, join or take over the next fill.
@@ -715,8 +725,10 @@ impl PageCache {
 
     /// Fetches `key` afresh for a `no-cache` read and stores a cacheable answer. Concurrent
     /// refreshes of one key share one fetch that started after each of them arrived: a read
-    /// never joins a fetch already under way; it joins (or leads) the next one, which starts
-    /// when the running one ends. So a key has at most one refresh fetching and one waiting,
+    /// never joins a fetch that was under way when it arrived; it joins (or leads) the next
+    /// one, which starts when the running one ends (a read that comes back from a cancelled or
+    /// shed refresh may also join a running one that started after it arrived, by their
+    /// tickets). So a key has at most one refresh fetching and one waiting,
     /// however many reads arrive, but while a read takes over from a shed client (see
     /// [`Sheds`]) that client's refresh may still be fetching beside it. The bool is true for
     /// the caller whose `fetch` ran. If that caller is cancelled, a waiter takes over.
@@ -731,7 +743,7 @@ impl PageCache {
     {
         // A refresh that starts running after this ticket fetches after this read arrived.
         let arrived = self.refresh_tickets.fetch_add(1, Ordering::Relaxed);
-        let mut sheds = Sheds::default();
+        let mut sheds = Sheds::of(reader);
         let leading = loop {
             // The fill to wait for: the one to join, or the running one this leader follows.
             let wait_on;
@@ -788,7 +800,7 @@ impl PageCache {
                 leading.start(&self.refresh_tickets);
                 break leading;
             }
-            match sheds.outcome(reader, outcome) {
+            match sheds.outcome(outcome) {
                 Some(outcome) => return (outcome, false),
                 // Cancelled, or another client's shed: join, lead or take over another (it
                 // starts after this read).
@@ -1171,49 +1183,127 @@ mod tests {
         );
     }
 
+    /// A fill or refresh led by `client`'s read, ending in that client's own shed once
+    /// released.
+    fn shed_when_released(
+        client: &'static str,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        impl std::future::Future<Output = Fill>,
+    ) {
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        (release, async move {
+            let _ = released.await;
+            shed_by(client)
+        })
+    }
+
+    /// Awaits `reads`, each within 5 s: how many fetched, and that each got the page `body`.
+    async fn answered<F>(reads: Vec<std::pin::Pin<Box<F>>>, body: &[u8]) -> usize
+    where
+        F: std::future::Future<Output = (FillOutcome, bool)>,
+    {
+        let mut fetched = 0;
+        for read in reads {
+            let (outcome, ran) = tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .expect("no read waits on a third shed client");
+            assert_eq!(&outcome.unwrap().body[..], body);
+            fetched += usize::from(ran);
+        }
+        fetched
+    }
+
     #[tokio::test]
-    async fn a_read_shed_on_by_two_clients_takes_the_next_fill_over() {
+    async fn reads_shed_on_by_two_clients_take_the_next_fill_over_and_share_it() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:shed"), ListQuery::default());
         let [x, z, y, w]: [Arc<str>; 4] = ["x", "z", "y", "w"].map(Arc::from);
-        let (release_x, x_released) = tokio::sync::oneshot::channel::<()>();
-        let mut by_x = Box::pin(cache.fill(&key, &x, async {
-            let _ = x_released.await;
-            shed_by("x")
-        }));
+        let (release_x, fetch) = shed_when_released("x");
+        let mut by_x = Box::pin(cache.fill(&key, &x, fetch));
         assert!(waits(&mut by_x));
         let page = cache.page(StatusCode::OK, b"mine").unwrap();
-        let mut read = Box::pin(cache.fill(&key, &y, async { Fill::Ok(page) }));
-        assert!(waits(&mut read));
+        let fetches = Arc::new(AtomicU64::new(0));
+        let (go, going) = tokio::sync::watch::channel(false);
+        let mut reads: Vec<_> = (0..3)
+            .map(|_| Box::pin(cache.fill(&key, &y, held_fetch(&fetches, &going, &page))))
+            .collect();
+        for read in &mut reads {
+            assert!(waits(read));
+        }
         release_x.send(()).unwrap();
         assert!(by_x.await.0.is_err());
-        // Another client leads the next fill; the read joins it, and it is shed too.
-        let (release_z, z_released) = tokio::sync::oneshot::channel::<()>();
-        let mut by_z = Box::pin(cache.fill(&key, &z, async {
-            let _ = z_released.await;
-            shed_by("z")
-        }));
+        // Another client leads the next fill; the reads join it, and it is shed too.
+        let (release_z, fetch) = shed_when_released("z");
+        let mut by_z = Box::pin(cache.fill(&key, &z, fetch));
         assert!(waits(&mut by_z));
-        assert!(waits(&mut read));
-        assert_eq!(
-            cache.fill_waiters(&key),
-            Some(1),
-            "the read waits on z fill"
-        );
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(cache.fill_waiters(&key), Some(3), "the reads wait on z");
         release_z.send(()).unwrap();
         assert!(by_z.await.0.is_err());
-        // A third client leads the next: the read, shed on twice, takes it over.
+        // A third client leads the next: one read, shed on twice, takes it over, and the
+        // others, of its client, join it.
         let (_hold, held) = tokio::sync::oneshot::channel::<()>();
         let mut by_w = Box::pin(cache.fill(&key, &w, async {
             let _ = held.await;
             Fill::Err(uncacheable())
         }));
         assert!(waits(&mut by_w));
-        let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
-            .await
-            .expect("the read does not wait a third time");
-        assert!(fetched);
-        assert_eq!(&outcome.unwrap().body[..], b"mine");
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(cache.fill_waiters(&key), Some(2));
+        go.send(true).unwrap();
+        assert_eq!(answered(reads, b"mine").await, 1);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "one fetch");
+    }
+
+    #[tokio::test]
+    async fn no_cache_reads_shed_on_by_two_clients_share_one_refresh() {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let [x, z, y]: [Arc<str>; 3] = ["x", "z", "y"].map(Arc::from);
+        let (release_running, fetch) = shed_when_released("x");
+        let mut running = Box::pin(cache.refresh(&key, &x, fetch));
+        assert!(waits(&mut running));
+        let (release_next, fetch) = shed_when_released("x");
+        let mut next = Box::pin(cache.refresh(&key, &x, fetch));
+        assert!(waits(&mut next));
+        let page = cache.page(StatusCode::OK, b"mine").unwrap();
+        let fetches = Arc::new(AtomicU64::new(0));
+        let (go, going) = tokio::sync::watch::channel(false);
+        let mut reads: Vec<_> = (0..3)
+            .map(|_| Box::pin(cache.refresh(&key, &y, held_fetch(&fetches, &going, &page))))
+            .collect();
+        for read in &mut reads {
+            assert!(waits(read), "the reads join x's next refresh");
+        }
+        release_running.send(()).unwrap();
+        assert!(running.await.0.is_err());
+        assert!(waits(&mut next), "x's next refresh runs");
+        let (release_z, fetch) = shed_when_released("z");
+        let mut by_z = Box::pin(cache.refresh(&key, &z, fetch));
+        assert!(waits(&mut by_z), "z's refresh waits to run next");
+        release_next.send(()).unwrap();
+        assert!(next.await.0.is_err());
+        for read in &mut reads {
+            assert!(waits(read), "the reads join z's refresh");
+        }
+        assert!(waits(&mut by_z), "z's refresh runs");
+        release_z.send(()).unwrap();
+        assert!(by_z.await.0.is_err());
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            1,
+            "one read refreshes, the others join it"
+        );
+        go.send(true).unwrap();
+        assert_eq!(answered(reads, b"mine").await, 1);
     }
 
     #[tokio::test]
