@@ -242,13 +242,14 @@ pub enum FillError {
 
 /// One read's view of the fills it waited on that ended in another client's own shed
 /// ([`FillError::ClientShed`]). That 503 is its client's, not the page's: the shed client's
-/// reads take it, and a read of another client goes on. It joins a fill led by its own
-/// client's read always, and another client's only if that client was not shed under it and
-/// it has not been shed on twice; otherwise it takes the fill over (its fill replaces that one
-/// at the key, so the reads that come after join it, and the replaced fill carries on for
-/// those already waiting on it). So a read waits on at most two shed fills, one client's
-/// flood never refuses another client's reads, and the reads that go on still share a fetch
-/// (the first of them takes over; the others, of its client, join it).
+/// reads take it, and a read of another client goes on. It never waits again on a fill led by
+/// a client shed under it. It waits on any other client's fill until two clients were shed
+/// under it, and after that only on its own client's fills and on fills led by reads that
+/// went on as it did. A fill it may not wait on it takes over: its fill replaces that one at
+/// the key, so the reads that come after join it, and the replaced fill carries on for those
+/// already waiting on it. So each client sheds a read at most once, one client's flood never
+/// refuses another client's reads, and the reads that go on share one fetch (the first of
+/// them takes over; the others, of any client, join it).
 struct Sheds<'a> {
     /// The reading client.
     reader: &'a Arc<str>,
@@ -264,9 +265,11 @@ impl<'a> Sheds<'a> {
         }
     }
 
-    /// Whether this read may wait on a fill led by `leader`'s read.
-    fn may_join(&self, leader: &Arc<str>) -> bool {
-        leader == self.reader || (self.by.len() < 2 && !self.by.contains(leader))
+    /// Whether this read may wait on `fill`.
+    fn may_join(&self, fill: &Fill) -> bool {
+        let leader = &fill.led_by;
+        leader == self.reader
+            || (!self.by.contains(leader) && (self.by.len() < 2 || fill.after_shed))
     }
 
     /// The waited-on fill's outcome as this read's answer, or `None` to go on: its leader was
@@ -318,16 +321,20 @@ struct Fill {
     done: Notify,
     /// The client whose read leads it (whose upstream slots its fetch takes).
     led_by: Arc<str>,
+    /// Led by a read that went on after another client's shed (see [`Sheds`]).
+    after_shed: bool,
     /// A refresh's ticket from when it started running (see [`PageCache::refresh`]).
     started: AtomicU64,
 }
 
 impl Fill {
-    fn led_by(reader: &Arc<str>) -> Arc<Fill> {
+    /// A fill led by this read (its client and what it saw: see [`Sheds`]).
+    fn led_by(read: &Sheds<'_>) -> Arc<Fill> {
         Arc::new(Fill {
             outcome: OnceLock::new(),
             done: Notify::new(),
-            led_by: reader.clone(),
+            led_by: read.reader.clone(),
+            after_shed: !read.by.is_empty(),
             started: AtomicU64::new(0),
         })
     }
@@ -679,14 +686,14 @@ impl PageCache {
             {
                 let mut fills = self.fills.lock().unwrap_or_else(PoisonError::into_inner);
                 match fills.entry(key.clone()) {
-                    Entry::Occupied(entry) if sheds.may_join(&entry.get().led_by) => {
+                    Entry::Occupied(entry) if sheds.may_join(entry.get()) => {
                         fill = entry.get().clone();
                     }
                     entry => {
                         // Vacant, or taken over: a shed client's fill keeps its own waiters
                         // (they hold it), and its leader, finding another fill at the key,
                         // leaves it there.
-                        let fill = Fill::led_by(reader);
+                        let fill = Fill::led_by(&sheds);
                         match entry {
                             Entry::Occupied(entry) => *entry.into_mut() = fill.clone(),
                             Entry::Vacant(entry) => {
@@ -758,20 +765,16 @@ impl PageCache {
                 // A running refresh only if it started after this read arrived (the read came
                 // back from a refresh that was cancelled or shed on it).
                 let running = slot.running.clone().filter(|running| {
-                    running.started.load(Ordering::Relaxed) > arrived
-                        && sheds.may_join(&running.led_by)
+                    running.started.load(Ordering::Relaxed) > arrived && sheds.may_join(running)
                 });
-                let next = slot
-                    .next
-                    .clone()
-                    .filter(|next| sheds.may_join(&next.led_by));
+                let next = slot.next.clone().filter(|next| sheds.may_join(next));
                 if let Some(joined) = running.or(next) {
                     wait_on = joined;
                     follows = None;
                 } else if let Some(running) = slot.running.clone() {
                     // The next refresh, this read's: a new one, or one taking over from a shed
                     // client's (whose leader and waiters hold it and carry on).
-                    let fill = Fill::led_by(reader);
+                    let fill = Fill::led_by(&sheds);
                     slot.next = Some(fill.clone());
                     wait_on = running;
                     follows = Some(Refreshing {
@@ -782,7 +785,7 @@ impl PageCache {
                 } else {
                     // Nothing running. A next refresh here is a shed client's, yet to start:
                     // it is left to start beside this one.
-                    let fill = Fill::led_by(reader);
+                    let fill = Fill::led_by(&sheds);
                     fill.start(&self.refresh_tickets);
                     slot.running = Some(fill.clone());
                     slot.next = None;
@@ -1218,15 +1221,17 @@ mod tests {
     async fn reads_shed_on_by_two_clients_take_the_next_fill_over_and_share_it() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let [x, z, y, w]: [Arc<str>; 4] = ["x", "z", "y", "w"].map(Arc::from);
+        let [x, z, y, v, w]: [Arc<str>; 5] = ["x", "z", "y", "v", "w"].map(Arc::from);
         let (release_x, fetch) = shed_when_released("x");
         let mut by_x = Box::pin(cache.fill(&key, &x, fetch));
         assert!(waits(&mut by_x));
         let page = cache.page(StatusCode::OK, b"mine").unwrap();
         let fetches = Arc::new(AtomicU64::new(0));
         let (go, going) = tokio::sync::watch::channel(false);
-        let mut reads: Vec<_> = (0..3)
-            .map(|_| Box::pin(cache.fill(&key, &y, held_fetch(&fetches, &going, &page))))
+        // Reads of two clients, one after the other.
+        let mut reads: Vec<_> = [&y, &v, &y]
+            .into_iter()
+            .map(|c| Box::pin(cache.fill(&key, c, held_fetch(&fetches, &going, &page))))
             .collect();
         for read in &mut reads {
             assert!(waits(read));
@@ -1244,7 +1249,7 @@ mod tests {
         release_z.send(()).unwrap();
         assert!(by_z.await.0.is_err());
         // A third client leads the next: one read, shed on twice, takes it over, and the
-        // others, of its client, join it.
+        // others, of its client or the other one, join it.
         let (_hold, held) = tokio::sync::oneshot::channel::<()>();
         let mut by_w = Box::pin(cache.fill(&key, &w, async {
             let _ = held.await;
@@ -1264,7 +1269,7 @@ mod tests {
     async fn no_cache_reads_shed_on_by_two_clients_share_one_refresh() {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
         let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let [x, z, y]: [Arc<str>; 3] = ["x", "z", "y"].map(Arc::from);
+        let [x, z, y, v]: [Arc<str>; 4] = ["x", "z", "y", "v"].map(Arc::from);
         let (release_running, fetch) = shed_when_released("x");
         let mut running = Box::pin(cache.refresh(&key, &x, fetch));
         assert!(waits(&mut running));
@@ -1274,8 +1279,9 @@ mod tests {
         let page = cache.page(StatusCode::OK, b"mine").unwrap();
         let fetches = Arc::new(AtomicU64::new(0));
         let (go, going) = tokio::sync::watch::channel(false);
-        let mut reads: Vec<_> = (0..3)
-            .map(|_| Box::pin(cache.refresh(&key, &y, held_fetch(&fetches, &going, &page))))
+        let mut reads: Vec<_> = [&y, &v, &y]
+            .into_iter()
+            .map(|c| Box::pin(cache.refresh(&key, c, held_fetch(&fetches, &going, &page))))
             .collect();
         for read in &mut reads {
             assert!(waits(read), "the reads join x's next refresh");
