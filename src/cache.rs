@@ -1027,6 +1027,13 @@ mod tests {
             .is_some_and(|p| Arc::ptr_eq(&p, &stale)));
     }
 
+    /// A cache and the key its shed tests read.
+    fn one_key() -> (PageCache, PageKey) {
+        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
+        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        (cache, key)
+    }
+
     /// A fetch that its client's own limit refused.
     fn shed_by(client: &str) -> Fill {
         Fill::Err(FillError::ClientShed {
@@ -1041,84 +1048,6 @@ mod tests {
         future.now_or_never().is_none()
     }
 
-    #[tokio::test]
-    async fn another_clients_read_never_waits_twice_on_a_shed_client() {
-        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let fetch = async {
-            let _ = released.await;
-            shed_by("flood")
-        };
-        let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
-        assert!(waits(&mut first), "the flooder read leads");
-        let mut own = Box::pin(cache.fill(&key, &flooder, async { Fill::Err(uncacheable()) }));
-        assert!(waits(&mut own), "its second read waits on it");
-        let page = cache.page(StatusCode::OK, b"mine").unwrap();
-        let mut read = Box::pin(cache.fill(&key, &other, async { Fill::Ok(page) }));
-        assert!(waits(&mut read), "so does another client read");
-        release.send(()).unwrap();
-        let (outcome, fetched) = first.await;
-        assert!(fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }));
-        // The flooder's next read leads the next fill before the other read looks again.
-        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
-        let fetch = async {
-            let _ = held.await;
-            shed_by("flood")
-        };
-        let mut next = Box::pin(cache.fill(&key, &flooder, fetch));
-        assert!(waits(&mut next));
-        let (outcome, fetched) = own.await;
-        assert!(
-            !fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }),
-            "the flooder own reads share its 503"
-        );
-        let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
-            .await
-            .expect("the other read does not wait on the flooder next fill");
-        assert!(fetched, "it fetched for itself");
-        assert_eq!(&outcome.unwrap().body[..], b"mine");
-    }
-
-    #[tokio::test]
-    async fn another_clients_no_cache_read_never_waits_twice_on_a_shed_client() {
-        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
-        let (release_running, running) = tokio::sync::oneshot::channel::<()>();
-        let (release_next, next) = tokio::sync::oneshot::channel::<()>();
-        let mut first = Box::pin(cache.refresh(&key, &flooder, async {
-            let _ = running.await;
-            shed_by("flood")
-        }));
-        assert!(waits(&mut first), "the flooder refresh runs");
-        let mut second = Box::pin(cache.refresh(&key, &flooder, async {
-            let _ = next.await;
-            shed_by("flood")
-        }));
-        assert!(waits(&mut second), "its second waits to run next");
-        let page = cache.page(StatusCode::OK, b"mine").unwrap();
-        let mut read = Box::pin(cache.refresh(&key, &other, async { Fill::Ok(page) }));
-        assert!(waits(&mut read), "another client read joins the next one");
-        release_running.send(()).unwrap();
-        assert!(first.await.0.is_err());
-        assert!(waits(&mut second), "the next refresh runs");
-        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
-        let mut third = Box::pin(cache.refresh(&key, &flooder, async {
-            let _ = held.await;
-            shed_by("flood")
-        }));
-        assert!(waits(&mut third), "the flooder third waits to run next");
-        release_next.send(()).unwrap();
-        assert!(second.await.0.is_err());
-        let (outcome, fetched) = tokio::time::timeout(Duration::from_secs(5), read)
-            .await
-            .expect("the other read does not wait on the flooder third refresh");
-        assert!(fetched, "it fetched for itself");
-        assert_eq!(&outcome.unwrap().body[..], b"mine");
-    }
-
     /// A fetch that counts itself and answers `page` once `go` turns true.
     fn held_fetch(
         count: &Arc<AtomicU64>,
@@ -1131,59 +1060,6 @@ mod tests {
             let _ = go.wait_for(|go| *go).await;
             Fill::Ok(page)
         }
-    }
-
-    #[tokio::test]
-    async fn reads_taking_over_from_a_shed_client_still_share_one_fetch() {
-        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:shed"), ListQuery::default());
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let mut first = Box::pin(cache.fill(&key, &flooder, async {
-            let _ = released.await;
-            shed_by("flood")
-        }));
-        assert!(waits(&mut first));
-        let page = cache.page(StatusCode::OK, b"shared").unwrap();
-        let fetches = Arc::new(AtomicU64::new(0));
-        let (go, going) = tokio::sync::watch::channel(false);
-        let mut reads: Vec<_> = (0..3)
-            .map(|_| Box::pin(cache.fill(&key, &other, held_fetch(&fetches, &going, &page))))
-            .collect();
-        for read in &mut reads {
-            assert!(waits(read));
-        }
-        assert_eq!(cache.fill_waiters(&key), Some(3));
-        release.send(()).unwrap();
-        assert!(first.await.0.is_err());
-        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
-        let mut next = Box::pin(cache.fill(&key, &flooder, async {
-            let _ = held.await;
-            shed_by("flood")
-        }));
-        assert!(waits(&mut next), "the flooder leads its next fill");
-        for read in &mut reads {
-            assert!(waits(read));
-        }
-        assert_eq!(
-            cache.fill_waiters(&key),
-            Some(2),
-            "one read took the fill over, the two others wait on it"
-        );
-        go.send(true).unwrap();
-        let mut fetched = 0;
-        for read in reads {
-            let (outcome, ran) = tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .expect("no read waits on the flooder next fill");
-            assert_eq!(&outcome.unwrap().body[..], b"shared");
-            fetched += usize::from(ran);
-        }
-        assert_eq!(
-            (fetched, fetches.load(Ordering::SeqCst)),
-            (1, 1),
-            "one fetch"
-        );
     }
 
     /// A fill or refresh led by `client`'s read, ending in that client's own shed once
@@ -1210,7 +1086,7 @@ mod tests {
         for read in reads {
             let (outcome, ran) = tokio::time::timeout(Duration::from_secs(5), read)
                 .await
-                .expect("no read waits on a third shed client");
+                .expect("no read waits on a fill that never ends");
             assert_eq!(&outcome.unwrap().body[..], body);
             fetched += usize::from(ran);
         }
@@ -1218,9 +1094,106 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn another_clients_read_never_waits_twice_on_a_shed_client() {
+        let (cache, key) = one_key();
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (release, fetch) = shed_when_released("flood");
+        let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
+        assert!(waits(&mut first), "the flooder read leads");
+        let mut own = Box::pin(cache.fill(&key, &flooder, async { Fill::Err(uncacheable()) }));
+        assert!(waits(&mut own), "its second read waits on it");
+        let page = cache.page(StatusCode::OK, b"mine").unwrap();
+        let mut read = Box::pin(cache.fill(&key, &other, async { Fill::Ok(page) }));
+        assert!(waits(&mut read), "so does another client read");
+        release.send(()).unwrap();
+        let (outcome, fetched) = first.await;
+        assert!(fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }));
+        // The flooder's next read leads the next fill before the other read looks again.
+        let (_hold, fetch) = shed_when_released("flood");
+        let mut next = Box::pin(cache.fill(&key, &flooder, fetch));
+        assert!(waits(&mut next));
+        let (outcome, fetched) = own.await;
+        assert!(
+            !fetched && matches!(*outcome.unwrap_err(), FillError::ClientShed { .. }),
+            "the flooder own reads share its 503"
+        );
+        assert_eq!(
+            answered(vec![read], b"mine").await,
+            1,
+            "it fetched for itself"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_clients_no_cache_read_never_waits_twice_on_a_shed_client() {
+        let (cache, key) = one_key();
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (release_running, fetch) = shed_when_released("flood");
+        let mut first = Box::pin(cache.refresh(&key, &flooder, fetch));
+        assert!(waits(&mut first), "the flooder refresh runs");
+        let (release_next, fetch) = shed_when_released("flood");
+        let mut second = Box::pin(cache.refresh(&key, &flooder, fetch));
+        assert!(waits(&mut second), "its second waits to run next");
+        let page = cache.page(StatusCode::OK, b"mine").unwrap();
+        let mut read = Box::pin(cache.refresh(&key, &other, async { Fill::Ok(page) }));
+        assert!(waits(&mut read), "another client read joins the next one");
+        release_running.send(()).unwrap();
+        assert!(first.await.0.is_err());
+        assert!(waits(&mut second), "the next refresh runs");
+        let (_hold, fetch) = shed_when_released("flood");
+        let mut third = Box::pin(cache.refresh(&key, &flooder, fetch));
+        assert!(waits(&mut third), "the flooder third waits to run next");
+        release_next.send(()).unwrap();
+        assert!(second.await.0.is_err());
+        assert_eq!(
+            answered(vec![read], b"mine").await,
+            1,
+            "it fetched for itself"
+        );
+    }
+
+    #[tokio::test]
+    async fn reads_taking_over_from_a_shed_client_still_share_one_fetch() {
+        let (cache, key) = one_key();
+        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (release, fetch) = shed_when_released("flood");
+        let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
+        assert!(waits(&mut first));
+        let page = cache.page(StatusCode::OK, b"shared").unwrap();
+        let fetches = Arc::new(AtomicU64::new(0));
+        let (go, going) = tokio::sync::watch::channel(false);
+        let mut reads: Vec<_> = (0..3)
+            .map(|_| Box::pin(cache.fill(&key, &other, held_fetch(&fetches, &going, &page))))
+            .collect();
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(cache.fill_waiters(&key), Some(3));
+        release.send(()).unwrap();
+        assert!(first.await.0.is_err());
+        let (_hold, fetch) = shed_when_released("flood");
+        let mut next = Box::pin(cache.fill(&key, &flooder, fetch));
+        assert!(waits(&mut next), "the flooder leads its next fill");
+        for read in &mut reads {
+            assert!(waits(read));
+        }
+        assert_eq!(
+            cache.fill_waiters(&key),
+            Some(2),
+            "one read took the fill over, the two others wait on it"
+        );
+        go.send(true).unwrap();
+        let fetched = answered(reads, b"shared").await;
+        assert_eq!(
+            (fetched, fetches.load(Ordering::SeqCst)),
+            (1, 1),
+            "one fetch"
+        );
+    }
+
+    #[tokio::test]
     async fn reads_shed_on_by_two_clients_take_the_next_fill_over_and_share_it() {
-        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (cache, key) = one_key();
         let [x, z, y, v, w]: [Arc<str>; 5] = ["x", "z", "y", "v", "w"].map(Arc::from);
         let (release_x, fetch) = shed_when_released("x");
         let mut by_x = Box::pin(cache.fill(&key, &x, fetch));
@@ -1267,8 +1240,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_cache_reads_shed_on_by_two_clients_share_one_refresh() {
-        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (cache, key) = one_key();
         let [x, z, y, v]: [Arc<str>; 4] = ["x", "z", "y", "v"].map(Arc::from);
         let (release_running, fetch) = shed_when_released("x");
         let mut running = Box::pin(cache.refresh(&key, &x, fetch));
@@ -1314,20 +1286,13 @@ mod tests {
 
     #[tokio::test]
     async fn no_cache_reads_taking_over_from_a_shed_client_still_share_one_fetch() {
-        let cache = PageCache::new(&config(), Clock::default(), Counter::default());
-        let key = cache.key(cp("ft:shed"), ListQuery::default());
+        let (cache, key) = one_key();
         let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
-        let (release_running, running) = tokio::sync::oneshot::channel::<()>();
-        let mut first = Box::pin(cache.refresh(&key, &flooder, async {
-            let _ = running.await;
-            shed_by("flood")
-        }));
+        let (release_running, fetch) = shed_when_released("flood");
+        let mut first = Box::pin(cache.refresh(&key, &flooder, fetch));
         assert!(waits(&mut first), "the flooder refresh runs");
-        let (release_next, next) = tokio::sync::oneshot::channel::<()>();
-        let mut second = Box::pin(cache.refresh(&key, &flooder, async {
-            let _ = next.await;
-            shed_by("flood")
-        }));
+        let (release_next, fetch) = shed_when_released("flood");
+        let mut second = Box::pin(cache.refresh(&key, &flooder, fetch));
         assert!(waits(&mut second), "its next waits");
         let page = cache.page(StatusCode::OK, b"shared").unwrap();
         let fetches = Arc::new(AtomicU64::new(0));
@@ -1346,11 +1311,8 @@ mod tests {
         release_running.send(()).unwrap();
         assert!(first.await.0.is_err());
         assert!(waits(&mut second), "the flooder next refresh runs");
-        let (_hold, held) = tokio::sync::oneshot::channel::<()>();
-        let mut third = Box::pin(cache.refresh(&key, &flooder, async {
-            let _ = held.await;
-            shed_by("flood")
-        }));
+        let (_hold, fetch) = shed_when_released("flood");
+        let mut third = Box::pin(cache.refresh(&key, &flooder, fetch));
         assert!(waits(&mut third), "and its third waits to run next");
         release_next.send(()).unwrap();
         assert!(second.await.0.is_err());
@@ -1359,14 +1321,7 @@ mod tests {
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1, "one read's refresh runs");
         go.send(true).unwrap();
-        let mut fetched = 0;
-        for read in reads {
-            let (outcome, ran) = tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .expect("no read waits on the flooder next fill");
-            assert_eq!(&outcome.unwrap().body[..], b"shared");
-            fetched += usize::from(ran);
-        }
+        let fetched = answered(reads, b"shared").await;
         assert_eq!(
             (fetched, fetches.load(Ordering::SeqCst)),
             (1, 1),

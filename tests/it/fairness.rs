@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hyper::Method;
+use permgate::cache::PageKey;
 use permgate::config::Config;
+use permgate::mock_upstream::Held;
 use permgate::route::{Checkpoint, ListQuery};
 use permgate::secret::AdminKey;
 
@@ -103,20 +105,83 @@ fn two_slots_per_client(c: &mut String) {
     );
 }
 
+/// The reader's two upstream slots, held by two of its reads (`?limit=1`, `?limit=2`) parked
+/// at the mock until [`ParkedReader::release`].
+struct ParkedReader {
+    held: Vec<Held>,
+    reads: Vec<tokio::task::JoinHandle<TestResponse>>,
+}
+
+impl ParkedReader {
+    async fn holding_both_slots(gw: &Gateway) -> ParkedReader {
+        let mut held = vec![gw.mock.hold_next(), gw.mock.hold_next()];
+        let reads = (1..=2)
+            .map(|limit| {
+                let client = TestClient::new(gw.addr);
+                let path = format!("{}?limit={limit}", list_path(CP));
+                tokio::spawn(async move { client.get(&path, READER).await })
+            })
+            .collect();
+        for h in &mut held {
+            h.arrived().await;
+        }
+        ParkedReader { held, reads }
+    }
+
+    /// Lets the parked reads through; each is answered.
+    async fn release(self) {
+        for h in self.held {
+            h.release();
+        }
+        for r in self.reads {
+            assert_eq!(r.await.unwrap().status, 200);
+        }
+    }
+}
+
+/// Two of the reader's reads and one of the writer's, of the same page, in flight.
+struct Reads {
+    shed: [tokio::task::JoinHandle<TestResponse>; 2],
+    joined: tokio::task::JoinHandle<TestResponse>,
+}
+
+impl Reads {
+    /// The reader's reads get its 503; the writer's gets the page (`cache_status`), fetched
+    /// in the writer's slots; `sheds` fetches were shed; upstream saw the two parked reads and
+    /// the writer's.
+    async fn assert_only_the_reader_shed(self, gw: &Gateway, cache_status: &str, sheds: u32) {
+        for shed in self.shed {
+            let shed = shed.await.unwrap();
+            assert_eq!(
+                shed.status, 503,
+                "the reader's reads share its 503: {:?}",
+                shed.body
+            );
+            assert_eq!(shed.error().0, "unavailable");
+        }
+        let joined = self.joined.await.unwrap();
+        assert_eq!(joined.status, 200, "{:?}", joined.body);
+        assert_eq!(joined.cache_status(), cache_status);
+        assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
+        let metrics = gw.state.render_metrics().await;
+        let line = format!("permgate_shed_total{{reason=\"client_concurrency\"}} {sheds}");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+}
+
+/// The cache key of `list_path(CP)?limit=3`.
+fn limit_3_key(gw: &Gateway) -> PageKey {
+    let query = ListQuery {
+        limit: 3,
+        ..ListQuery::default()
+    };
+    gw.state.cache.key(Checkpoint::parse(CP).unwrap(), query)
+}
+
 #[tokio::test]
 async fn a_client_holding_its_share_of_upstream_slots_is_shed_and_others_are_not() {
     let gw = start_with(two_slots_per_client).await;
-    let mut held = [gw.mock.hold_next(), gw.mock.hold_next()];
-    let parked: Vec<_> = (1..=2)
-        .map(|limit| {
-            let client = TestClient::new(gw.addr);
-            let path = format!("{}?limit={limit}", list_path(CP));
-            tokio::spawn(async move { client.get(&path, READER).await })
-        })
-        .collect();
-    for h in &mut held {
-        h.arrived().await;
-    }
+    let parked = ParkedReader::holding_both_slots(&gw).await;
     // Two global slots are free, but the reader holds both of its own.
     let shed = gw
         .client
@@ -152,12 +217,7 @@ async fn a_client_holding_its_share_of_upstream_slots_is_shed_and_others_are_not
         3,
         "the shed reads never reached upstream"
     );
-    for h in held {
-        h.release();
-    }
-    for r in parked {
-        assert_eq!(r.await.unwrap().status, 200);
-    }
+    parked.release().await;
     // Its slots are back.
     let r = gw
         .client
@@ -182,23 +242,9 @@ fn long_waits(c: &mut String) {
 #[tokio::test]
 async fn a_read_collapsed_into_a_shed_clients_fetch_fetches_in_its_own_clients_slots() {
     let gw = start_with(long_waits).await;
-    let mut held = [gw.mock.hold_next(), gw.mock.hold_next()];
-    let parked: Vec<_> = (1..=2)
-        .map(|limit| {
-            let client = TestClient::new(gw.addr);
-            let path = format!("{}?limit={limit}", list_path(CP));
-            tokio::spawn(async move { client.get(&path, READER).await })
-        })
-        .collect();
-    for h in &mut held {
-        h.arrived().await;
-    }
+    let parked = ParkedReader::holding_both_slots(&gw).await;
     let path = format!("{}?limit=3", list_path(CP));
-    let query = ListQuery {
-        limit: 3,
-        ..ListQuery::default()
-    };
-    let key = gw.state.cache.key(Checkpoint::parse(CP).unwrap(), query);
+    let key = limit_3_key(&gw);
     let read = |token: &'static str| {
         let (client, path) = (TestClient::new(gw.addr), path.clone());
         tokio::spawn(async move { client.get(&path, token).await })
@@ -221,53 +267,24 @@ async fn a_read_collapsed_into_a_shed_clients_fetch_fetches_in_its_own_clients_s
     })
     .await;
 
-    for shed in [shed, also_shed] {
-        let shed = shed.await.unwrap();
-        assert_eq!(
-            shed.status, 503,
-            "the reader's reads share its 503: {:?}",
-            shed.body
-        );
-        assert_eq!(shed.error().0, "unavailable");
-    }
     // The reader's limit is the reader's: the writer's read fetches in the writer's slots.
-    let joined = joined.await.unwrap();
-    assert_eq!(joined.status, 200, "{:?}", joined.body);
-    assert_eq!(joined.cache_status(), "permgate; fwd=miss; stored");
-    assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
-    let metrics = gw.state.render_metrics().await;
-    assert!(
-        metrics.contains("permgate_shed_total{reason=\"client_concurrency\"} 1"),
-        "one fetch shed, shared by the reader's two reads: {metrics}"
-    );
-    for h in held {
-        h.release();
-    }
-    for r in parked {
-        assert_eq!(r.await.unwrap().status, 200);
-    }
+    let reads = Reads {
+        shed: [shed, also_shed],
+        joined,
+    };
+    // One fetch shed, shared by the reader's two reads.
+    reads
+        .assert_only_the_reader_shed(&gw, "permgate; fwd=miss; stored", 1)
+        .await;
+    parked.release().await;
 }
 
 #[tokio::test]
 async fn a_no_cache_read_waiting_on_a_shed_clients_refresh_refreshes_in_its_own_clients_slots() {
     let gw = start_with(long_waits).await;
-    let mut held = [gw.mock.hold_next(), gw.mock.hold_next()];
-    let parked: Vec<_> = (1..=2)
-        .map(|limit| {
-            let client = TestClient::new(gw.addr);
-            let path = format!("{}?limit={limit}", list_path(CP));
-            tokio::spawn(async move { client.get(&path, READER).await })
-        })
-        .collect();
-    for h in &mut held {
-        h.arrived().await;
-    }
+    let parked = ParkedReader::holding_both_slots(&gw).await;
     let path = format!("{}?limit=3", list_path(CP));
-    let query = ListQuery {
-        limit: 3,
-        ..ListQuery::default()
-    };
-    let key = gw.state.cache.key(Checkpoint::parse(CP).unwrap(), query);
+    let key = limit_3_key(&gw);
     let read = |token: &'static str| {
         let (client, path) = (TestClient::new(gw.addr), path.clone());
         tokio::spawn(async move {
@@ -297,24 +314,12 @@ async fn a_no_cache_read_waiting_on_a_shed_clients_refresh_refreshes_in_its_own_
     )
     .await;
 
-    for shed in [first, second] {
-        let shed = shed.await.unwrap();
-        assert_eq!(shed.status, 503, "{:?}", shed.body);
-        assert_eq!(shed.error().0, "unavailable");
-    }
-    let joined = joined.await.unwrap();
-    assert_eq!(joined.status, 200, "{:?}", joined.body);
-    assert_eq!(joined.cache_status(), "permgate; fwd=request; stored");
-    assert_eq!(gw.upstream_gets(), 3, "two parked reads and the writer's");
-    let metrics = gw.state.render_metrics().await;
-    assert!(
-        metrics.contains("permgate_shed_total{reason=\"client_concurrency\"} 2"),
-        "{metrics}"
-    );
-    for h in held {
-        h.release();
-    }
-    for r in parked {
-        assert_eq!(r.await.unwrap().status, 200);
-    }
+    let reads = Reads {
+        shed: [first, second],
+        joined,
+    };
+    reads
+        .assert_only_the_reader_shed(&gw, "permgate; fwd=request; stored", 2)
+        .await;
+    parked.release().await;
 }
