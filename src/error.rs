@@ -54,8 +54,13 @@ pub enum Error {
     UriTooLong,
     /// 429: this client's rate limit; `retry_after`: until a request would be let through.
     RateLimitExceeded { retry_after: Duration },
-    /// 502: upstream unreachable or its answer unusable.
+    /// 502: upstream unreachable, or it failed (a 5xx, an unexpected status, an answer cut
+    /// short): another try may succeed.
     UpstreamError,
+    /// 502: upstream answered something that is not an answer to pass on (a 2xx of the wrong
+    /// shape, a body that is not JSON, a piece of the admin key): the same request would get
+    /// the same answer, so callers are told not to retry.
+    UpstreamUnusable,
     /// 502: upstream rejected the admin key. Upstream's message is never echoed.
     UpstreamAuthFailed,
     /// 503: not ready, overloaded, or upstream refusing work; `retry_after` when known.
@@ -88,7 +93,9 @@ impl Error {
             Error::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UriTooLong => StatusCode::URI_TOO_LONG,
             Error::RateLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::UpstreamError | Error::UpstreamAuthFailed => StatusCode::BAD_GATEWAY,
+            Error::UpstreamError | Error::UpstreamUnusable | Error::UpstreamAuthFailed => {
+                StatusCode::BAD_GATEWAY
+            }
             Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -104,7 +111,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::RequestTooLarge | Error::UriTooLong => "request_too_large",
             Error::RateLimitExceeded { .. } => "rate_limit_exceeded",
-            Error::UpstreamError => "upstream_error",
+            Error::UpstreamError | Error::UpstreamUnusable => "upstream_error",
             Error::UpstreamAuthFailed => "upstream_auth_failed",
             Error::Unavailable { .. } => "unavailable",
             Error::UpstreamTimeout => "upstream_timeout",
@@ -123,6 +130,7 @@ impl Error {
             | Error::UriTooLong => "invalid_request_error",
             Error::RateLimitExceeded { .. } => "rate_limit_error",
             Error::UpstreamError
+            | Error::UpstreamUnusable
             | Error::UpstreamAuthFailed
             | Error::Unavailable { .. }
             | Error::UpstreamTimeout => "server_error",
@@ -144,7 +152,8 @@ impl Error {
             Error::RequestTooLarge => "Request body is larger than this gateway accepts.",
             Error::UriTooLong => "Request URI is longer than this gateway accepts.",
             Error::RateLimitExceeded { .. } => "Rate limit exceeded for this client token. Retry after the time in the Retry-After header.",
-            Error::UpstreamError => "The upstream API could not be reached or returned an unusable response.",
+            Error::UpstreamError => "The upstream API could not be reached or failed.",
+            Error::UpstreamUnusable => "The upstream API returned an unusable response.",
             Error::UpstreamAuthFailed => "The upstream API rejected the gateway's credentials. Operators have been told in the gateway logs.",
             Error::Unavailable { reason, .. } => reason,
             Error::UpstreamTimeout => "The upstream API did not answer in time.",
@@ -194,6 +203,7 @@ impl Error {
             | Error::MethodNotAllowed { .. }
             | Error::RequestTooLarge
             | Error::UriTooLong
+            | Error::UpstreamUnusable
             | Error::UpstreamAuthFailed => {
                 headers.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
             }
@@ -268,6 +278,7 @@ mod tests {
                 "rate_limit_exceeded",
             ),
             (Error::UpstreamError, 502, "upstream_error"),
+            (Error::UpstreamUnusable, 502, "upstream_error"),
             (Error::UpstreamAuthFailed, 502, "upstream_auth_failed"),
             (
                 Error::Unavailable {
@@ -339,6 +350,7 @@ mod tests {
             Error::MethodNotAllowed { allow: "GET" },
             Error::RequestTooLarge,
             Error::UriTooLong,
+            Error::UpstreamUnusable,
             Error::UpstreamAuthFailed,
         ] {
             let status = err.status();

@@ -654,7 +654,7 @@ fn classify(
                 bytes = body.len(),
                 "{why}"
             );
-            return Err(Error::UpstreamError);
+            return Err(Error::UpstreamUnusable);
         }
         return Ok(Passthrough { status, body });
     }
@@ -846,7 +846,7 @@ mod tests {
         ] {
             let result = classified(status, method, body);
             assert!(
-                matches!(result, Err(Error::UpstreamError)),
+                matches!(result, Err(Error::UpstreamUnusable)),
                 "{status} {body}"
             );
         }
@@ -871,7 +871,7 @@ mod tests {
         assert_eq!(passed.unwrap().status, 404);
         let with_more = quoted.replace("does not", &format!("{} does not", &KEY[20..26]));
         let refused = classified_after(404, Method::GET, &with_more, &path);
-        assert!(matches!(refused, Err(Error::UpstreamError)));
+        assert!(matches!(refused, Err(Error::UpstreamUnusable)));
     }
 
     #[test]
@@ -915,7 +915,7 @@ mod tests {
             let result = classified(200, method.clone(), body);
             assert_eq!(result.is_ok(), ok, "{method} {body}");
             if !ok {
-                assert!(matches!(result, Err(Error::UpstreamError)));
+                assert!(matches!(result, Err(Error::UpstreamUnusable)));
             }
         }
         // Error statuses passed through are not held to a 2xx shape.

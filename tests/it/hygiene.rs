@@ -311,6 +311,8 @@ async fn a_200_holding_the_key_is_a_502_never_cached_nor_served_to_another_clien
         let r = gw.client.get(&list_path(CP), READER).await;
         assert_eq!(r.status, 502);
         assert_eq!(r.error().0, "upstream_error");
+        // Upstream would say the same again: the SDKs are told not to ask.
+        assert_eq!(r.header("x-should-retry"), "false");
     }
     assert_eq!(
         gw.upstream_gets(),

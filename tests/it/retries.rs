@@ -101,6 +101,22 @@ async fn answers_a_retry_cannot_fix_say_so() {
         assert_eq!(r.status, code);
         assert_eq!(advice(&r).0, Some("false"), "passed-through {code}");
     }
+    // Upstream answered, but nothing to pass on (not JSON, a 2xx of the wrong shape): asking
+    // again gets the same answer.
+    for unusable in [
+        Fault::MalformedJson,
+        Fault::Status {
+            status: 200,
+            body: r#"{"object":"list"}"#.into(),
+            retry_after: None,
+        },
+    ] {
+        gw.mock.push_fault(unusable);
+        let r = gw.client.get(&list, READER).await;
+        assert_eq!(r.status, 502);
+        assert_eq!(r.error().0, "upstream_error");
+        assert_eq!(advice(&r), (Some("false"), None, None), "{:?}", r.body);
+    }
     // Success says nothing.
     let r = gw.client.get(&list, READER).await;
     assert_eq!((r.status.as_u16(), advice(&r)), (200, (None, None, None)));
