@@ -3,7 +3,7 @@
 //! | method | path | what |
 //! | --- | --- | --- |
 //! | GET | `/healthz` | 200 while the process runs |
-//! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining |
+//! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining or before the first JWKS |
 //! | GET | `/metrics` | Prometheus text format (see `metrics`) |
 //! | POST | `/cache/purge` | drop every cached page; `?checkpoint=ID` drops one checkpoint's pages |
 //!
@@ -30,13 +30,12 @@ use crate::state::{AppState, Scope};
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, json!({"status": "ok"}))),
-        (&Method::GET, "/readyz") => Ok(if state.is_draining() {
-            json_response(
+        (&Method::GET, "/readyz") => Ok(match not_ready(&state) {
+            Some(reason) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "not ready", "reason": "draining: shutdown in progress"}),
-            )
-        } else {
-            json_response(StatusCode::OK, json!({"status": "ready"}))
+                json!({"status": "not ready", "reason": reason}),
+            ),
+            None => json_response(StatusCode::OK, json!({"status": "ready"})),
         }),
         (&Method::GET, "/metrics") if !admin_token_ok(&state, &req) => Err(Error::InvalidApiKey),
         (&Method::POST, "/cache/purge") if !admin_token_ok(&state, &req) => {
@@ -63,6 +62,21 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         Error::InvalidApiKey => unauthorized(req.uri().path()),
         e => e.into_response(),
     })
+}
+
+/// Why this replica should not be sent callers yet, if it should not: it is draining, or its
+/// `jwt.jwks_url` has not been fetched yet (every JWT caller would get a 401). A replica
+/// without a fleet lease is ready: it tried to take one before its listeners opened, it serves
+/// reads from upstream and refuses writes by design (SPEC "Many replicas"), and were readiness
+/// to follow the lease, losing Redis would take every replica out of service at once.
+fn not_ready(state: &AppState) -> Option<&'static str> {
+    if state.is_draining() {
+        Some("draining: shutdown in progress")
+    } else if state.jwt.as_ref().is_some_and(|jwt| !jwt.has_keys()) {
+        Some("no JWKS yet: jwt.jwks_url has not been fetched")
+    } else {
+        None
+    }
 }
 
 /// True when no admin token is configured, or the request carries it as its bearer token.

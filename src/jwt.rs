@@ -434,6 +434,12 @@ impl Verifier {
         }
     }
 
+    /// Whether a key set was ever loaded (a `jwks_url` is fetched after startup; until then
+    /// no JWT verifies, so `/readyz` waits for it).
+    pub fn has_keys(&self) -> bool {
+        self.keys.load().loaded.is_some()
+    }
+
     /// Whether the keys are due for a re-read.
     fn stale(&self) -> bool {
         self.keys

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hyper::service::service_fn;
+use hyper::Method;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
@@ -594,6 +595,40 @@ async fn jwks_url_is_fetched_at_start_then_for_an_unknown_kid_at_most_once_per_1
     let fresh = b.sign(&claims(RELEASE));
     assert_eq!(gw.client.get(&list_path(GLOBEX), &fresh).await.status, 200);
     assert!(logs().contains("JWKS reload failed; keeping the current keys"));
+}
+
+/// Until its `jwks_url` has answered, a replica can verify no JWT: `/readyz` keeps callers away.
+#[tokio::test]
+async fn readiness_waits_for_the_first_jwks() {
+    let key = ec_key("a");
+    let server = serve_jwks(jwks(&[&key])).await;
+    *server.status.lock().unwrap() = 503;
+    let url = format!("jwks_url = \"http://{}/openid/v1/jwks\"", server.addr);
+    let extra = jwt_config(&url, "");
+    let gw = start_with(|c| c.push_str(&extra)).await;
+    let fetches = || server.fetches.load(Ordering::SeqCst);
+    eventually("the first JWKS fetch", || async { fetches() == 1 }).await;
+    let token = key.sign(&claims(BILLING));
+    let admin = gw.admin();
+    let ready = admin.send(Method::GET, "/readyz", None, &[], None).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["status"], "not ready");
+    assert!(ready.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("jwt.jwks_url"));
+    assert_eq!(gw.client.get(&list_path(CP), &token).await.status, 401);
+
+    *server.status.lock().unwrap() = 200;
+    gw.state.jwt.as_ref().unwrap().reload().await;
+    let ready = admin.send(Method::GET, "/readyz", None, &[], None).await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(gw.client.get(&list_path(CP), &token).await.status, 200);
+    // A failed re-read later keeps the keys, and the replica stays ready.
+    *server.status.lock().unwrap() = 500;
+    gw.state.jwt.as_ref().unwrap().reload().await;
+    let ready = admin.send(Method::GET, "/readyz", None, &[], None).await;
+    assert_eq!(ready.status, 200);
 }
 
 /// A TLS acceptor for `localhost` under a CA made now, and that CA's PEM.
