@@ -52,6 +52,8 @@ pub enum Error {
     RequestTooLarge,
     /// 414: request URI over `server.max_uri_bytes`.
     UriTooLong,
+    /// 431: request head over `server.max_header_bytes` (refused by the framing guard).
+    HeadersTooLarge,
     /// 429: this client's rate limit; `retry_after`: until a request would be let through.
     RateLimitExceeded { retry_after: Duration },
     /// 502: upstream unreachable, or it failed (a 5xx, an unexpected status, an answer cut
@@ -92,6 +94,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UriTooLong => StatusCode::URI_TOO_LONG,
+            Error::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::RateLimitExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamError | Error::UpstreamUnusable | Error::UpstreamAuthFailed => {
                 StatusCode::BAD_GATEWAY
@@ -109,7 +112,9 @@ impl Error {
             Error::PermissionDenied => "permission_denied",
             Error::NotFound => "not_found",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
-            Error::RequestTooLarge | Error::UriTooLong => "request_too_large",
+            Error::RequestTooLarge | Error::UriTooLong | Error::HeadersTooLarge => {
+                "request_too_large"
+            }
             Error::RateLimitExceeded { .. } => "rate_limit_exceeded",
             Error::UpstreamError | Error::UpstreamUnusable => "upstream_error",
             Error::UpstreamAuthFailed => "upstream_auth_failed",
@@ -127,7 +132,8 @@ impl Error {
             | Error::NotFound
             | Error::MethodNotAllowed { .. }
             | Error::RequestTooLarge
-            | Error::UriTooLong => "invalid_request_error",
+            | Error::UriTooLong
+            | Error::HeadersTooLarge => "invalid_request_error",
             Error::RateLimitExceeded { .. } => "rate_limit_error",
             Error::UpstreamError
             | Error::UpstreamUnusable
@@ -151,6 +157,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => "Method not allowed on this route.",
             Error::RequestTooLarge => "Request body is larger than this gateway accepts.",
             Error::UriTooLong => "Request URI is longer than this gateway accepts.",
+            Error::HeadersTooLarge => "Request headers are larger than this gateway accepts.",
             Error::RateLimitExceeded { .. } => "Rate limit exceeded for this client token. Retry after the time in the Retry-After header.",
             Error::UpstreamError => "The upstream API could not be reached or failed.",
             Error::UpstreamUnusable => "The upstream API returned an unusable response.",
@@ -203,6 +210,7 @@ impl Error {
             | Error::MethodNotAllowed { .. }
             | Error::RequestTooLarge
             | Error::UriTooLong
+            | Error::HeadersTooLarge
             | Error::UpstreamUnusable
             | Error::UpstreamAuthFailed => {
                 headers.insert(&X_SHOULD_RETRY, HeaderValue::from_static("false"));
@@ -270,6 +278,7 @@ mod tests {
             ),
             (Error::RequestTooLarge, 413, "request_too_large"),
             (Error::UriTooLong, 414, "request_too_large"),
+            (Error::HeadersTooLarge, 431, "request_too_large"),
             (
                 Error::RateLimitExceeded {
                     retry_after: Duration::from_secs(2),
@@ -350,6 +359,7 @@ mod tests {
             Error::MethodNotAllowed { allow: "GET" },
             Error::RequestTooLarge,
             Error::UriTooLong,
+            Error::HeadersTooLarge,
             Error::UpstreamUnusable,
             Error::UpstreamAuthFailed,
         ] {

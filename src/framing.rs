@@ -2,7 +2,10 @@
 //! identity, framing"): an HTTP/1 request with both `Content-Length` and `Transfer-Encoding`,
 //! or with a `Transfer-Encoding` other than exactly `chunked`, is answered 400 and its
 //! connection closed before hyper has parsed it, so no handler runs and nothing of it reaches
-//! upstream, whoever sent it.
+//! upstream, whoever sent it. So are two refusals hyper would otherwise make itself, without a
+//! body or a request id: a `Content-Length` that is not one decimal number (or disagrees with
+//! another; 400) and a head over hyper's buffer (`server.max_header_bytes`; 431). They get
+//! permgate's JSON error and `x-request-id` like every other answer (SPEC "Responses").
 //!
 //! Why below hyper: hyper 1.x settles the ambiguity itself before a request exists. Its
 //! `Server::parse` skips a `Content-Length` that follows `Transfer-Encoding`, removes one that
@@ -16,8 +19,7 @@
 //! guard completes too) and the same chunked grammar as hyper's decoder, so it always knows
 //! where the next head starts. A head's bytes are passed to hyper as they arrive, except the
 //! read that completes it, which is checked first: a refused head therefore never becomes a
-//! request. Its 400 (OpenAI's JSON error, `param: "transfer-encoding"`, `Connection: close`)
-//! is written only after every earlier request on the connection has been answered, which the
+//! request. Its 400 or 431 (OpenAI's JSON error, `Connection: close`) is written only after every earlier request on the connection has been answered, which the
 //! guard knows by following the response framing hyper writes; then the connection's write
 //! side is shut and what the client still sends is discarded for up to [`LINGER`], so the 400
 //! is not lost to a reset.
@@ -27,9 +29,10 @@
 //! `Content-Length`. A list (`gzip, chunked`, `chunked, chunked`), parameters, other codings,
 //! an empty value and a second line are all refused.
 //!
-//! Left to hyper, which answers them itself and closes: heads hyper cannot parse (400), a
-//! `Content-Length` that is not one decimal number (400), heads over its buffer (431). The
-//! guard passes such a head and then no further byte. HTTP/2 (the connection preface) passes
+//! Left to hyper, which answers them itself (no body) and closes: heads hyper cannot parse
+//! (400) and heads of more than 100 fields (431). hyper parses every read as it comes, the
+//! guard only once a head can be complete (to keep its work linear in the head), so hyper may
+//! meet these before the guard does. The guard passes such a head and then no further byte. HTTP/2 (the connection preface) passes
 //! untouched: it has no such framing, and h2 refuses `transfer-encoding` in a request.
 //! Refusals are logged (`request_id`, `reason`) and counted in
 //! `permgate_framing_refusals_total{reason}`; they are not in the access log or the request
@@ -65,8 +68,6 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const MAX_HEADERS: usize = 100;
 /// hyper refuses larger lengths (its `MAX_LEN`).
 const MAX_LENGTH: u64 = u64::MAX - 2;
-/// The refusal's `error.param`.
-const PARAM: &str = "transfer-encoding";
 
 /// A connection's byte stream with HTTP/1 request framing checked on the way in. See the
 /// module documentation.
@@ -162,7 +163,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
                 info!(
                     request_id = id.to_str().unwrap_or_default(),
                     reason = refusal.reason(),
-                    "request refused for ambiguous framing; closing the connection"
+                    "request head refused by the framing guard; closing the connection"
                 );
                 if let Some(metrics) = &self.metrics {
                     metrics.framing_refused(refusal.label());
@@ -362,9 +363,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
     }
 }
 
-/// The 400, as HTTP/1.1 bytes: permgate's error rendering plus the headers hyper would add.
+/// The refusal, as HTTP/1.1 bytes: permgate's error rendering plus the headers hyper would add.
 fn refusal_response(refusal: Refusal, id: &HeaderValue) -> Vec<u8> {
-    let error = Error::invalid(PARAM, refusal.message());
+    let error = refusal.error();
     let body = error.body();
     let response = error.into_response();
     let status = response.status();
@@ -394,9 +395,23 @@ enum Refusal {
     LengthAndEncoding,
     NotExactlyChunked,
     EncodingOnHttp10,
+    /// A `Content-Length` that is not one decimal number, or two that disagree.
+    BadLength,
+    /// Still incomplete at hyper's buffer size.
+    HeadTooLarge,
 }
 
 impl Refusal {
+    fn error(self) -> Error {
+        match self {
+            Refusal::LengthAndEncoding | Refusal::NotExactlyChunked | Refusal::EncodingOnHttp10 => {
+                Error::invalid("transfer-encoding", self.message())
+            }
+            Refusal::BadLength => Error::invalid("content-length", self.message()),
+            Refusal::HeadTooLarge => Error::HeadersTooLarge,
+        }
+    }
+
     fn message(self) -> &'static str {
         match self {
             Refusal::LengthAndEncoding => {
@@ -406,6 +421,10 @@ impl Refusal {
                 "Transfer-Encoding must be exactly 'chunked', on one header line: other codings and lists are not accepted."
             }
             Refusal::EncodingOnHttp10 => "Transfer-Encoding is not defined for HTTP/1.0 requests.",
+            Refusal::BadLength => {
+                "Content-Length must be one decimal number (repeated lines must agree)."
+            }
+            Refusal::HeadTooLarge => "Request headers are larger than this gateway accepts.",
         }
     }
 
@@ -414,6 +433,8 @@ impl Refusal {
             Refusal::LengthAndEncoding => "content-length with transfer-encoding",
             Refusal::NotExactlyChunked => "transfer-encoding not exactly chunked",
             Refusal::EncodingOnHttp10 => "transfer-encoding on HTTP/1.0",
+            Refusal::BadLength => "content-length not one decimal number",
+            Refusal::HeadTooLarge => "head over server.max_header_bytes",
         }
     }
 
@@ -424,6 +445,8 @@ impl Refusal {
             Refusal::LengthAndEncoding => "length_and_encoding",
             Refusal::NotExactlyChunked => "not_exactly_chunked",
             Refusal::EncodingOnHttp10 => "encoding_on_http10",
+            Refusal::BadLength => "bad_content_length",
+            Refusal::HeadTooLarge => "head_too_large",
         }
     }
 }
@@ -601,9 +624,14 @@ impl Scanner {
         {
             Assembled::Complete { head, used } => self.start_body(head, used),
             Assembled::Partial if self.request_head.len() < self.max_head => Step::Pass,
-            // Too long: hyper answers 431 on these bytes. Malformed: hyper's parser, no more
-            // lenient than this one, answers 400 on them.
-            Assembled::Partial | Assembled::Malformed => {
+            // Too long: with these bytes hyper's buffer would be full, so they are withheld
+            // (what hyper holds of the head is less than its limit).
+            Assembled::Partial => {
+                self.read = ReadPhase::Stopped;
+                Step::Refuse(Refusal::HeadTooLarge)
+            }
+            // hyper's parser, no more lenient than this one, answers 400 on these bytes.
+            Assembled::Malformed => {
                 self.read = ReadPhase::Stopped;
                 Step::Doom(rest.len())
             }
@@ -616,11 +644,6 @@ impl Scanner {
             Framing::Refuse(refusal) => {
                 self.read = ReadPhase::Stopped;
                 return Step::Refuse(refusal);
-            }
-            Framing::HyperRefuses => {
-                self.expect_answer(head.method);
-                self.read = ReadPhase::Stopped;
-                return Step::Doom(used);
             }
             Framing::Empty | Framing::Length(0) => ReadPhase::Head,
             Framing::Length(n) => ReadPhase::Length(n),
@@ -746,8 +769,6 @@ enum Framing {
     Length(u64),
     Chunked,
     Refuse(Refusal),
-    /// A `Content-Length` hyper refuses itself (not one decimal number, or too large).
-    HyperRefuses,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -777,7 +798,7 @@ fn request_framing(version: Option<u8>, headers: &[httparse::Header<'_>]) -> Fra
     match (encodings, length) {
         (0, None) => Framing::Empty,
         (0, Some(Some(n))) => Framing::Length(n),
-        (0, Some(None)) => Framing::HyperRefuses,
+        (0, Some(None)) => Framing::Refuse(Refusal::BadLength),
         (_, Some(_)) => Framing::Refuse(Refusal::LengthAndEncoding),
         (1, None) if chunked && version != Some(0) => Framing::Chunked,
         (1, None) if chunked => Framing::Refuse(Refusal::EncodingOnHttp10),
@@ -1152,6 +1173,8 @@ mod tests {
             Refusal::LengthAndEncoding,
             Refusal::NotExactlyChunked,
             Refusal::EncodingOnHttp10,
+            Refusal::BadLength,
+            Refusal::HeadTooLarge,
         ] {
             assert!(crate::metrics::FRAMING_REFUSALS.contains(&refusal.label()));
         }
@@ -1172,18 +1195,24 @@ mod tests {
             ),
             (
                 "Content-Length: 2\r\nContent-Length: 3\r\n",
-                Framing::HyperRefuses,
+                Framing::Refuse(Refusal::BadLength),
             ),
-            ("Content-Length: 2, 2\r\n", Framing::HyperRefuses),
-            ("Content-Length: +2\r\n", Framing::HyperRefuses),
-            ("Content-Length: \r\n", Framing::HyperRefuses),
+            (
+                "Content-Length: 2, 2\r\n",
+                Framing::Refuse(Refusal::BadLength),
+            ),
+            (
+                "Content-Length: +2\r\n",
+                Framing::Refuse(Refusal::BadLength),
+            ),
+            ("Content-Length: \r\n", Framing::Refuse(Refusal::BadLength)),
             (
                 "Content-Length: 18446744073709551614\r\n",
-                Framing::HyperRefuses,
+                Framing::Refuse(Refusal::BadLength),
             ),
             (
                 "Content-Length: 99999999999999999999999\r\n",
-                Framing::HyperRefuses,
+                Framing::Refuse(Refusal::BadLength),
             ),
             ("Transfer-Encoding: chunked\r\n", Framing::Chunked),
             ("transfer-encoding: Chunked\r\n", Framing::Chunked),
@@ -1342,16 +1371,19 @@ mod tests {
     }
 
     #[test]
-    fn heads_hyper_refuses_itself_are_handed_over_alone() {
+    fn a_bad_length_is_refused_and_malformed_heads_are_handed_over_alone() {
         let bad_length = "POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n";
-        let stream = format!("{bad_length}{{}}xGET /smuggled HTTP/1.1\r\n\r\n");
-        let mut s = scanner();
-        assert_eq!(
-            s.on_read(stream.as_bytes()),
-            Verdict::Doom {
-                deliver: bad_length.len()
-            }
-        );
+        let stream = format!("{PIPELINE}{bad_length}{{}}xGET /smuggled HTTP/1.1\r\n\r\n");
+        every_split(stream.as_bytes(), |verdict, s, size| {
+            let Verdict::Refuse { deliver, refusal } = verdict else {
+                panic!("piece size {size}: {verdict:?}");
+            };
+            assert_eq!(refusal, Refusal::BadLength);
+            let end = PIPELINE.len() + bad_length.len();
+            let piece_start = (end - 1) / size * size;
+            assert_eq!(deliver, PIPELINE.len().max(piece_start), "{size}");
+            assert_eq!(s.read, ReadPhase::Stopped);
+        });
         // Malformed (even leniently): the read goes to hyper, which answers 400; nothing more.
         for malformed in [
             "G(ET / HTTP/1.1\r\n\r\n",
@@ -1367,12 +1399,30 @@ mod tests {
     }
 
     #[test]
-    fn a_head_longer_than_hypers_buffer_is_left_to_hyper() {
+    fn a_head_that_would_fill_hypers_buffer_is_withheld_and_refused() {
         let mut s = Scanner::new(100);
         let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(50));
         assert_eq!(s.on_read(long.as_bytes()), Verdict::Pass);
-        assert_eq!(s.on_read(&[b'a'; 40]), Verdict::Doom { deliver: 40 });
+        // hyper holds 66 bytes of the head; the read that reaches 100 is not handed over.
+        assert_eq!(
+            s.on_read(&[b'a'; 40]),
+            Verdict::Refuse {
+                deliver: 0,
+                refusal: Refusal::HeadTooLarge
+            }
+        );
         assert_eq!(s.read, ReadPhase::Stopped);
+        // In any split that leaves it incomplete over the limit, what was handed over stays
+        // under it. (A whole head in one read is complete, and hyper parses it as it is.)
+        let head = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(200));
+        for size in 1..head.len() {
+            let mut s = Scanner::new(100);
+            let Verdict::Refuse { deliver, refusal } = feed(&mut s, head.as_bytes(), size) else {
+                panic!("piece size {size}");
+            };
+            assert_eq!(refusal, Refusal::HeadTooLarge);
+            assert!(deliver < 100, "{size}: {deliver}");
+        }
     }
 
     #[test]
@@ -1442,12 +1492,18 @@ mod tests {
         );
         assert_eq!(s.requests.len(), 1);
 
-        // Past hyper's buffer: the empty lines count, as they do for hyper (431), and hyper
-        // gets them and nothing after.
+        // Past hyper's buffer: the empty lines count, as they do for hyper, and the read that
+        // would fill its buffer is withheld and refused (431).
         let mut s = Scanner::new(MAX);
         let start = parses();
         let verdict = feed(&mut s, &stream, 8 * 1024);
-        assert_eq!(verdict, Verdict::Doom { deliver: MAX });
+        assert_eq!(
+            verdict,
+            Verdict::Refuse {
+                deliver: MAX - 8 * 1024,
+                refusal: Refusal::HeadTooLarge
+            }
+        );
         assert!(parses() - start <= 16, "{} parses", parses() - start);
 
         // A CR ending one read and its LF starting the next are one empty line.
@@ -1563,5 +1619,36 @@ mod tests {
         assert_eq!(v["error"]["code"], "invalid_parameter");
         assert_eq!(v["error"]["param"], "transfer-encoding");
         assert_eq!(v["error"]["type"], "invalid_request_error");
+        // The refusals hyper would make without a body get permgate's errors too.
+        for (refusal, status, code, param) in [
+            (
+                Refusal::BadLength,
+                "400 Bad Request",
+                "invalid_parameter",
+                serde_json::json!("content-length"),
+            ),
+            (
+                Refusal::HeadTooLarge,
+                "431 Request Header Fields Too Large",
+                "request_too_large",
+                serde_json::Value::Null,
+            ),
+        ] {
+            let text = String::from_utf8(refusal_response(refusal, &id)).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(
+                head.starts_with(&format!("HTTP/1.1 {status}\r\n")),
+                "{head}"
+            );
+            assert!(
+                head.lines().any(|l| l == "x-request-id: req_test"),
+                "{head}"
+            );
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                (&v["error"]["code"], &v["error"]["param"]),
+                (&code.into(), &param)
+            );
+        }
     }
 }

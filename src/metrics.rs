@@ -172,10 +172,12 @@ impl Shed {
 }
 
 /// The `reason`s of `permgate_framing_refusals_total`, each exposed from the start (at 0).
-pub const FRAMING_REFUSALS: [&str; 3] = [
+pub const FRAMING_REFUSALS: [&str; 5] = [
     "length_and_encoding",
     "not_exactly_chunked",
     "encoding_on_http10",
+    "bad_content_length",
+    "head_too_large",
 ];
 
 pub struct Metrics {
@@ -397,7 +399,7 @@ const RATE_LIMITED: Desc = (
 );
 const FRAMING_REFUSALS_DESC: Desc = (
     "permgate_framing_refusals",
-    "Request heads the framing guard refused (400, connection closed) before hyper parsed them: ambiguous length or a Transfer-Encoding other than exactly chunked",
+    "Request heads the framing guard refused (400 or 431, connection closed) before hyper parsed them: ambiguous length, a Transfer-Encoding other than exactly chunked, a Content-Length that is not one number, a head over server.max_header_bytes",
 );
 const SHED: Desc = (
     "permgate_shed",
