@@ -1185,6 +1185,7 @@ mod tests {
         let post = |headers: &str| format!("POST / HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
         let refuse_both = Framing::Refuse(Refusal::LengthAndEncoding);
         let refuse_te = Framing::Refuse(Refusal::NotExactlyChunked);
+        let bad_length = Framing::Refuse(Refusal::BadLength);
         let cases = [
             ("", Framing::Empty),
             ("Content-Length: 12\r\n", Framing::Length(12)),
@@ -1193,27 +1194,12 @@ mod tests {
                 "Content-Length: 2\r\nContent-Length: 2\r\n",
                 Framing::Length(2),
             ),
-            (
-                "Content-Length: 2\r\nContent-Length: 3\r\n",
-                Framing::Refuse(Refusal::BadLength),
-            ),
-            (
-                "Content-Length: 2, 2\r\n",
-                Framing::Refuse(Refusal::BadLength),
-            ),
-            (
-                "Content-Length: +2\r\n",
-                Framing::Refuse(Refusal::BadLength),
-            ),
+            ("Content-Length: 2\r\nContent-Length: 3\r\n", bad_length),
+            ("Content-Length: 2, 2\r\n", bad_length),
+            ("Content-Length: +2\r\n", bad_length),
             ("Content-Length: \r\n", Framing::Refuse(Refusal::BadLength)),
-            (
-                "Content-Length: 18446744073709551614\r\n",
-                Framing::Refuse(Refusal::BadLength),
-            ),
-            (
-                "Content-Length: 99999999999999999999999\r\n",
-                Framing::Refuse(Refusal::BadLength),
-            ),
+            ("Content-Length: 18446744073709551614\r\n", bad_length),
+            ("Content-Length: 99999999999999999999999\r\n", bad_length),
             ("Transfer-Encoding: chunked\r\n", Framing::Chunked),
             ("transfer-encoding: Chunked\r\n", Framing::Chunked),
             ("TRANSFER-ENCODING:  CHUNKED \t\r\n", Framing::Chunked),
