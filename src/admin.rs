@@ -3,7 +3,7 @@
 //! | method | path | what |
 //! | --- | --- | --- |
 //! | GET | `/healthz` | 200 while the process runs |
-//! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining or before the first JWKS |
+//! | GET | `/readyz` | 200 when it can serve; 503 with a reason while draining, or before the first JWKS when every client is a JWT subject |
 //! | GET | `/metrics` | Prometheus text format (see `metrics`) |
 //! | POST | `/cache/purge` | drop every cached page; `?checkpoint=ID` drops one checkpoint's pages |
 //!
@@ -64,15 +64,17 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     })
 }
 
-/// Why this replica should not be sent callers yet, if it should not: it is draining, or its
-/// `jwt.jwks_url` has not been fetched yet (every JWT caller would get a 401). A replica
-/// without a fleet lease is ready: it tried to take one before its listeners opened, it serves
-/// reads from upstream and refuses writes by design (SPEC "Many replicas"), and were readiness
-/// to follow the lease, losing Redis would take every replica out of service at once.
+/// Why this replica should not be sent callers yet, if it should not: it is draining, or every
+/// client is known by a JWT subject and its `jwt.jwks_url` has not been fetched yet (every
+/// caller would get a 401). With static-token or certificate clients too, it is ready: those
+/// it serves, and only JWT callers get 401s until the keys arrive. A replica without a fleet
+/// lease is ready: it tried to take one before its listeners opened, it serves reads from
+/// upstream and refuses writes by design (SPEC "Many replicas"), and were readiness to follow
+/// the lease, losing Redis would take every replica out of service at once.
 fn not_ready(state: &AppState) -> Option<&'static str> {
     if state.is_draining() {
         Some("draining: shutdown in progress")
-    } else if state.jwt.as_ref().is_some_and(|jwt| !jwt.has_keys()) {
+    } else if state.jwt.as_ref().is_some_and(|jwt| !jwt.has_keys()) && state.clients().only_jwt() {
         Some("no JWKS yet: jwt.jwks_url has not been fetched")
     } else {
         None

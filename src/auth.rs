@@ -163,6 +163,12 @@ pub const NO_CLIENT_FOR_SUBJECT: &str =
     "The JWT is valid, but no permgate client is configured for its subject (sub).";
 
 impl Clients {
+    /// Whether every client is known by a JWT subject: then no caller can be served before
+    /// the JWKS is loaded.
+    pub fn only_jwt(&self) -> bool {
+        self.by_digest.is_empty() && self.by_tls_identity.is_empty()
+    }
+
     /// Builds the table from validated config (globs and identities were checked by `config`).
     pub fn new(configs: &[ClientConfig]) -> Clients {
         let mut clients = Clients::default();

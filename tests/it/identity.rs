@@ -597,38 +597,59 @@ async fn jwks_url_is_fetched_at_start_then_for_an_unknown_kid_at_most_once_per_1
     assert!(logs().contains("JWKS reload failed; keeping the current keys"));
 }
 
-/// Until its `jwks_url` has answered, a replica can verify no JWT: `/readyz` keeps callers away.
+/// Until its `jwks_url` has answered, a replica can verify no JWT: when every client is a JWT
+/// subject, `/readyz` keeps callers away; with static-token clients too, it serves them.
 #[tokio::test]
-async fn readiness_waits_for_the_first_jwks() {
+async fn readiness_waits_for_the_first_jwks_when_only_jwts_can_call() {
     let key = ec_key("a");
     let server = serve_jwks(jwks(&[&key])).await;
     *server.status.lock().unwrap() = 503;
     let url = format!("jwks_url = \"http://{}/openid/v1/jwks\"", server.addr);
     let extra = jwt_config(&url, "");
-    let gw = start_with(|c| c.push_str(&extra)).await;
     let fetches = || server.fetches.load(Ordering::SeqCst);
-    eventually("the first JWKS fetch", || async { fetches() == 1 }).await;
     let token = key.sign(&claims(BILLING));
-    let admin = gw.admin();
-    let ready = admin.send(Method::GET, "/readyz", None, &[], None).await;
+    let readyz = |gw: &Gateway| {
+        let admin = gw.admin();
+        async move { admin.send(Method::GET, "/readyz", None, &[], None).await }
+    };
+
+    // Static-token clients beside the JWT ones: ready, and only JWT callers wait for the keys.
+    let mixed = start_with(|c| c.push_str(&extra)).await;
+    eventually("the first JWKS fetch", || async { fetches() == 1 }).await;
+    assert_eq!(readyz(&mixed).await.status, 200);
+    assert_eq!(mixed.client.get(&list_path(CP), &token).await.status, 401);
+    assert_eq!(mixed.client.get(&list_path(CP), READER).await.status, 200);
+
+    // JWT clients only: not ready until the keys are loaded.
+    let only_jwt = start_with(|c| {
+        c.truncate(c.find("[[clients]]").unwrap());
+        c.push_str(&extra);
+    })
+    .await;
+    eventually("its first JWKS fetch", || async { fetches() >= 3 }).await;
+    let ready = readyz(&only_jwt).await;
     assert_eq!(ready.status, 503);
     assert_eq!(ready.json()["status"], "not ready");
     assert!(ready.json()["reason"]
         .as_str()
         .unwrap()
         .contains("jwt.jwks_url"));
-    assert_eq!(gw.client.get(&list_path(CP), &token).await.status, 401);
+    assert_eq!(
+        only_jwt.client.get(&list_path(CP), &token).await.status,
+        401
+    );
 
     *server.status.lock().unwrap() = 200;
-    gw.state.jwt.as_ref().unwrap().reload().await;
-    let ready = admin.send(Method::GET, "/readyz", None, &[], None).await;
-    assert_eq!(ready.status, 200);
-    assert_eq!(gw.client.get(&list_path(CP), &token).await.status, 200);
+    only_jwt.state.jwt.as_ref().unwrap().reload().await;
+    assert_eq!(readyz(&only_jwt).await.status, 200);
+    assert_eq!(
+        only_jwt.client.get(&list_path(CP), &token).await.status,
+        200
+    );
     // A failed re-read later keeps the keys, and the replica stays ready.
     *server.status.lock().unwrap() = 500;
-    gw.state.jwt.as_ref().unwrap().reload().await;
-    let ready = admin.send(Method::GET, "/readyz", None, &[], None).await;
-    assert_eq!(ready.status, 200);
+    only_jwt.state.jwt.as_ref().unwrap().reload().await;
+    assert_eq!(readyz(&only_jwt).await.status, 200);
 }
 
 /// A TLS acceptor for `localhost` under a CA made now, and that CA's PEM.
