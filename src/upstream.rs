@@ -681,14 +681,14 @@ fn classify(
                 retry_after,
             })
         }
-        _ => {
-            warn!(
-                request_id,
-                attempt,
-                status = status.as_u16(),
-                "upstream failed"
-            );
-            Err(Error::UpstreamError)
+        code => {
+            warn!(request_id, attempt, status = code, "upstream failed");
+            // A 5xx or a 408 may pass; any other status (410, 418, a redirect...) would be
+            // the answer again.
+            Err(match code {
+                408 | 500..=599 => Error::UpstreamError,
+                _ => Error::UpstreamUnusable,
+            })
         }
     }
 }

@@ -101,10 +101,11 @@ async fn answers_a_retry_cannot_fix_say_so() {
         assert_eq!(r.status, code);
         assert_eq!(advice(&r).0, Some("false"), "passed-through {code}");
     }
-    // Upstream answered, but nothing to pass on (not JSON, a 2xx of the wrong shape): asking
-    // again gets the same answer.
+    // Upstream answered, but nothing to pass on (not JSON, a 2xx of the wrong shape, a status
+    // the endpoints do not have): asking again gets the same answer.
     for unusable in [
         Fault::MalformedJson,
+        fault(418),
         Fault::Status {
             status: 200,
             body: r#"{"object":"list"}"#.into(),
