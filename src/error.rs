@@ -37,6 +37,9 @@ pub enum Error {
         param: Cow<'static, str>,
         message: Cow<'static, str>,
     },
+    /// 400 (`invalid_request`, no `param`): a request head hyper's parser refused, answered by
+    /// the framing guard.
+    MalformedRequest,
     /// 401: missing or unknown client token.
     InvalidApiKey,
     /// 401 (`invalid_api_key` too): a credential refused for `reason`, a fixed message that
@@ -52,7 +55,8 @@ pub enum Error {
     RequestTooLarge,
     /// 414: request URI over `server.max_uri_bytes`.
     UriTooLong,
-    /// 431: request head over `server.max_header_bytes` (refused by the framing guard).
+    /// 431: a request head still incomplete at `server.max_header_bytes`, or of more than 100
+    /// fields (answered by the framing guard).
     HeadersTooLarge,
     /// 429: this client's rate limit; `retry_after`: until a request would be let through.
     RateLimitExceeded { retry_after: Duration },
@@ -87,7 +91,7 @@ impl Error {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            Error::InvalidParameter { .. } | Error::MalformedRequest => StatusCode::BAD_REQUEST,
             Error::InvalidApiKey | Error::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Error::PermissionDenied => StatusCode::FORBIDDEN,
             Error::NotFound => StatusCode::NOT_FOUND,
@@ -108,6 +112,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::InvalidParameter { .. } => "invalid_parameter",
+            Error::MalformedRequest => "invalid_request",
             Error::InvalidApiKey | Error::Unauthenticated { .. } => "invalid_api_key",
             Error::PermissionDenied => "permission_denied",
             Error::NotFound => "not_found",
@@ -126,6 +131,7 @@ impl Error {
     fn kind(&self) -> &'static str {
         match self {
             Error::InvalidParameter { .. }
+            | Error::MalformedRequest
             | Error::InvalidApiKey
             | Error::Unauthenticated { .. }
             | Error::PermissionDenied
@@ -146,6 +152,9 @@ impl Error {
     fn message(&self) -> Cow<'static, str> {
         let fixed = match self {
             Error::InvalidParameter { message, .. } => return message.clone(),
+            Error::MalformedRequest => {
+                "The request is not valid HTTP/1.1: its request line or a header line could not be parsed."
+            }
             Error::InvalidApiKey => {
                 "Missing or unknown permgate client token. Send 'Authorization: Bearer <client token>'."
             }
@@ -203,6 +212,7 @@ impl Error {
                 retry_later(headers, retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
             }
             Error::InvalidParameter { .. }
+            | Error::MalformedRequest
             | Error::InvalidApiKey
             | Error::Unauthenticated { .. }
             | Error::PermissionDenied
@@ -279,6 +289,7 @@ mod tests {
             (Error::RequestTooLarge, 413, "request_too_large"),
             (Error::UriTooLong, 414, "request_too_large"),
             (Error::HeadersTooLarge, 431, "request_too_large"),
+            (Error::MalformedRequest, 400, "invalid_request"),
             (
                 Error::RateLimitExceeded {
                     retry_after: Duration::from_secs(2),
@@ -360,6 +371,7 @@ mod tests {
             Error::RequestTooLarge,
             Error::UriTooLong,
             Error::HeadersTooLarge,
+            Error::MalformedRequest,
             Error::UpstreamUnusable,
             Error::UpstreamAuthFailed,
         ] {

@@ -2,10 +2,9 @@
 //! identity, framing"): an HTTP/1 request with both `Content-Length` and `Transfer-Encoding`,
 //! or with a `Transfer-Encoding` other than exactly `chunked`, is answered 400 and its
 //! connection closed before hyper has parsed it, so no handler runs and nothing of it reaches
-//! upstream, whoever sent it. So are two refusals hyper would otherwise make itself, without a
-//! body or a request id: a `Content-Length` that is not one decimal number (or disagrees with
-//! another; 400) and a head over hyper's buffer (`server.max_header_bytes`; 431). They get
-//! permgate's JSON error and `x-request-id` like every other answer (SPEC "Responses").
+//! upstream, whoever sent it. So is a `Content-Length` that is not one decimal number (or
+//! disagrees with another; 400), and a head still incomplete at hyper's buffer size
+//! (`server.max_header_bytes`; 431).
 //!
 //! Why below hyper: hyper 1.x settles the ambiguity itself before a request exists. Its
 //! `Server::parse` skips a `Content-Length` that follows `Transfer-Encoding`, removes one that
@@ -18,24 +17,30 @@
 //! parser hyper uses, configured at least as leniently, so every head hyper could complete the
 //! guard completes too) and the same chunked grammar as hyper's decoder, so it always knows
 //! where the next head starts. A head's bytes are passed to hyper as they arrive, except the
-//! read that completes it, which is checked first: a refused head therefore never becomes a
-//! request. Its 400 or 431 (OpenAI's JSON error, `Connection: close`) is written only after every earlier request on the connection has been answered, which the
-//! guard knows by following the response framing hyper writes; then the connection's write
-//! side is shut and what the client still sends is discarded for up to [`LINGER`], so the 400
-//! is not lost to a reset.
+//! read that completes it (or that would fill hyper's buffer), which is checked first: a
+//! refused head therefore never becomes a request. Its answer (OpenAI's JSON error, the
+//! caller's `x-request-id` if it sent a sane one, `Connection: close`) is written only after
+//! every earlier request on the connection has been answered, which the guard knows by
+//! following the response framing hyper writes; then the connection's write side is shut and
+//! what the client still sends is discarded for up to [`LINGER`], so the answer is not lost to
+//! a reset.
 //!
 //! "Exactly `chunked`": one `Transfer-Encoding` field line, on HTTP/1.1, whose value (after
 //! the optional whitespace around a field value) is `chunked` in any letter case, and no
 //! `Content-Length`. A list (`gzip, chunked`, `chunked, chunked`), parameters, other codings,
 //! an empty value and a second line are all refused.
 //!
-//! Left to hyper, which answers them itself (no body) and closes: heads hyper cannot parse
-//! (400) and heads of more than 100 fields (431). hyper parses every read as it comes, the
-//! guard only once a head can be complete (to keep its work linear in the head), so hyper may
-//! meet these before the guard does. The guard passes such a head and then no further byte. HTTP/2 (the connection preface) passes
-//! untouched: it has no such framing, and h2 refuses `transfer-encoding` in a request.
-//! Refusals are logged (`request_id`, `reason`) and counted in
-//! `permgate_framing_refusals_total{reason}`; they are not in the access log or the request
+//! Heads hyper refuses while parsing them (a malformed line, which the guard hands over with
+//! nothing after it; a line the guard's leniency skips but hyper's parser does not; more than
+//! 100 fields; a request-target `http::Uri` refuses) hyper answers itself: 400, 414 or 431
+//! with no body and no request id, then it closes. The guard recognises that answer as it is
+//! written (a bodiless 400/414/431 at the start of an answer: permgate's own errors always have
+//! a JSON body) and writes permgate's JSON error with a new `x-request-id` in its place, so
+//! every answer has the SPEC's shape. No lingering follows these: hyper ends the connection.
+//!
+//! HTTP/2 (the connection preface) passes untouched: it has no such framing, and h2 refuses
+//! `transfer-encoding` in a request. Refusals are logged (`request_id`, `reason`) and counted
+//! in `permgate_framing_refusals_total{reason}`; they are not in the access log or the request
 //! metrics, which belong to requests, and this never became one.
 
 use std::collections::VecDeque;
@@ -58,8 +63,8 @@ use crate::head_timer::HeadTimer;
 use crate::metrics::Metrics;
 use crate::observability;
 
-/// How long a refused connection keeps reading (and discarding) after its 400, so that bytes
-/// the client is still sending do not turn the close into a reset that can destroy the 400.
+/// How long a refused connection keeps reading (and discarding) after its answer, so that
+/// bytes the client is still sending do not turn the close into a reset that destroys it.
 pub const LINGER: Duration = Duration::from_secs(1);
 
 /// hyper-util's HTTP/2 detection: a connection that starts with this is HTTP/2.
@@ -88,12 +93,12 @@ enum State {
     Open,
     /// hyper has what it needs to refuse the last head itself; it gets no further byte.
     Doomed,
-    /// A refused head was withheld; its 400 waits for every earlier answer.
+    /// A refused head was withheld; its answer waits for every earlier answer.
     Refusing {
         refusal: Refusal,
         id: HeaderValue,
     },
-    /// Writing the 400, then shutting the write side.
+    /// Writing the refusal's answer, then shutting the write side.
     Answering {
         response: Vec<u8>,
         written: usize,
@@ -105,7 +110,7 @@ enum State {
 
 impl<IO> FramingGuard<IO> {
     /// `max_head`: hyper's HTTP/1 read buffer limit (`max_buf_size`). A head still incomplete
-    /// at that size is passed on for hyper to answer 431, and nothing after it.
+    /// at that size is refused (431) before hyper holds that much of it.
     /// `header_read_timeout`: how long a head awaited may take (see [`HeadTimer`]).
     /// `metrics`: where refusals are counted, if anywhere.
     pub fn new(
@@ -135,6 +140,35 @@ impl<IO> FramingGuard<IO> {
         }
     }
 
+    /// Logs and counts a refusal.
+    fn record_refusal(&self, refusal: Refusal, id: &HeaderValue) {
+        info!(
+            request_id = id.to_str().unwrap_or_default(),
+            reason = refusal.reason(),
+            "request head refused at the front door; closing the connection"
+        );
+        if let Some(metrics) = &self.metrics {
+            metrics.framing_refused(refusal.label());
+        }
+    }
+
+    /// hyper answering a head it could not parse (`data` starts its answer: a 400, 414 or 431
+    /// without a body or a request id): the guard writes permgate's answer for it instead.
+    /// hyper ends the connection after it.
+    fn substitute(&mut self, data: &[u8]) {
+        if !matches!(self.state, State::Open | State::Doomed) {
+            return;
+        }
+        if let Some(refusal) = self.scanner.hyper_refusal(data) {
+            let id = observability::request_id(None);
+            self.record_refusal(refusal, &id);
+            self.state = State::Answering {
+                response: refusal_response(refusal, &id),
+                written: 0,
+            };
+        }
+    }
+
     /// hyper's writes are refused once the guard has taken the connection over.
     fn taken_over(&self) -> bool {
         matches!(
@@ -159,15 +193,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
                 deliver
             }
             Verdict::Refuse { deliver, refusal } => {
-                let id = observability::request_id(None);
-                info!(
-                    request_id = id.to_str().unwrap_or_default(),
-                    reason = refusal.reason(),
-                    "request head refused by the framing guard; closing the connection"
-                );
-                if let Some(metrics) = &self.metrics {
-                    metrics.framing_refused(refusal.label());
-                }
+                let id = observability::request_id(self.scanner.refused_request_id.take().as_ref());
+                self.record_refusal(refusal, &id);
                 self.state = State::Refusing { refusal, id };
                 deliver
             }
@@ -204,7 +231,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
 
     /// A refusal's turn comes once every earlier request is answered. If the answers could
     /// not be followed (an upgrade, a response without a length), the connection is closed
-    /// without a 400 rather than risk one in the middle of another answer.
+    /// without an answer rather than risk one in the middle of another.
     fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let State::Refusing { refusal, id } = &self.state else {
             return Poll::Ready(());
@@ -223,7 +250,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
         Poll::Ready(())
     }
 
-    /// Writes the 400 and shuts the write side. A client already gone is not an error here.
+    /// A write of hyper's while the guard answers: hyper's `len` bytes are taken (and dropped)
+    /// once the guard's answer is written. No lingering follows: hyper is ending the connection.
+    fn poll_answer_for_hyper(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_answer(cx));
+        self.state = State::Closed;
+        Poll::Ready(Ok(len))
+    }
+
+    /// Writes the refusal and shuts the write side. A client already gone is not an error here.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let State::Answering { response, written } = &mut self.state else {
             return Poll::Ready(());
@@ -301,6 +340,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        this.substitute(data);
+        if let State::Answering { .. } = this.state {
+            return this.poll_answer_for_hyper(cx, data.len());
+        }
         if this.taken_over() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -316,6 +359,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            this.substitute(first);
+        }
+        if let State::Answering { .. } = this.state {
+            let len = bufs.iter().map(|b| b.len()).sum();
+            return this.poll_answer_for_hyper(cx, len);
+        }
         if this.taken_over() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -397,34 +447,45 @@ enum Refusal {
     EncodingOnHttp10,
     /// A `Content-Length` that is not one decimal number, or two that disagree.
     BadLength,
-    /// Still incomplete at hyper's buffer size.
+    /// Still incomplete at hyper's buffer size; or more than 100 fields (hyper's 431).
     HeadTooLarge,
+    /// A request-target over hyper's limit (hyper's 414).
+    UriTooLong,
+    /// A head hyper's parser refused (hyper's 400).
+    Malformed,
 }
 
 impl Refusal {
     fn error(self) -> Error {
+        let transfer_encoding =
+            |message: &'static str| Error::invalid("transfer-encoding", message);
         match self {
-            Refusal::LengthAndEncoding | Refusal::NotExactlyChunked | Refusal::EncodingOnHttp10 => {
-                Error::invalid("transfer-encoding", self.message())
+            Refusal::LengthAndEncoding => transfer_encoding(
+                "A request may not carry both Content-Length and Transfer-Encoding: its length would be ambiguous.",
+            ),
+            Refusal::NotExactlyChunked => transfer_encoding(
+                "Transfer-Encoding must be exactly 'chunked', on one header line: other codings and lists are not accepted.",
+            ),
+            Refusal::EncodingOnHttp10 => {
+                transfer_encoding("Transfer-Encoding is not defined for HTTP/1.0 requests.")
             }
-            Refusal::BadLength => Error::invalid("content-length", self.message()),
+            Refusal::BadLength => Error::invalid(
+                "content-length",
+                "Content-Length must be one decimal number below 2^64 - 2 (repeated lines must agree).",
+            ),
             Refusal::HeadTooLarge => Error::HeadersTooLarge,
+            Refusal::UriTooLong => Error::UriTooLong,
+            Refusal::Malformed => Error::MalformedRequest,
         }
     }
 
-    fn message(self) -> &'static str {
-        match self {
-            Refusal::LengthAndEncoding => {
-                "A request may not carry both Content-Length and Transfer-Encoding: its length would be ambiguous."
-            }
-            Refusal::NotExactlyChunked => {
-                "Transfer-Encoding must be exactly 'chunked', on one header line: other codings and lists are not accepted."
-            }
-            Refusal::EncodingOnHttp10 => "Transfer-Encoding is not defined for HTTP/1.0 requests.",
-            Refusal::BadLength => {
-                "Content-Length must be one decimal number (repeated lines must agree)."
-            }
-            Refusal::HeadTooLarge => "Request headers are larger than this gateway accepts.",
+    /// What hyper's own answer to a head it could not parse stands for.
+    fn of_hyper_status(status: u16) -> Option<Refusal> {
+        match status {
+            400 => Some(Refusal::Malformed),
+            414 => Some(Refusal::UriTooLong),
+            431 => Some(Refusal::HeadTooLarge),
+            _ => None,
         }
     }
 
@@ -434,7 +495,9 @@ impl Refusal {
             Refusal::NotExactlyChunked => "transfer-encoding not exactly chunked",
             Refusal::EncodingOnHttp10 => "transfer-encoding on HTTP/1.0",
             Refusal::BadLength => "content-length not one decimal number",
-            Refusal::HeadTooLarge => "head over server.max_header_bytes",
+            Refusal::HeadTooLarge => "head over server.max_header_bytes or over 100 fields",
+            Refusal::UriTooLong => "request-target over hyper's limit",
+            Refusal::Malformed => "head hyper could not parse",
         }
     }
 
@@ -446,7 +509,8 @@ impl Refusal {
             Refusal::NotExactlyChunked => "not_exactly_chunked",
             Refusal::EncodingOnHttp10 => "encoding_on_http10",
             Refusal::BadLength => "bad_content_length",
-            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::HeadTooLarge | Refusal::UriTooLong => "head_too_large",
+            Refusal::Malformed => "malformed",
         }
     }
 }
@@ -490,6 +554,8 @@ struct Scanner {
     answering: bool,
     /// Request heads completed so far.
     heads: u64,
+    /// The caller's `x-request-id` of the head just refused, if it sent one.
+    refused_request_id: Option<HeaderValue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,6 +607,7 @@ impl Scanner {
             response_head: HeadBuf::default(),
             answering: false,
             heads: 0,
+            refused_request_id: None,
         }
     }
 
@@ -630,7 +697,8 @@ impl Scanner {
                 self.read = ReadPhase::Stopped;
                 Step::Refuse(Refusal::HeadTooLarge)
             }
-            // hyper's parser, no more lenient than this one, answers 400 on these bytes.
+            // hyper's parser, no more lenient than this one, refuses these bytes; its answer is
+            // replaced as it is written (`hyper_refusal`).
             Assembled::Malformed => {
                 self.read = ReadPhase::Stopped;
                 Step::Doom(rest.len())
@@ -643,6 +711,7 @@ impl Scanner {
         self.read = match head.framing {
             Framing::Refuse(refusal) => {
                 self.read = ReadPhase::Stopped;
+                self.refused_request_id = head.request_id;
                 return Step::Refuse(refusal);
             }
             Framing::Empty | Framing::Length(0) => ReadPhase::Head,
@@ -651,6 +720,27 @@ impl Scanner {
         };
         self.expect_answer(head.method);
         Step::Advance(used)
+    }
+
+    /// hyper's own answer to a head it could not parse, if `data` starts one: at the start of
+    /// an answer, a 400, 414 or 431 without a body. permgate's own errors always carry a JSON
+    /// body, so only hyper writes these. Other answers cost one byte comparison here.
+    fn hyper_refusal(&self, data: &[u8]) -> Option<Refusal> {
+        if self.write != WritePhase::Head
+            || self.response_head.len() > 0
+            || data.get(STATUS_LINE_START - 3) != Some(&b'4')
+        {
+            return None;
+        }
+        let Ok(Some((_, head))) = parse_response(data) else {
+            return None;
+        };
+        match head.body {
+            ResponseBody::Length(0) | ResponseBody::Unknown => {
+                Refusal::of_hyper_status(head.status)
+            }
+            ResponseBody::Length(_) | ResponseBody::Chunked => None,
+        }
     }
 
     fn expect_answer(&mut self, method: Method) {
@@ -771,10 +861,12 @@ enum Framing {
     Refuse(Refusal),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct RequestHead {
     method: Method,
     framing: Framing,
+    /// The caller's `x-request-id`, kept for a refused head's answer only.
+    request_id: Option<HeaderValue>,
 }
 
 /// RFC 9112 6.3 as the SPEC narrows it. Repeated identical `Content-Length` values are one
@@ -859,7 +951,22 @@ fn request_head<'b>(
         _ => Method::Other,
     };
     let framing = request_framing(request.version, request.headers);
-    Ok(Some((len, RequestHead { method, framing })))
+    let request_id = match framing {
+        Framing::Refuse(_) => request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+            .and_then(|h| HeaderValue::from_bytes(h.value).ok()),
+        _ => None,
+    };
+    Ok(Some((
+        len,
+        RequestHead {
+            method,
+            framing,
+            request_id,
+        },
+    )))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1175,6 +1282,8 @@ mod tests {
             Refusal::EncodingOnHttp10,
             Refusal::BadLength,
             Refusal::HeadTooLarge,
+            Refusal::UriTooLong,
+            Refusal::Malformed,
         ] {
             assert!(crate::metrics::FRAMING_REFUSALS.contains(&refusal.label()));
         }
@@ -1370,7 +1479,7 @@ mod tests {
             assert_eq!(deliver, PIPELINE.len().max(piece_start), "{size}");
             assert_eq!(s.read, ReadPhase::Stopped);
         });
-        // Malformed (even leniently): the read goes to hyper, which answers 400; nothing more.
+        // Malformed (even leniently): the read goes to hyper, which refuses it; nothing more.
         for malformed in [
             "G(ET / HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
@@ -1583,6 +1692,41 @@ mod tests {
         s.on_read(b"CONNECT x:1 HTTP/1.1\r\n\r\n");
         s.on_write(b"HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(s.unanswered(), None);
+    }
+
+    #[test]
+    fn hypers_own_error_answers_are_recognised_and_nothing_else() {
+        let s = scanner();
+        for (answer, refusal) in [
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                Some(Refusal::Malformed),
+            ),
+            (
+                "HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\r\n",
+                Some(Refusal::HeadTooLarge),
+            ),
+            (
+                "HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\n\r\n",
+                Some(Refusal::UriTooLong),
+            ),
+            // permgate's own errors have a body.
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 97\r\n\r\n",
+                None,
+            ),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", None),
+            ("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", None),
+            ("HTTP/1.1 400 Bad Req", None),
+        ] {
+            assert_eq!(s.hyper_refusal(answer.as_bytes()), refusal, "{answer}");
+        }
+        // Inside another answer (its body), nothing is recognised.
+        let mut s = scanner();
+        s.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        s.on_write(b"HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\n");
+        let inside = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(s.hyper_refusal(inside), None);
     }
 
     #[test]

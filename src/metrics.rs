@@ -172,12 +172,13 @@ impl Shed {
 }
 
 /// The `reason`s of `permgate_framing_refusals_total`, each exposed from the start (at 0).
-pub const FRAMING_REFUSALS: [&str; 5] = [
+pub const FRAMING_REFUSALS: [&str; 6] = [
     "length_and_encoding",
     "not_exactly_chunked",
     "encoding_on_http10",
     "bad_content_length",
     "head_too_large",
+    "malformed",
 ];
 
 pub struct Metrics {
@@ -399,7 +400,7 @@ const RATE_LIMITED: Desc = (
 );
 const FRAMING_REFUSALS_DESC: Desc = (
     "permgate_framing_refusals",
-    "Request heads the framing guard refused (400 or 431, connection closed) before hyper parsed them: ambiguous length, a Transfer-Encoding other than exactly chunked, a Content-Length that is not one number, a head over server.max_header_bytes",
+    "Request heads refused at the front door (400, 414 or 431 with permgate's JSON error, connection closed): ambiguous length, a Transfer-Encoding other than exactly chunked, a Content-Length that is not one number, a head too large, a head hyper could not parse",
 );
 const SHED: Desc = (
     "permgate_shed",

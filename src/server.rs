@@ -6,7 +6,7 @@
 //! stop accepting, then in-flight requests get `server.drain_timeout_ms` to finish.
 //!
 //! Limits per connection: request headers larger than `server.max_header_bytes` are refused
-//! (431) by hyper; a caller that does not finish sending its headers within
+//! (431) by the framing guard (`framing`); a caller that does not finish sending its headers within
 //! `server.header_read_timeout_ms` is disconnected (slow loris), and so is a new connection that
 //! starts no request within it. At most `server.max_connections` connections are open at once;
 //! past that the listener stops accepting until one closes (the kernel's backlog queues).
@@ -328,7 +328,7 @@ where
         let mut drain = self.drain.subscribe();
         let limits = self.limits;
         let metrics = self.metrics.clone();
-        // As `connection_builder`'s buffer: a larger head is hyper's 431, not the guard's.
+        // As `connection_builder`'s buffer: the guard refuses a head before hyper's fills.
         let head_limit = limits.max_header_bytes.max(8192);
         tokio::spawn(async move {
             let _slot = slot; // Held until the connection ends, handshake included.

@@ -135,17 +135,20 @@ async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
     let r = gw.client.post(&list_path(CP), WRITER, BODY).await;
     assert_eq!(r.status, 200);
     assert_eq!(gw.mock.count(&Method::POST), 1);
-    assert_refusals(&gw, [4, 0, 0]).await;
+    assert_refusals(&gw, [4, 0, 0, 0, 0, 0]).await;
 }
 
 /// `permgate_framing_refusals_total` by reason: length and encoding, not exactly chunked,
-/// encoding on HTTP/1.0.
-async fn assert_refusals(gw: &Gateway, counts: [u32; 3]) {
+/// encoding on HTTP/1.0, bad content length, head too large, malformed.
+async fn assert_refusals(gw: &Gateway, counts: [u32; 6]) {
     let metrics = gw.state.render_metrics().await;
     let reasons = [
         "length_and_encoding",
         "not_exactly_chunked",
         "encoding_on_http10",
+        "bad_content_length",
+        "head_too_large",
+        "malformed",
     ];
     for (reason, count) in reasons.into_iter().zip(counts) {
         let line = format!("permgate_framing_refusals_total{{reason=\"{reason}\"}} {count}");
@@ -184,7 +187,7 @@ async fn transfer_encodings_other_than_exactly_chunked_are_refused() {
     }
     let http10 = post_head("Transfer-Encoding: chunked\r\n").replacen("HTTP/1.1", "HTTP/1.0", 1);
     assert_refused(&gw, "chunked on HTTP/1.0", format!("{http10}{body}")).await;
-    assert_refusals(&gw, [0, 8, 1]).await;
+    assert_refusals(&gw, [0, 8, 1, 0, 0, 0]).await;
 }
 
 #[tokio::test]
@@ -271,6 +274,66 @@ async fn a_request_inside_a_body_is_only_body() {
         let seen = gw.mock.requests();
         assert!(seen.is_empty(), "{what}: upstream saw {seen:?}");
     }
+}
+
+/// The front door's other refusals, each after the answer to the pipelined request before it:
+/// a `Content-Length` that is not one number (400 naming `content-length`), a head too large
+/// for hyper's buffer (431), and a head hyper's parser refuses (400 `invalid_request`, written
+/// in place of hyper's bodiless answer). Each is permgate's JSON error with a request id (the
+/// caller's, when the refused head was whole enough to carry one), closes, and is counted.
+#[tokio::test]
+async fn other_refused_heads_get_permgates_errors_after_the_answers_before_them() {
+    let gw = start().await;
+    let lengths = "Content-Length: 2\r\nContent-Length: 3\r\nX-Request-Id: caller-id-7\r\n";
+    let big = format!(
+        "GET /big HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(100 * 1024)
+    );
+    let bad_line = "GET /bad HTTP/1.1\r\nX(A): b\r\nX-Request-Id: not-read\r\n\r\n".to_string();
+    // (what, refused head, status, code, param, request id)
+    let cases = [
+        (
+            "two lengths",
+            format!("{}{{}}", post_head(lengths)),
+            400,
+            "invalid_parameter",
+            Some("content-length"),
+            Some("caller-id-7"),
+        ),
+        ("head too large", big, 431, "request_too_large", None, None),
+        (
+            "bad header line",
+            bad_line,
+            400,
+            "invalid_request",
+            None,
+            None,
+        ),
+    ];
+    for (what, refused, status, code, param, id) in cases {
+        let all = exchange(gw.addr, format!("{}{refused}{CANARY}", get(false))).await;
+        assert_eq!(all.len(), 2, "{what}: {all:?}");
+        assert_eq!(all[0].status, 200, "{what}: the GET's answer first");
+        let r = &all[1];
+        assert_eq!(r.status, status, "{what}: {r:?}");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON error body");
+        assert_eq!(v["error"]["code"], code, "{what}: {v}");
+        assert_eq!(v["error"]["param"].as_str(), param, "{what}: {v}");
+        assert_eq!(r.header("connection"), Some("close"), "{what}");
+        assert_eq!(r.header("x-should-retry"), Some("false"), "{what}");
+        let sent = r.header("x-request-id").expect("x-request-id");
+        match id {
+            Some(id) => assert_eq!(sent, id, "{what}"),
+            None => assert!(sent.starts_with("req_"), "{what}: {sent}"),
+        }
+    }
+    assert_eq!(
+        gw.mock.count(&Method::GET),
+        3,
+        "only the pipelined GETs went upstream"
+    );
+    assert_eq!(gw.mock.count(&Method::POST), 0);
+    assert_refusals(&gw, [0, 0, 0, 1, 1, 1]).await;
 }
 
 /// The refusal of a pipelined request comes after the answer to the request before it, even

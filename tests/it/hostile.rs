@@ -2,9 +2,11 @@
 //! fed raw bytes over a plain TCP socket (request smuggling shapes, odd request-target forms,
 //! bytes no HTTP client would send, oversized heads, truncated messages, HTTP/2 garbage).
 //!
-//! Every hostile exchange is checked three ways: who answered and with what (hyper's automatic
-//! error responses carry an empty body and no `x-request-id`; permgate's always carry both an
-//! `x-request-id` and an OpenAI-shaped JSON error), that the mock upstream saw nothing (or, for
+//! Every hostile exchange is checked three ways: who answered and with what (a head refused at
+//! the front door, by the framing guard or by hyper's parser, gets `invalid_parameter`,
+//! `invalid_request` or `request_too_large` and `Connection: close`; a request gets the
+//! handler's answer; every answer carries an `x-request-id` and, for an error, an
+//! OpenAI-shaped JSON body), that the mock upstream saw nothing (or, for
 //! the few shapes that are legitimate requests, exactly what the configured upstream must see),
 //! and that the gateway still serves a normal authenticated GET afterwards.
 //!
@@ -539,12 +541,15 @@ fn smuggled_get() -> String {
 }
 
 impl RawResponse {
-    /// hyper's automatic answer to a message it could not parse: empty, closes, no request id
-    /// (permgate's handler never ran).
-    fn assert_from_hyper(&self, status: u16) {
-        assert_eq!(self.status, status, "{self:?}");
-        assert!(self.header("x-request-id").is_none(), "{self:?}");
-        assert!(self.body.is_empty(), "{self:?}");
+    /// The answer to a head hyper's parser refused (400, or 431 / 414 when it is too large):
+    /// permgate's JSON error with a request id, written by the framing guard in place of
+    /// hyper's bodiless one, and the connection closed (permgate's handler never ran).
+    fn assert_unparsed(&self, status: u16) {
+        let code = match status {
+            400 => "invalid_request",
+            _ => "request_too_large",
+        };
+        assert_eq!(self.assert_from_permgate(status, code), None, "{self:?}");
         assert_eq!(self.header("connection"), Some("close"), "{self:?}");
     }
 
@@ -734,7 +739,7 @@ async fn conflicting_or_malformed_content_length_is_refused() {
 
 /// Transfer-Encoding other than exactly `chunked`, or TE on HTTP/1.0: refused by permgate's
 /// front door, which closes. A malformed `Transfer-Encoding` line (whitespace before the colon,
-/// a control byte) makes the head malformed: hyper answers 400 itself and closes.
+/// a control byte) makes the head malformed: hyper refuses it (400) and closes.
 #[tokio::test]
 async fn odd_transfer_encodings_are_refused() {
     let gw = start().await;
@@ -796,7 +801,7 @@ async fn odd_transfer_encodings_are_refused() {
         );
         let ex = exchange(gw.addr, req).await;
         if hyper {
-            ex.only_response().assert_from_hyper(400);
+            ex.only_response().assert_unparsed(400);
         } else {
             ex.only_response().assert_framing_refused();
         }
@@ -992,7 +997,7 @@ async fn authority_and_asterisk_forms_are_refused_without_tunnelling() {
     assert_still_serves(&gw).await;
 }
 
-/// Bytes that are not allowed in a request line: hyper answers 400 itself. Their
+/// Bytes that are not allowed in a request line: hyper's parser refuses them (400). Their
 /// percent-encoded spellings reach permgate, which answers 400 naming `checkpoint`.
 #[tokio::test]
 async fn invalid_bytes_in_the_request_line_are_rejected() {
@@ -1039,16 +1044,16 @@ async fn invalid_bytes_in_the_request_line_are_rejected() {
                 .as_bytes(),
         );
         let ex = exchange(gw.addr, req).await;
-        ex.only_response().assert_from_hyper(400);
+        ex.only_response().assert_unparsed(400);
         assert_no_upstream(&gw, name);
     }
-    // A request line that is not a token: 400 from hyper too.
+    // A request line that is not a token: refused by hyper's parser too.
     let ex = exchange(
         gw.addr,
         format!("G(ET / HTTP/1.1\r\nHost: x\r\n\r\n{smuggled}"),
     )
     .await;
-    ex.only_response().assert_from_hyper(400);
+    ex.only_response().assert_unparsed(400);
 
     for encoded in [
         "%FF%FE", "ft%3A%80", "a%00b", "a%7Fb", "a%0D%0Ab", "%2E%2E", "a%2Fb",
@@ -1108,7 +1113,7 @@ async fn extension_methods_are_405_from_permgate() {
 /// query, the path), is refused 431 `request_too_large` by the front door before hyper's buffer
 /// fills, and the connection closed. (With a buffer larger than the request line hyper would
 /// answer 414 for a request-target over 65534 bytes; with the 32 KiB default the buffer runs
-/// out first.) More than 100 header fields is 431 too, from hyper itself.
+/// out first.) More than 100 header fields is 431 too, refused by hyper's parser.
 #[tokio::test]
 async fn oversized_heads_are_431() {
     let gw = start().await;
@@ -1155,7 +1160,7 @@ async fn oversized_heads_are_431() {
         gw.addr,
         format!("GET {cp} HTTP/1.1\r\n{head}{many}\r\n{smuggled}"),
     );
-    ex.await.only_response().assert_from_hyper(431);
+    ex.await.only_response().assert_unparsed(431);
     assert_no_upstream(&gw, "200 header fields");
     assert_still_serves(&gw).await;
 }
@@ -1281,7 +1286,7 @@ async fn bare_lf_and_obs_fold() {
             "GET {cp} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRITER}\r\n{header}\r\n{smuggled}"
         );
         let ex = exchange(gw.addr, req).await;
-        ex.only_response().assert_from_hyper(400);
+        ex.only_response().assert_unparsed(400);
         assert_no_upstream(&gw, name);
     }
     assert_no_upstream(&gw, "line endings");
