@@ -34,9 +34,11 @@
 //! nothing after it; a line the guard's leniency skips but hyper's parser does not; more than
 //! 100 fields; a request-target `http::Uri` refuses) hyper answers itself: 400, 414 or 431
 //! with no body and no request id, then it closes. The guard recognises that answer as it is
-//! written (a bodiless 400/414/431 at the start of an answer: permgate's own errors always have
-//! a JSON body) and writes permgate's JSON error with a new `x-request-id` in its place, so
-//! every answer has the SPEC's shape. No lingering follows these: hyper ends the connection.
+//! written (at the start of an answer, a 400/414/431 with no body, no `content-type` and no
+//! `x-request-id`: permgate's own answers always have a request id or a JSON body) and writes
+//! permgate's JSON error in its place, with the caller's `x-request-id` when the guard read the
+//! head whole (more than 100 fields) and a new one otherwise, then lingers as for its own
+//! refusals, so every answer has the SPEC's shape.
 //!
 //! HTTP/2 (the connection preface) passes untouched: it has no such framing, and h2 refuses
 //! `transfer-encoding` in a request. Refusals are logged (`request_id`, `reason`) and counted
@@ -152,15 +154,21 @@ impl<IO> FramingGuard<IO> {
         }
     }
 
-    /// hyper answering a head it could not parse (`data` starts its answer: a 400, 414 or 431
-    /// without a body or a request id): the guard writes permgate's answer for it instead.
-    /// hyper ends the connection after it.
+    /// hyper answering a head it could not parse (`data` starts its answer, see
+    /// [`Scanner::hyper_refusal`]): the guard writes permgate's answer for it instead, with
+    /// the caller's request id when the guard read one from that head. hyper ends the
+    /// connection after it, so a refusal the guard still withholds behind that head is never
+    /// answered.
     fn substitute(&mut self, data: &[u8]) {
-        if !matches!(self.state, State::Open | State::Doomed) {
+        if !matches!(
+            self.state,
+            State::Open | State::Doomed | State::Refusing { .. }
+        ) {
             return;
         }
         if let Some(refusal) = self.scanner.hyper_refusal(data) {
-            let id = observability::request_id(None);
+            self.waiting = None;
+            let id = observability::request_id(self.scanner.unparsed_request_id.take().as_ref());
             self.record_refusal(refusal, &id);
             self.state = State::Answering {
                 response: refusal_response(refusal, &id),
@@ -251,14 +259,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> FramingGuard<IO> {
     }
 
     /// A write of hyper's while the guard answers: hyper's `len` bytes are taken (and dropped)
-    /// once the guard's answer is written. No lingering follows: hyper is ending the connection.
+    /// once the guard's answer is written. The lingering that follows runs in `poll_shutdown`,
+    /// which hyper calls next as it ends the connection.
     fn poll_answer_for_hyper(
         &mut self,
         cx: &mut Context<'_>,
         len: usize,
     ) -> Poll<io::Result<usize>> {
         ready!(self.poll_answer(cx));
-        self.state = State::Closed;
+        self.state = State::Lingering(Box::pin(tokio::time::sleep(LINGER)));
         Poll::Ready(Ok(len))
     }
 
@@ -408,7 +417,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
                 this.state = State::Closed;
                 Poll::Ready(Ok(()))
             }
-            State::Lingering(_) | State::Closed => Poll::Ready(Ok(())),
+            // After an answer written in hyper's place: what the client still sends is read
+            // and dropped, so closing does not reset the connection under the answer.
+            State::Lingering(ref mut deadline) => {
+                ready!(drain(&mut this.io, deadline, cx));
+                this.state = State::Closed;
+                Poll::Ready(Ok(()))
+            }
+            State::Closed => Poll::Ready(Ok(())),
         }
     }
 }
@@ -556,6 +572,9 @@ struct Scanner {
     heads: u64,
     /// The caller's `x-request-id` of the head just refused, if it sent one.
     refused_request_id: Option<HeaderValue>,
+    /// The caller's `x-request-id` of a head handed to hyper that hyper will refuse (more
+    /// fields than it takes), for the answer written in place of hyper's.
+    unparsed_request_id: Option<HeaderValue>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -608,6 +627,7 @@ impl Scanner {
             answering: false,
             heads: 0,
             refused_request_id: None,
+            unparsed_request_id: None,
         }
     }
 
@@ -718,23 +738,36 @@ impl Scanner {
             Framing::Length(n) => ReadPhase::Length(n),
             Framing::Chunked => ReadPhase::Chunked(Chunked::Start),
         };
+        if head.request_id.is_some() {
+            self.unparsed_request_id = head.request_id;
+        }
         self.expect_answer(head.method);
         Step::Advance(used)
     }
 
     /// hyper's own answer to a head it could not parse, if `data` starts one: at the start of
-    /// an answer, a 400, 414 or 431 without a body. permgate's own errors always carry a JSON
-    /// body, so only hyper writes these. Other answers cost one byte comparison here.
+    /// an answer, a 400, 414 or 431 with no body, no `content-type` and no `x-request-id`, which
+    /// is all hyper writes for it. Every answer permgate's services make has a request id or a
+    /// typed body. Other answers cost a comparison of their status here.
     fn hyper_refusal(&self, data: &[u8]) -> Option<Refusal> {
-        if self.write != WritePhase::Head
+        let status = data.get(STATUS_LINE_START - 3..STATUS_LINE_START)?;
+        if !matches!(status, b"400" | b"414" | b"431")
+            || self.write != WritePhase::Head
             || self.response_head.len() > 0
-            || data.get(STATUS_LINE_START - 3) != Some(&b'4')
         {
             return None;
         }
-        let Ok(Some((_, head))) = parse_response(data) else {
+        let Ok(Some((len, head))) = parse_response(data) else {
             return None;
         };
+        let lines = &data[..len];
+        let names = [&b"\ncontent-type:"[..], b"\nx-request-id:"];
+        if names
+            .iter()
+            .any(|name| memchr::memmem::find(lines, name).is_some())
+        {
+            return None;
+        }
         match head.body {
             ResponseBody::Length(0) | ResponseBody::Unknown => {
                 Refusal::of_hyper_status(head.status)
@@ -922,22 +955,25 @@ fn parse_request(config: &httparse::ParserConfig, bytes: &[u8]) -> Parsed<Reques
     #[cfg(test)]
     PARSES.with(|n| n.set(n.get() + 1));
     let mut headers = [MaybeUninit::uninit(); MAX_HEADERS];
-    match request_head(config, bytes, &mut headers) {
-        // More lines than hyper's default: hyper may be configured for more, so read them all
-        // (a hidden Transfer-Encoding must not pass because the scanner stopped counting).
+    match request_head(config, bytes, &mut headers, false) {
+        // More fields than hyper takes: read them all (a hidden Transfer-Encoding must not
+        // pass because the scanner stopped counting); hyper refuses the head (431), and the
+        // answer in its place keeps the caller's request id.
         Err(httparse::Error::TooManyHeaders) => {
             let lines = bytes.iter().filter(|b| **b == b'\n').count();
             let mut headers = vec![MaybeUninit::uninit(); lines];
-            request_head(config, bytes, &mut headers)
+            request_head(config, bytes, &mut headers, true)
         }
         parsed => parsed,
     }
 }
 
+/// `refused`: the head will be refused whatever its framing, so its request id is kept.
 fn request_head<'b>(
     config: &httparse::ParserConfig,
     bytes: &'b [u8],
     headers: &mut [MaybeUninit<httparse::Header<'b>>],
+    refused: bool,
 ) -> Parsed<RequestHead> {
     let mut request = httparse::Request::new(&mut []);
     let httparse::Status::Complete(len) =
@@ -952,13 +988,15 @@ fn request_head<'b>(
     };
     let framing = request_framing(request.version, request.headers);
     let request_id = match framing {
-        Framing::Refuse(_) => request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
-            .and_then(|h| HeaderValue::from_bytes(h.value).ok()),
-        _ => None,
-    };
+        Framing::Refuse(_) => true,
+        _ => refused,
+    }
+    .then(|| {
+        let field = request.headers.iter();
+        let mut ids = field.filter(|h| h.name.eq_ignore_ascii_case("x-request-id"));
+        HeaderValue::from_bytes(ids.next()?.value).ok()
+    })
+    .flatten();
     Ok(Some((
         len,
         RequestHead {
@@ -1718,6 +1756,20 @@ mod tests {
             ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", None),
             ("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n", None),
             ("HTTP/1.1 400 Bad Req", None),
+            // A request id or a typed body: not hyper's.
+            (
+                "HTTP/1.1 400 Bad Request\r\nx-request-id: req_1\r\n\r\n",
+                None,
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\r\n",
+                None,
+            ),
+            // An interim answer first: the write starts with it, not with a refusal.
+            (
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n",
+                None,
+            ),
         ] {
             assert_eq!(s.hyper_refusal(answer.as_bytes()), refusal, "{answer}");
         }
@@ -1727,6 +1779,44 @@ mod tests {
         s.on_write(b"HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\n");
         let inside = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
         assert_eq!(s.hyper_refusal(inside), None);
+    }
+
+    /// hyper's answer to a head it refused, written through the guard into a socket that takes
+    /// a few bytes at a time: the client gets permgate's whole answer instead, then the close,
+    /// through plain and vectored writes alike.
+    #[tokio::test]
+    async fn the_answer_in_hypers_place_is_written_whole_through_a_slow_socket() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let hypers = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        for vectored in [false, true] {
+            let (near, mut far) = tokio::io::duplex(16);
+            let mut guard = FramingGuard::new(near, LIMIT, Duration::from_secs(10), None);
+            let hyper = async {
+                if vectored {
+                    let bufs = [IoSlice::new(hypers), IoSlice::new(b"")];
+                    assert_eq!(guard.write_vectored(&bufs).await.unwrap(), hypers.len());
+                } else {
+                    guard.write_all(hypers).await.unwrap();
+                }
+                guard.flush().await.unwrap();
+                guard.shutdown().await.unwrap();
+            };
+            let client = async {
+                let mut got = Vec::new();
+                far.read_to_end(&mut got).await.unwrap();
+                drop(far); // Closed: the guard's lingering ends.
+                String::from_utf8(got).unwrap()
+            };
+            let ((), got) = tokio::join!(hyper, client);
+            let (head, body) = got.split_once("\r\n\r\n").unwrap();
+            assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+            assert!(
+                head.lines().any(|l| l.starts_with("x-request-id: req_")),
+                "{head}"
+            );
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(v["error"]["code"], "invalid_request", "{vectored}");
+        }
     }
 
     #[test]

@@ -290,6 +290,9 @@ async fn other_refused_heads_get_permgates_errors_after_the_answers_before_them(
         "b".repeat(100 * 1024)
     );
     let bad_line = "GET /bad HTTP/1.1\r\nX(A): b\r\nX-Request-Id: not-read\r\n\r\n".to_string();
+    let fields: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let many = format!("GET /many HTTP/1.1\r\nX-Request-Id: caller-id-8\r\n{fields}\r\n");
+    let insane = "Content-Length: 2\r\nContent-Length: 3\r\nX-Request-Id: not/sane\r\n";
     // (what, refused head, status, code, param, request id)
     let cases = [
         (
@@ -300,7 +303,16 @@ async fn other_refused_heads_get_permgates_errors_after_the_answers_before_them(
             Some("content-length"),
             Some("caller-id-7"),
         ),
+        (
+            "two lengths, an id that is not sane",
+            format!("{}{{}}", post_head(insane)),
+            400,
+            "invalid_parameter",
+            Some("content-length"),
+            None,
+        ),
         ("head too large", big, 431, "request_too_large", None, None),
+        // Refused by hyper's parser (the guard's finds it malformed too, so it read no id).
         (
             "bad header line",
             bad_line,
@@ -308,6 +320,15 @@ async fn other_refused_heads_get_permgates_errors_after_the_answers_before_them(
             "invalid_request",
             None,
             None,
+        ),
+        // Refused by hyper (over 100 fields); the guard read the head whole.
+        (
+            "120 fields",
+            many,
+            431,
+            "request_too_large",
+            None,
+            Some("caller-id-8"),
         ),
     ];
     for (what, refused, status, code, param, id) in cases {
@@ -329,11 +350,57 @@ async fn other_refused_heads_get_permgates_errors_after_the_answers_before_them(
     }
     assert_eq!(
         gw.mock.count(&Method::GET),
-        3,
+        5,
         "only the pipelined GETs went upstream"
     );
     assert_eq!(gw.mock.count(&Method::POST), 0);
-    assert_refusals(&gw, [0, 0, 0, 1, 1, 1]).await;
+    assert_refusals(&gw, [0, 0, 0, 2, 2, 1]).await;
+}
+
+/// A head only hyper refuses (over 100 fields: the guard reads it whole and passes it),
+/// pipelined before one the guard withholds: hyper's answer to the first still becomes
+/// permgate's, and the connection ends with it (the withheld one is never answered).
+#[tokio::test]
+async fn hypers_refusal_before_a_withheld_head_is_answered_by_permgate() {
+    let gw = start().await;
+    let fields: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let many = format!("GET /many HTTP/1.1\r\n{fields}\r\n");
+    let all = exchange(gw.addr, format!("{many}{}", ambiguous_post())).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let r = &all[0];
+    assert_eq!(r.status, 431, "{r:?}");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON error body");
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+    assert!(r.header("x-request-id").unwrap().starts_with("req_"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(gw.mock.requests().is_empty());
+}
+
+/// The answer written in place of hyper's lingers as the guard's own refusals do: a client
+/// still sending the body of a head hyper refused reads the answer, not a reset.
+#[tokio::test]
+async fn permgates_answer_for_hyper_reaches_a_client_that_is_still_sending() {
+    let gw = start().await;
+    let body = "p".repeat(4 << 20);
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: permgate.test\r\nX(A): b\r\nContent-Length: {}\r\n\r\n",
+        list_path(CP),
+        body.len()
+    );
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!("{head}{body}");
+    let sent = tokio::time::timeout(GUARD, stream.write_all(request.as_bytes())).await;
+    assert!(
+        matches!(sent, Ok(Ok(()))),
+        "the whole body was taken: {sent:?}"
+    );
+    let (received, error) = read_to_close(&mut stream).await;
+    assert_eq!(error, None, "{:?}", String::from_utf8_lossy(&received));
+    let all = raw_responses(&received);
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].status, 400, "{all:?}");
+    assert!(all[0].header("x-request-id").is_some());
+    assert!(gw.mock.requests().is_empty());
 }
 
 /// The refusal of a pipelined request comes after the answer to the request before it, even

@@ -694,8 +694,8 @@ async fn content_length_with_transfer_encoding_is_refused_and_closes() {
 }
 
 /// Content-Length values that disagree or are not a plain decimal: the front door answers 400
-/// naming `content-length` and closes (hyper would answer them without a body or a request
-/// id); identical duplicates are allowed (RFC 9110 8.6) and reach permgate.
+/// naming `content-length` and closes; identical duplicates are allowed (RFC 9110 8.6) and
+/// reach permgate.
 #[tokio::test]
 async fn conflicting_or_malformed_content_length_is_refused() {
     let gw = start().await;
