@@ -85,6 +85,22 @@ async fn exchange(addr: SocketAddr, bytes: impl Into<Vec<u8>>) -> Vec<RawRespons
     raw_responses(&received)
 }
 
+/// Sends all of `request` before reading (the server must take it all: a refused connection
+/// lingers), then reads to the close: the one answer, without a reset.
+async fn send_all_then_read(addr: SocketAddr, request: String) -> Vec<RawResponse> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let sent = tokio::time::timeout(GUARD, stream.write_all(request.as_bytes())).await;
+    assert!(
+        matches!(sent, Ok(Ok(()))),
+        "the whole body was taken: {sent:?}"
+    );
+    let (received, error) = read_to_close(&mut stream).await;
+    assert_eq!(error, None, "{:?}", String::from_utf8_lossy(&received));
+    let all = raw_responses(&received);
+    assert_eq!(all.len(), 1, "{all:?}");
+    all
+}
+
 /// One exchange that must be refused, with nothing sent upstream.
 async fn assert_refused(gw: &Gateway, what: &str, request: String) {
     let all = exchange(gw.addr, request).await;
@@ -387,17 +403,7 @@ async fn permgates_answer_for_hyper_reaches_a_client_that_is_still_sending() {
         list_path(CP),
         body.len()
     );
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let request = format!("{head}{body}");
-    let sent = tokio::time::timeout(GUARD, stream.write_all(request.as_bytes())).await;
-    assert!(
-        matches!(sent, Ok(Ok(()))),
-        "the whole body was taken: {sent:?}"
-    );
-    let (received, error) = read_to_close(&mut stream).await;
-    assert_eq!(error, None, "{:?}", String::from_utf8_lossy(&received));
-    let all = raw_responses(&received);
-    assert_eq!(all.len(), 1, "{all:?}");
+    let all = send_all_then_read(gw.addr, format!("{head}{body}")).await;
     assert_eq!(all[0].status, 400, "{all:?}");
     assert!(all[0].header("x-request-id").is_some());
     assert!(gw.mock.requests().is_empty());
@@ -505,17 +511,7 @@ async fn a_refusal_reaches_a_client_that_is_still_sending() {
         "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
         body.len()
     );
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let request = format!("{}{body}", post_head(&framing));
-    let sent = tokio::time::timeout(GUARD, stream.write_all(request.as_bytes())).await;
-    assert!(
-        matches!(sent, Ok(Ok(()))),
-        "the whole body was taken: {sent:?}"
-    );
-    let (received, error) = read_to_close(&mut stream).await;
-    assert_eq!(error, None, "{:?}", String::from_utf8_lossy(&received));
-    let all = raw_responses(&received);
-    assert_eq!(all.len(), 1, "{all:?}");
+    let all = send_all_then_read(gw.addr, format!("{}{body}", post_head(&framing))).await;
     all[0].assert_refusal("still sending");
     assert!(gw.mock.requests().is_empty());
 }
