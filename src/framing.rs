@@ -168,7 +168,7 @@ impl<IO> FramingGuard<IO> {
         }
         if let Some(refusal) = self.scanner.hyper_refusal(data) {
             self.waiting = None;
-            let id = observability::request_id(self.scanner.unparsed_request_id.take().as_ref());
+            let id = observability::request_id(self.scanner.unparsed_id_of_next_answer().as_ref());
             self.record_refusal(refusal, &id);
             self.state = State::Answering {
                 response: refusal_response(refusal, &id),
@@ -333,6 +333,11 @@ fn drain<IO: AsyncRead + Unpin>(
 ) -> Poll<()> {
     let mut scratch = [0u8; 4096];
     loop {
+        // Checked first: a client that keeps the socket readable would otherwise be read
+        // until tokio's task budget runs out, and then the timer too answers pending.
+        if deadline.is_elapsed() {
+            return Poll::Ready(());
+        }
         let mut buf = ReadBuf::new(&mut scratch);
         match Pin::new(&mut *io).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
@@ -408,23 +413,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FramingGuard<IO> {
     /// close`): the refused request gets no answer, as none would be read after that one.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match this.state {
-            State::Open | State::Doomed | State::Refusing { .. } => {
-                Pin::new(&mut this.io).poll_shutdown(cx)
+        loop {
+            match this.state {
+                State::Open | State::Doomed | State::Refusing { .. } => {
+                    return Pin::new(&mut this.io).poll_shutdown(cx)
+                }
+                State::Answering { .. } => {
+                    ready!(this.poll_answer(cx));
+                    this.state = State::Lingering(Box::pin(tokio::time::sleep(LINGER)));
+                }
+                // After an answer (in hyper's place, or the guard's own when the connection is
+                // shut while it is written): what the client still sends is read and dropped,
+                // so closing does not reset the connection under the answer.
+                State::Lingering(ref mut deadline) => {
+                    ready!(drain(&mut this.io, deadline, cx));
+                    this.state = State::Closed;
+                }
+                State::Closed => return Poll::Ready(Ok(())),
             }
-            State::Answering { .. } => {
-                ready!(this.poll_answer(cx));
-                this.state = State::Closed;
-                Poll::Ready(Ok(()))
-            }
-            // After an answer written in hyper's place: what the client still sends is read
-            // and dropped, so closing does not reset the connection under the answer.
-            State::Lingering(ref mut deadline) => {
-                ready!(drain(&mut this.io, deadline, cx));
-                this.state = State::Closed;
-                Poll::Ready(Ok(()))
-            }
-            State::Closed => Poll::Ready(Ok(())),
         }
     }
 }
@@ -573,8 +579,9 @@ struct Scanner {
     /// The caller's `x-request-id` of the head just refused, if it sent one.
     refused_request_id: Option<HeaderValue>,
     /// The caller's `x-request-id` of a head handed to hyper that hyper will refuse (more
-    /// fields than it takes), for the answer written in place of hyper's.
-    unparsed_request_id: Option<HeaderValue>,
+    /// fields than it takes), and that head's number, for the answer written in place of
+    /// hyper's to that head.
+    unparsed_request_id: Option<(u64, HeaderValue)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -738,8 +745,8 @@ impl Scanner {
             Framing::Length(n) => ReadPhase::Length(n),
             Framing::Chunked => ReadPhase::Chunked(Chunked::Start),
         };
-        if head.request_id.is_some() {
-            self.unparsed_request_id = head.request_id;
+        if let Some(id) = head.request_id {
+            self.unparsed_request_id = Some((self.heads, id));
         }
         self.expect_answer(head.method);
         Step::Advance(used)
@@ -774,6 +781,17 @@ impl Scanner {
             }
             ResponseBody::Length(_) | ResponseBody::Chunked => None,
         }
+    }
+
+    /// The request id kept for the head whose answer starts next, if one was kept for it: the
+    /// oldest head handed to hyper and not answered yet.
+    fn unparsed_id_of_next_answer(&mut self) -> Option<HeaderValue> {
+        let unanswered = u64::try_from(self.requests.len()).ok()?;
+        let next = self.heads.checked_sub(unanswered)? + 1;
+        let (head, _) = self.unparsed_request_id.as_ref()?;
+        (*head == next && unanswered > 0)
+            .then(|| self.unparsed_request_id.take().map(|(_, id)| id))
+            .flatten()
     }
 
     fn expect_answer(&mut self, method: Method) {

@@ -392,6 +392,21 @@ async fn hypers_refusal_before_a_withheld_head_is_answered_by_permgate() {
     assert!(gw.mock.requests().is_empty());
 }
 
+/// The caller's request id kept for a head of over 100 fields goes only to that head's answer:
+/// a head before it that hyper refuses (here for a line the guard's parser skips) gets a new id.
+#[tokio::test]
+async fn a_kept_request_id_answers_only_its_own_head() {
+    let gw = start().await;
+    let fields: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let first = "GET /first HTTP/1.1\r\nX-A : b\r\n\r\n";
+    let many = format!("GET /many HTTP/1.1\r\nX-Request-Id: caller-id-9\r\n{fields}\r\n");
+    let all = exchange(gw.addr, format!("{first}{many}")).await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].status, 400, "{all:?}");
+    let id = all[0].header("x-request-id").unwrap();
+    assert!(id.starts_with("req_"), "{id}");
+}
+
 /// The answer written in place of hyper's lingers as the guard's own refusals do: a client
 /// still sending the body of a head hyper refused reads the answer, not a reset.
 #[tokio::test]
