@@ -237,8 +237,10 @@ elif [[ ! -x "$work/venv/bin/python" ]]; then
 else
     # The key files named in the configs do not exist here: point
     # admin_key_file at a dummy key, keep everything else as written.
-    # Random, as a real key is: permgate refuses config text holding a piece of the key.
-    printf 'sk-admin-%s\n' "$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | head -c 40)" >"$work/dummy-admin-key"
+    # Random, as a real key is: permgate refuses config text holding a piece of the key's
+    # secret. It starts with `key`, as one real key in 62 starts with `k`: the configs' own
+    # `openai-admin-key` paths must not count as pieces of it.
+    printf 'sk-admin-key%s\n' "$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | head -c 37)" >"$work/dummy-admin-key"
     "$work/venv/bin/python" - "$here/kubernetes/configmap.yaml" "$work/configmap.toml" <<'PY' || true
 import sys, yaml
 doc = yaml.safe_load(open(sys.argv[1]))

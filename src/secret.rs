@@ -256,7 +256,7 @@ pub struct AdminKey {
     authorization: HeaderValue,
     /// Finds any [`PIECE`]-byte piece of the key; built once per key (load, reload).
     pieces: Arc<AhoCorasick>,
-    /// The same, but for the pieces wholly inside the key's public prefix (`sk-admin-`).
+    /// The same, but only for the pieces wholly after the key's public prefix (`sk-admin-`).
     secret_pieces: Arc<AhoCorasick>,
 }
 
@@ -317,10 +317,10 @@ impl AdminKey {
         self.pieces.is_match(bytes)
     }
 
-    /// Whether `bytes` hold a piece of the key that holds part of its secret: a piece wholly
-    /// inside its public prefix (`sk-admin-`, lower-case words each ending in `-`, the same for
-    /// every key of its kind) does not count. For the operator's own text (config values),
-    /// where `-admin` in a client's name is no leak; answers use [`AdminKey::appears_in`].
+    /// Whether `bytes` hold a piece of the key's secret: a piece wholly after its public prefix
+    /// (`sk-admin-`, lower-case words each ending in `-`, the same for every key of its kind).
+    /// For the operator's own text (config values), where `-admin` in a client's name or
+    /// `admin-key` in a path is no leak; answers use [`AdminKey::appears_in`].
     pub fn secret_appears_in(&self, bytes: &[u8]) -> bool {
         self.secret_pieces.is_match(bytes)
     }
@@ -370,8 +370,10 @@ pub fn any_json_text(
     walk(value, &mut String::new(), found)
 }
 
-/// `key` from the first window that reaches past its public prefix: lower-case words each
-/// followed by `-` (`sk-admin-`), as long as a whole piece is left after it.
+/// `key` after its public prefix: lower-case words each followed by `-` (`sk-admin-`), as long
+/// as a whole piece is left after it. A piece that straddles the prefix is mostly prefix: with
+/// one secret character, `dmin-k` would be found in every `openai-admin-key` path for one key
+/// in 62, and it tells no more of the secret than a shorter piece anywhere else.
 fn secret_part(key: &[u8]) -> &[u8] {
     let mut prefix = 0;
     loop {
@@ -387,7 +389,7 @@ fn secret_part(key: &[u8]) -> &[u8] {
         }
         prefix += word + 1;
     }
-    &key[(prefix + 1).saturating_sub(PIECE).min(prefix)..]
+    &key[prefix..]
 }
 
 /// One automaton over every [`PIECE`]-byte window of `key` (the whole key if shorter).
@@ -425,15 +427,27 @@ mod tests {
     #[test]
     fn the_public_prefix_is_no_secret_piece() {
         let key = AdminKey::new(KEY).unwrap();
-        for own in ["ops-admin-reader", "sk-admin-", "batch-admin"] {
+        for own in [
+            "ops-admin-reader",
+            "sk-admin-",
+            "batch-admin",
+            "dmin-T",
+            "n-TESTK",
+        ] {
             assert!(key.appears_in(own.as_bytes()), "{own}");
             assert!(!key.secret_appears_in(own.as_bytes()), "{own}");
         }
-        for leak in ["sk-admin-TESTKEY", "dmin-T", "KEY012", "9abcde", "n-TESTK"] {
+        for leak in ["sk-admin-TESTKEY", "TESTKE", "KEY012", "9abcde"] {
             assert!(key.secret_appears_in(leak.as_bytes()), "{leak}");
         }
-        assert_eq!(secret_part(b"sk-admin-TESTKEY0123"), b"dmin-TESTKEY0123");
-        assert_eq!(secret_part(b"sk-Zq9XvLk2"), b"sk-Zq9XvLk2");
+        // A key whose secret starts as the shipped key file's name goes on: one key in 62
+        // starts with `k`, and `openai-admin-key` is in every shipped config.
+        let k_key = AdminKey::new("sk-admin-key0Zq9XvLk2Wm8Pn4Rt6Yh1").unwrap();
+        let path = b"/run/secrets/permgate/openai-admin-key";
+        assert!(!k_key.secret_appears_in(path));
+        assert!(k_key.secret_appears_in(b"key0Zq"));
+        assert_eq!(secret_part(b"sk-admin-TESTKEY0123"), b"TESTKEY0123");
+        assert_eq!(secret_part(b"sk-Zq9XvLk2"), b"Zq9XvLk2");
         assert_eq!(secret_part(b"abc"), b"abc");
     }
 
