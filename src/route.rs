@@ -298,7 +298,8 @@ pub fn reject_query(query: Option<&str>) -> Result<(), Error> {
 }
 
 /// A create's body, validated against upstream's schema: `{"project_ids": ["proj_...", ...]}`
-/// and no other field.
+/// and no other field, and `project_ids` once: with two, which one counts would depend on the
+/// reader (SPEC "nothing ambiguous" at the front door).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateBody {
     pub project_ids: Vec<String>,
@@ -307,19 +308,23 @@ pub struct CreateBody {
 impl CreateBody {
     pub fn parse(body: &[u8]) -> Result<CreateBody, Error> {
         let shape = "The body must be JSON like {\"project_ids\": [\"proj_abc\"]}.";
-        let value: serde_json::Value =
+        let members: Members =
             serde_json::from_slice(body).map_err(|_| Error::invalid("body", shape))?;
-        let object = value
-            .as_object()
-            .ok_or_else(|| Error::invalid("body", shape))?;
-        if object.keys().any(|k| k != "project_ids") {
+        if members.unknown {
             return Err(Error::invalid(
                 "body",
                 "Unknown field in the body; only project_ids is accepted.",
             ));
         }
-        let ids = object
-            .get("project_ids")
+        if members.repeated {
+            return Err(Error::invalid(
+                "project_ids",
+                "project_ids appears more than once in the body; send it once.",
+            ));
+        }
+        let ids = members
+            .project_ids
+            .as_ref()
             .ok_or_else(|| Error::invalid("project_ids", "project_ids is required."))?
             .as_array()
             .filter(|ids| !ids.is_empty())
@@ -353,6 +358,53 @@ impl CreateBody {
         serde_json::json!({ "project_ids": self.project_ids })
             .to_string()
             .into()
+    }
+}
+
+/// A create body's members as they were written: `serde_json::Value` keeps only the last of
+/// two members of one name, so the object is read member by member.
+struct Members {
+    project_ids: Option<serde_json::Value>,
+    /// A member other than `project_ids`.
+    unknown: bool,
+    /// `project_ids` more than once.
+    repeated: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Members;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Members {
+                    project_ids: None,
+                    unknown: false,
+                    repeated: false,
+                };
+                while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                    if name != "project_ids" {
+                        members.unknown = true;
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else if members.project_ids.is_some() {
+                        members.repeated = true;
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else {
+                        members.project_ids = Some(map.next_value()?);
+                    }
+                }
+                Ok(members)
+            }
+        }
+        deserializer.deserialize_map(Object)
     }
 }
 

@@ -65,6 +65,19 @@ async fn bad_bodies_are_400_or_413_without_upstream() {
         (r#"{"project_ids":"proj_1"}"#, "project_ids"),
         (r#"{"project_ids":[42]}"#, "project_ids"),
         (r#"{"project_ids":[""]}"#, "project_ids"),
+        // Which of two would count depends on the reader: refused, not guessed.
+        (
+            r#"{"project_ids":["a"],"project_ids":["b"]}"#,
+            "project_ids",
+        ),
+        (
+            r#"{"project_ids":["a"],"project_ids":["a"]}"#,
+            "project_ids",
+        ),
+        (
+            r#"{"project_ids":["a"],"project\u005fids":["b"]}"#,
+            "project_ids",
+        ),
     ] {
         let r = gw.client.post(&list_path(CP), WRITER, body).await;
         assert_eq!(r.status, 400, "{body}");
