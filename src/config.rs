@@ -657,8 +657,8 @@ fn check_identity_sources(
 }
 
 impl Config {
-    /// Refuses every text value that holds a piece of the admin key itself (one that reaches
-    /// past its public `sk-admin-` prefix: `AdminKey::secret_appears_in`), naming its key and
+    /// Refuses every text value that holds a piece of the admin key itself (a piece of its
+    /// secret, after the public `sk-admin-` prefix: `AdminKey::secret_appears_in`), naming its key and
     /// never its value: the key, or part of it, pasted where it would be printed, whether or
     /// not it looks like a key. Run once the key is loaded, before anything is printed.
     pub fn refuse_key_pieces(&self, key: &AdminKey) -> Result<(), ConfigError> {
