@@ -914,7 +914,9 @@ RESULTS=$OUT/results-$STAMP.tsv
 EXTRA=$WORK/extra.tsv
 : >"$RESULTS"
 : >"$EXTRA"
-ADMIN_KEY=sk-admin-bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# Letters and digits of both cases, as a real key's (a hex one could share a piece with the
+# config's hex token digests, which permgate refuses).
+ADMIN_KEY=sk-admin-$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | head -c 40)
 TOKEN=bench-client-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 TOKEN_SHA256=$(printf '%s' "$TOKEN" | "$PERMGATE" hash-token)
 WRITER_TOKEN=bench-writer-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')

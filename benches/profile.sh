@@ -60,7 +60,9 @@ wait_port() {
     exit 1
 }
 
-ADMIN_KEY=sk-admin-profile-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# Letters and digits of both cases, as a real key's (a hex one could share a piece with the
+# config's hex token digests, which permgate refuses).
+ADMIN_KEY=sk-admin-$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | head -c 40)
 TOKEN=profile-client-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 UP=$PORT_BASE PG=$((PORT_BASE + 1)) REF=$((PORT_BASE + 2))
 cat >"$WORK/pg.toml" <<EOF

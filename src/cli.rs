@@ -165,8 +165,14 @@ fn serve(path: &Path) -> Result<(), String> {
 fn demo() -> Result<(), String> {
     let _otel = observability::init(&env)?;
     let mut config = Config::parse(DEMO_CONFIG, &env).map_err(|e| e.to_string())?;
-    // A fresh random key shared by the mock and the gateway; never printed.
-    let secret = format!("sk-admin-demo-{:016x}{:016x}", rand_u64(), rand_u64());
+    // A fresh random key shared by the mock and the gateway; never printed. Letters and digits
+    // of both cases, as a real key's: a hex secret could share a piece with the config's
+    // hex token digests, which the gateway would refuse.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let secret: String = (0..40)
+        .map(|_| char::from(ALPHABET[(rand_u64() % 62) as usize]))
+        .collect();
+    let secret = format!("sk-admin-{secret}");
     let key = AdminKey::new(&secret).map_err(|e| e.to_string())?;
     runtime(config.server.worker_threads)?.block_on(async {
         let mock = MockUpstream::new(&secret);

@@ -299,7 +299,7 @@ pub fn reject_query(query: Option<&str>) -> Result<(), Error> {
 
 /// A create's body, validated against upstream's schema: `{"project_ids": ["proj_...", ...]}`
 /// and no other field, and `project_ids` once: with two, which one counts would depend on the
-/// reader (SPEC "nothing ambiguous" at the front door).
+/// JSON reader, as with an ambiguous framing at the front door.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateBody {
     pub project_ids: Vec<String>,

@@ -318,7 +318,8 @@ impl AdminKey {
     }
 
     /// Whether `bytes` hold a piece of the key's secret: a piece wholly after its public prefix
-    /// (`sk-admin-`, lower-case words each ending in `-`, the same for every key of its kind).
+    /// (`sk-admin-`: `sk-` and at most one more lower-case word ending in `-`, the same for
+    /// every key of its kind).
     /// For the operator's own text (config values), where `-admin` in a client's name or
     /// `admin-key` in a path is no leak; answers use [`AdminKey::appears_in`].
     pub fn secret_appears_in(&self, bytes: &[u8]) -> bool {
@@ -370,13 +371,15 @@ pub fn any_json_text(
     walk(value, &mut String::new(), found)
 }
 
-/// `key` after its public prefix: lower-case words each followed by `-` (`sk-admin-`), as long
-/// as a whole piece is left after it. A piece that straddles the prefix is mostly prefix: with
-/// one secret character, `dmin-k` would be found in every `openai-admin-key` path for one key
-/// in 62, and it tells no more of the secret than a shorter piece anywhere else.
+/// `key` after its public prefix: OpenAI's `sk-` and at most one more lower-case word and `-`
+/// (`sk-admin-`, `sk-proj-`, `sk-svcacct-`), as long as a whole piece is left after it. What
+/// follows is secret even when it starts like a word (`sk-admin-ab-X…`). A piece that
+/// straddles the prefix is mostly prefix: with one secret character, `dmin-k` would be found in
+/// every `openai-admin-key` path for one key in 62, and it tells no more of the secret than a
+/// shorter piece anywhere else.
 fn secret_part(key: &[u8]) -> &[u8] {
     let mut prefix = 0;
-    loop {
+    for _ in 0..2 {
         let word = key[prefix..]
             .iter()
             .take_while(|b| b.is_ascii_lowercase())
@@ -447,6 +450,10 @@ mod tests {
         assert!(!k_key.secret_appears_in(path));
         assert!(k_key.secret_appears_in(b"key0Zq"));
         assert_eq!(secret_part(b"sk-admin-TESTKEY0123"), b"TESTKEY0123");
+        // What follows the prefix is secret, even when it starts like a word.
+        assert_eq!(secret_part(b"sk-admin-ab-Xyz0123"), b"ab-Xyz0123");
+        let word_key = AdminKey::new("sk-admin-ab-Xyz0Zq9XvLk2Wm8Pn4Rt6Yh1").unwrap();
+        assert!(word_key.secret_appears_in(b"name-ab-Xyz"));
         assert_eq!(secret_part(b"sk-Zq9XvLk2"), b"Zq9XvLk2");
         assert_eq!(secret_part(b"abc"), b"abc");
     }
