@@ -1027,6 +1027,11 @@ mod tests {
             .is_some_and(|p| Arc::ptr_eq(&p, &stale)));
     }
 
+    /// The shed tests' two clients: one flooding the key (shed), one not.
+    fn flood_and_other() -> (Arc<str>, Arc<str>) {
+        (Arc::from("flood"), Arc::from("others"))
+    }
+
     /// A cache and the key its shed tests read.
     fn one_key() -> (PageCache, PageKey) {
         let cache = PageCache::new(&config(), Clock::default(), Counter::default());
@@ -1096,7 +1101,7 @@ mod tests {
     #[tokio::test]
     async fn another_clients_read_never_waits_twice_on_a_shed_client() {
         let (cache, key) = one_key();
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (flooder, other) = flood_and_other();
         let (release, fetch) = shed_when_released("flood");
         let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
         assert!(waits(&mut first), "the flooder read leads");
@@ -1127,7 +1132,7 @@ mod tests {
     #[tokio::test]
     async fn another_clients_no_cache_read_never_waits_twice_on_a_shed_client() {
         let (cache, key) = one_key();
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (flooder, other) = flood_and_other();
         let (release_running, fetch) = shed_when_released("flood");
         let mut first = Box::pin(cache.refresh(&key, &flooder, fetch));
         assert!(waits(&mut first), "the flooder refresh runs");
@@ -1155,7 +1160,7 @@ mod tests {
     #[tokio::test]
     async fn reads_taking_over_from_a_shed_client_still_share_one_fetch() {
         let (cache, key) = one_key();
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (flooder, other) = flood_and_other();
         let (release, fetch) = shed_when_released("flood");
         let mut first = Box::pin(cache.fill(&key, &flooder, fetch));
         assert!(waits(&mut first));
@@ -1287,7 +1292,7 @@ mod tests {
     #[tokio::test]
     async fn no_cache_reads_taking_over_from_a_shed_client_still_share_one_fetch() {
         let (cache, key) = one_key();
-        let (flooder, other): (Arc<str>, Arc<str>) = (Arc::from("flood"), Arc::from("others"));
+        let (flooder, other) = flood_and_other();
         let (release_running, fetch) = shed_when_released("flood");
         let mut first = Box::pin(cache.refresh(&key, &flooder, fetch));
         assert!(waits(&mut first), "the flooder refresh runs");

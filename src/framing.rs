@@ -501,16 +501,6 @@ impl Refusal {
         }
     }
 
-    /// What hyper's own answer to a head it could not parse stands for.
-    fn of_hyper_status(status: u16) -> Option<Refusal> {
-        match status {
-            400 => Some(Refusal::Malformed),
-            414 => Some(Refusal::UriTooLong),
-            431 => Some(Refusal::HeadTooLarge),
-            _ => None,
-        }
-    }
-
     fn reason(self) -> &'static str {
         match self {
             Refusal::LengthAndEncoding => "content-length with transfer-encoding",
@@ -757,11 +747,14 @@ impl Scanner {
     /// is all hyper writes for it. Every answer permgate's services make has a request id or a
     /// typed body. Other answers cost a comparison of their status here.
     fn hyper_refusal(&self, data: &[u8]) -> Option<Refusal> {
-        let status = data.get(STATUS_LINE_START - 3..STATUS_LINE_START)?;
-        if !matches!(status, b"400" | b"414" | b"431")
-            || self.write != WritePhase::Head
-            || self.response_head.len() > 0
-        {
+        // What hyper's answer to a head it could not parse stands for, by its status.
+        let refusal = match data.get(STATUS_LINE_START - 3..STATUS_LINE_START)? {
+            b"400" => Refusal::Malformed,
+            b"414" => Refusal::UriTooLong,
+            b"431" => Refusal::HeadTooLarge,
+            _ => return None,
+        };
+        if self.write != WritePhase::Head || self.response_head.len() > 0 {
             return None;
         }
         let Ok(Some((len, head))) = parse_response(data) else {
@@ -775,12 +768,7 @@ impl Scanner {
         {
             return None;
         }
-        match head.body {
-            ResponseBody::Length(0) | ResponseBody::Unknown => {
-                Refusal::of_hyper_status(head.status)
-            }
-            ResponseBody::Length(_) | ResponseBody::Chunked => None,
-        }
+        matches!(head.body, ResponseBody::Length(0) | ResponseBody::Unknown).then_some(refusal)
     }
 
     /// The request id kept for the head whose answer starts next, if one was kept for it: the

@@ -169,6 +169,22 @@ impl Reads {
     }
 }
 
+/// A read of `list_path(CP)?limit=3` (the page of [`limit_3_key`]) on a connection of its own,
+/// in the background.
+fn read_limit_3(
+    gw: &Gateway,
+    token: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+) -> tokio::task::JoinHandle<TestResponse> {
+    let client = TestClient::new(gw.addr);
+    let path = format!("{}?limit=3", list_path(CP));
+    tokio::spawn(async move {
+        client
+            .send(Method::GET, &path, Some(token), headers, None)
+            .await
+    })
+}
+
 /// The cache key of `list_path(CP)?limit=3`.
 fn limit_3_key(gw: &Gateway) -> PageKey {
     let query = ListQuery {
@@ -243,12 +259,8 @@ fn long_waits(c: &mut String) {
 async fn a_read_collapsed_into_a_shed_clients_fetch_fetches_in_its_own_clients_slots() {
     let gw = start_with(long_waits).await;
     let parked = ParkedReader::holding_both_slots(&gw).await;
-    let path = format!("{}?limit=3", list_path(CP));
     let key = limit_3_key(&gw);
-    let read = |token: &'static str| {
-        let (client, path) = (TestClient::new(gw.addr), path.clone());
-        tokio::spawn(async move { client.get(&path, token).await })
-    };
+    let read = |token| read_limit_3(&gw, token, &[]);
     // The reader leads the fetch of `?limit=3` and waits for one of its own slots...
     let shed = read(READER);
     eventually("the reader's fetch is under way", || async {
@@ -283,17 +295,8 @@ async fn a_read_collapsed_into_a_shed_clients_fetch_fetches_in_its_own_clients_s
 async fn a_no_cache_read_waiting_on_a_shed_clients_refresh_refreshes_in_its_own_clients_slots() {
     let gw = start_with(long_waits).await;
     let parked = ParkedReader::holding_both_slots(&gw).await;
-    let path = format!("{}?limit=3", list_path(CP));
     let key = limit_3_key(&gw);
-    let read = |token: &'static str| {
-        let (client, path) = (TestClient::new(gw.addr), path.clone());
-        tokio::spawn(async move {
-            let no_cache = [("cache-control", "no-cache")];
-            client
-                .send(Method::GET, &path, Some(token), &no_cache, None)
-                .await
-        })
-    };
+    let read = |token| read_limit_3(&gw, token, &[("cache-control", "no-cache")]);
     // The reader's first refresh runs (waiting for a slot of its own); its second waits to
     // run next, and the writer's read joins that one. Both of the reader's are shed, one
     // after the other (about 4 s).

@@ -154,19 +154,12 @@ async fn content_length_with_transfer_encoding_is_refused_in_either_order() {
     assert_refusals(&gw, [4, 0, 0, 0, 0, 0]).await;
 }
 
-/// `permgate_framing_refusals_total` by reason: length and encoding, not exactly chunked,
-/// encoding on HTTP/1.0, bad content length, head too large, malformed.
+/// `permgate_framing_refusals_total` by reason, in the order of `metrics::FRAMING_REFUSALS`:
+/// length and encoding, not exactly chunked, encoding on HTTP/1.0, bad content length, head
+/// too large, malformed.
 async fn assert_refusals(gw: &Gateway, counts: [u32; 6]) {
     let metrics = gw.state.render_metrics().await;
-    let reasons = [
-        "length_and_encoding",
-        "not_exactly_chunked",
-        "encoding_on_http10",
-        "bad_content_length",
-        "head_too_large",
-        "malformed",
-    ];
-    for (reason, count) in reasons.into_iter().zip(counts) {
+    for (reason, count) in permgate::metrics::FRAMING_REFUSALS.into_iter().zip(counts) {
         let line = format!("permgate_framing_refusals_total{{reason=\"{reason}\"}} {count}");
         assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
     }
